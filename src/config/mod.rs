@@ -1,0 +1,184 @@
+//! Typed configuration: the TOML file's schema, its defaults, loading through figment
+//! (defaults < file < `OUTBOXD_` environment), validation and redaction.
+//!
+//! The doc comment on every field is the reference documentation of that key.
+
+mod load;
+mod redact;
+mod relay;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{load, ConfigError};
+pub use relay::{OnPublished, RelayConfig, TableConfig};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How long a SIGTERM/SIGINT drain may take: claiming stops at once, the batch in flight
+    /// commits or rolls back, the producer is flushed. Past this deadline outboxd exits with
+    /// status 1 and any open transaction is rolled back by the database (rows stay).
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// The application database that holds the outbox tables.
+    pub database: DatabaseConfig,
+    /// The Kafka cluster events are published to.
+    pub kafka: KafkaConfig,
+    /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+    pub http: HttpConfig,
+    /// Logging to stderr.
+    pub log: LogConfig,
+    /// The relay half: which outbox tables to publish.
+    pub relay: RelayConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            shutdown_timeout: Duration::from_secs(30),
+            database: DatabaseConfig::default(),
+            kafka: KafkaConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connection URL, e.g. `postgres://user:password@host:5432/db`. Required when a relay
+    /// table is configured. Prefer `url_file` or `OUTBOXD_DATABASE__URL` for a URL with a
+    /// password; `check-config` prints it with the password redacted.
+    pub url: Option<String>,
+    /// A file whose content (trimmed) is the connection URL, e.g. a mounted secret. Mutually
+    /// exclusive with `url`.
+    pub url_file: Option<PathBuf>,
+    /// Size of the shared pool used for maintenance, purges and readiness checks. Each owned
+    /// relay lane and each LISTEN uses one dedicated connection on top of this.
+    pub max_connections: u32,
+    /// How long to wait for a new database connection before counting it as a failure.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Apply the embedded migrations (reference outbox table, NOTIFY trigger, outboxd's own
+    /// tables) when `outboxd run` starts, as `outboxd migrate` does.
+    pub migrate: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            url_file: None,
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(5),
+            migrate: false,
+        }
+    }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `"host:9092,host2:9092"`. The value `"embedded"` starts librdkafka's
+    /// in-process mock cluster: for trying outboxd out and for tests only, it keeps nothing.
+    pub brokers: Option<String>,
+    /// Raw librdkafka properties passed to every client (`security.protocol`, `sasl.*`,
+    /// `ssl.*`, `compression.type`, `linger.ms`, `message.timeout.ms`, ...). Values may be
+    /// strings, numbers or booleans. `enable.idempotence` and `acks` are fixed by outboxd
+    /// (true, all) because the ordering and delivery guarantees rest on them.
+    pub options: BTreeMap<String, OptionValue>,
+}
+
+/// A librdkafka property value; TOML numbers and booleans are accepted and passed on as text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    /// A string, passed as is.
+    Text(String),
+    /// An integer such as `linger.ms = 5`.
+    Int(i64),
+    /// A float such as `batch.size.ratio = 0.5`.
+    Float(f64),
+    /// A boolean such as `enable.ssl.certificate.verification = false`.
+    Bool(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(s) => f.write_str(s),
+            OptionValue::Int(i) => write!(f, "{i}"),
+            OptionValue::Float(x) => write!(f, "{x}"),
+            OptionValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the operations endpoint: `/metrics` (Prometheus text format), `/healthz`
+    /// (the process answers) and `/readyz` (database and Kafka reachable, else 503).
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Filter in `tracing` EnvFilter syntax, e.g. `"info"` or `"info,outboxd::relay=debug"`.
+    pub level: String,
+    /// `"text"` for humans, `"json"` for log shippers (one JSON object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// The database URL, read from `url` or `url_file` at load time.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.url.as_deref()
+    }
+
+    /// The configuration with every secret replaced by `"<redacted>"`, for printing and logs.
+    pub fn redacted(&self) -> Config {
+        redact::redacted(self)
+    }
+}

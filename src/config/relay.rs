@@ -1,0 +1,146 @@
+//! `[relay]` and `[[relay.tables]]`: which outbox tables are published, and how their
+//! columns map onto Kafka messages.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[relay]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// One entry per outbox table to publish; tables are relayed independently.
+    pub tables: Vec<TableConfig>,
+}
+
+/// `[[relay.tables]]`: one outbox table. Column names are used exactly as written (they are
+/// quoted in SQL, so they are case-sensitive); an empty string turns an optional column off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TableConfig {
+    /// The outbox table, optionally schema-qualified (`"app.outbox"`). Required.
+    pub table: String,
+    /// Topic template over column names of this mapping, e.g. `"events.{event_type}"` or
+    /// `"{aggregate_type}.events"`. Exactly one of `topic` and `topic_column` must be set.
+    pub topic: Option<String>,
+    /// A column whose value is the topic name. Exactly one of `topic` and `topic_column`.
+    pub topic_column: Option<String>,
+    /// The column used as the Kafka message key: the aggregate id. Kafka sends equal keys to
+    /// one partition, which is what keeps events of one aggregate in order. A row whose key
+    /// is NULL is moved to the dead-row table.
+    pub key_column: String,
+    /// The primary key column. Any type that casts to and from text (bigint, uuid, text).
+    pub id_column: String,
+    /// The column that orders rows (publication order). Defaults to `id_column`; set it when
+    /// the id is not monotonic, e.g. a uuid id with a separate bigserial sequence column.
+    pub order_column: Option<String>,
+    /// Stable event id, sent as the `event-id` header so consumers can deduplicate.
+    /// Empty: the `id_column` value is sent instead.
+    pub event_id_column: String,
+    /// The message value. `jsonb`, `json` and `text` columns are sent as their UTF-8 text,
+    /// `bytea` as raw bytes. A row whose payload is NULL is moved to the dead-row table.
+    pub payload_column: String,
+    /// A JSON object column; each entry becomes a Kafka header (strings as they are, other
+    /// values as JSON text), including `traceparent`/`tracestate` for W3C trace context.
+    /// Empty: no extra headers.
+    pub headers_column: String,
+    /// Sent as the `event-type` header. Empty: no such header.
+    pub event_type_column: String,
+    /// Sent as the `aggregate-type` header. Empty: no such header.
+    pub aggregate_type_column: String,
+    /// Row creation time, used for `outboxd_relay_publish_delay_seconds` and
+    /// `outboxd_relay_oldest_pending_seconds`. Empty: those metrics stay empty.
+    pub created_at_column: String,
+    /// Rows claimed, published and deleted per transaction.
+    pub batch_size: u32,
+    /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
+    /// while the LISTEN connection is down, and tables without the trigger never send one).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// LISTEN channel fed by the `outboxd_notify` trigger. Empty string: polling only.
+    pub notify_channel: String,
+    /// Number of lanes the table is split into by key hash. Each lane is owned by exactly one
+    /// running outboxd (PostgreSQL advisory lock), so `lanes = 1` is leader election with hot
+    /// standbys and more lanes spread one table over replicas while keeping per-key order.
+    pub lanes: u32,
+    /// How often lane ownership is reconsidered: free lanes are taken, and a replica holding
+    /// more than its fair share hands the surplus back when others have joined.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_interval: Duration,
+    /// What happens to a published row: `"delete"` it, or `"mark"` it by setting
+    /// `published_at_column` (then rows older than `retention` are purged).
+    pub on_published: OnPublished,
+    /// The timestamp column set in `mark` mode; rows where it is NULL are pending.
+    pub published_at_column: String,
+    /// In `mark` mode, how long published rows are kept before the purge removes them.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the maintenance task runs: retention purge (mark mode), backlog gauges,
+    /// cleanup of attempt counters.
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// A row Kafka refuses for good (too large, invalid topic, unknown topic) is retried this
+    /// many times, then moved to `outboxd_dead_rows` with the reason; rows of other keys keep
+    /// flowing meanwhile, later rows of the same key wait behind it.
+    pub max_attempts: u32,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        TableConfig {
+            table: String::new(),
+            topic: None,
+            topic_column: None,
+            key_column: "aggregate_id".into(),
+            id_column: "id".into(),
+            order_column: None,
+            event_id_column: "event_id".into(),
+            payload_column: "payload".into(),
+            headers_column: "headers".into(),
+            event_type_column: "event_type".into(),
+            aggregate_type_column: "aggregate_type".into(),
+            created_at_column: "created_at".into(),
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(500),
+            notify_channel: "outboxd".into(),
+            lanes: 1,
+            rebalance_interval: Duration::from_secs(5),
+            on_published: OnPublished::Delete,
+            published_at_column: "published_at".into(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            maintenance_interval: Duration::from_secs(10),
+            max_attempts: 10,
+        }
+    }
+}
+
+impl TableConfig {
+    /// The column rows are published in order of.
+    pub fn order_column(&self) -> &str {
+        self.order_column.as_deref().unwrap_or(&self.id_column)
+    }
+
+    /// The columns a topic template may name: every column of this mapping that is set.
+    pub fn mapped_columns(&self) -> Vec<&str> {
+        [
+            self.id_column.as_str(),
+            self.key_column.as_str(),
+            self.event_id_column.as_str(),
+            self.event_type_column.as_str(),
+            self.aggregate_type_column.as_str(),
+        ]
+        .into_iter()
+        .filter(|c| !c.is_empty())
+        .collect()
+    }
+}
+
+/// What the relay does with a row once Kafka acknowledged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPublished {
+    /// Delete the row in the claiming transaction (default; keeps the table small).
+    Delete,
+    /// Set `published_at_column = now()`; the maintenance task purges old rows.
+    Mark,
+}

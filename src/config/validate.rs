@@ -1,0 +1,181 @@
+//! Checks everything that can be checked without connecting: required keys, ranges,
+//! identifiers, topic templates, fixed Kafka properties. Returns one message per problem,
+//! each starting with the key it is about.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::{Config, OnPublished, TableConfig};
+use crate::relay::template::TopicTemplate;
+
+/// All problems of `config`; empty when it is usable.
+pub fn validate(config: &Config) -> Vec<String> {
+    let mut p = Vec::new();
+    positive(&mut p, "shutdown_timeout", config.shutdown_timeout);
+    positive(
+        &mut p,
+        "database.connect_timeout",
+        config.database.connect_timeout,
+    );
+    if config.database.max_connections == 0 {
+        p.push("database.max_connections: must be at least 1".into());
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        p.push(format!(
+            "log.level: `{}` is not a valid filter: {e}",
+            config.log.level
+        ));
+    }
+    validate_kafka(config, &mut p);
+
+    let tables = &config.relay.tables;
+    if tables.is_empty() {
+        p.push("relay.tables: nothing to run; configure at least one [[relay.tables]]".into());
+    }
+    if !tables.is_empty() {
+        match config.database.url.as_deref() {
+            None => p.push(
+                "database.url: missing; the relay needs a database (set url, url_file or OUTBOXD_DATABASE__URL)"
+                    .into(),
+            ),
+            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
+                p.push("database.url: must start with postgres:// or postgresql://".into())
+            }
+            Some(_) => {}
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, table) in tables.iter().enumerate() {
+        let at = format!("relay.tables[{i}]");
+        if !seen.insert(table.table.as_str()) {
+            p.push(format!("{at}.table: `{}` is configured twice", table.table));
+        }
+        validate_table(table, &at, &mut p);
+    }
+    p
+}
+
+fn validate_kafka(config: &Config, p: &mut Vec<String>) {
+    match config.kafka.brokers.as_deref().map(str::trim) {
+        None | Some("") => {
+            p.push("kafka.brokers: missing; set \"host:9092,...\" or \"embedded\"".into())
+        }
+        Some(_) => {}
+    }
+    for (key, value) in &config.kafka.options {
+        let value = value.to_string();
+        let bad = match key.as_str() {
+            "enable.idempotence" => value != "true",
+            "acks" | "request.required.acks" => value != "all" && value != "-1",
+            "bootstrap.servers" | "metadata.broker.list" => true,
+            _ => false,
+        };
+        if bad {
+            p.push(format!(
+                "kafka.options.\"{key}\": outboxd fixes this property (enable.idempotence=true, acks=all, bootstrap.servers from kafka.brokers); remove it"
+            ));
+        }
+    }
+}
+
+fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
+    if t.table.is_empty() {
+        p.push(format!("{at}.table: missing"));
+    } else if !t.table.split('.').all(is_identifier) || t.table.split('.').count() > 2 {
+        p.push(format!(
+            "{at}.table: `{}` is not a table name (letters, digits, _ and $, optionally schema.table)",
+            t.table
+        ));
+    }
+    let required = [
+        ("key_column", &t.key_column),
+        ("id_column", &t.id_column),
+        ("payload_column", &t.payload_column),
+    ];
+    for (name, value) in required {
+        if value.is_empty() {
+            p.push(format!("{at}.{name}: must not be empty"));
+        }
+    }
+    let optional = [
+        ("event_id_column", &t.event_id_column),
+        ("headers_column", &t.headers_column),
+        ("event_type_column", &t.event_type_column),
+        ("aggregate_type_column", &t.aggregate_type_column),
+        ("created_at_column", &t.created_at_column),
+        ("published_at_column", &t.published_at_column),
+    ];
+    let named = required
+        .into_iter()
+        .chain(optional)
+        .map(|(n, v)| (n, v.as_str()))
+        .chain(t.order_column.as_deref().map(|c| ("order_column", c)))
+        .chain(t.topic_column.as_deref().map(|c| ("topic_column", c)));
+    for (name, value) in named {
+        if !value.is_empty() && !is_identifier(value) {
+            p.push(format!(
+                "{at}.{name}: `{value}` is not a column name (letters, digits, _ and $)"
+            ));
+        }
+    }
+    match (&t.topic, &t.topic_column) {
+        (Some(_), Some(_)) => p.push(format!(
+            "{at}.topic: set together with topic_column; keep one"
+        )),
+        (None, None) => p.push(format!(
+            "{at}.topic: missing; set topic (a template) or topic_column"
+        )),
+        (Some(template), None) => {
+            if let Err(e) = TopicTemplate::parse(template, &t.mapped_columns()) {
+                p.push(format!("{at}.topic: {e}"));
+            }
+        }
+        (None, Some(c)) if c.is_empty() => p.push(format!("{at}.topic_column: must not be empty")),
+        (None, Some(_)) => {}
+    }
+    if t.batch_size == 0 {
+        p.push(format!("{at}.batch_size: must be at least 1"));
+    }
+    if t.lanes == 0 {
+        p.push(format!("{at}.lanes: must be at least 1"));
+    }
+    if t.max_attempts == 0 {
+        p.push(format!("{at}.max_attempts: must be at least 1"));
+    }
+    positive(p, &format!("{at}.poll_interval"), t.poll_interval);
+    positive(p, &format!("{at}.rebalance_interval"), t.rebalance_interval);
+    positive(
+        p,
+        &format!("{at}.maintenance_interval"),
+        t.maintenance_interval,
+    );
+    if t.on_published == OnPublished::Mark {
+        positive(p, &format!("{at}.retention"), t.retention);
+        if t.published_at_column.is_empty() {
+            p.push(format!(
+                "{at}.published_at_column: required when on_published = \"mark\""
+            ));
+        }
+    }
+    if !t.notify_channel.is_empty() && !is_identifier(&t.notify_channel) {
+        p.push(format!(
+            "{at}.notify_channel: `{}` is not a channel name (letters, digits, _ and $)",
+            t.notify_channel
+        ));
+    }
+}
+
+fn positive(p: &mut Vec<String>, key: &str, d: Duration) {
+    if d.is_zero() {
+        p.push(format!("{key}: must be greater than zero"));
+    }
+}
+
+/// A plain SQL identifier: what outboxd accepts for table, column and channel names, so
+/// that quoting them is always exact.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        && s.len() <= 63
+}

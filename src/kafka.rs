@@ -1,0 +1,123 @@
+//! The one translation from configuration to librdkafka properties, and the embedded
+//! (in-process, non-durable) broker for trying outboxd out.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::mocking::MockCluster;
+
+use crate::config::KafkaConfig;
+
+/// `kafka.brokers` value that starts the embedded broker.
+pub const EMBEDDED: &str = "embedded";
+
+/// Kafka client setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    /// librdkafka refused the configuration (unknown property, bad value).
+    #[error("kafka client configuration rejected: {0}")]
+    Client(#[source] rdkafka::error::KafkaError),
+    /// The embedded mock cluster could not start.
+    #[error("embedded broker failed to start: {0}")]
+    Embedded(String),
+}
+
+/// Producer properties for the relay: the user's options, then what outboxd's guarantees
+/// need (idempotence, acks=all), which validation already forbids overriding.
+pub fn producer_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    // Defaults a user may override.
+    cfg.set("message.timeout.ms", "30000");
+    cfg.set("linger.ms", "5");
+    cfg.set("queue.buffering.max.messages", "1000000");
+    for (key, value) in &kafka.options {
+        cfg.set(key, value.to_string());
+    }
+    cfg.set("bootstrap.servers", bootstrap);
+    cfg.set("enable.idempotence", "true");
+    cfg.set("acks", "all");
+    cfg
+}
+
+/// A broker address list, and the embedded broker keeping it alive when there is one.
+pub struct Brokers {
+    /// What clients use as `bootstrap.servers`.
+    pub bootstrap: String,
+    embedded: Option<EmbeddedBroker>,
+}
+
+impl Brokers {
+    /// Resolves `kafka.brokers`, starting the embedded broker for `"embedded"`.
+    pub fn start(kafka: &KafkaConfig) -> Result<Self, KafkaSetupError> {
+        let brokers = kafka.brokers.as_deref().unwrap_or_default().trim();
+        if brokers == EMBEDDED {
+            let embedded = EmbeddedBroker::start()?;
+            tracing::warn!(
+                bootstrap = %embedded.bootstrap,
+                "kafka.brokers = \"embedded\": using librdkafka's in-process mock cluster; \
+                 it is NOT durable and everything published is lost on exit (dev/test only)"
+            );
+            Ok(Brokers {
+                bootstrap: embedded.bootstrap.clone(),
+                embedded: Some(embedded),
+            })
+        } else {
+            Ok(Brokers {
+                bootstrap: brokers.to_owned(),
+                embedded: None,
+            })
+        }
+    }
+
+    /// Whether this is the embedded broker.
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+}
+
+/// The mock cluster lives on its own thread (it is not `Send`) until dropped.
+struct EmbeddedBroker {
+    bootstrap: String,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    fn start() -> Result<Self, KafkaSetupError> {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("embedded-kafka".into())
+            .spawn(move || match MockCluster::new(1) {
+                Ok(cluster) => {
+                    let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                    // Blocks until the sender is dropped.
+                    let _ = stop_rx.recv();
+                    drop(cluster);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            })
+            .map_err(|e| KafkaSetupError::Embedded(e.to_string()))?;
+        let bootstrap = ready_rx
+            .recv()
+            .map_err(|e| KafkaSetupError::Embedded(e.to_string()))?
+            .map_err(KafkaSetupError::Embedded)?;
+        Ok(EmbeddedBroker {
+            bootstrap,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

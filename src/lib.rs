@@ -1,0 +1,190 @@
+//! outboxd: publishes transactional-outbox rows to Kafka, at least once and in order per
+//! key, and removes them only after Kafka acknowledged them.
+//!
+//! Module map:
+//! - [`cli`]: subcommands (`run`, `check-config`, `migrate`) and their exit codes;
+//! - [`config`]: typed configuration, loading, validation, redaction;
+//! - [`db`]: database connections and embedded migrations;
+//! - [`kafka`]: configuration -> librdkafka properties, the embedded broker;
+//! - [`relay`]: the outbox relay (lanes, claim loop, publishing, wake-up, storage);
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`metrics`]: every Prometheus metric;
+//! - [`shutdown`]: signals -> cancellation token.
+//!
+//! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
+//! the binary and the tests both use it.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod relay;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use config::Config;
+use metrics::Metrics;
+use relay::publish::ProducerSlot;
+
+/// Why the daemon could not start or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A configuration problem only visible at start-up (e.g. a property librdkafka rejects).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The Kafka client or embedded broker could not be set up.
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaSetupError),
+    /// The operations endpoint could not bind.
+    #[error("http endpoint {addr}: {source}")]
+    Http {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
+    /// The drain did not finish within `shutdown_timeout`; open transactions are rolled
+    /// back by the database when the process exits, so their rows stay in the outbox.
+    #[error("drain did not finish within shutdown_timeout ({0:?}); unfinished batches roll back and their rows stay in the outbox")]
+    DrainTimeout(Duration),
+}
+
+/// A started daemon.
+pub struct Running {
+    /// Where the operations endpoint listens (useful with port 0).
+    pub http_addr: SocketAddr,
+    /// The producer, shared by every relay lane.
+    pub producer: Arc<ProducerSlot>,
+    shutdown_timeout: Duration,
+    shutdown: CancellationToken,
+    relay: Vec<JoinHandle<()>>,
+    http_stop: CancellationToken,
+    http: JoinHandle<()>,
+    metrics: Arc<Metrics>,
+    _brokers: kafka::Brokers,
+}
+
+/// Starts the relay for every configured table and the operations endpoint. Everything
+/// stops when `shutdown` is cancelled; await [`Running::wait`] for the drain.
+pub async fn start(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<Running, RunError> {
+    let brokers = kafka::Brokers::start(&config.kafka)?;
+    let producer_config = kafka::producer_config(&config.kafka, &brokers.bootstrap);
+    let producer = Arc::new(
+        ProducerSlot::new(producer_config)
+            .map_err(|e| RunError::Config(format!("kafka.options: {e}")))?,
+    );
+    let connect = db::connect_options(&config.database).map_err(RunError::Config)?;
+    let pool = db::pool(&config.database, &connect);
+    if config.database.migrate {
+        migrate_with_retry(&pool, &shutdown).await;
+    }
+    let http_stop = CancellationToken::new();
+    let state = http::HttpState {
+        metrics: metrics.clone(),
+        pool: Some(pool.clone()),
+        producer: producer.clone(),
+    };
+    let (http_addr, http) = http::serve(config.http.listen, state, http_stop.clone())
+        .await
+        .map_err(|source| RunError::Http {
+            addr: config.http.listen,
+            source,
+        })?;
+    let relay = relay::start(
+        &config.relay,
+        &connect,
+        &pool,
+        &producer,
+        &metrics,
+        &shutdown,
+    );
+    metrics.up.set(1);
+    tracing::info!(
+        %http_addr,
+        tables = config.relay.tables.len(),
+        embedded_broker = brokers.is_embedded(),
+        "outboxd running"
+    );
+    Ok(Running {
+        http_addr,
+        producer,
+        shutdown_timeout: config.shutdown_timeout,
+        shutdown,
+        relay,
+        http_stop,
+        http,
+        metrics,
+        _brokers: brokers,
+    })
+}
+
+impl Running {
+    /// Waits for `shutdown`, then drains: lanes finish their batch in flight and commit,
+    /// the producer is flushed. Fails if that takes longer than `shutdown_timeout`.
+    pub async fn wait(self) -> Result<(), RunError> {
+        self.shutdown.cancelled().await;
+        let started = tokio::time::Instant::now();
+        let deadline = self.shutdown_timeout;
+        let producer = self.producer.clone();
+        let drain = async move {
+            futures::future::join_all(self.relay).await;
+            let left = deadline.saturating_sub(started.elapsed());
+            let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
+        };
+        let drained = tokio::time::timeout(deadline, drain).await;
+        self.metrics.up.set(0);
+        self.http_stop.cancel();
+        let _ = self.http.await;
+        match drained {
+            Ok(()) => {
+                tracing::info!(took = ?started.elapsed(), "drained; bye");
+                Ok(())
+            }
+            Err(_) => Err(RunError::DrainTimeout(deadline)),
+        }
+    }
+}
+
+/// Starts and waits: the whole life of the daemon.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    start(config, metrics, shutdown).await?.wait().await
+}
+
+async fn migrate_with_retry(pool: &sqlx::PgPool, shutdown: &CancellationToken) {
+    use backon::BackoffBuilder;
+    let mut retry = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        match db::migrate(pool).await {
+            Ok(()) => return,
+            Err(e) => {
+                let pause = retry.next().unwrap_or_default();
+                tracing::error!(error = %e, ?pause, "migrations failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! One typed registry of every metric outboxd exports (Prometheus names, `outboxd_` prefix).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric, registered in its own registry (so tests and several instances in one
+/// process never share counters).
+pub struct Metrics {
+    registry: Registry,
+    /// Rows published and acknowledged by Kafka, by table and topic.
+    pub relay_published_total: IntCounterVec,
+    /// Failures while publishing, by table and kind (`kafka` = batch rolled back,
+    /// `database` = lane connection failed, `refused` = Kafka refused a row,
+    /// `bad_row` = a row that cannot become a message).
+    pub relay_publish_errors_total: IntCounterVec,
+    /// Rows per claimed batch.
+    pub relay_batch_rows: Histogram,
+    /// Seconds from the row's `created_at` to Kafka's acknowledgement.
+    pub relay_publish_delay_seconds: HistogramVec,
+    /// Rows waiting in the outbox, by table (sampled by the maintenance task).
+    pub relay_backlog_rows: IntGaugeVec,
+    /// Age of the oldest waiting row, by table.
+    pub relay_oldest_pending_seconds: prometheus::GaugeVec,
+    /// Lanes this process owns, by table.
+    pub relay_lanes_owned: IntGaugeVec,
+    /// Rows moved to `outboxd_dead_rows`, by table.
+    pub relay_dead_rows_total: IntCounterVec,
+    /// Constant 1, labelled with the version.
+    pub build_info: IntGaugeVec,
+    /// 1 while the daemon runs.
+    pub up: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("outboxd".into()), None)
+            .expect("static registry prefix is valid");
+        let m = Metrics {
+            relay_published_total: IntCounterVec::new(
+                Opts::new(
+                    "relay_published_total",
+                    "Rows published and acknowledged by Kafka",
+                ),
+                &["table", "topic"],
+            )
+            .unwrap(),
+            relay_publish_errors_total: IntCounterVec::new(
+                Opts::new("relay_publish_errors_total", "Publish failures by kind"),
+                &["table", "kind"],
+            )
+            .unwrap(),
+            relay_batch_rows: Histogram::with_opts(
+                HistogramOpts::new("relay_batch_rows", "Rows per claimed batch").buckets(vec![
+                    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+                ]),
+            )
+            .unwrap(),
+            relay_publish_delay_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "relay_publish_delay_seconds",
+                    "Seconds from row created_at to Kafka acknowledgement",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0,
+                ]),
+                &["table"],
+            )
+            .unwrap(),
+            relay_backlog_rows: IntGaugeVec::new(
+                Opts::new("relay_backlog_rows", "Rows waiting in the outbox table"),
+                &["table"],
+            )
+            .unwrap(),
+            relay_oldest_pending_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "relay_oldest_pending_seconds",
+                    "Age of the oldest waiting row in seconds",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            relay_lanes_owned: IntGaugeVec::new(
+                Opts::new("relay_lanes_owned", "Lanes owned by this process"),
+                &["table"],
+            )
+            .unwrap(),
+            relay_dead_rows_total: IntCounterVec::new(
+                Opts::new("relay_dead_rows_total", "Rows moved to outboxd_dead_rows"),
+                &["table"],
+            )
+            .unwrap(),
+            build_info: IntGaugeVec::new(
+                Opts::new("build_info", "Build information"),
+                &["version"],
+            )
+            .unwrap(),
+            up: IntGauge::new("up", "1 while outboxd runs").unwrap(),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.relay_published_total.clone()),
+            Box::new(m.relay_publish_errors_total.clone()),
+            Box::new(m.relay_batch_rows.clone()),
+            Box::new(m.relay_publish_delay_seconds.clone()),
+            Box::new(m.relay_backlog_rows.clone()),
+            Box::new(m.relay_oldest_pending_seconds.clone()),
+            Box::new(m.relay_lanes_owned.clone()),
+            Box::new(m.relay_dead_rows_total.clone()),
+            Box::new(m.build_info.clone()),
+            Box::new(m.up.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text encoder writes UTF-8")
+    }
+
+    /// Sum of the samples of metric `name` whose labels include every `(label, value)`
+    /// pair of `filter`, read back from the text exposition.
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+                let wanted = metric == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+                wanted.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .sum()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

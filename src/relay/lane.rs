@@ -1,0 +1,299 @@
+//! One lane's claim loop, on the connection that holds the lane's advisory lock: claim a
+//! batch, publish it, commit; on any failure roll back and settle the batch row by row.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use sqlx::postgres::PgConnection;
+use sqlx::Connection;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::publish::{delay_seconds, publish, ProducerSlot, RowOutcome, TopicSource};
+use super::store::postgres::{self as pg, TableSql};
+use super::store::{ClaimedRow, DeadRow, StoreError};
+use crate::config::TableConfig;
+use crate::metrics::Metrics;
+
+/// What every lane of one table shares.
+pub struct TableRuntime {
+    /// The table's configuration.
+    pub config: TableConfig,
+    /// Its statements.
+    pub sql: TableSql,
+    /// How a row's topic is found.
+    pub topics: TopicSource,
+    /// The shared producer.
+    pub producer: Arc<ProducerSlot>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// How a batch ended, which decides what the lane does next.
+#[derive(Debug, PartialEq, Eq)]
+enum BatchEnd {
+    /// Nothing to claim: wait for a notification or the poll interval.
+    Empty,
+    /// Fewer rows than the batch size: the lane is drained for now.
+    Partial,
+    /// A full batch: there is probably more, claim again at once.
+    Full,
+    /// Kafka failed for reasons unrelated to the rows: back off, then retry.
+    KafkaFailed,
+    /// Kafka refused rows that are not yet dead: back off a little before retrying them.
+    Refused,
+}
+
+/// Exponential backoff with full jitter, 100 ms doubling to 30 s, never giving up.
+pub fn backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Runs lane `lane` until `stop` is cancelled (after the batch in flight) or the
+/// connection fails (the lock is then gone with it, and the caller re-acquires later).
+pub async fn run_lane(
+    rt: Arc<TableRuntime>,
+    lane: u32,
+    mut conn: PgConnection,
+    stop: CancellationToken,
+    mut wake: watch::Receiver<()>,
+) -> Result<(), StoreError> {
+    let claim = rt.sql.claim_for_lane(lane);
+    let table = rt.config.table.as_str();
+    let mut kafka_backoff = backoff();
+    let mut refusal_backoff = backoff();
+    tracing::info!(table, lane, "lane acquired");
+    while !stop.is_cancelled() {
+        wake.borrow_and_update();
+        let end = match batch(&rt, &mut conn, &claim).await {
+            Ok(end) => end,
+            Err(e) => {
+                rt.metrics
+                    .relay_publish_errors_total
+                    .with_label_values(&[table, "database"])
+                    .inc();
+                return Err(e);
+            }
+        };
+        let pause = match end {
+            BatchEnd::Full => {
+                kafka_backoff = backoff();
+                refusal_backoff = backoff();
+                continue;
+            }
+            BatchEnd::Empty | BatchEnd::Partial => {
+                kafka_backoff = backoff();
+                refusal_backoff = backoff();
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = wake.changed() => {}
+                    _ = tokio::time::sleep(rt.config.poll_interval) => {}
+                }
+                continue;
+            }
+            BatchEnd::KafkaFailed => kafka_backoff.next(),
+            BatchEnd::Refused => refusal_backoff.next(),
+        };
+        let pause = pause.unwrap_or(Duration::from_secs(30));
+        tracing::debug!(table, lane, ?pause, "backing off");
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    tracing::info!(table, lane, "lane released");
+    Ok(())
+}
+
+/// One claim/publish/commit cycle.
+async fn batch(
+    rt: &TableRuntime,
+    conn: &mut PgConnection,
+    claim: &str,
+) -> Result<BatchEnd, StoreError> {
+    let batch_size = rt.config.batch_size;
+    let mut tx = conn.begin().await?;
+    let rows = pg::claim(&mut tx, claim, batch_size).await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(BatchEnd::Empty);
+    }
+    rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+    let producer = rt.producer.get();
+    let outcomes = publish(&producer, &rows, &rt.topics).await;
+    let full = rows.len() as u32 >= batch_size;
+    if outcomes
+        .iter()
+        .all(|o| matches!(o, RowOutcome::Delivered { .. }))
+    {
+        tx.commit().await?;
+        record_published(rt, rows.iter().zip(&outcomes));
+        return Ok(if full {
+            BatchEnd::Full
+        } else {
+            BatchEnd::Partial
+        });
+    }
+    // Something failed. Undo the claim, then settle in a second transaction: delete what
+    // Kafka acknowledged (unless an earlier row of its key failed), count refusals, move
+    // dead rows. The lane lock keeps every other relay away from these rows meanwhile.
+    tx.rollback().await?;
+    rt.producer.renew_if_fatal(&producer);
+    let plan = Plan::new(&rows, &outcomes);
+    let mut tx = conn.begin().await?;
+    pg::finish(&mut tx, &rt.sql, &plan.finished).await?;
+    let counts: HashMap<String, i32> = pg::record_refusals(&mut tx, &rt.sql, &plan.refused)
+        .await?
+        .into_iter()
+        .collect();
+    let mut dead = plan.bad;
+    let mut still_refused = 0;
+    for (id, error) in &plan.refused {
+        let attempts = counts.get(*id).copied().unwrap_or(1);
+        if attempts >= rt.config.max_attempts as i32 {
+            dead.push(DeadRow {
+                id: (*id).to_owned(),
+                reason: format!("kafka refused it {attempts} times; last error: {error}"),
+                attempts,
+            });
+        } else {
+            still_refused += 1;
+        }
+    }
+    let moved = pg::move_dead(&mut tx, &rt.sql, &dead).await?;
+    tx.commit().await?;
+
+    let table = rt.config.table.as_str();
+    let finished: HashSet<&str> = plan.finished.iter().copied().collect();
+    record_published(
+        rt,
+        rows.iter()
+            .zip(&outcomes)
+            .filter(|(r, _)| finished.contains(r.id.as_str())),
+    );
+    let errors = &rt.metrics.relay_publish_errors_total;
+    errors
+        .with_label_values(&[table, "kafka"])
+        .inc_by(plan.failed.len() as u64);
+    errors
+        .with_label_values(&[table, "refused"])
+        .inc_by(plan.refused.len() as u64);
+    errors
+        .with_label_values(&[table, "bad_row"])
+        .inc_by(dead.iter().filter(|d| d.attempts == 0).count() as u64);
+    rt.metrics
+        .relay_dead_rows_total
+        .with_label_values(&[table])
+        .inc_by(moved);
+    if let Some(first) = plan.failed.first() {
+        tracing::warn!(
+            table,
+            failed = plan.failed.len(),
+            published = plan.finished.len(),
+            error = %first,
+            "kafka did not acknowledge part of a batch; those rows stay in the outbox and are retried"
+        );
+    }
+    for (id, error) in &plan.refused {
+        tracing::warn!(table, row_id = id, %error, "kafka refused a row");
+    }
+    for d in &dead {
+        tracing::error!(table, row_id = %d.id, reason = %d.reason, "row moved to outboxd_dead_rows");
+    }
+    Ok(if !plan.failed.is_empty() {
+        BatchEnd::KafkaFailed
+    } else if still_refused > 0 {
+        BatchEnd::Refused
+    } else if full {
+        BatchEnd::Full
+    } else {
+        BatchEnd::Partial
+    })
+}
+
+/// How a partly failed batch is settled.
+struct Plan<'a> {
+    /// Acknowledged rows that may leave the outbox.
+    finished: Vec<&'a str>,
+    /// Rows Kafka refused, with the error.
+    refused: Vec<(&'a str, String)>,
+    /// Errors of rows that failed for reasons unrelated to the row.
+    failed: Vec<String>,
+    /// Rows that cannot become a message.
+    bad: Vec<DeadRow>,
+}
+
+impl<'a> Plan<'a> {
+    /// Once a row of a key failed or was refused, later rows of that key stay in the outbox
+    /// even if Kafka took them: they are published again after the earlier row, so the
+    /// last copy a consumer sees keeps per-key order.
+    fn new(rows: &'a [ClaimedRow], outcomes: &[RowOutcome]) -> Self {
+        let mut plan = Plan {
+            finished: Vec::new(),
+            refused: Vec::new(),
+            failed: Vec::new(),
+            bad: Vec::new(),
+        };
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            let key = row.key.as_deref().unwrap_or_default();
+            match outcome {
+                RowOutcome::Delivered { .. } if !blocked.contains(key) => {
+                    plan.finished.push(&row.id)
+                }
+                RowOutcome::Delivered { .. } => {}
+                RowOutcome::Refused(e) => {
+                    blocked.insert(key);
+                    plan.refused.push((&row.id, e.clone()));
+                }
+                RowOutcome::Failed(e) => {
+                    blocked.insert(key);
+                    plan.failed.push(e.clone());
+                }
+                RowOutcome::Bad(reason) => plan.bad.push(DeadRow {
+                    id: row.id.clone(),
+                    reason: reason.clone(),
+                    attempts: 0,
+                }),
+            }
+        }
+        plan
+    }
+}
+
+fn record_published<'r>(
+    rt: &TableRuntime,
+    rows: impl Iterator<Item = (&'r ClaimedRow, &'r RowOutcome)>,
+) {
+    let table = rt.config.table.as_str();
+    let delay = rt
+        .metrics
+        .relay_publish_delay_seconds
+        .with_label_values(&[table]);
+    let mut per_topic: Vec<(&str, u64)> = Vec::new();
+    for (row, outcome) in rows {
+        let RowOutcome::Delivered { at, topic } = outcome else {
+            continue;
+        };
+        if let Some(created) = row.created_at {
+            delay.observe(delay_seconds(created, *at));
+        }
+        match per_topic.iter_mut().find(|(t, _)| t == topic) {
+            Some((_, n)) => *n += 1,
+            None => per_topic.push((topic, 1)),
+        }
+    }
+    for (topic, n) in per_topic {
+        rt.metrics
+            .relay_published_total
+            .with_label_values(&[table, topic])
+            .inc_by(n);
+    }
+}

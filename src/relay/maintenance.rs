@@ -1,0 +1,45 @@
+//! Periodic upkeep of one table: backlog gauges, retention purge in mark mode, and cleanup
+//! of attempt counters of rows that are gone. Failures are logged and retried next tick.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::lane::TableRuntime;
+use super::store::postgres as pg;
+use super::store::StoreError;
+
+/// Runs every `maintenance_interval` until `stop`.
+pub async fn run(rt: Arc<TableRuntime>, pool: PgPool, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(rt.config.maintenance_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = once(&rt, &pool).await {
+            tracing::warn!(table = %rt.config.table, error = %e, "relay maintenance failed; retrying next interval");
+        }
+    }
+}
+
+async fn once(rt: &TableRuntime, pool: &PgPool) -> Result<(), StoreError> {
+    let table = rt.config.table.as_str();
+    let (pending, oldest) = pg::stats(pool, &rt.sql).await?;
+    rt.metrics
+        .relay_backlog_rows
+        .with_label_values(&[table])
+        .set(pending);
+    rt.metrics
+        .relay_oldest_pending_seconds
+        .with_label_values(&[table])
+        .set(oldest.unwrap_or(0.0));
+    let purged = pg::purge(pool, &rt.sql, rt.config.retention.as_secs_f64()).await?;
+    if purged > 0 {
+        tracing::info!(table, purged, "purged published rows past retention");
+    }
+    pg::cleanup_attempts(pool, &rt.sql).await?;
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! The relay half: for every configured table, lanes claim outbox rows, publish them to
+//! Kafka and delete (or mark) them in the same transaction once Kafka acknowledged them.
+//!
+//! - `lanes`: lane ownership across replicas (advisory locks);
+//! - `lane`: one lane's claim/publish/commit loop;
+//! - `publish`: rows to messages, the shared idempotent producer;
+//! - `notify`: LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
+//! - `store`: the SQL per backend; `template`: topic templates.
+
+mod lane;
+mod lanes;
+mod maintenance;
+mod notify;
+pub mod publish;
+pub mod store;
+pub mod template;
+
+use std::sync::Arc;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::metrics::Metrics;
+use publish::ProducerSlot;
+
+/// Starts one lane manager per table; each returns once `shutdown` is cancelled and its
+/// lanes have finished their batch in flight.
+pub fn start(
+    relay: &RelayConfig,
+    connect: &PgConnectOptions,
+    pool: &PgPool,
+    producer: &Arc<ProducerSlot>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    relay
+        .tables
+        .iter()
+        .map(|table| {
+            let ctx = lanes::TableContext {
+                config: table.clone(),
+                connect: connect.clone(),
+                pool: pool.clone(),
+                producer: producer.clone(),
+                metrics: metrics.clone(),
+            };
+            tokio::spawn(lanes::run_table(ctx, shutdown.clone()))
+        })
+        .collect()
+}

@@ -1,0 +1,302 @@
+//! Turning claimed rows into Kafka messages and publishing a batch: every row is enqueued
+//! in order without waiting (the producer pipelines them), then every delivery report is
+//! awaited. Each row ends with exactly one outcome.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::store::ClaimedRow;
+use super::template::{check_topic, TopicTemplate};
+use crate::config::TableConfig;
+
+/// The shared idempotent producer; replaced when librdkafka reports a fatal error (after
+/// which an idempotent producer accepts nothing more).
+pub struct ProducerSlot {
+    config: ClientConfig,
+    current: Mutex<Arc<FutureProducer>>,
+}
+
+impl ProducerSlot {
+    /// Creates the first producer.
+    pub fn new(config: ClientConfig) -> Result<Self, KafkaError> {
+        let producer = Arc::new(config.create::<FutureProducer>()?);
+        Ok(ProducerSlot {
+            config,
+            current: Mutex::new(producer),
+        })
+    }
+
+    /// The producer to use now.
+    pub fn get(&self) -> Arc<FutureProducer> {
+        self.current.lock().expect("producer lock poisoned").clone()
+    }
+
+    /// After a failed batch: if `used` hit a fatal error, put a fresh producer in its place.
+    pub fn renew_if_fatal(&self, used: &Arc<FutureProducer>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut current = self.current.lock().expect("producer lock poisoned");
+        if !Arc::ptr_eq(&current, used) {
+            return; // another lane already replaced it
+        }
+        tracing::error!(?code, %reason, "kafka producer hit a fatal error; creating a new one");
+        match self.config.create::<FutureProducer>() {
+            Ok(p) => *current = Arc::new(p),
+            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
+        }
+    }
+
+    /// Waits for queued messages to be delivered, up to `timeout`.
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.get().flush(timeout) {
+            tracing::warn!(error = %e, "kafka producer flush did not complete");
+        }
+    }
+}
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOutcome {
+    /// Kafka acknowledged it (acks=all).
+    Delivered {
+        /// When the delivery report arrived.
+        at: SystemTime,
+        /// The topic it went to.
+        topic: String,
+    },
+    /// Kafka refused this message for good (too large, invalid or unknown topic).
+    Refused(String),
+    /// A failure that says nothing about the row (broker down, timeout): try again later.
+    Failed(String),
+    /// The row cannot become a message (NULL key or payload, bad headers, bad topic).
+    Bad(String),
+}
+
+/// Which row field a column name maps to, for rendering topic templates.
+#[derive(Debug, Clone, Copy)]
+pub enum Field {
+    /// `id_column`
+    Id,
+    /// `key_column`
+    Key,
+    /// `event_id_column`
+    EventId,
+    /// `event_type_column`
+    EventType,
+    /// `aggregate_type_column`
+    AggregateType,
+}
+
+/// Where a row's topic comes from.
+#[derive(Debug)]
+pub enum TopicSource {
+    /// A template over mapped columns.
+    Template(TopicTemplate, Vec<(String, Field)>),
+    /// The `topic_column` value.
+    Column,
+}
+
+impl TopicSource {
+    /// The topic source of table `t` (validated config: template parses).
+    pub fn new(t: &TableConfig) -> Result<Self, String> {
+        let Some(template) = &t.topic else {
+            return Ok(TopicSource::Column);
+        };
+        let template =
+            TopicTemplate::parse(template, &t.mapped_columns()).map_err(|e| e.to_string())?;
+        let fields = [
+            (&t.id_column, Field::Id),
+            (&t.key_column, Field::Key),
+            (&t.event_id_column, Field::EventId),
+            (&t.event_type_column, Field::EventType),
+            (&t.aggregate_type_column, Field::AggregateType),
+        ]
+        .into_iter()
+        .filter(|(c, _)| !c.is_empty())
+        .map(|(c, f)| (c.clone(), f))
+        .collect();
+        Ok(TopicSource::Template(template, fields))
+    }
+
+    fn topic_of(&self, row: &ClaimedRow, out: &mut String) -> Result<(), String> {
+        match self {
+            TopicSource::Column => {
+                out.clear();
+                out.push_str(row.topic.as_deref().ok_or("topic column is NULL")?);
+            }
+            TopicSource::Template(template, fields) => {
+                let value = |column: &str| {
+                    let field = fields.iter().find(|(c, _)| c == column)?.1;
+                    match field {
+                        Field::Id => Some(row.id.as_str()),
+                        Field::Key => row.key.as_deref(),
+                        Field::EventId => row.event_id.as_deref(),
+                        Field::EventType => row.event_type.as_deref(),
+                        Field::AggregateType => row.aggregate_type.as_deref(),
+                    }
+                };
+                template
+                    .render_into(out, value)
+                    .map_err(|c| format!("topic template column `{c}` is NULL"))?;
+            }
+        }
+        check_topic(out)
+    }
+}
+
+/// A row ready to send.
+struct Prepared {
+    topic: String,
+    headers: OwnedHeaders,
+}
+
+fn prepare(row: &ClaimedRow, topics: &TopicSource) -> Result<Prepared, String> {
+    if row.key.is_none() {
+        return Err("key column is NULL".into());
+    }
+    if row.payload.is_none() {
+        return Err("payload column is NULL".into());
+    }
+    let mut topic = String::new();
+    topics.topic_of(row, &mut topic)?;
+    let extra = match row.headers.as_deref() {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(serde_json::Value::Null) => serde_json::Map::new(),
+            Ok(_) => return Err("headers column is not a JSON object".into()),
+            Err(e) => return Err(format!("headers column is not valid JSON: {e}")),
+        },
+    };
+    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len());
+    let event_id = row.event_id.as_deref().unwrap_or(&row.id);
+    headers = headers.insert(Header {
+        key: "event-id",
+        value: Some(event_id.as_bytes()),
+    });
+    if let Some(t) = &row.event_type {
+        headers = headers.insert(Header {
+            key: "event-type",
+            value: Some(t.as_bytes()),
+        });
+    }
+    if let Some(t) = &row.aggregate_type {
+        headers = headers.insert(Header {
+            key: "aggregate-type",
+            value: Some(t.as_bytes()),
+        });
+    }
+    for (key, value) in &extra {
+        let text;
+        let bytes = match value {
+            serde_json::Value::String(s) => s.as_bytes(),
+            other => {
+                text = other.to_string();
+                text.as_bytes()
+            }
+        };
+        headers = headers.insert(Header {
+            key,
+            value: Some(bytes),
+        });
+    }
+    Ok(Prepared { topic, headers })
+}
+
+/// Whether Kafka refused this message for a reason that retrying will not change.
+fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::PolicyViolation
+        )
+    )
+}
+
+fn classify(e: &KafkaError) -> RowOutcome {
+    if is_refusal(e) {
+        RowOutcome::Refused(e.to_string())
+    } else {
+        RowOutcome::Failed(e.to_string())
+    }
+}
+
+/// Publishes `rows` in order and returns one outcome per row, in the same order.
+pub async fn publish(
+    producer: &FutureProducer,
+    rows: &[ClaimedRow],
+    topics: &TopicSource,
+) -> Vec<RowOutcome> {
+    let mut outcomes: Vec<Option<RowOutcome>> = vec![None; rows.len()];
+    let mut pending = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let prepared = match prepare(row, topics) {
+            Ok(p) => p,
+            Err(reason) => {
+                outcomes[i] = Some(RowOutcome::Bad(reason));
+                continue;
+            }
+        };
+        let key = row.key.as_deref().unwrap_or_default();
+        let payload = row.payload.as_deref().unwrap_or_default();
+        let topic = prepared.topic;
+        let mut record = FutureRecord::to(&topic)
+            .key(key)
+            .payload(payload)
+            .headers(prepared.headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push((i, delivery, topic));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The local queue is full: let deliveries drain, then enqueue this same
+                    // row again (order is kept because nothing later was enqueued).
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => {
+                    outcomes[i] = Some(classify(&e));
+                    break;
+                }
+            }
+        }
+    }
+    for (i, delivery, topic) in pending {
+        outcomes[i] = Some(match delivery.await {
+            Ok(Ok(_)) => RowOutcome::Delivered {
+                at: SystemTime::now(),
+                topic,
+            },
+            Ok(Err((e, _))) => classify(&e),
+            Err(_canceled) => RowOutcome::Failed("producer dropped the message".into()),
+        });
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.expect("every row got an outcome"))
+        .collect()
+}
+
+/// Seconds between `created_at` (Unix seconds) and `at`.
+pub fn delay_seconds(created_at: f64, at: SystemTime) -> f64 {
+    let at = at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    (at - created_at).max(0.0)
+}

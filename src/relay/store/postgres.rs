@@ -1,0 +1,412 @@
+//! PostgreSQL: the SQL of one outbox table (claim, finish, attempts, dead rows, purge,
+//! stats) built once from the column mapping, and lane locks through advisory locks.
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
+use sqlx::{ConnectOptions, Connection, Row};
+
+use crate::config::{OnPublished, TableConfig};
+
+use super::{ClaimedRow, DeadRow, StoreError};
+
+/// Everything the relay runs against one table, rendered once at start-up.
+#[derive(Debug)]
+pub struct TableSql {
+    table: String,
+    lanes: u32,
+    /// The quoted key column, for the lane filter.
+    key: String,
+    claim_head: String,
+    claim_tail: String,
+    /// `$1 = text[] of ids`: delete (or mark) rows Kafka acknowledged.
+    finish: String,
+    /// `$1 = table, $2 = text[] ids, $3 = text[] errors` -> `(row_id, attempts)`.
+    record_refusals: String,
+    /// `$1 = table, $2 = text[] ids, $3 = text[] reasons, $4 = int[] attempts`.
+    move_dead: String,
+    /// `$1 = seconds of retention` (mark mode only).
+    purge: Option<String>,
+    /// `-> (pending rows, oldest pending seconds)`.
+    stats: String,
+    /// `$1 = table`: forget attempt counters of rows no longer pending.
+    cleanup_attempts: String,
+}
+
+/// Column facts read from the catalog at start-up.
+#[derive(Debug, Clone)]
+pub struct TableShape {
+    /// `format_type()` of the id column, used to cast text ids back.
+    pub id_type: String,
+    /// Whether the payload is `bytea` (sent raw) rather than text-like (sent as UTF-8).
+    pub payload_is_bytea: bool,
+}
+
+/// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
+fn q(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// `schema.table` -> `"schema"."table"`.
+pub fn quote_table(table: &str) -> String {
+    table.split('.').map(q).collect::<Vec<_>>().join(".")
+}
+
+/// Reads the table's columns and checks that every mapped column exists.
+pub async fn introspect(
+    conn: &mut PgConnection,
+    t: &TableConfig,
+) -> Result<TableShape, StoreError> {
+    let rows = sqlx::query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+         FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(quote_table(&t.table))
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Err(StoreError::Schema(format!(
+            "table `{}` does not exist (run `outboxd migrate` for the reference table, or fix relay.tables.table)",
+            t.table
+        )));
+    }
+    let columns: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect();
+    let type_of = |name: &str| {
+        columns
+            .iter()
+            .find(|(c, _)| c == name)
+            .map(|(_, ty)| ty.clone())
+    };
+    let mut required = vec![
+        ("id_column", t.id_column.as_str()),
+        ("key_column", t.key_column.as_str()),
+        ("payload_column", t.payload_column.as_str()),
+        ("order_column", t.order_column()),
+        ("event_id_column", t.event_id_column.as_str()),
+        ("headers_column", t.headers_column.as_str()),
+        ("event_type_column", t.event_type_column.as_str()),
+        ("aggregate_type_column", t.aggregate_type_column.as_str()),
+        ("created_at_column", t.created_at_column.as_str()),
+    ];
+    if let Some(c) = &t.topic_column {
+        required.push(("topic_column", c));
+    }
+    if t.on_published == OnPublished::Mark {
+        required.push(("published_at_column", &t.published_at_column));
+    }
+    for (key, column) in required {
+        if !column.is_empty() && type_of(column).is_none() {
+            return Err(StoreError::Schema(format!(
+                "table `{}` has no column `{column}` (relay.tables.{key}); columns: {}",
+                t.table,
+                columns
+                    .iter()
+                    .map(|(c, _)| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    Ok(TableShape {
+        id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
+        payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
+    })
+}
+
+impl TableSql {
+    /// Renders every statement for table `t` of shape `shape`.
+    pub fn new(t: &TableConfig, shape: &TableShape) -> Self {
+        let table = quote_table(&t.table);
+        let id = q(&t.id_column);
+        let id_array = format!("$1::text[]::{}[]", shape.id_type);
+        let text_or_null = |col: &str| {
+            if col.is_empty() {
+                "NULL::text".to_owned()
+            } else {
+                format!("o.{}::text", q(col))
+            }
+        };
+        let payload = if shape.payload_is_bytea {
+            format!("o.{}", q(&t.payload_column))
+        } else {
+            format!("convert_to(o.{}::text, 'UTF8')", q(&t.payload_column))
+        };
+        let created_at = if t.created_at_column.is_empty() {
+            "NULL::float8".to_owned()
+        } else {
+            format!("extract(epoch from o.{})::float8", q(&t.created_at_column))
+        };
+        let topic = t
+            .topic_column
+            .as_deref()
+            .map_or("NULL::text".to_owned(), text_or_null);
+        let returning = format!(
+            "o.{id}::text AS id, {key} AS key, {payload} AS payload, {headers} AS headers, \
+             {event_id} AS event_id, {event_type} AS event_type, {aggregate_type} AS aggregate_type, \
+             {created_at} AS created_at, {topic} AS topic, o.{ord} AS outboxd_ord",
+            key = text_or_null(&t.key_column),
+            headers = text_or_null(&t.headers_column),
+            event_id = text_or_null(&t.event_id_column),
+            event_type = text_or_null(&t.event_type_column),
+            aggregate_type = text_or_null(&t.aggregate_type_column),
+            ord = q(t.order_column()),
+        );
+        let (pending, modify, finish) = match t.on_published {
+            OnPublished::Delete => (
+                "TRUE".to_owned(),
+                format!("DELETE FROM {table} o USING c WHERE o.{id} = c.{id}"),
+                format!("DELETE FROM {table} WHERE {id} = ANY({id_array})"),
+            ),
+            OnPublished::Mark => {
+                let published = q(&t.published_at_column);
+                (
+                    format!("o.{published} IS NULL"),
+                    format!(
+                        "UPDATE {table} o SET {published} = now() FROM c WHERE o.{id} = c.{id}"
+                    ),
+                    format!("UPDATE {table} SET {published} = now() WHERE {id} = ANY({id_array})"),
+                )
+            }
+        };
+        // The lane filter goes between head and tail; `& 2147483647` instead of abs() because
+        // abs(-2147483648) overflows. NULL keys hash like '' so every row belongs to a lane.
+        let claim_head = format!("WITH c AS (SELECT o.{id} FROM {table} o WHERE {pending}");
+        let claim_tail = format!(
+            " ORDER BY o.{ord} LIMIT $1 FOR UPDATE SKIP LOCKED), d AS ({modify} RETURNING {returning}) \
+             SELECT id, key, payload, headers, event_id, event_type, aggregate_type, created_at, topic \
+             FROM d ORDER BY outboxd_ord",
+            ord = q(t.order_column()),
+        );
+        TableSql {
+            table: t.table.clone(),
+            lanes: t.lanes,
+            key: q(&t.key_column),
+            claim_head,
+            claim_tail,
+            finish,
+            record_refusals: "INSERT INTO outboxd_relay_attempts (source_table, row_id, attempts, last_error) \
+                 SELECT $1, r.id, 1, r.err FROM unnest($2::text[], $3::text[]) AS r(id, err) \
+                 ON CONFLICT (source_table, row_id) DO UPDATE \
+                 SET attempts = outboxd_relay_attempts.attempts + 1, last_error = EXCLUDED.last_error, updated_at = now() \
+                 RETURNING row_id, attempts"
+                .to_owned(),
+            move_dead: format!(
+                "WITH r AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS r(id, reason, attempts)), \
+                 d AS (DELETE FROM {table} o USING r WHERE o.{id} = r.id::{id_type} \
+                       RETURNING r.id, r.reason, r.attempts, to_jsonb(o) AS row_data), \
+                 a AS (DELETE FROM outboxd_relay_attempts x USING d WHERE x.source_table = $1 AND x.row_id = d.id) \
+                 INSERT INTO outboxd_dead_rows (source_table, row_id, reason, attempts, row_data) \
+                 SELECT $1, d.id, d.reason, d.attempts, d.row_data FROM d",
+                id_type = shape.id_type,
+            ),
+            purge: (t.on_published == OnPublished::Mark).then(|| {
+                let published = q(&t.published_at_column);
+                format!(
+                    "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
+                     WHERE {published} < now() - make_interval(secs => $1) LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+                )
+            }),
+            stats: format!(
+                "SELECT count(*)::int8, {oldest} FROM {table} o WHERE {pending}",
+                oldest = if t.created_at_column.is_empty() {
+                    "NULL::float8".to_owned()
+                } else {
+                    format!(
+                        "extract(epoch from now() - min(o.{}))::float8",
+                        q(&t.created_at_column)
+                    )
+                },
+            ),
+            cleanup_attempts: format!(
+                "DELETE FROM outboxd_relay_attempts a WHERE a.source_table = $1 AND NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.{id} = a.row_id::{id_type} AND {pending})",
+                id_type = shape.id_type,
+            ),
+        }
+    }
+
+    /// The claim statement of one lane (`$1 = batch size`).
+    pub fn claim_for_lane(&self, lane: u32) -> String {
+        if self.lanes <= 1 {
+            format!("{}{}", self.claim_head, self.claim_tail)
+        } else {
+            format!(
+                "{} AND (hashtext(coalesce(o.{key}::text, '')) & 2147483647) % {lanes} = {lane}{}",
+                self.claim_head,
+                self.claim_tail,
+                key = self.key,
+                lanes = self.lanes,
+            )
+        }
+    }
+}
+
+/// Claims (deletes or marks) up to `limit` rows of the lane, in publication order.
+pub async fn claim(
+    conn: &mut PgConnection,
+    claim: &str,
+    limit: u32,
+) -> Result<Vec<ClaimedRow>, StoreError> {
+    let rows = sqlx::query(claim)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter().map(decode).collect()
+}
+
+fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
+    Ok(ClaimedRow {
+        id: r.try_get(0)?,
+        key: r.try_get(1)?,
+        payload: r.try_get(2)?,
+        headers: r.try_get(3)?,
+        event_id: r.try_get(4)?,
+        event_type: r.try_get(5)?,
+        aggregate_type: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        topic: r.try_get(8)?,
+    })
+}
+
+/// Deletes (or marks) the rows Kafka acknowledged.
+pub async fn finish(
+    conn: &mut PgConnection,
+    sql: &TableSql,
+    ids: &[&str],
+) -> Result<(), StoreError> {
+    if !ids.is_empty() {
+        sqlx::query(&sql.finish)
+            .bind(ids)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Counts one more refusal for each `(id, error)`; returns each id's count so far.
+pub async fn record_refusals(
+    conn: &mut PgConnection,
+    sql: &TableSql,
+    refused: &[(&str, String)],
+) -> Result<Vec<(String, i32)>, StoreError> {
+    if refused.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<&str> = refused.iter().map(|(id, _)| *id).collect();
+    let errors: Vec<&str> = refused.iter().map(|(_, e)| e.as_str()).collect();
+    let rows = sqlx::query(&sql.record_refusals)
+        .bind(&sql.table)
+        .bind(ids)
+        .bind(errors)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1)))
+        .collect())
+}
+
+/// Moves rows to `outboxd_dead_rows` with their reason; returns how many moved.
+pub async fn move_dead(
+    conn: &mut PgConnection,
+    sql: &TableSql,
+    dead: &[DeadRow],
+) -> Result<u64, StoreError> {
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    let attempts: Vec<i32> = dead.iter().map(|d| d.attempts).collect();
+    let done = sqlx::query(&sql.move_dead)
+        .bind(&sql.table)
+        .bind(ids)
+        .bind(reasons)
+        .bind(attempts)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Mark mode: deletes published rows older than `retention_secs`, 1000 at a time, each
+/// batch its own transaction. Returns the rows removed.
+pub async fn purge(
+    pool: &sqlx::PgPool,
+    sql: &TableSql,
+    retention_secs: f64,
+) -> Result<u64, StoreError> {
+    let Some(purge) = &sql.purge else {
+        return Ok(0);
+    };
+    let mut total = 0;
+    loop {
+        let n = sqlx::query(purge)
+            .bind(retention_secs)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        total += n;
+        if n < 1000 {
+            return Ok(total);
+        }
+    }
+}
+
+/// `(pending rows, age of the oldest pending row in seconds)`.
+pub async fn stats(pool: &sqlx::PgPool, sql: &TableSql) -> Result<(i64, Option<f64>), StoreError> {
+    let row = sqlx::query(&sql.stats).fetch_one(pool).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Forgets attempt counters of rows that are no longer pending (published or gone).
+pub async fn cleanup_attempts(pool: &sqlx::PgPool, sql: &TableSql) -> Result<u64, StoreError> {
+    Ok(sqlx::query(&sql.cleanup_attempts)
+        .bind(&sql.table)
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+/// Opens a dedicated connection (not from the pool): a lane's or the coordinator's.
+pub async fn connect(opts: &PgConnectOptions) -> Result<PgConnection, StoreError> {
+    Ok(opts.connect().await?)
+}
+
+/// Tries the session-level advisory lock `(class, object)` on `conn`.
+pub async fn try_lock(
+    conn: &mut PgConnection,
+    class: i32,
+    object: i32,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(class)
+        .bind(object)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// Granted advisory locks of the given classes in this database: `(class, object)` pairs.
+pub async fn held_locks(
+    conn: &mut PgConnection,
+    classes: [i32; 2],
+) -> Result<Vec<(i32, i32)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND classid IN ($1::int8::oid, $2::int8::oid)",
+    )
+    .bind(i64::from(classes[0]))
+    .bind(i64::from(classes[1]))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<i64, _>(0) as i32, r.get::<i64, _>(1) as i32))
+        .collect())
+}
+
+/// Checks the connection still answers (used before trusting a long-held lock).
+pub async fn ping(conn: &mut PgConnection) -> Result<(), StoreError> {
+    Ok(conn.ping().await?)
+}

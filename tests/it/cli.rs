@@ -1,0 +1,303 @@
+//! The binary: configuration errors (exit 78 naming the key), check-config redaction,
+//! migrate, and a SIGTERM drain of a separate `outboxd run` process.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outboxd");
+
+const GOOD: &str = r#"
+[database]
+url = "postgres://app:hunter2@127.0.0.1:5432/test"
+[kafka]
+brokers = "127.0.0.1:9092"
+[kafka.options]
+"sasl.password" = "swordfish"
+"linger.ms" = 10
+[[relay.tables]]
+table = "outbox"
+topic = "events.{event_type}"
+"#;
+
+fn run_with(args: &[&str], toml: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(&path)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_redacted() {
+    let (code, out, err) = run_with(&["check-config"], GOOD, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("hunter2") && !out.contains("swordfish"),
+        "{out}"
+    );
+    assert!(
+        out.contains("postgres://app:<redacted>@127.0.0.1:5432/test"),
+        "{out}"
+    );
+    assert!(
+        out.contains("batch_size = 1000"),
+        "defaults are shown: {out}"
+    );
+    assert!(out.contains("linger.ms"), "{out}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let env = [
+        ("OUTBOXD_DATABASE__URL", "postgres://other@db.internal/app"),
+        ("OUTBOXD_SHUTDOWN_TIMEOUT", "7s"),
+    ];
+    let (code, out, err) = run_with(&["check-config"], GOOD, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("postgres://other@db.internal/app"), "{out}");
+    assert!(out.contains("shutdown_timeout = \"7s\""), "{out}");
+}
+
+#[test]
+fn bad_configurations_exit_78_and_name_the_key() {
+    let table = "[[relay.tables]]\ntable = \"outbox\"\ntopic = \"events.{event_type}\"\n";
+    let base =
+        "[database]\nurl = \"postgres://x@127.0.0.1/test\"\n[kafka]\nbrokers = \"embedded\"\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "unknown top-level key",
+            format!("colour = \"red\"\n{base}{table}"),
+            "colour",
+        ),
+        (
+            "unknown table key",
+            format!("{base}{table}batchsize = 5\n"),
+            "batchsize",
+        ),
+        (
+            "wrong type",
+            format!("{base}{table}batch_size = \"lots\"\n"),
+            "batch_size",
+        ),
+        (
+            "bad duration",
+            format!("{base}{table}poll_interval = \"soon\"\n"),
+            "poll_interval",
+        ),
+        (
+            "zero duration",
+            format!("shutdown_timeout = \"0s\"\n{base}{table}"),
+            "shutdown_timeout",
+        ),
+        (
+            "unknown template column",
+            format!("{base}[[relay.tables]]\ntable = \"outbox\"\ntopic = \"events.{{colour}}\"\n"),
+            "relay.tables[0].topic",
+        ),
+        (
+            "missing url",
+            format!("[kafka]\nbrokers = \"embedded\"\n{table}"),
+            "database.url",
+        ),
+        (
+            "missing brokers",
+            format!("[database]\nurl = \"postgres://x@h/db\"\n{table}"),
+            "kafka.brokers",
+        ),
+        (
+            "zero lanes",
+            format!("{base}{table}lanes = 0\n"),
+            "relay.tables[0].lanes",
+        ),
+        (
+            "topic and topic_column",
+            format!("{base}{table}topic_column = \"topic\"\n"),
+            "relay.tables[0].topic",
+        ),
+        (
+            "bad on_published",
+            format!("{base}{table}on_published = \"archive\"\n"),
+            "on_published",
+        ),
+        (
+            "injection in a column name",
+            format!("{base}{table}key_column = \"id; DROP TABLE x\"\n"),
+            "relay.tables[0].key_column",
+        ),
+        ("no tables", base.to_string(), "relay.tables"),
+        (
+            "idempotence off",
+            format!("{base}[kafka.options]\n\"enable.idempotence\" = false\n{table}"),
+            "enable.idempotence",
+        ),
+        (
+            "unknown librdkafka property",
+            format!("{base}[kafka.options]\n\"no.such.property\" = 1\n{table}"),
+            "kafka.options",
+        ),
+        (
+            "bad log level",
+            format!("[log]\nlevel = \"info,=[\"\n{base}{table}"),
+            "log.level",
+        ),
+        (
+            "toml syntax",
+            format!("{base}{table}batch_size = = 3\n"),
+            "outboxd.toml",
+        ),
+        (
+            "bad url scheme",
+            format!(
+                "[database]\nurl = \"mysql://x@h/db\"\n[kafka]\nbrokers = \"embedded\"\n{table}"
+            ),
+            "database.url",
+        ),
+    ];
+    for (what, toml, key) in cases {
+        let (code, _, err) = run_with(&["check-config"], &toml, &[]);
+        assert_eq!(code, 78, "{what}: exit {code}, stderr: {err}");
+        assert!(
+            err.contains(key),
+            "{what}: stderr does not name `{key}`: {err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+    }
+    // A missing file is a configuration error too.
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/outboxd.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/outboxd.toml"));
+}
+
+#[test]
+fn url_file_supplies_the_database_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("db-url");
+    std::fs::write(&secret, "postgres://app:topsecret@10.0.0.1/app\n").unwrap();
+    let toml = format!(
+        "[database]\nurl_file = \"{}\"\n[kafka]\nbrokers = \"embedded\"\n[[relay.tables]]\ntable = \"outbox\"\ntopic = \"e.{{event_type}}\"\n",
+        secret.display()
+    );
+    let (code, out, err) = run_with(&["check-config"], &toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("postgres://app:<redacted>@10.0.0.1/app"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_large_drain_exits_0_in_time_and_loses_nothing() {
+    let pool = db().await;
+    let table = outbox_table(&pool, "sigterm").await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 4);
+    let total = 60_000;
+    insert_rows(&pool, &table, 0, total, 500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "shutdown_timeout = \"10s\"\n[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [log]\nlevel = \"warn\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\nbatch_size = 200\nnotify_channel = \"{table}\"\n",
+            database_url(),
+            cluster.bootstrap_servers()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually("drain under way", Duration::from_secs(30), || async {
+        count_rows(&pool, &table).await < total - 2000
+    })
+    .await;
+    let signalled = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "no exit within shutdown_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+
+    let remaining: Vec<i64> =
+        sqlx::query_scalar(&format!("SELECT (payload->>'n')::int8 FROM {table}"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        !remaining.is_empty(),
+        "SIGTERM arrived mid-drain, so rows remain"
+    );
+    let gone = total as usize - remaining.len();
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        gone,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    let published: std::collections::HashSet<i64> = received.iter().map(|r| r.n).collect();
+    let remaining: std::collections::HashSet<i64> = remaining.into_iter().collect();
+    let lost: Vec<i64> = (0..total)
+        .filter(|n| !remaining.contains(n) && !published.contains(n))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} rows deleted but never published, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_applies_the_embedded_migrations() {
+    let toml = format!(
+        "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"embedded\"\n[[relay.tables]]\ntable = \"outbox\"\ntopic = \"e.{{event_type}}\"\n",
+        database_url()
+    );
+    let (code, _, err) = run_with(&["migrate"], &toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    let pool = db().await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE tablename IN ('outbox', 'outboxd_dead_rows', 'outboxd_relay_attempts') ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        ["outbox", "outboxd_dead_rows", "outboxd_relay_attempts"]
+    );
+}

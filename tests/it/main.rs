@@ -1,0 +1,10 @@
+//! Integration tests: real PostgreSQL (DATABASE_URL, default 127.0.0.1:5432/test) and a
+//! real Kafka protocol endpoint (librdkafka's mock cluster on localhost sockets).
+
+mod helpers;
+
+mod cli;
+mod relay_delivery;
+mod relay_faults;
+mod relay_lanes;
+mod relay_modes;
