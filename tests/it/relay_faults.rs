@@ -178,3 +178,39 @@ async fn poison_row_moves_to_dead_rows_while_other_keys_flow() {
     assert_eq!(leftover, 0, "attempt counters of dead rows are removed");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
+    let pool = db().await;
+    let table = outbox_table(&pool, "backoff").await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 1);
+    insert_rows(&pool, &table, 0, 50, 5).await;
+    // Every produce request is refused at once, for as long as the errors last.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10_000],
+    );
+    let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
+    eventually("first failure", Duration::from_secs(10), || async {
+        daemon.metric("outboxd_relay_publish_errors_total", &[("kind", "kafka")]) > 0.0
+    })
+    .await;
+    let before = daemon.metric("outboxd_relay_batch_rows_count", &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = daemon.metric("outboxd_relay_batch_rows_count", &[]) - before;
+    // Failures take milliseconds here: without backoff this would be hundreds of attempts.
+    // Backoff from 100 ms doubling (with jitter) allows at most 5 in 3 s.
+    assert!((1.0..=6.0).contains(&attempts), "{attempts} attempts in 3 s");
+    assert_eq!(count_rows(&pool, &table).await, 50);
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    eventually("drained once Kafka accepts again", Duration::from_secs(40), || async {
+        count_rows(&pool, &table).await == 0
+    })
+    .await;
+    let received = consume(&cluster.bootstrap_servers(), &topic, 50, Duration::from_millis(300), Duration::from_secs(20)).await;
+    assert_at_least_once(&received, 0, 50);
+    assert_first_deliveries_in_key_order(&received);
+    daemon.stop().await.unwrap();
+}
