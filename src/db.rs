@@ -17,9 +17,13 @@ pub fn connect_options(db: &DatabaseConfig) -> Result<PgConnectOptions, String> 
     let opts: PgConnectOptions = url
         .parse()
         .map_err(|e| format!("database.url: not a usable PostgreSQL URL: {e}"))?;
-    Ok(opts
-        .application_name("outboxd")
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
+    // Name the sessions in pg_stat_activity unless the URL already does.
+    let opts = if url.contains("application_name=") {
+        opts
+    } else {
+        opts.application_name("outboxd")
+    };
+    Ok(opts.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
 }
 
 /// The shared pool; connects lazily so a database that is down at start-up delays work

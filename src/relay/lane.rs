@@ -2,6 +2,7 @@
 //! batch, publish it, commit; on any failure roll back and settle the batch row by row.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub struct TableRuntime {
     pub producer: Arc<ProducerSlot>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Rows published since start, for the periodic progress log line.
+    pub published: AtomicU64,
 }
 
 /// How a batch ended, which decides what the lane does next.
@@ -290,6 +293,10 @@ fn record_published<'r>(
             None => per_topic.push((topic, 1)),
         }
     }
+    rt.published.fetch_add(
+        per_topic.iter().map(|(_, n)| n).sum::<u64>(),
+        Ordering::Relaxed,
+    );
     for (topic, n) in per_topic {
         rt.metrics
             .relay_published_total

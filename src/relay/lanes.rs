@@ -106,6 +106,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         topics,
         producer: ctx.producer.clone(),
         metrics: ctx.metrics.clone(),
+        published: Default::default(),
     });
     let (lane_class, member_class) = lock_classes(&ctx.config.table);
     let slot = loop {

@@ -1,6 +1,7 @@
 //! Periodic upkeep of one table: backlog gauges, retention purge in mark mode, and cleanup
 //! of attempt counters of rows that are gone. Failures are logged and retried next tick.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use sqlx::PgPool;
@@ -13,11 +14,22 @@ use super::store::StoreError;
 /// Runs every `maintenance_interval` until `stop`.
 pub async fn run(rt: Arc<TableRuntime>, pool: PgPool, stop: CancellationToken) {
     let mut tick = tokio::time::interval(rt.config.maintenance_interval);
+    let mut reported = 0;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        let published = rt.published.load(Ordering::Relaxed);
+        if published > reported {
+            tracing::info!(
+                table = %rt.config.table,
+                published = published - reported,
+                interval = ?rt.config.maintenance_interval,
+                "relay progress"
+            );
+            reported = published;
         }
         if let Err(e) = once(&rt, &pool).await {
             tracing::warn!(table = %rt.config.table, error = %e, "relay maintenance failed; retrying next interval");

@@ -207,3 +207,27 @@ async fn http_endpoint_serves_metrics_health_and_readiness() {
     cluster.broker_up(1).unwrap();
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_tables_are_relayed_at_once() {
+    let pool = db().await;
+    let first = outbox_table(&pool, "multi_a").await;
+    let second = outbox_table(&pool, "multi_b").await;
+    let cluster = cluster(&topic_of(&first), 2);
+    cluster.create_topic(&topic_of(&second), 2, 1).unwrap();
+    let mut cfg = config(&first, &cluster.bootstrap_servers());
+    let mut other = cfg.relay.tables[0].clone();
+    other.table = second.clone();
+    other.notify_channel = second.clone();
+    cfg.relay.tables.push(other);
+    insert_rows(&pool, &first, 0, 700, 7).await;
+    insert_rows(&pool, &second, 0, 900, 9).await;
+    let daemon = Daemon::start(cfg).await;
+    for (table, count) in [(&first, 700), (&second, 900)] {
+        let received = consume(&cluster.bootstrap_servers(), &topic_of(table), count, Duration::from_millis(300), Duration::from_secs(30)).await;
+        assert_exactly_once(&received, 0, count as i64);
+        assert_first_deliveries_in_key_order(&received);
+        assert_eq!(count_rows(&pool, table).await, 0);
+    }
+    daemon.stop().await.unwrap();
+}

@@ -214,3 +214,39 @@ async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
     assert_first_deliveries_in_key_order(&received);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
+    let pool = db().await;
+    let table = outbox_table(&pool, "dbkill").await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 2);
+    let mut cfg = config(&table, &cluster.bootstrap_servers());
+    // A session name of this test's own, so only its connections are killed.
+    cfg.database.url = Some(format!("{}?application_name={table}", database_url()));
+    cfg.relay.tables[0].batch_size = 100;
+    let total = 30_000;
+    insert_rows(&pool, &table, 0, total, 50).await;
+    let daemon = Daemon::start(cfg).await;
+    let kill = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{table}'"
+    );
+    for _ in 0..3 {
+        eventually("some progress", Duration::from_secs(30), || async {
+            count_rows(&pool, &table).await < total
+        })
+        .await;
+        let killed: i64 = sqlx::query_scalar(&kill).fetch_one(&pool).await.unwrap();
+        assert!(killed >= 1, "the relay's connections were found");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eventually("outbox drained after reconnecting", Duration::from_secs(60), || async {
+        count_rows(&pool, &table).await == 0
+    })
+    .await;
+    assert!(daemon.metric("outboxd_relay_publish_errors_total", &[("kind", "database")]) >= 1.0);
+    let received = consume(&cluster.bootstrap_servers(), &topic, total as usize, Duration::from_millis(500), Duration::from_secs(60)).await;
+    assert_at_least_once(&received, 0, total);
+    assert_first_deliveries_in_key_order(&received);
+    daemon.stop().await.unwrap();
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The test command: finds (or starts) PostgreSQL, then runs the whole suite.
+#
+# PostgreSQL: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/test. If nothing
+# answers there and PostgreSQL server binaries are installed, a throwaway cluster is
+# started on a free port for the run and removed afterwards.
+# Kafka: the tests start librdkafka's mock cluster in process; nothing to prepare.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+
+answers() {
+    psql "$1" -qAtc 'SELECT 1' >/dev/null 2>&1
+}
+
+if ! answers "$DATABASE_URL"; then
+    pgbin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)"
+    if [[ -z "$pgbin" ]]; then
+        echo "test.sh: no PostgreSQL answers at $DATABASE_URL and no server binaries to start one" >&2
+        exit 1
+    fi
+    dir="$(mktemp -d /tmp/outboxd-pg.XXXXXX)"
+    port=$((20000 + RANDOM % 20000))
+    as=()
+    if [[ "$(id -u)" == 0 ]]; then
+        chown postgres "$dir"
+        as=(runuser -u postgres --)
+    fi
+    echo "test.sh: starting a throwaway PostgreSQL in $dir on port $port" >&2
+    "${as[@]}" "$pgbin/initdb" -D "$dir/data" -U postgres -A trust >/dev/null
+    "${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null
+    trap '"${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null; rm -rf "$dir"' EXIT
+    psql "postgres://postgres@127.0.0.1:$port/postgres" -qc 'CREATE DATABASE test'
+    export DATABASE_URL="postgres://postgres@127.0.0.1:$port/test"
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --no-fail-fast
+else
+    cargo test --no-fail-fast
+fi
