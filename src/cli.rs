@@ -1,6 +1,7 @@
 //! Subcommands and their exit codes: 0 success, 78 (EX_CONFIG) for any configuration
 //! error, 1 for every other failure.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -129,12 +130,19 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Logs to stderr as configured (validation already checked the filter).
+/// Logs to stderr as configured (validation already checked the filter). PostgreSQL's
+/// NOTICE messages (relayed by sqlx at info) are quieted unless the filter names sqlx.
 pub fn init_logging(log: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.level)
+    let level = if log.level.contains("sqlx") {
+        log.level.clone()
+    } else {
+        format!("{},sqlx::postgres::notice=warn", log.level)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match log.format {
         LogFormat::Text => builder.try_init(),

@@ -224,7 +224,14 @@ async fn several_tables_are_relayed_at_once() {
     insert_rows(&pool, &second, 0, 900, 9).await;
     let daemon = Daemon::start(cfg).await;
     for (table, count) in [(&first, 700), (&second, 900)] {
-        let received = consume(&cluster.bootstrap_servers(), &topic_of(table), count, Duration::from_millis(300), Duration::from_secs(30)).await;
+        let received = consume(
+            &cluster.bootstrap_servers(),
+            &topic_of(table),
+            count,
+            Duration::from_millis(300),
+            Duration::from_secs(30),
+        )
+        .await;
         assert_exactly_once(&received, 0, count as i64);
         assert_first_deliveries_in_key_order(&received);
         assert_eq!(count_rows(&pool, table).await, 0);

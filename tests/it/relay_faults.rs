@@ -201,15 +201,27 @@ async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
     let attempts = daemon.metric("outboxd_relay_batch_rows_count", &[]) - before;
     // Failures take milliseconds here: without backoff this would be hundreds of attempts.
     // Backoff from 100 ms doubling (with jitter) allows at most 5 in 3 s.
-    assert!((1.0..=6.0).contains(&attempts), "{attempts} attempts in 3 s");
+    assert!(
+        (1.0..=6.0).contains(&attempts),
+        "{attempts} attempts in 3 s"
+    );
     assert_eq!(count_rows(&pool, &table).await, 50);
 
     cluster.clear_request_errors(RDKafkaApiKey::Produce);
-    eventually("drained once Kafka accepts again", Duration::from_secs(40), || async {
-        count_rows(&pool, &table).await == 0
-    })
+    eventually(
+        "drained once Kafka accepts again",
+        Duration::from_secs(40),
+        || async { count_rows(&pool, &table).await == 0 },
+    )
     .await;
-    let received = consume(&cluster.bootstrap_servers(), &topic, 50, Duration::from_millis(300), Duration::from_secs(20)).await;
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        50,
+        Duration::from_millis(300),
+        Duration::from_secs(20),
+    )
+    .await;
     assert_at_least_once(&received, 0, 50);
     assert_first_deliveries_in_key_order(&received);
     daemon.stop().await.unwrap();
@@ -240,12 +252,26 @@ async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
         assert!(killed >= 1, "the relay's connections were found");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eventually("outbox drained after reconnecting", Duration::from_secs(60), || async {
-        count_rows(&pool, &table).await == 0
-    })
+    eventually(
+        "outbox drained after reconnecting",
+        Duration::from_secs(60),
+        || async { count_rows(&pool, &table).await == 0 },
+    )
     .await;
-    assert!(daemon.metric("outboxd_relay_publish_errors_total", &[("kind", "database")]) >= 1.0);
-    let received = consume(&cluster.bootstrap_servers(), &topic, total as usize, Duration::from_millis(500), Duration::from_secs(60)).await;
+    assert!(
+        daemon.metric(
+            "outboxd_relay_publish_errors_total",
+            &[("kind", "database")]
+        ) >= 1.0
+    );
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        total as usize,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
     assert_at_least_once(&received, 0, total);
     assert_first_deliveries_in_key_order(&received);
     daemon.stop().await.unwrap();
