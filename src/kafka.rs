@@ -29,7 +29,10 @@ pub fn producer_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();
     // Defaults a user may override.
     cfg.set("message.timeout.ms", "30000");
-    cfg.set("linger.ms", "5");
+    // The relay awaits every report of a batch before committing, so time spent lingering
+    // is time the lane sits idle: send at once, batching happens while requests are in
+    // flight (300k-row drain, embedded broker: 4.2 s at linger 0 vs 5.5 s at 5 ms).
+    cfg.set("linger.ms", "0");
     cfg.set("queue.buffering.max.messages", "1000000");
     for (key, value) in &kafka.options {
         cfg.set(key, value.to_string());
