@@ -104,6 +104,7 @@ pub async fn start(
         })?;
     let relay = relay::start(
         &config.relay,
+        config.shutdown_timeout / 2,
         &connect,
         &pool,
         &producer,
@@ -131,24 +132,23 @@ pub async fn start(
 }
 
 impl Running {
-    /// Waits for `shutdown`, then drains: lanes finish their batch in flight and commit,
-    /// the producer is flushed. Fails if that takes longer than `shutdown_timeout`.
+    /// Waits for `shutdown`, then drains: lanes finish their batch in flight, committing
+    /// it, or rolling it back if Kafka has not acknowledged it within half the timeout.
+    /// Fails if the lanes take longer than `shutdown_timeout`.
     pub async fn wait(self) -> Result<(), RunError> {
         self.shutdown.cancelled().await;
         let started = tokio::time::Instant::now();
         let deadline = self.shutdown_timeout;
-        let producer = self.producer.clone();
-        let drain = async move {
-            futures::future::join_all(self.relay).await;
-            let left = deadline.saturating_sub(started.elapsed());
-            let _ = tokio::task::spawn_blocking(move || producer.flush(left)).await;
-        };
-        let drained = tokio::time::timeout(deadline, drain).await;
+        let drained = tokio::time::timeout(deadline, futures::future::join_all(self.relay)).await;
+        // Every committed batch was acknowledged in full, so the producer holds only
+        // messages of rolled-back batches, whose rows stay in the outbox: drop them rather
+        // than deliver them late (each would become one more duplicate).
+        self.producer.discard_queued();
         self.metrics.up.set(0);
         self.http_stop.cancel();
         let _ = self.http.await;
         match drained {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(took = ?started.elapsed(), "drained; bye");
                 Ok(())
             }

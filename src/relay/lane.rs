@@ -32,6 +32,8 @@ pub struct TableRuntime {
     pub metrics: Arc<Metrics>,
     /// Rows published since start, for the periodic progress log line.
     pub published: AtomicU64,
+    /// How long a batch in flight may still wait for Kafka once the lane is stopped.
+    pub drain_grace: Duration,
 }
 
 /// How a batch ended, which decides what the lane does next.
@@ -75,7 +77,7 @@ pub async fn run_lane(
     tracing::info!(table, lane, "lane acquired");
     while !stop.is_cancelled() {
         wake.borrow_and_update();
-        let end = match batch(&rt, &mut conn, &claim).await {
+        let end = match batch(&rt, &mut conn, &claim, &stop).await {
             Ok(end) => end,
             Err(e) => {
                 rt.metrics
@@ -120,6 +122,7 @@ async fn batch(
     rt: &TableRuntime,
     conn: &mut PgConnection,
     claim: &str,
+    stop: &CancellationToken,
 ) -> Result<BatchEnd, StoreError> {
     let batch_size = rt.config.batch_size;
     let mut tx = conn.begin().await?;
@@ -130,7 +133,22 @@ async fn batch(
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
     let producer = rt.producer.get();
-    let outcomes = publish(&producer, &rows, &rt.topics).await;
+    let grace_over = async {
+        stop.cancelled().await;
+        tokio::time::sleep(rt.drain_grace).await;
+    };
+    let outcomes = tokio::select! {
+        outcomes = publish(&producer, &rows, &rt.topics) => outcomes,
+        () = grace_over => {
+            tx.rollback().await?;
+            tracing::warn!(
+                table = %rt.config.table,
+                rows = rows.len(),
+                "shutting down: Kafka did not acknowledge the batch in time; rolled back, its rows stay in the outbox"
+            );
+            return Ok(BatchEnd::Empty);
+        }
+    };
     let full = rows.len() as u32 >= batch_size;
     if outcomes
         .iter()

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::PgPool;
@@ -33,6 +34,8 @@ pub struct TableContext {
     pub producer: Arc<ProducerSlot>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// How long a batch in flight may still wait for Kafka once shutdown began.
+    pub drain_grace: Duration,
 }
 
 /// Advisory lock classes (first key) of a table: its lanes and its members.
@@ -107,6 +110,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         producer: ctx.producer.clone(),
         metrics: ctx.metrics.clone(),
         published: Default::default(),
+        drain_grace: ctx.drain_grace,
     });
     let (lane_class, member_class) = lock_classes(&ctx.config.table);
     let slot = loop {
@@ -199,9 +203,19 @@ impl Manager<'_> {
             if self.owned.contains_key(&lane) || taken.contains(&lane) {
                 continue;
             }
-            let mut conn = pg::connect(&self.ctx.connect).await?;
-            if pg::try_lock(&mut conn, self.lane_class, lane as i32).await? {
-                self.spawn_lane(lane, conn);
+            // A failure here only delays this lane: lanes already owned keep running.
+            let acquired = async {
+                let mut conn = pg::connect(&self.ctx.connect).await?;
+                let locked = pg::try_lock(&mut conn, self.lane_class, lane as i32).await?;
+                Ok::<_, StoreError>(locked.then_some(conn))
+            };
+            match acquired.await {
+                Ok(Some(conn)) => self.spawn_lane(lane, conn),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(table = %self.ctx.config.table, lane, error = %e, "cannot acquire lane now; retrying at the next rebalance");
+                    break;
+                }
             }
         }
         self.publish_gauge();

@@ -16,6 +16,7 @@ pub mod store;
 pub mod template;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
@@ -27,9 +28,11 @@ use crate::metrics::Metrics;
 use publish::ProducerSlot;
 
 /// Starts one lane manager per table; each returns once `shutdown` is cancelled and its
-/// lanes have finished their batch in flight.
+/// lanes have finished their batch in flight. A batch Kafka has not acknowledged within
+/// `drain_grace` after `shutdown` is rolled back (its rows stay in the outbox).
 pub fn start(
     relay: &RelayConfig,
+    drain_grace: Duration,
     connect: &PgConnectOptions,
     pool: &PgPool,
     producer: &Arc<ProducerSlot>,
@@ -46,6 +49,7 @@ pub fn start(
                 pool: pool.clone(),
                 producer: producer.clone(),
                 metrics: metrics.clone(),
+                drain_grace,
             };
             tokio::spawn(lanes::run_table(ctx, shutdown.clone()))
         })

@@ -52,10 +52,14 @@ impl ProducerSlot {
         }
     }
 
-    /// Waits for queued messages to be delivered, up to `timeout`.
-    pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.get().flush(timeout) {
-            tracing::warn!(error = %e, "kafka producer flush did not complete");
+    /// Drops messages still queued or in flight (they belong to rolled-back batches, so
+    /// their rows are still in the outbox).
+    pub fn discard_queued(&self) {
+        let producer = self.get();
+        let queued = producer.in_flight_count();
+        if queued > 0 {
+            tracing::info!(queued, "discarding unacknowledged messages of rolled-back batches; their rows stay in the outbox");
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         }
     }
 }

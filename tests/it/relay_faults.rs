@@ -276,3 +276,48 @@ async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
     assert_first_deliveries_in_key_order(&received);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_kafka_is_down_rolls_back_in_time_and_keeps_the_rows() {
+    let pool = db().await;
+    let table = outbox_table(&pool, "downstop").await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 1);
+    let mut cfg = config(&table, &cluster.bootstrap_servers());
+    cfg.shutdown_timeout = Duration::from_secs(4);
+    cfg.kafka.options.insert(
+        "message.timeout.ms".into(),
+        outboxd::config::OptionValue::Int(120_000),
+    );
+    let daemon = Daemon::start(cfg).await;
+    eventually("lane owned", Duration::from_secs(10), || async {
+        daemon.metric("outboxd_relay_lanes_owned", &[("table", &table)]) == 1.0
+    })
+    .await;
+    // Let the producer learn the topic's leader, then take the broker away.
+    insert_rows(&pool, &table, 0, 1, 1).await;
+    eventually("first row published", Duration::from_secs(10), || async {
+        count_rows(&pool, &table).await == 0
+    })
+    .await;
+    cluster.broker_down(1).unwrap();
+    insert_rows(&pool, &table, 1, 100, 5).await;
+    eventually(
+        "a batch is waiting for Kafka",
+        Duration::from_secs(10),
+        || async { daemon.metric("outboxd_relay_batch_rows_count", &[]) >= 2.0 },
+    )
+    .await;
+    let stopping = std::time::Instant::now();
+    daemon.stop().await.expect("the drain ends in time");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        count_rows(&pool, &table).await,
+        100,
+        "the unacknowledged batch rolled back"
+    );
+}
