@@ -202,10 +202,12 @@ fn url_file_supplies_the_database_url() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_large_drain_exits_0_in_time_and_loses_nothing() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "sigterm").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 4);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("sigterm", 4).await;
     let total = 60_000;
     insert_rows(&pool, &table, 0, total, 500).await;
     let dir = tempfile::tempdir().unwrap();

@@ -100,6 +100,36 @@ pub fn cluster(topic: &str, partitions: i32) -> Cluster {
     cluster
 }
 
+/// What most relay tests start from: the database, a fresh outbox table, its topic and
+/// a mock cluster that has the topic.
+pub struct Relayed {
+    pub pool: PgPool,
+    pub table: String,
+    pub topic: String,
+    pub cluster: Cluster,
+}
+
+pub async fn relayed(prefix: &str, partitions: i32) -> Relayed {
+    let pool = db().await;
+    let table = outbox_table(&pool, prefix).await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, partitions);
+    Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    }
+}
+
+/// Waits until `table` is empty.
+pub async fn drained(pool: &PgPool, table: &str, timeout: Duration) {
+    eventually(&format!("{table} drained"), timeout, || async {
+        count_rows(pool, table).await == 0
+    })
+    .await;
+}
+
 /// A config relaying `table` to `bootstrap` with test-friendly intervals.
 pub fn config(table: &str, bootstrap: &str) -> Config {
     let mut c = Config {

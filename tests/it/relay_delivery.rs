@@ -7,10 +7,12 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_row_arrives_once_in_key_order_and_outbox_empties() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "deliver").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 4);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("deliver", 4).await;
     insert_rows(&pool, &table, 0, 20_000, 200).await;
 
     let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
@@ -54,10 +56,12 @@ async fn every_row_arrives_once_in_key_order_and_outbox_empties() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_json_and_traceparent_become_kafka_headers() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "headers").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 1);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("headers", 1).await;
     sqlx::query(&format!(
         "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload, headers)
          VALUES ('account', 'a1', '{table}', '{{\"n\": 1}}',
@@ -89,10 +93,12 @@ async fn headers_json_and_traceparent_become_kafka_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_relay_long_before_the_poll_interval() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "notify").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 1);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("notify", 1).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.relay.tables[0].poll_interval = Duration::from_secs(3600);
     let daemon = Daemon::start(cfg).await;
@@ -174,10 +180,12 @@ async fn debezium_style_table_is_relayed_through_the_column_mapping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoint_serves_metrics_health_and_readiness() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "http").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 1);
+    let Relayed {
+        pool,
+        table,
+        topic: _,
+        cluster,
+    } = relayed("http", 1).await;
     insert_rows(&pool, &table, 0, 10, 2).await;
     let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
     eventually("published", Duration::from_secs(10), || async {

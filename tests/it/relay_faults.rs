@@ -8,10 +8,12 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_down_loses_nothing_backs_off_and_resumes_by_itself() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "brokerdown").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 2);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("brokerdown", 2).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.kafka.options.insert(
         "message.timeout.ms".into(),
@@ -45,12 +47,7 @@ async fn broker_down_loses_nothing_backs_off_and_resumes_by_itself() {
     );
 
     cluster.broker_up(1).unwrap();
-    eventually(
-        "outbox drained after the broker came back",
-        Duration::from_secs(40),
-        || async { count_rows(&pool, &table).await == 0 },
-    )
-    .await;
+    drained(&pool, &table, Duration::from_secs(40)).await;
     let received = consume(
         &cluster.bootstrap_servers(),
         &topic,
@@ -66,10 +63,12 @@ async fn broker_down_loses_nothing_backs_off_and_resumes_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_failing_after_some_deliveries_is_published_again_in_order() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "partial").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 4);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("partial", 4).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.relay.tables[0].batch_size = 500;
     insert_rows(&pool, &table, 0, 3000, 40).await;
@@ -79,10 +78,7 @@ async fn batch_failing_after_some_deliveries_is_published_again_in_order() {
     errors.extend([RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3]);
     cluster.request_errors(RDKafkaApiKey::Produce, &errors);
     let daemon = Daemon::start(cfg).await;
-    eventually("outbox drained", Duration::from_secs(40), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(40)).await;
     assert!(
         daemon.metric(
             "outboxd_relay_publish_errors_total",
@@ -105,10 +101,12 @@ async fn batch_failing_after_some_deliveries_is_published_again_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_row_moves_to_dead_rows_while_other_keys_flow() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "poison").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 2);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("poison", 2).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.kafka.options.insert(
         "message.max.bytes".into(),
@@ -134,10 +132,7 @@ async fn poison_row_moves_to_dead_rows_while_other_keys_flow() {
     insert_rows(&pool, &table, 102, 100, 10).await;
 
     let daemon = Daemon::start(cfg).await;
-    eventually("outbox drained", Duration::from_secs(30), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(30)).await;
     let (reason, attempts, n): (String, i32, i64) = sqlx::query_as(
         "SELECT reason, attempts, (row_data->'payload'->>'n')::int8 FROM outboxd_dead_rows WHERE source_table = $1",
     )
@@ -181,10 +176,12 @@ async fn poison_row_moves_to_dead_rows_while_other_keys_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "backoff").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 1);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("backoff", 1).await;
     insert_rows(&pool, &table, 0, 50, 5).await;
     // Every produce request is refused at once, for as long as the errors last.
     cluster.request_errors(
@@ -208,12 +205,7 @@ async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
     assert_eq!(count_rows(&pool, &table).await, 50);
 
     cluster.clear_request_errors(RDKafkaApiKey::Produce);
-    eventually(
-        "drained once Kafka accepts again",
-        Duration::from_secs(40),
-        || async { count_rows(&pool, &table).await == 0 },
-    )
-    .await;
+    drained(&pool, &table, Duration::from_secs(40)).await;
     let received = consume(
         &cluster.bootstrap_servers(),
         &topic,
@@ -229,10 +221,12 @@ async fn immediate_kafka_failures_back_off_exponentially_instead_of_spinning() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "dbkill").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 2);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("dbkill", 2).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     // A session name of this test's own, so only its connections are killed.
     cfg.database.url = Some(format!("{}?application_name={table}", database_url()));
@@ -252,12 +246,7 @@ async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
         assert!(killed >= 1, "the relay's connections were found");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eventually(
-        "outbox drained after reconnecting",
-        Duration::from_secs(60),
-        || async { count_rows(&pool, &table).await == 0 },
-    )
-    .await;
+    drained(&pool, &table, Duration::from_secs(60)).await;
     assert!(
         daemon.metric(
             "outboxd_relay_publish_errors_total",
@@ -279,10 +268,12 @@ async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_kafka_is_down_rolls_back_in_time_and_keeps_the_rows() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "downstop").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 1);
+    let Relayed {
+        pool,
+        table,
+        topic: _,
+        cluster,
+    } = relayed("downstop", 1).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.shutdown_timeout = Duration::from_secs(4);
     cfg.kafka.options.insert(
@@ -296,10 +287,7 @@ async fn shutdown_while_kafka_is_down_rolls_back_in_time_and_keeps_the_rows() {
     .await;
     // Let the producer learn the topic's leader, then take the broker away.
     insert_rows(&pool, &table, 0, 1, 1).await;
-    eventually("first row published", Duration::from_secs(10), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(10)).await;
     cluster.broker_down(1).unwrap();
     insert_rows(&pool, &table, 1, 100, 5).await;
     eventually(

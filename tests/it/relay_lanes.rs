@@ -7,10 +7,12 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_share_lanes_and_the_survivor_takes_all() {
-    let pool = db().await;
-    let table = outbox_table(&pool, "lanes").await;
-    let topic = topic_of(&table);
-    let cluster = cluster(&topic, 4);
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("lanes", 4).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.relay.tables[0].lanes = 4;
     cfg.relay.tables[0].batch_size = 200;
@@ -23,10 +25,7 @@ async fn two_relays_share_lanes_and_the_survivor_takes_all() {
     .await;
 
     insert_rows(&pool, &table, 0, 4000, 100).await;
-    eventually("first half drained", Duration::from_secs(30), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(30)).await;
     let published = |d: &Daemon| d.metric("outboxd_relay_published_total", &[("table", &table)]);
     assert!(
         published(&a) > 0.0 && published(&b) > 0.0,
@@ -42,10 +41,7 @@ async fn two_relays_share_lanes_and_the_survivor_takes_all() {
     )
     .await;
     insert_rows(&pool, &table, 4000, 2000, 100).await;
-    eventually("second half drained", Duration::from_secs(30), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(30)).await;
 
     let received = consume(
         &cluster.bootstrap_servers(),

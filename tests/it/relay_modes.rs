@@ -44,12 +44,7 @@ async fn mark_mode_marks_rows_and_purges_them_after_retention() {
         "nothing purged before retention"
     );
 
-    eventually(
-        "published rows purged after retention",
-        Duration::from_secs(15),
-        || async { count_rows(&pool, &table).await == 0 },
-    )
-    .await;
+    drained(&pool, &table, Duration::from_secs(15)).await;
     daemon.stop().await.unwrap();
 }
 
@@ -95,10 +90,7 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows_with_a_reason() {
     t.created_at_column = String::new();
     t.notify_channel = String::new();
     let daemon = Daemon::start(cfg).await;
-    eventually("outbox emptied", Duration::from_secs(15), || async {
-        count_rows(&pool, &table).await == 0
-    })
-    .await;
+    drained(&pool, &table, Duration::from_secs(15)).await;
     let dead: Vec<(String, String)> = sqlx::query_as(
         "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = $1 ORDER BY row_id::int8",
     )
