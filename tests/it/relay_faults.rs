@@ -234,18 +234,36 @@ async fn killed_database_connections_are_replaced_and_nothing_is_lost() {
     let total = 30_000;
     insert_rows(&pool, &table, 0, total, 50).await;
     let daemon = Daemon::start(cfg).await;
-    let kill = format!(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{table}'"
-    );
-    for _ in 0..3 {
-        eventually("some progress", Duration::from_secs(30), || async {
-            count_rows(&pool, &table).await < total
-        })
+    let sessions = format!("FROM pg_stat_activity WHERE application_name = '{table}'");
+    let mut kills = 0;
+    let mut last = total;
+    while kills < 3 {
+        // Wait for the relay to be connected again and to make progress since the last kill.
+        eventually(
+            "relay connected and publishing",
+            Duration::from_secs(30),
+            || async {
+                let connected: i64 = sqlx::query_scalar(&format!("SELECT count(*) {sessions}"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                connected > 0 && count_rows(&pool, &table).await < last
+            },
+        )
         .await;
-        let killed: i64 = sqlx::query_scalar(&kill).fetch_one(&pool).await.unwrap();
-        assert!(killed >= 1, "the relay's connections were found");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        last = count_rows(&pool, &table).await;
+        if last == 0 {
+            break;
+        }
+        let killed: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(pg_terminate_backend(pid)) {sessions}"
+        ))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        kills += i32::from(killed > 0);
     }
+    assert!(kills >= 1, "connections were killed mid-drain");
     drained(&pool, &table, Duration::from_secs(60)).await;
     assert!(
         daemon.metric(
