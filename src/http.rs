@@ -15,8 +15,8 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
-use crate::relay::publish::ProducerSlot;
 
 /// How long a readiness probe waits for the database and for Kafka.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,11 +1,13 @@
 //! The one translation from configuration to librdkafka properties, and the embedded
 //! (in-process, non-durable) broker for trying outboxd out.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::KafkaConfig;
 
@@ -41,6 +43,56 @@ pub fn producer_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     cfg.set("enable.idempotence", "true");
     cfg.set("acks", "all");
     cfg
+}
+
+/// The shared idempotent producer; replaced when librdkafka reports a fatal error (after
+/// which an idempotent producer accepts nothing more).
+pub struct ProducerSlot {
+    config: ClientConfig,
+    current: Mutex<Arc<FutureProducer>>,
+}
+
+impl ProducerSlot {
+    /// Creates the first producer.
+    pub fn new(config: ClientConfig) -> Result<Self, KafkaError> {
+        let producer = Arc::new(config.create::<FutureProducer>()?);
+        Ok(ProducerSlot {
+            config,
+            current: Mutex::new(producer),
+        })
+    }
+
+    /// The producer to use now.
+    pub fn get(&self) -> Arc<FutureProducer> {
+        self.current.lock().expect("producer lock poisoned").clone()
+    }
+
+    /// After a failed batch: if `used` hit a fatal error, put a fresh producer in its place.
+    pub fn renew_if_fatal(&self, used: &Arc<FutureProducer>) {
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
+        let mut current = self.current.lock().expect("producer lock poisoned");
+        if !Arc::ptr_eq(&current, used) {
+            return; // another lane already replaced it
+        }
+        tracing::error!(?code, %reason, "kafka producer hit a fatal error; creating a new one");
+        match self.config.create::<FutureProducer>() {
+            Ok(p) => *current = Arc::new(p),
+            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
+        }
+    }
+
+    /// Drops messages still queued or in flight (they belong to rolled-back batches, so
+    /// their rows are still in the outbox).
+    pub fn discard_queued(&self) {
+        let producer = self.get();
+        let queued = producer.in_flight_count();
+        if queued > 0 {
+            tracing::info!(queued, "discarding unacknowledged messages of rolled-back batches; their rows stay in the outbox");
+            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        }
+    }
 }
 
 /// A broker address list, and the embedded broker keeping it alive when there is one.

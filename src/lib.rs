@@ -7,6 +7,9 @@
 //! - [`db`]: database connections and embedded migrations;
 //! - [`kafka`]: configuration -> librdkafka properties, the embedded broker;
 //! - [`relay`]: the outbox relay (lanes, claim loop, publishing, wake-up, storage);
+//! - [`consumer`]: the consumer (partition workers, routing, retry, dead letters);
+//! - [`handlers`]: where consumed messages go (http, command, sql, kafka, log);
+//! - [`backoff`]: the shared reconnect/retry backoff;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`metrics`]: every Prometheus metric;
 //! - [`shutdown`]: signals -> cancellation token.
@@ -14,9 +17,12 @@
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod db;
+pub mod handlers;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
@@ -31,8 +37,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use config::Config;
+use kafka::ProducerSlot;
 use metrics::Metrics;
-use relay::publish::ProducerSlot;
 
 /// Why the daemon could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +71,15 @@ pub struct Running {
     pub producer: Arc<ProducerSlot>,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
-    relay: Vec<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
     http_stop: CancellationToken,
     http: JoinHandle<()>,
     metrics: Arc<Metrics>,
     _brokers: kafka::Brokers,
 }
 
-/// Starts the relay for every configured table and the operations endpoint. Everything
+/// Starts the relay for every configured table, the consumer when configured, and the
+/// operations endpoint. Everything
 /// stops when `shutdown` is cancelled; await [`Running::wait`] for the drain.
 pub async fn start(
     config: Config,
@@ -85,15 +92,21 @@ pub async fn start(
         ProducerSlot::new(producer_config)
             .map_err(|e| RunError::Config(format!("kafka.options: {e}")))?,
     );
-    let connect = db::connect_options(&config.database).map_err(RunError::Config)?;
-    let pool = db::pool(&config.database, &connect);
-    if config.database.migrate {
-        migrate_with_retry(&pool, &shutdown).await;
-    }
+    let database = if config.needs_database() {
+        let connect = db::connect_options(&config.database).map_err(RunError::Config)?;
+        let pool = db::pool(&config.database, &connect);
+        if config.database.migrate {
+            migrate_with_retry(&pool, &shutdown).await;
+        }
+        Some((connect, pool))
+    } else {
+        None
+    };
+    let pool = database.as_ref().map(|(_, pool)| pool.clone());
     let http_stop = CancellationToken::new();
     let state = http::HttpState {
         metrics: metrics.clone(),
-        pool: Some(pool.clone()),
+        pool: pool.clone(),
         producer: producer.clone(),
     };
     let (http_addr, http) = http::serve(config.http.listen, state, http_stop.clone())
@@ -102,19 +115,34 @@ pub async fn start(
             addr: config.http.listen,
             source,
         })?;
-    let relay = relay::start(
-        &config.relay,
-        config.shutdown_timeout / 2,
-        &connect,
-        &pool,
-        &producer,
-        &metrics,
-        &shutdown,
-    );
+    let mut tasks = match &database {
+        Some((connect, pool)) => relay::start(
+            &config.relay,
+            config.shutdown_timeout / 2,
+            connect,
+            pool,
+            &producer,
+            &metrics,
+            &shutdown,
+        ),
+        None => Vec::new(),
+    };
+    let consumer = consumer::start(
+        &config,
+        &brokers.bootstrap,
+        pool,
+        producer.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+        config.shutdown_timeout.mul_f32(0.75),
+    )
+    .map_err(RunError::Config)?;
+    tasks.extend(consumer);
     metrics.up.set(1);
     tracing::info!(
         %http_addr,
         tables = config.relay.tables.len(),
+        consumer = config.consumer.is_some(),
         embedded_broker = brokers.is_embedded(),
         "outboxd running"
     );
@@ -123,7 +151,7 @@ pub async fn start(
         producer,
         shutdown_timeout: config.shutdown_timeout,
         shutdown,
-        relay,
+        tasks,
         http_stop,
         http,
         metrics,
@@ -139,7 +167,7 @@ impl Running {
         self.shutdown.cancelled().await;
         let started = tokio::time::Instant::now();
         let deadline = self.shutdown_timeout;
-        let drained = tokio::time::timeout(deadline, futures::future::join_all(self.relay)).await;
+        let drained = tokio::time::timeout(deadline, futures::future::join_all(self.tasks)).await;
         // Every committed batch was acknowledged in full, so the producer holds only
         // messages of rolled-back batches, whose rows stay in the outbox: drop them rather
         // than deliver them late (each would become one more duplicate).
@@ -167,13 +195,7 @@ pub async fn run(
 }
 
 async fn migrate_with_retry(pool: &sqlx::PgPool, shutdown: &CancellationToken) {
-    use backon::BackoffBuilder;
-    let mut retry = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut retry = backoff::exponential();
     loop {
         match db::migrate(pool).await {
             Ok(()) => return,

@@ -27,6 +27,20 @@ pub struct Metrics {
     pub relay_lanes_owned: IntGaugeVec,
     /// Rows moved to `outboxd_dead_rows`, by table.
     pub relay_dead_rows_total: IntCounterVec,
+    /// Consumed messages by topic, handler and final outcome (`done`, `dead_letter`,
+    /// `skipped`).
+    pub consumer_messages_total: IntCounterVec,
+    /// Seconds per handler call.
+    pub consumer_handler_seconds: HistogramVec,
+    /// Handler calls that failed retryably and were retried.
+    pub consumer_retries_total: IntCounterVec,
+    /// Dead letters produced, by original topic and reason (error class).
+    pub consumer_dead_letter_total: IntCounterVec,
+    /// Messages between the consumer's position and the end of each partition (from
+    /// librdkafka statistics, every 5 s).
+    pub consumer_lag: IntGaugeVec,
+    /// Handler calls running now.
+    pub consumer_in_flight: IntGaugeVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
     /// 1 while the daemon runs.
@@ -93,6 +107,44 @@ impl Metrics {
                 &["table"],
             )
             .unwrap(),
+            consumer_messages_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_messages_total",
+                    "Consumed messages by final outcome",
+                ),
+                &["topic", "handler", "outcome"],
+            )
+            .unwrap(),
+            consumer_handler_seconds: HistogramVec::new(
+                HistogramOpts::new("consumer_handler_seconds", "Seconds per handler call").buckets(
+                    vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0,
+                    ],
+                ),
+                &["handler"],
+            )
+            .unwrap(),
+            consumer_retries_total: IntCounterVec::new(
+                Opts::new("consumer_retries_total", "Handler calls retried"),
+                &["handler"],
+            )
+            .unwrap(),
+            consumer_dead_letter_total: IntCounterVec::new(
+                Opts::new("consumer_dead_letter_total", "Dead letters produced"),
+                &["topic", "reason"],
+            )
+            .unwrap(),
+            consumer_lag: IntGaugeVec::new(
+                Opts::new("consumer_lag", "Messages behind the end of the partition"),
+                &["topic", "partition"],
+            )
+            .unwrap(),
+            consumer_in_flight: IntGaugeVec::new(
+                Opts::new("consumer_in_flight", "Handler calls running now"),
+                &["handler"],
+            )
+            .unwrap(),
             build_info: IntGaugeVec::new(
                 Opts::new("build_info", "Build information"),
                 &["version"],
@@ -110,6 +162,12 @@ impl Metrics {
             Box::new(m.relay_oldest_pending_seconds.clone()),
             Box::new(m.relay_lanes_owned.clone()),
             Box::new(m.relay_dead_rows_total.clone()),
+            Box::new(m.consumer_messages_total.clone()),
+            Box::new(m.consumer_handler_seconds.clone()),
+            Box::new(m.consumer_retries_total.clone()),
+            Box::new(m.consumer_dead_letter_total.clone()),
+            Box::new(m.consumer_lag.clone()),
+            Box::new(m.consumer_in_flight.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),
         ];

@@ -3,10 +3,13 @@
 //!
 //! The doc comment on every field is the reference documentation of that key.
 
+mod consumer;
+mod handlers;
 mod load;
 mod redact;
 mod relay;
 mod validate;
+mod validate_consumer;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,6 +18,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use consumer::{
+    ConsumerConfig, DeadLetterDialect, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
+};
+pub use handlers::{
+    CommandHandlerConfig, HandlerConfig, HttpHandlerConfig, KafkaHandlerConfig, LogHandlerConfig,
+    SqlHandlerConfig,
+};
 pub use load::{load, ConfigError};
 pub use relay::{OnPublished, RelayConfig, TableConfig};
 
@@ -36,8 +46,13 @@ pub struct Config {
     pub http: HttpConfig,
     /// Logging to stderr.
     pub log: LogConfig,
-    /// The relay half: which outbox tables to publish.
+    /// The relay half: which outbox tables to publish. Optional.
     pub relay: RelayConfig,
+    /// The consumer half: which topics to read and where messages go. Optional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<ConsumerConfig>,
+    /// Named handlers that `[[consumer.routes]]` deliver to.
+    pub handlers: BTreeMap<String, HandlerConfig>,
 }
 
 impl Default for Config {
@@ -49,6 +64,8 @@ impl Default for Config {
             http: HttpConfig::default(),
             log: LogConfig::default(),
             relay: RelayConfig::default(),
+            consumer: None,
+            handlers: BTreeMap::new(),
         }
     }
 }
@@ -58,7 +75,7 @@ impl Default for Config {
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// Connection URL, e.g. `postgres://user:password@host:5432/db`. Required when a relay
-    /// table is configured. Prefer `url_file` or `OUTBOXD_DATABASE__URL` for a URL with a
+    /// table or a `sql` handler is configured. Prefer `url_file` or `OUTBOXD_DATABASE__URL` for a URL with a
     /// password; `check-config` prints it with the password redacted.
     pub url: Option<String>,
     /// A file whose content (trimmed) is the connection URL, e.g. a mounted secret. Mutually
@@ -173,9 +190,13 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// The database URL, read from `url` or `url_file` at load time.
-    pub fn database_url(&self) -> Option<&str> {
-        self.database.url.as_deref()
+    /// Whether anything needs the database: relay tables or a `sql` handler.
+    pub fn needs_database(&self) -> bool {
+        !self.relay.tables.is_empty()
+            || self
+                .handlers
+                .values()
+                .any(|h| matches!(h, HandlerConfig::Sql(_)))
     }
 
     /// The configuration with every secret replaced by `"<redacted>"`, for printing and logs.

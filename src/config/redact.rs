@@ -1,9 +1,19 @@
 //! Redaction: a copy of the configuration fit for printing and logging.
 
-use super::{Config, OptionValue};
+use super::{Config, HandlerConfig, OptionValue};
 
 /// What replaces a secret.
 pub const REDACTED: &str = "<redacted>";
+
+/// HTTP header names containing one of these carry credentials.
+const SECRET_HEADER_MARKERS: &[&str] = &[
+    "authorization",
+    "cookie",
+    "key",
+    "token",
+    "secret",
+    "password",
+];
 
 /// Kafka property names containing one of these hold secrets.
 const SECRET_OPTION_MARKERS: &[&str] = &[
@@ -24,6 +34,17 @@ pub(super) fn redacted(config: &Config) -> Config {
         let lower = key.to_ascii_lowercase();
         if SECRET_OPTION_MARKERS.iter().any(|m| lower.contains(m)) {
             *value = OptionValue::Text(REDACTED.into());
+        }
+    }
+    for handler in c.handlers.values_mut() {
+        if let HandlerConfig::Http(http) = handler {
+            for (name, value) in http.headers.iter_mut() {
+                let lower = name.to_ascii_lowercase();
+                if SECRET_HEADER_MARKERS.iter().any(|m| lower.contains(m)) {
+                    *value = REDACTED.into();
+                }
+            }
+            http.url = redact_url(&http.url);
         }
     }
     c

@@ -29,13 +29,16 @@ pub fn validate(config: &Config) -> Vec<String> {
     validate_kafka(config, &mut p);
 
     let tables = &config.relay.tables;
-    if tables.is_empty() {
-        p.push("relay.tables: nothing to run; configure at least one [[relay.tables]]".into());
+    if tables.is_empty() && config.consumer.is_none() {
+        p.push(
+            "relay.tables: nothing to run; configure at least one [[relay.tables]] or a [consumer]"
+                .into(),
+        );
     }
-    if !tables.is_empty() {
+    if config.needs_database() {
         match config.database.url.as_deref() {
             None => p.push(
-                "database.url: missing; the relay needs a database (set url, url_file or OUTBOXD_DATABASE__URL)"
+                "database.url: missing; relay tables and sql handlers need a database (set url, url_file or OUTBOXD_DATABASE__URL)"
                     .into(),
             ),
             Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
@@ -44,6 +47,7 @@ pub fn validate(config: &Config) -> Vec<String> {
             Some(_) => {}
         }
     }
+    super::validate_consumer::validate(config, &mut p);
     let mut seen = HashSet::new();
     for (i, table) in tables.iter().enumerate() {
         let at = format!("relay.tables[{i}]");
@@ -165,7 +169,8 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
     }
 }
 
-fn positive(p: &mut Vec<String>, key: &str, d: Duration) {
+/// Records a problem when `d` is zero.
+pub fn positive(p: &mut Vec<String>, key: &str, d: Duration) {
     if d.is_zero() {
         p.push(format!("{key}: must be greater than zero"));
     }

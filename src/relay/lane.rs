@@ -6,16 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::publish::{delay_seconds, publish, ProducerSlot, RowOutcome, TopicSource};
+use super::publish::{delay_seconds, publish, RowOutcome, TopicSource};
 use super::store::postgres::{self as pg, TableSql};
 use super::store::{ClaimedRow, DeadRow, StoreError};
 use crate::config::TableConfig;
+use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 
 /// What every lane of one table shares.
@@ -51,16 +51,6 @@ enum BatchEnd {
     Refused,
 }
 
-/// Exponential backoff with full jitter, 100 ms doubling to 30 s, never giving up.
-pub fn backoff() -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
 /// Runs lane `lane` until `stop` is cancelled (after the batch in flight) or the
 /// connection fails (the lock is then gone with it, and the caller re-acquires later).
 pub async fn run_lane(
@@ -72,8 +62,8 @@ pub async fn run_lane(
 ) -> Result<(), StoreError> {
     let claim = rt.sql.claim_for_lane(lane);
     let table = rt.config.table.as_str();
-    let mut kafka_backoff = backoff();
-    let mut refusal_backoff = backoff();
+    let mut kafka_backoff = crate::backoff::exponential();
+    let mut refusal_backoff = crate::backoff::exponential();
     tracing::info!(table, lane, "lane acquired");
     while !stop.is_cancelled() {
         wake.borrow_and_update();
@@ -89,13 +79,13 @@ pub async fn run_lane(
         };
         let pause = match end {
             BatchEnd::Full => {
-                kafka_backoff = backoff();
-                refusal_backoff = backoff();
+                kafka_backoff = crate::backoff::exponential();
+                refusal_backoff = crate::backoff::exponential();
                 continue;
             }
             BatchEnd::Empty | BatchEnd::Partial => {
-                kafka_backoff = backoff();
-                refusal_backoff = backoff();
+                kafka_backoff = crate::backoff::exponential();
+                refusal_backoff = crate::backoff::exponential();
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = wake.changed() => {}

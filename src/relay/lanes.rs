@@ -14,12 +14,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::lane::{backoff, run_lane, TableRuntime};
-use super::publish::{ProducerSlot, TopicSource};
+use super::lane::{run_lane, TableRuntime};
+use super::publish::TopicSource;
 use super::store::postgres::{self as pg, TableSql};
 use super::store::StoreError;
 use super::{maintenance, notify};
 use crate::config::TableConfig;
+use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 
 /// What a table's lane manager needs.
@@ -65,7 +66,7 @@ fn random_slot() -> i32 {
 /// Relays one table until `shutdown`; database failures restart the manager after a
 /// backoff, never the process.
 pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
-    let mut retry = backoff();
+    let mut retry = crate::backoff::exponential();
     let table = ctx.config.table.clone();
     while !shutdown.is_cancelled() {
         match manage(&ctx, &shutdown).await {

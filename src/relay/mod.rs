@@ -24,8 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
+use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
-use publish::ProducerSlot;
 
 /// Starts one lane manager per table; each returns once `shutdown` is cancelled and its
 /// lanes have finished their batch in flight. A batch Kafka has not acknowledged within

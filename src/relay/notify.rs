@@ -6,8 +6,6 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::lane::backoff;
-
 /// Listens on `channel` until `stop`, waking lanes through `wake`.
 pub async fn listen(
     opts: PgConnectOptions,
@@ -16,11 +14,11 @@ pub async fn listen(
     wake: watch::Sender<()>,
     stop: CancellationToken,
 ) {
-    let mut retry = backoff();
+    let mut retry = crate::backoff::exponential();
     while !stop.is_cancelled() {
         let mut listener = match connect(&opts, &channel).await {
             Ok(l) => {
-                retry = backoff();
+                retry = crate::backoff::exponential();
                 l
             }
             Err(e) => {

@@ -2,67 +2,15 @@
 //! in order without waiting (the producer pipelines them), then every delivery report is
 //! awaited. Each row ends with exactly one outcome.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::store::ClaimedRow;
 use super::template::{check_topic, TopicTemplate};
 use crate::config::TableConfig;
-
-/// The shared idempotent producer; replaced when librdkafka reports a fatal error (after
-/// which an idempotent producer accepts nothing more).
-pub struct ProducerSlot {
-    config: ClientConfig,
-    current: Mutex<Arc<FutureProducer>>,
-}
-
-impl ProducerSlot {
-    /// Creates the first producer.
-    pub fn new(config: ClientConfig) -> Result<Self, KafkaError> {
-        let producer = Arc::new(config.create::<FutureProducer>()?);
-        Ok(ProducerSlot {
-            config,
-            current: Mutex::new(producer),
-        })
-    }
-
-    /// The producer to use now.
-    pub fn get(&self) -> Arc<FutureProducer> {
-        self.current.lock().expect("producer lock poisoned").clone()
-    }
-
-    /// After a failed batch: if `used` hit a fatal error, put a fresh producer in its place.
-    pub fn renew_if_fatal(&self, used: &Arc<FutureProducer>) {
-        let Some((code, reason)) = used.client().fatal_error() else {
-            return;
-        };
-        let mut current = self.current.lock().expect("producer lock poisoned");
-        if !Arc::ptr_eq(&current, used) {
-            return; // another lane already replaced it
-        }
-        tracing::error!(?code, %reason, "kafka producer hit a fatal error; creating a new one");
-        match self.config.create::<FutureProducer>() {
-            Ok(p) => *current = Arc::new(p),
-            Err(e) => tracing::error!(error = %e, "cannot create a new kafka producer"),
-        }
-    }
-
-    /// Drops messages still queued or in flight (they belong to rolled-back batches, so
-    /// their rows are still in the outbox).
-    pub fn discard_queued(&self) {
-        let producer = self.get();
-        let queued = producer.in_flight_count();
-        if queued > 0 {
-            tracing::info!(queued, "discarding unacknowledged messages of rolled-back batches; their rows stay in the outbox");
-            producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
-        }
-    }
-}
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq)]

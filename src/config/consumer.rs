@@ -1,0 +1,151 @@
+//! `[consumer]`, `[consumer.retry]` and `[[consumer.routes]]`: which topics are read, where
+//! each message goes, how failures are retried and dead-lettered.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[consumer]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Kafka consumer group; committed offsets belong to it. Required.
+    pub group_id: String,
+    /// Topics to read, exact names. Required.
+    pub topics: Vec<String>,
+    /// Where messages that cannot be handled go; `{topic}` is the original topic.
+    #[serde(default = "default_dead_letter_topic")]
+    pub dead_letter_topic: String,
+    /// Header names of dead letters: `"outboxd"`, `"spring"` (`kafka_dlt-*`, read by Spring
+    /// Kafka) or `"connect"` (`__connect.errors.*`, as Kafka Connect writes them).
+    #[serde(default)]
+    pub dead_letter_headers: DeadLetterDialect,
+    /// What happens to a message no route matches: `"dead_letter"` (class `unrouted`),
+    /// `"skip"` (its offset is committed, it is logged), or `"fail"` (its partition stops
+    /// there until a restart with a route for it; other partitions go on).
+    #[serde(default)]
+    pub unrouted: Unrouted,
+    /// Partitions whose handler runs at the same time (a partition sleeping in backoff does
+    /// not count).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Default retry policy of every handler; `[handlers.NAME.retry]` overrides keys.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Routes, tried in order; the first match picks the handler.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_dead_letter_topic() -> String {
+    "{topic}.dlq".into()
+}
+
+fn default_max_in_flight() -> usize {
+    16
+}
+
+/// `[[consumer.routes]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Topic name or glob (`*` any run of characters, `?` one character).
+    pub topic: String,
+    /// Matched against the message's `event-type` header when set.
+    pub event_type: Option<String>,
+    /// A handler named in `[handlers.NAME]`.
+    pub handler: String,
+}
+
+/// Dead-letter header naming.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterDialect {
+    /// `outboxd-dlt-*` headers (see the README).
+    #[default]
+    Outboxd,
+    /// Spring Kafka's `kafka_dlt-*` headers (partition, offset and timestamp as big-endian
+    /// binary numbers, as Spring writes them).
+    Spring,
+    /// Kafka Connect's `__connect.errors.*` headers.
+    Connect,
+}
+
+/// Policy for messages no route matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unrouted {
+    /// Park it on the dead-letter topic with class `unrouted`.
+    #[default]
+    DeadLetter,
+    /// Commit past it.
+    Skip,
+    /// Stop the partition at it.
+    Fail,
+}
+
+/// A complete retry policy: exponential backoff with full jitter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Delay before the first retry (before jitter).
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Factor between consecutive delays (>= 1).
+    pub multiplier: f64,
+    /// Upper bound of one delay.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Handler calls in all, the first included; then the message is dead-lettered with
+    /// class `retryable_exhausted`.
+    pub max_attempts: u32,
+    /// Time from the first call after which no retry starts; then dead-lettered.
+    #[serde(with = "humantime_serde")]
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(200),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(30),
+            max_attempts: 8,
+            max_elapsed: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[handlers.NAME.retry]`: any key left out comes from `[consumer.retry]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryOverride {
+    /// See [`RetryPolicy::initial`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub initial: Option<Duration>,
+    /// See [`RetryPolicy::multiplier`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiplier: Option<f64>,
+    /// See [`RetryPolicy::max_delay`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_delay: Option<Duration>,
+    /// See [`RetryPolicy::max_attempts`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// See [`RetryPolicy::max_elapsed`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_elapsed: Option<Duration>,
+}
+
+impl RetryOverride {
+    /// This override applied over `base`.
+    pub fn over(&self, base: &RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            initial: self.initial.unwrap_or(base.initial),
+            multiplier: self.multiplier.unwrap_or(base.multiplier),
+            max_delay: self.max_delay.unwrap_or(base.max_delay),
+            max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
+            max_elapsed: self.max_elapsed.unwrap_or(base.max_elapsed),
+        }
+    }
+}

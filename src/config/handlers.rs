@@ -1,0 +1,131 @@
+//! `[handlers.NAME]`: where consumed messages are delivered. `kind` picks the handler;
+//! each kind has its own keys, plus an optional `[handlers.NAME.retry]`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::consumer::RetryOverride;
+
+/// One handler.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HandlerConfig {
+    /// POST the message value to an HTTP endpoint.
+    Http(HttpHandlerConfig),
+    /// Run a program with the value on stdin.
+    Command(CommandHandlerConfig),
+    /// Run a SQL statement with parameters from the JSON payload, exactly once per event.
+    Sql(SqlHandlerConfig),
+    /// Forward the message to another topic.
+    Kafka(KafkaHandlerConfig),
+    /// Log the message and succeed.
+    Log(LogHandlerConfig),
+}
+
+impl HandlerConfig {
+    /// The handler's retry override.
+    pub fn retry(&self) -> &RetryOverride {
+        match self {
+            HandlerConfig::Http(h) => &h.retry,
+            HandlerConfig::Command(h) => &h.retry,
+            HandlerConfig::Sql(h) => &h.retry,
+            HandlerConfig::Kafka(h) => &h.retry,
+            HandlerConfig::Log(h) => &h.retry,
+        }
+    }
+}
+
+/// `kind = "http"`: 2xx is done; 408, 429, 5xx and timeouts are retried; other statuses
+/// dead-letter the message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHandlerConfig {
+    /// Endpoint receiving `POST` with the message value as body and CloudEvents binary-mode
+    /// headers (`ce-specversion`, `ce-id`, `ce-type`, `ce-source`, `ce-time`), plus
+    /// `traceparent`/`tracestate` when the message carries them.
+    pub url: String,
+    /// Whole-request timeout; a timeout is retried.
+    #[serde(with = "humantime_serde", default = "default_http_timeout")]
+    pub timeout: Duration,
+    /// Extra request headers (e.g. `authorization`); values of credential-like headers are
+    /// redacted by check-config.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Overrides of `[consumer.retry]`.
+    #[serde(default)]
+    pub retry: RetryOverride,
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `kind = "command"`: exit 0 is done, an exit code in `retry_exit_codes` (or death by a
+/// signal, or a timeout) is retried, any other code dead-letters the message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandHandlerConfig {
+    /// The program, run directly (never through a shell). The value arrives on stdin;
+    /// `OUTBOXD_TOPIC`, `OUTBOXD_PARTITION`, `OUTBOXD_OFFSET`, `OUTBOXD_KEY`,
+    /// `OUTBOXD_EVENT_ID`, `OUTBOXD_EVENT_TYPE` and `OUTBOXD_ATTEMPT` describe it.
+    pub program: PathBuf,
+    /// Arguments, passed literally.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The child is killed after this long; that counts as retryable.
+    #[serde(with = "humantime_serde", default = "default_command_timeout")]
+    pub timeout: Duration,
+    /// Exit codes meaning "try again later" (e.g. 75, EX_TEMPFAIL).
+    #[serde(default)]
+    pub retry_exit_codes: Vec<i32>,
+    /// Overrides of `[consumer.retry]`.
+    #[serde(default)]
+    pub retry: RetryOverride,
+}
+
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `kind = "sql"`: runs `statement` on `[database]` in one transaction with an insert of
+/// `(handler, event id)` into `outboxd_inbox`; an event already there succeeds without a
+/// second effect. Serialization, deadlock and connection errors are retried; constraint
+/// and data errors dead-letter the message; a payload that is not JSON dead-letters at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlHandlerConfig {
+    /// A statement with `$1`, `$2`, ... placeholders. Parameter types come from the
+    /// statement (bool, integers, floats, numeric, text, json/jsonb, uuid); write
+    /// `$1::text::timestamptz` for other types.
+    pub statement: String,
+    /// JSON pointers into the payload, one per placeholder (`"/amount"`; `""` is the whole
+    /// payload). A pointer that finds nothing binds NULL.
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// Overrides of `[consumer.retry]`.
+    #[serde(default)]
+    pub retry: RetryOverride,
+}
+
+/// `kind = "kafka"`: produce key, value and headers to `topic` and await the acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaHandlerConfig {
+    /// Target topic.
+    pub topic: String,
+    /// Overrides of `[consumer.retry]`.
+    #[serde(default)]
+    pub retry: RetryOverride,
+}
+
+/// `kind = "log"`: log topic, partition, offset, key and event type at info; always done.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogHandlerConfig {
+    /// Overrides of `[consumer.retry]` (a log handler never fails; accepted for symmetry).
+    #[serde(default)]
+    pub retry: RetryOverride,
+}

@@ -1,0 +1,159 @@
+//! Checks of `[consumer]`, its routes and `[handlers.*]`, without connecting.
+
+use super::validate::positive;
+use super::{Config, HandlerConfig, RetryPolicy};
+use crate::relay::template::check_topic;
+
+/// Appends one message per problem to `p`, each starting with its key.
+pub fn validate(config: &Config, p: &mut Vec<String>) {
+    let Some(c) = &config.consumer else {
+        if !config.handlers.is_empty() {
+            tracing::debug!("handlers are configured but no [consumer] uses them");
+        }
+        return;
+    };
+    if c.group_id.trim().is_empty() {
+        p.push("consumer.group_id: must not be empty".into());
+    }
+    if c.topics.is_empty() {
+        p.push("consumer.topics: list at least one topic".into());
+    }
+    for (i, topic) in c.topics.iter().enumerate() {
+        if let Err(e) = check_topic(topic) {
+            p.push(format!("consumer.topics[{i}]: {e}"));
+        }
+    }
+    if !c.dead_letter_topic.contains("{topic}") && c.dead_letter_topic.contains('{') {
+        p.push("consumer.dead_letter_topic: the only placeholder is {topic}".into());
+    } else if let Err(e) = check_topic(&c.dead_letter_topic.replace("{topic}", "t")) {
+        p.push(format!("consumer.dead_letter_topic: {e}"));
+    }
+    if c.max_in_flight == 0 {
+        p.push("consumer.max_in_flight: must be at least 1".into());
+    }
+    retry_policy(p, "consumer.retry", &c.retry);
+    for (i, route) in c.routes.iter().enumerate() {
+        let at = format!("consumer.routes[{i}]");
+        if route.topic.is_empty() {
+            p.push(format!("{at}.topic: must not be empty"));
+        }
+        if !config.handlers.contains_key(&route.handler) {
+            let known: Vec<&str> = config.handlers.keys().map(String::as_str).collect();
+            p.push(format!(
+                "{at}.handler: no [handlers.{}] is configured (known: {})",
+                route.handler,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
+    }
+    for (name, handler) in &config.handlers {
+        let at = format!("handlers.{name}");
+        retry_policy(p, &format!("{at}.retry"), &handler.retry().over(&c.retry));
+        match handler {
+            HandlerConfig::Http(h) => {
+                if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                    p.push(format!("{at}.url: must start with http:// or https://"));
+                }
+                positive(p, &format!("{at}.timeout"), h.timeout);
+                for header in h.headers.keys() {
+                    if header.is_empty()
+                        || !header.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+                    {
+                        p.push(format!("{at}.headers: `{header}` is not a header name"));
+                    }
+                }
+            }
+            HandlerConfig::Command(h) => {
+                if h.program.as_os_str().is_empty() {
+                    p.push(format!("{at}.program: must not be empty"));
+                }
+                positive(p, &format!("{at}.timeout"), h.timeout);
+            }
+            HandlerConfig::Sql(h) => {
+                if h.statement.trim().is_empty() {
+                    p.push(format!("{at}.statement: must not be empty"));
+                }
+                for (i, pointer) in h.params.iter().enumerate() {
+                    if !(pointer.is_empty() || pointer.starts_with('/')) {
+                        p.push(format!(
+                            "{at}.params[{i}]: `{pointer}` is not a JSON pointer (\"/field\", \"/a/0/b\" or \"\")"
+                        ));
+                    }
+                }
+                let highest = highest_placeholder(&h.statement);
+                if highest > h.params.len() {
+                    p.push(format!(
+                        "{at}.params: the statement uses ${highest} but only {} params are listed",
+                        h.params.len()
+                    ));
+                }
+            }
+            HandlerConfig::Kafka(h) => {
+                if let Err(e) = check_topic(&h.topic) {
+                    p.push(format!("{at}.topic: {e}"));
+                }
+            }
+            HandlerConfig::Log(_) => {}
+        }
+        if !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        {
+            p.push(format!(
+                "handlers.{name}: names use letters, digits, '_' and '-'"
+            ));
+        }
+    }
+}
+
+fn retry_policy(p: &mut Vec<String>, at: &str, r: &RetryPolicy) {
+    positive(p, &format!("{at}.initial"), r.initial);
+    positive(p, &format!("{at}.max_elapsed"), r.max_elapsed);
+    if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+        p.push(format!("{at}.multiplier: must be a number >= 1"));
+    }
+    if r.max_delay < r.initial {
+        p.push(format!("{at}.max_delay: must be at least initial"));
+    }
+    if r.max_attempts == 0 {
+        p.push(format!("{at}.max_attempts: must be at least 1"));
+    }
+}
+
+/// The largest `$n` in a statement (a rough scan; the database has the last word).
+fn highest_placeholder(statement: &str) -> usize {
+    let bytes = statement.as_bytes();
+    let mut highest = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' {
+            let digits: String = statement[i + 1..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(n) = digits.parse::<usize>() {
+                highest = highest.max(n);
+            }
+            i += 1 + digits.len();
+        } else {
+            i += 1;
+        }
+    }
+    highest
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_highest_placeholder() {
+        assert_eq!(
+            super::highest_placeholder("UPDATE a SET b = b + $1 WHERE c = $12"),
+            12
+        );
+        assert_eq!(super::highest_placeholder("SELECT '$'"), 0);
+    }
+}

@@ -1,0 +1,152 @@
+//! Dead letters: the original key, value and headers, plus context headers named in the
+//! configured dialect, produced to the dead-letter topic and acknowledged before the
+//! original offset moves on.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+
+use crate::config::DeadLetterDialect;
+use crate::handlers::ErrorClass;
+use crate::kafka::ProducerSlot;
+
+/// Why and where a message failed.
+pub struct Failure<'a> {
+    /// Handler name (`-` for unrouted messages).
+    pub handler: &'a str,
+    /// Handler calls made.
+    pub attempts: u32,
+    /// The error class.
+    pub class: ErrorClass,
+    /// The last error.
+    pub message: &'a str,
+}
+
+/// Produces dead letters.
+pub struct DeadLetters {
+    producer: Arc<ProducerSlot>,
+    topic_template: String,
+    dialect: DeadLetterDialect,
+    group_id: String,
+}
+
+impl DeadLetters {
+    /// Dead letters to `topic_template` (`{topic}` = original topic).
+    pub fn new(
+        producer: Arc<ProducerSlot>,
+        topic_template: &str,
+        dialect: DeadLetterDialect,
+        group_id: &str,
+    ) -> Self {
+        DeadLetters {
+            producer,
+            topic_template: topic_template.to_owned(),
+            dialect,
+            group_id: group_id.to_owned(),
+        }
+    }
+
+    /// The dead-letter topic of `topic`.
+    pub fn topic_for(&self, topic: &str) -> String {
+        self.topic_template.replace("{topic}", topic)
+    }
+
+    /// Produces the dead letter of `m` and waits for Kafka's acknowledgement.
+    pub async fn send(&self, m: &OwnedMessage, failure: &Failure<'_>) -> Result<(), KafkaError> {
+        let topic = self.topic_for(m.topic());
+        let mut headers = m.headers().cloned().unwrap_or_else(OwnedHeaders::new);
+        for (name, value) in self.context(m, failure) {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(&value),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+        if let Some(key) = m.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = m.payload() {
+            record = record.payload(value);
+        }
+        let producer = self.producer.get();
+        let result = match producer.send_result(record) {
+            Ok(delivery) => match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                Err(_) => Err(KafkaError::Canceled),
+            },
+            Err((e, _)) => Err(e),
+        };
+        if result.is_err() {
+            self.producer.renew_if_fatal(&producer);
+        }
+        result
+    }
+
+    /// Context headers in the configured dialect. Fields a dialect has no name for keep
+    /// their `outboxd-dlt-*` name. Spring reads partition, offset and timestamp as
+    /// big-endian binary numbers.
+    fn context(&self, m: &OwnedMessage, f: &Failure<'_>) -> Vec<(&'static str, Vec<u8>)> {
+        let text = |s: &str| s.as_bytes().to_vec();
+        let timestamp = m.timestamp().to_millis().unwrap_or(-1);
+        let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let (topic, class) = (text(m.topic()), text(f.class.as_str()));
+        let (partition, offset) = (
+            text(&m.partition().to_string()),
+            text(&m.offset().to_string()),
+        );
+        let (group, handler, message) = (text(&self.group_id), text(f.handler), text(f.message));
+        let (ts, attempts) = (text(&timestamp.to_string()), text(&f.attempts.to_string()));
+        match self.dialect {
+            DeadLetterDialect::Outboxd => vec![
+                ("outboxd-dlt-original-topic", topic),
+                ("outboxd-dlt-original-partition", partition),
+                ("outboxd-dlt-original-offset", offset),
+                ("outboxd-dlt-original-timestamp", ts),
+                ("outboxd-dlt-consumer-group", group),
+                ("outboxd-dlt-handler", handler),
+                ("outboxd-dlt-attempts", attempts),
+                ("outboxd-dlt-error-class", class),
+                ("outboxd-dlt-error-message", message),
+                ("outboxd-dlt-failed-at", text(&failed_at)),
+            ],
+            DeadLetterDialect::Spring => vec![
+                ("kafka_dlt-original-topic", topic),
+                (
+                    "kafka_dlt-original-partition",
+                    m.partition().to_be_bytes().to_vec(),
+                ),
+                (
+                    "kafka_dlt-original-offset",
+                    m.offset().to_be_bytes().to_vec(),
+                ),
+                (
+                    "kafka_dlt-original-timestamp",
+                    timestamp.to_be_bytes().to_vec(),
+                ),
+                ("kafka_dlt-original-consumer-group", group),
+                ("kafka_dlt-exception-fqcn", class),
+                ("kafka_dlt-exception-message", message),
+                ("outboxd-dlt-handler", handler),
+                ("outboxd-dlt-attempts", attempts),
+                ("outboxd-dlt-failed-at", text(&failed_at)),
+            ],
+            DeadLetterDialect::Connect => vec![
+                ("__connect.errors.topic", topic),
+                ("__connect.errors.partition", partition),
+                ("__connect.errors.offset", offset),
+                ("__connect.errors.connector.name", group),
+                ("__connect.errors.stage", handler),
+                ("__connect.errors.class.name", class.clone()),
+                ("__connect.errors.exception.class.name", class),
+                ("__connect.errors.exception.message", message),
+                ("outboxd-dlt-original-timestamp", ts),
+                ("outboxd-dlt-attempts", attempts),
+                ("outboxd-dlt-failed-at", text(&failed_at)),
+            ],
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! The consumer half: reads the configured topics in a consumer group and hands every
+//! message to its partition's worker, which delivers it to the routed handler.
+//!
+//! - this file: client setup and the dispatcher (polls the consumer, one queue per
+//!   partition, pauses a partition whose queue is full so polling never stops);
+//! - `worker`: one partition's in-order processing, retries, offset storing;
+//! - `routing`, `retry`, `dead_letter`, `context` (rebalance and statistics callbacks).
+//!
+//! Offsets: `enable.auto.offset.store=false`; a worker stores a message's offset only
+//! after its outcome is final; librdkafka commits stored offsets every second, on revoke
+//! and at shutdown.
+
+mod context;
+mod dead_letter;
+mod retry;
+mod routing;
+mod worker;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::handlers::{Handler, HandlerDeps};
+use crate::kafka::ProducerSlot;
+use crate::metrics::Metrics;
+use context::Context;
+use dead_letter::DeadLetters;
+use routing::Router;
+use worker::{NamedHandler, Shared};
+
+/// Messages buffered per partition before the partition is paused.
+const QUEUE: usize = 256;
+
+/// Starts the consumer when `[consumer]` is configured. The task returns after `shutdown`
+/// once workers finished their message in flight (or `drain` passed) and offsets were
+/// committed.
+pub fn start(
+    config: &Config,
+    bootstrap: &str,
+    pool: Option<PgPool>,
+    producer: Arc<ProducerSlot>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<Option<JoinHandle<()>>, String> {
+    let Some(c) = &config.consumer else {
+        return Ok(None);
+    };
+    let deps = HandlerDeps {
+        pool,
+        producer: producer.clone(),
+    };
+    let mut handlers = Vec::new();
+    for (name, hc) in &config.handlers {
+        handlers.push(NamedHandler {
+            name: name.clone(),
+            handler: Handler::build(name, hc, &deps)?,
+            policy: hc.retry().over(&c.retry),
+        });
+    }
+    let router = Router::new(&c.routes, |name| {
+        handlers
+            .iter()
+            .position(|h| h.name == name)
+            .expect("validation checked that routes name configured handlers")
+    });
+    let mut client = ClientConfig::new();
+    client
+        .set("auto.offset.reset", "earliest")
+        .set("auto.commit.interval.ms", "1000")
+        .set("statistics.interval.ms", "5000");
+    for (key, value) in &config.kafka.options {
+        client.set(key, value.to_string());
+    }
+    client
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", &c.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer<Context> = client
+        .create_with_context(Context::new(metrics.clone()))
+        .map_err(|e| format!("kafka consumer: {e}"))?;
+    let topics: Vec<&str> = c.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| format!("consumer.topics: {e}"))?;
+    let shared = Arc::new(Shared {
+        consumer: Arc::new(consumer),
+        router,
+        handlers,
+        dead_letters: DeadLetters::new(
+            producer,
+            &c.dead_letter_topic,
+            c.dead_letter_headers,
+            &c.group_id,
+        ),
+        unrouted: c.unrouted,
+        permits: Semaphore::new(c.max_in_flight),
+        metrics,
+        space: Notify::new(),
+    });
+    tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
+    Ok(Some(tokio::spawn(
+        Dispatcher::new(shared).run(shutdown, drain),
+    )))
+}
+
+struct Worker {
+    queue: mpsc::Sender<OwnedMessage>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Per topic, per partition.
+type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
+
+struct Dispatcher {
+    shared: Arc<Shared>,
+    workers: ByPartition<Worker>,
+    /// Messages waiting for room in a full queue; their partition is paused.
+    pending: ByPartition<VecDeque<OwnedMessage>>,
+    /// Workers of revoked partitions still finishing their message in flight.
+    retiring: ByPartition<JoinHandle<()>>,
+}
+
+impl Dispatcher {
+    fn new(shared: Arc<Shared>) -> Self {
+        Dispatcher {
+            shared,
+            workers: HashMap::new(),
+            pending: HashMap::new(),
+            retiring: HashMap::new(),
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
+        let shared = self.shared.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = shared.space.notified(), if !self.pending.is_empty() => self.flush_pending(),
+                received = shared.consumer.recv() => {
+                    self.retire_revoked();
+                    match received {
+                        Ok(m) => self.dispatch(m.detach()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "kafka consumer error");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            }
+        }
+        self.drain(drain).await;
+    }
+
+    fn dispatch(&mut self, m: OwnedMessage) {
+        let (topic, partition) = (m.topic(), m.partition());
+        if let Some(waiting) = self
+            .pending
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        {
+            waiting.push_back(m);
+            return;
+        }
+        if !self
+            .workers
+            .get(topic)
+            .is_some_and(|t| t.contains_key(&partition))
+        {
+            let worker = self.spawn_worker(topic, partition);
+            self.workers
+                .entry(topic.to_owned())
+                .or_default()
+                .insert(partition, worker);
+        }
+        let worker = &self.workers[topic][&partition];
+        if let Err(e) = worker.queue.try_send(m) {
+            let m = match e {
+                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+            };
+            self.pause(m.topic(), m.partition(), true);
+            let topic = m.topic().to_owned();
+            self.pending
+                .entry(topic)
+                .or_default()
+                .entry(partition)
+                .or_default()
+                .push_back(m);
+        }
+    }
+
+    fn spawn_worker(&mut self, topic: &str, partition: i32) -> Worker {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        let stop = CancellationToken::new();
+        let previous = self
+            .retiring
+            .get_mut(topic)
+            .and_then(|t| t.remove(&partition));
+        let task = tokio::spawn(worker::run(
+            self.shared.clone(),
+            receiver,
+            stop.clone(),
+            previous,
+        ));
+        Worker { queue, stop, task }
+    }
+
+    /// Moves waiting messages into queues that have room; resumes drained partitions.
+    fn flush_pending(&mut self) {
+        let mut resumed = Vec::new();
+        for (topic, partitions) in &mut self.pending {
+            for (partition, waiting) in partitions.iter_mut() {
+                let Some(worker) = self.workers.get(topic).and_then(|t| t.get(partition)) else {
+                    continue;
+                };
+                while let Some(m) = waiting.pop_front() {
+                    if let Err(e) = worker.queue.try_send(m) {
+                        let m = match e {
+                            mpsc::error::TrySendError::Full(m)
+                            | mpsc::error::TrySendError::Closed(m) => m,
+                        };
+                        waiting.push_front(m);
+                        break;
+                    }
+                }
+                if waiting.is_empty() {
+                    resumed.push((topic.clone(), *partition));
+                }
+            }
+        }
+        for (topic, partition) in resumed {
+            if let Some(t) = self.pending.get_mut(&topic) {
+                t.remove(&partition);
+                if t.is_empty() {
+                    self.pending.remove(&topic);
+                }
+            }
+            self.pause(&topic, partition, false);
+        }
+    }
+
+    fn pause(&self, topic: &str, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Invalid)
+            .is_err()
+        {
+            return;
+        }
+        let done = if pause {
+            self.shared.consumer.pause(&tpl)
+        } else {
+            self.shared.consumer.resume(&tpl)
+        };
+        if let Err(e) = done {
+            tracing::debug!(topic, partition, pause, error = %e, "pause/resume failed");
+        }
+    }
+
+    /// Stops the workers of partitions revoked by a rebalance. Their queued messages are
+    /// dropped: nothing past the committed offset is lost, the next owner fetches them.
+    fn retire_revoked(&mut self) {
+        for (topic, partition) in self.shared.consumer.context().take_revoked() {
+            if let Some(t) = self.pending.get_mut(&topic) {
+                t.remove(&partition);
+            }
+            let Some(worker) = self
+                .workers
+                .get_mut(&topic)
+                .and_then(|t| t.remove(&partition))
+            else {
+                continue;
+            };
+            worker.stop.cancel();
+            let older = self
+                .retiring
+                .get_mut(&topic)
+                .and_then(|t| t.remove(&partition));
+            let task = worker.task;
+            let retiring = tokio::spawn(async move {
+                if let Some(older) = older {
+                    let _ = older.await;
+                }
+                let _ = task.await;
+            });
+            self.retiring
+                .entry(topic)
+                .or_default()
+                .insert(partition, retiring);
+        }
+        self.pending.retain(|_, t| !t.is_empty());
+    }
+
+    /// Workers finish their message in flight (a message sleeping in backoff is left for
+    /// the next start), then stored offsets are committed.
+    async fn drain(self, deadline: Duration) {
+        let mut tasks = Vec::new();
+        for (_, partitions) in self.workers {
+            for (_, worker) in partitions {
+                worker.stop.cancel();
+                tasks.push(worker.task);
+            }
+        }
+        tasks.extend(self.retiring.into_values().flat_map(HashMap::into_values));
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(deadline, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!("handler calls still running at the drain deadline were cut; their messages are delivered again after restart");
+            aborts.iter().for_each(|a| a.abort());
+        }
+        let consumer = self.shared.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await;
+        match committed {
+            Ok(Ok(())) => tracing::info!("consumer offsets committed"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+            Err(e) => tracing::warn!(error = %e, "final commit failed"),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Retry decisions: exponential backoff with full jitter (a uniformly random delay between
+//! zero and the exponential bound), bounded by attempts and by elapsed time.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::time::Instant;
+
+use crate::config::RetryPolicy;
+
+/// The retry state of one message.
+pub struct Retrier {
+    policy: RetryPolicy,
+    bounds: ExponentialBackoff,
+    started: Instant,
+    attempts: u32,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Sleep this long, then try again.
+    RetryAfter(Duration),
+    /// The policy is exhausted.
+    GiveUp,
+}
+
+impl Retrier {
+    /// Starts counting now (the first attempt is about to run).
+    pub fn new(policy: &RetryPolicy) -> Self {
+        Retrier {
+            bounds: ExponentialBuilder::default()
+                .with_min_delay(policy.initial)
+                .with_factor(policy.multiplier as f32)
+                .with_max_delay(policy.max_delay)
+                .without_max_times()
+                .build(),
+            policy: policy.clone(),
+            started: Instant::now(),
+            attempts: 0,
+        }
+    }
+
+    /// Records an attempt about to run; returns its number (from 1).
+    pub fn attempt(&mut self) -> u32 {
+        self.attempts += 1;
+        self.attempts
+    }
+
+    /// Attempts so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// After a retryable failure: the jittered delay before the next attempt, or give up
+    /// when the attempts are used up or the delay would end past `max_elapsed`.
+    pub fn next(&mut self) -> Next {
+        if self.attempts >= self.policy.max_attempts {
+            return Next::GiveUp;
+        }
+        let bound = self.bounds.next().unwrap_or(self.policy.max_delay);
+        let delay = bound.mul_f64(fastrand::f64());
+        if self.started.elapsed() + delay > self.policy.max_elapsed {
+            return Next::GiveUp;
+        }
+        Next::RetryAfter(delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(1),
+            max_attempts: 6,
+            max_elapsed: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delays_stay_within_growing_bounds_and_attempts_are_limited() {
+        let mut r = Retrier::new(&policy());
+        let bounds = [100, 200, 400, 800, 1000];
+        for bound in bounds {
+            r.attempt();
+            match r.next() {
+                Next::RetryAfter(d) => {
+                    assert!(d <= Duration::from_millis(bound), "{d:?} > {bound} ms")
+                }
+                Next::GiveUp => panic!("gave up early"),
+            }
+        }
+        r.attempt();
+        assert_eq!(r.attempts(), 6);
+        assert_eq!(r.next(), Next::GiveUp, "max_attempts = 6 allows six calls");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jitter_spreads_delays_over_the_whole_range() {
+        let p = RetryPolicy {
+            max_attempts: 10_000,
+            max_delay: Duration::from_millis(100),
+            initial: Duration::from_millis(100),
+            ..policy()
+        };
+        let mut r = Retrier::new(&p);
+        let delays: Vec<Duration> = (0..2000)
+            .map(|_| {
+                r.attempt();
+                match r.next() {
+                    Next::RetryAfter(d) => d,
+                    Next::GiveUp => panic!("gave up"),
+                }
+            })
+            .collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(100)));
+        assert!(
+            delays.iter().any(|d| *d < Duration::from_millis(20)),
+            "full jitter reaches low delays"
+        );
+        assert!(
+            delays.iter().any(|d| *d > Duration::from_millis(80)),
+            "and high ones"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn elapsed_time_limits_retries() {
+        let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(3),
+            max_attempts: 1000,
+            ..policy()
+        };
+        let mut r = Retrier::new(&p);
+        let mut slept = Duration::ZERO;
+        loop {
+            r.attempt();
+            match r.next() {
+                Next::RetryAfter(d) => {
+                    tokio::time::sleep(d).await;
+                    slept += d;
+                }
+                Next::GiveUp => break,
+            }
+        }
+        assert!(slept <= Duration::from_secs(3), "slept {slept:?}");
+        assert!(r.attempts() > 3, "retried until the time was used up");
+    }
+}

@@ -1,0 +1,236 @@
+//! One partition's worker: handles its messages strictly in order, retries with the
+//! handler's policy, dead-letters what fails for good, and stores each offset only once
+//! the message's outcome is final.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::context::Context;
+use super::dead_letter::{DeadLetters, Failure};
+use super::retry::{Next, Retrier};
+use super::routing::Router;
+use crate::config::{RetryPolicy, Unrouted};
+use crate::handlers::{ErrorClass, Event, Handler, Outcome};
+use crate::metrics::Metrics;
+
+/// A configured handler with its name and effective retry policy.
+pub struct NamedHandler {
+    /// `[handlers.NAME]`
+    pub name: String,
+    /// The handler.
+    pub handler: Handler,
+    /// `[consumer.retry]` with the handler's overrides applied.
+    pub policy: RetryPolicy,
+}
+
+/// What every worker shares.
+pub struct Shared {
+    /// The consumer, for storing offsets.
+    pub consumer: Arc<StreamConsumer<Context>>,
+    /// Message -> handler slot.
+    pub router: Router,
+    /// Handler slots.
+    pub handlers: Vec<NamedHandler>,
+    /// Dead-letter producer.
+    pub dead_letters: DeadLetters,
+    /// Policy for unrouted messages.
+    pub unrouted: Unrouted,
+    /// `max_in_flight` permits, held during a handler call.
+    pub permits: Semaphore,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Signalled whenever a worker takes a message off its queue.
+    pub space: Notify,
+}
+
+/// Runs until `stop` (after the message in flight) or until its queue closes. Starts only
+/// once `previous` (a retired worker of the same partition) has finished.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<OwnedMessage>,
+    stop: CancellationToken,
+    previous: Option<JoinHandle<()>>,
+) {
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            m = queue.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        shared.space.notify_one();
+        let event = Event { message };
+        if !process(&shared, &event, &stop).await {
+            return;
+        }
+        let m = &event.message;
+        if let Err(e) = shared
+            .consumer
+            .store_offset(m.topic(), m.partition(), m.offset())
+        {
+            // The partition was revoked meanwhile: its new owner handles it again.
+            tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "offset not stored");
+        }
+    }
+}
+
+/// Handles one message to a final outcome. False when stopped before that (the offset
+/// must not move; the message is delivered again later).
+async fn process(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
+    let m = &event.message;
+    let Some(slot) = s.router.route(m.topic(), event.event_type()) else {
+        return unrouted(s, event, stop).await;
+    };
+    let h = &s.handlers[slot];
+    let mut retrier = Retrier::new(&h.policy);
+    loop {
+        let attempt = retrier.attempt();
+        let outcome = {
+            let _permit = s
+                .permits
+                .acquire()
+                .await
+                .expect("semaphore is never closed");
+            let in_flight = s.metrics.consumer_in_flight.with_label_values(&[&h.name]);
+            in_flight.inc();
+            let started = Instant::now();
+            let outcome = h.handler.handle(event, attempt).await;
+            in_flight.dec();
+            s.metrics
+                .consumer_handler_seconds
+                .with_label_values(&[&h.name])
+                .observe(started.elapsed().as_secs_f64());
+            outcome
+        };
+        let (class, error) = match outcome {
+            Outcome::Done => {
+                s.metrics
+                    .consumer_messages_total
+                    .with_label_values(&[m.topic(), &h.name, "done"])
+                    .inc();
+                return true;
+            }
+            Outcome::DeadLetter(class, error) => (class, error),
+            Outcome::Retry(error) => match retrier.next() {
+                Next::GiveUp => (ErrorClass::RetryableExhausted, error),
+                Next::RetryAfter(pause) => {
+                    tracing::warn!(
+                        topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                        handler = %h.name, attempt, ?pause, %error,
+                        "handler failed; retrying"
+                    );
+                    s.metrics
+                        .consumer_retries_total
+                        .with_label_values(&[&h.name])
+                        .inc();
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            },
+        };
+        let failure = Failure {
+            handler: &h.name,
+            attempts: retrier.attempts(),
+            class,
+            message: &error,
+        };
+        return dead_letter(s, event, &failure, stop).await;
+    }
+}
+
+async fn unrouted(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
+    let m = &event.message;
+    match s.unrouted {
+        Unrouted::Skip => {
+            tracing::info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                event_type = event.event_type().unwrap_or_default(),
+                "no route matches; skipped"
+            );
+            s.metrics
+                .consumer_messages_total
+                .with_label_values(&[m.topic(), "-", "skipped"])
+                .inc();
+            true
+        }
+        Unrouted::DeadLetter => {
+            let failure = Failure {
+                handler: "-",
+                attempts: 0,
+                class: ErrorClass::Unrouted,
+                message: "no route matches this message",
+            };
+            dead_letter(s, event, &failure, stop).await
+        }
+        Unrouted::Fail => {
+            tracing::error!(
+                topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                event_type = event.event_type().unwrap_or_default(),
+                "no route matches and consumer.unrouted = \"fail\": this partition stops here until outboxd restarts with a route for it"
+            );
+            stop.cancelled().await;
+            false
+        }
+    }
+}
+
+/// Produces the dead letter, retrying with backoff until Kafka acknowledges it; the
+/// partition waits meanwhile. False if stopped first.
+async fn dead_letter(
+    s: &Shared,
+    event: &Event,
+    failure: &Failure<'_>,
+    stop: &CancellationToken,
+) -> bool {
+    let m = &event.message;
+    let mut retry = crate::backoff::exponential();
+    loop {
+        match s.dead_letters.send(m, failure).await {
+            Ok(()) => {
+                tracing::warn!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    handler = failure.handler, attempts = failure.attempts,
+                    class = failure.class.as_str(), error = failure.message,
+                    dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
+                    "message dead-lettered"
+                );
+                s.metrics
+                    .consumer_dead_letter_total
+                    .with_label_values(&[m.topic(), failure.class.as_str()])
+                    .inc();
+                s.metrics
+                    .consumer_messages_total
+                    .with_label_values(&[m.topic(), failure.handler, "dead_letter"])
+                    .inc();
+                return true;
+            }
+            Err(e) => {
+                let pause = retry.next().unwrap_or_default();
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e, ?pause,
+                    "cannot produce the dead letter; the partition waits and retries"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `http`: POSTs the value with CloudEvents binary-mode headers on a shared keep-alive
+//! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry; other statuses
+//! dead-letter.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use rdkafka::message::Message;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+
+use super::{ErrorClass, Event, Handle, Outcome};
+use crate::config::HttpHandlerConfig;
+
+/// Headers carried over from the message when present.
+const PASSED_THROUGH: &[&str] = &["traceparent", "tracestate"];
+
+/// One endpoint.
+pub struct HttpHandler {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    headers: HeaderMap,
+    timeout: Duration,
+}
+
+impl HttpHandler {
+    /// A handler for the configured endpoint (validated URL and header names).
+    pub fn new(c: &HttpHandlerConfig) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&c.url).map_err(|e| format!("url: {e}"))?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &c.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| format!("headers: `{name}`: {e}"))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| format!("headers: value of `{name}`: {e}"))?;
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        Ok(HttpHandler {
+            client,
+            url,
+            headers,
+            timeout: c.timeout,
+        })
+    }
+}
+
+impl Handle for HttpHandler {
+    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+        let m = &event.message;
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .timeout(self.timeout)
+            .headers(self.headers.clone())
+            .header(
+                CONTENT_TYPE,
+                event.header("content-type").unwrap_or("application/json"),
+            )
+            .header("ce-specversion", "1.0")
+            .header("ce-id", event.event_id().as_ref())
+            .header("ce-type", event.event_type().unwrap_or(m.topic()))
+            .header("ce-source", m.topic());
+        if let Some(ms) = m.timestamp().to_millis().filter(|ms| *ms >= 0) {
+            let at = UNIX_EPOCH + Duration::from_millis(ms as u64);
+            request = request.header("ce-time", humantime::format_rfc3339_millis(at).to_string());
+        }
+        for name in PASSED_THROUGH {
+            if let Some(value) = event.header(name) {
+                request = request.header(*name, value);
+            }
+        }
+        let response = request.body(event.value().to_vec()).send().await;
+        match response {
+            Ok(r) => classify(r.status()),
+            Err(e) if e.is_builder() => Outcome::DeadLetter(
+                ErrorClass::Permanent,
+                format!("cannot build the request: {e}"),
+            ),
+            Err(e) if e.is_timeout() => {
+                Outcome::Retry(format!("no answer within {:?}", self.timeout))
+            }
+            Err(e) => Outcome::Retry(format!("request failed: {e}")),
+        }
+    }
+}
+
+fn classify(status: reqwest::StatusCode) -> Outcome {
+    let code = status.as_u16();
+    if status.is_success() {
+        Outcome::Done
+    } else if code == 408 || code == 429 || status.is_server_error() {
+        Outcome::Retry(format!("HTTP {status}"))
+    } else {
+        Outcome::DeadLetter(ErrorClass::Permanent, format!("HTTP {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_classified() {
+        let c = |code| classify(reqwest::StatusCode::from_u16(code).unwrap());
+        assert_eq!(c(200), Outcome::Done);
+        assert_eq!(c(204), Outcome::Done);
+        assert!(matches!(c(408), Outcome::Retry(_)));
+        assert!(matches!(c(429), Outcome::Retry(_)));
+        assert!(matches!(c(503), Outcome::Retry(_)));
+        assert!(matches!(
+            c(400),
+            Outcome::DeadLetter(ErrorClass::Permanent, _)
+        ));
+        assert!(matches!(
+            c(404),
+            Outcome::DeadLetter(ErrorClass::Permanent, _)
+        ));
+        assert!(matches!(
+            c(301),
+            Outcome::DeadLetter(ErrorClass::Permanent, _)
+        ));
+    }
+}

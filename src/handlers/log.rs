@@ -1,0 +1,25 @@
+//! `log`: logs the message at info and succeeds.
+
+use rdkafka::message::Message;
+
+use super::{Event, Handle, Outcome};
+
+/// Logs and succeeds.
+pub struct LogHandler;
+
+impl Handle for LogHandler {
+    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+        let m = &event.message;
+        tracing::info!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            key = %event.key(),
+            event_type = event.event_type().unwrap_or_default(),
+            event_id = %event.event_id(),
+            bytes = event.value().len(),
+            "event"
+        );
+        Outcome::Done
+    }
+}

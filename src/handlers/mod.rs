@@ -1,0 +1,159 @@
+//! Handlers: where consumed messages are delivered. One file per kind; each implements
+//! [`Handle`], and [`Handler`] dispatches statically (no boxed future per message).
+
+mod command;
+mod http;
+mod kafka;
+mod log;
+mod sql;
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
+
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use sqlx::PgPool;
+
+use crate::config::HandlerConfig;
+use crate::kafka::ProducerSlot;
+
+/// A consumed message as handlers see it.
+pub struct Event {
+    /// The message, detached from the consumer.
+    pub message: OwnedMessage,
+}
+
+impl Event {
+    /// The first header called `name`, if it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let headers = self.message.headers()?;
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| std::str::from_utf8(h.value?).ok())
+    }
+
+    /// The `event-id` header, else `topic/partition/offset` (stable across redeliveries).
+    pub fn event_id(&self) -> Cow<'_, str> {
+        match self.header("event-id") {
+            Some(id) => Cow::Borrowed(id),
+            None => Cow::Owned(format!(
+                "{}/{}/{}",
+                self.message.topic(),
+                self.message.partition(),
+                self.message.offset()
+            )),
+        }
+    }
+
+    /// The `event-type` header.
+    pub fn event_type(&self) -> Option<&str> {
+        self.header("event-type")
+    }
+
+    /// The value, empty when the message has none.
+    pub fn value(&self) -> &[u8] {
+        self.message.payload().unwrap_or_default()
+    }
+
+    /// The key as text (lossy).
+    pub fn key(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.message.key().unwrap_or_default())
+    }
+}
+
+/// Why a message is parked on the dead-letter topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The handler kept failing in a retryable way until the policy gave up.
+    RetryableExhausted,
+    /// The handler said the message can never succeed (4xx, constraint violation, ...).
+    Permanent,
+    /// The payload could not be decoded as the handler needs it.
+    Decode,
+    /// No route matched.
+    Unrouted,
+}
+
+impl ErrorClass {
+    /// The name used in headers and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::RetryableExhausted => "retryable_exhausted",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Decode => "decode",
+            ErrorClass::Unrouted => "unrouted",
+        }
+    }
+}
+
+/// What one handler call decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled; the offset may move past it.
+    Done,
+    /// Failed in a way that may pass later; retry per the policy.
+    Retry(String),
+    /// Will never succeed as it is; dead-letter it now.
+    DeadLetter(ErrorClass, String),
+}
+
+/// A handler kind.
+pub trait Handle {
+    /// Delivers `event`; `attempt` counts from 1.
+    fn handle(&self, event: &Event, attempt: u32) -> impl Future<Output = Outcome> + Send;
+}
+
+/// What handlers may need from the daemon.
+pub struct HandlerDeps {
+    /// The database, for `sql` handlers.
+    pub pool: Option<PgPool>,
+    /// The shared producer, for `kafka` handlers.
+    pub producer: Arc<ProducerSlot>,
+}
+
+/// Any handler.
+pub enum Handler {
+    /// `kind = "http"`
+    Http(http::HttpHandler),
+    /// `kind = "command"`
+    Command(command::CommandHandler),
+    /// `kind = "sql"`
+    Sql(sql::SqlHandler),
+    /// `kind = "kafka"`
+    Kafka(kafka::KafkaHandler),
+    /// `kind = "log"`
+    Log(log::LogHandler),
+}
+
+impl Handler {
+    /// Builds handler `name` from its (validated) configuration.
+    pub fn build(name: &str, config: &HandlerConfig, deps: &HandlerDeps) -> Result<Self, String> {
+        Ok(match config {
+            HandlerConfig::Http(c) => Handler::Http(http::HttpHandler::new(c)?),
+            HandlerConfig::Command(c) => Handler::Command(command::CommandHandler::new(c)),
+            HandlerConfig::Sql(c) => {
+                let pool = deps
+                    .pool
+                    .clone()
+                    .ok_or_else(|| format!("handlers.{name}: a sql handler needs [database]"))?;
+                Handler::Sql(sql::SqlHandler::new(name, c, pool))
+            }
+            HandlerConfig::Kafka(c) => {
+                Handler::Kafka(kafka::KafkaHandler::new(c, deps.producer.clone()))
+            }
+            HandlerConfig::Log(_) => Handler::Log(log::LogHandler),
+        })
+    }
+
+    /// Delivers `event` with whichever handler this is.
+    pub async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
+        match self {
+            Handler::Http(h) => h.handle(event, attempt).await,
+            Handler::Command(h) => h.handle(event, attempt).await,
+            Handler::Sql(h) => h.handle(event, attempt).await,
+            Handler::Kafka(h) => h.handle(event, attempt).await,
+            Handler::Log(h) => h.handle(event, attempt).await,
+        }
+    }
+}
