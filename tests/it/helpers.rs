@@ -212,7 +212,9 @@ pub struct Received {
     pub key: String,
     pub n: i64,
     pub partition: i32,
+    pub offset: i64,
     pub headers: HashMap<String, String>,
+    pub raw_headers: HashMap<String, Vec<u8>>,
     pub payload: Vec<u8>,
 }
 
@@ -280,19 +282,24 @@ fn consume_blocking(
                     .and_then(|v| v["n"].as_i64())
                     .unwrap_or(-1);
                 let mut headers = HashMap::new();
+                let mut raw_headers = HashMap::new();
                 if let Some(h) = m.headers() {
                     for header in h.iter() {
+                        let value = header.value.unwrap_or_default();
                         headers.insert(
                             header.key.to_owned(),
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                            String::from_utf8_lossy(value).into_owned(),
                         );
+                        raw_headers.insert(header.key.to_owned(), value.to_vec());
                     }
                 }
                 out.push(Received {
                     key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
                     n,
                     partition: m.partition(),
+                    offset: m.offset(),
                     headers,
+                    raw_headers,
                     payload,
                 });
             }

@@ -1,0 +1,214 @@
+//! Helpers for consumer tests: producing input, a consumer configuration, a scriptable
+//! HTTP server, committed offsets.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use outboxd::config::{Config, ConsumerConfig, HandlerConfig, OptionValue, RouteConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::helpers::unique;
+
+/// Produces `(partition, key, value, headers)` messages to `topic`, awaiting each ack.
+pub async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    messages: &[(i32, &str, &[u8], &[(&str, &str)])],
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    for (partition, key, value, headers) in messages {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in *headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .partition(*partition)
+            .key(*key)
+            .payload(*value)
+            .headers(h);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("test message produced");
+    }
+}
+
+/// `n` JSON events `{"n": i}` on `partition`, each with event-id `<prefix>-<i>` and
+/// event type `type`.
+pub async fn produce_events(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    prefix: &str,
+    event_type: &str,
+    range: std::ops::Range<i64>,
+) {
+    let bodies: Vec<(String, String, String)> = range
+        .map(|i| {
+            (
+                format!("k{i}"),
+                format!("{{\"n\": {i}}}"),
+                format!("{prefix}-{i}"),
+            )
+        })
+        .collect();
+    let headers: Vec<[(&str, &str); 2]> = bodies
+        .iter()
+        .map(|(_, _, id)| [("event-id", id.as_str()), ("event-type", event_type)])
+        .collect();
+    let messages: Vec<(i32, &str, &[u8], &[(&str, &str)])> = bodies
+        .iter()
+        .zip(&headers)
+        .map(|((k, v, _), h)| (partition, k.as_str(), v.as_bytes(), &h[..]))
+        .collect();
+    produce(bootstrap, topic, &messages).await;
+}
+
+/// A consumer-only configuration: `topics`, one route per `(glob, event type, handler)`.
+pub fn consumer_config(
+    bootstrap: &str,
+    topics: &[&str],
+    routes: &[(&str, Option<&str>, &str)],
+    handlers: Vec<(&str, HandlerConfig)>,
+) -> Config {
+    let mut c = Config {
+        shutdown_timeout: Duration::from_secs(10),
+        ..Config::default()
+    };
+    c.kafka.brokers = Some(bootstrap.into());
+    c.kafka
+        .options
+        .insert("session.timeout.ms".into(), OptionValue::Int(6000));
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    let mut consumer: ConsumerConfig = toml::from_str(&format!(
+        "group_id = \"{}\"\ntopics = []\n",
+        unique("group")
+    ))
+    .unwrap();
+    consumer.topics = topics.iter().map(|t| t.to_string()).collect();
+    consumer.retry.initial = Duration::from_millis(20);
+    consumer.retry.max_delay = Duration::from_millis(100);
+    consumer.routes = routes
+        .iter()
+        .map(|(topic, event_type, handler)| RouteConfig {
+            topic: topic.to_string(),
+            event_type: event_type.map(str::to_owned),
+            handler: handler.to_string(),
+        })
+        .collect();
+    c.consumer = Some(consumer);
+    c.handlers = handlers
+        .into_iter()
+        .map(|(n, h)| (n.to_owned(), h))
+        .collect();
+    c
+}
+
+/// A handler from its TOML text, e.g. `kind = "log"`.
+pub fn handler(toml_text: &str) -> HandlerConfig {
+    toml::from_str(toml_text).unwrap()
+}
+
+/// One request the test server received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A local HTTP server answering from a script of statuses (then `fallback`), optionally
+/// slowly.
+#[derive(Clone)]
+pub struct TestServer {
+    pub url: String,
+    pub requests: Arc<Mutex<Vec<Request>>>,
+    script: Arc<Mutex<VecDeque<u16>>>,
+    fallback: Arc<Mutex<u16>>,
+    delay: Arc<Mutex<Duration>>,
+}
+
+impl TestServer {
+    pub async fn start(script: &[u16], fallback: u16) -> TestServer {
+        let server = TestServer {
+            url: String::new(),
+            requests: Arc::default(),
+            script: Arc::new(Mutex::new(script.iter().copied().collect())),
+            fallback: Arc::new(Mutex::new(fallback)),
+            delay: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/events", axum::routing::post(answer))
+            .with_state(server.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        TestServer { url, ..server }
+    }
+
+    pub fn set_fallback(&self, status: u16) {
+        *self.fallback.lock().unwrap() = status;
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn bodies(&self) -> Vec<String> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect()
+    }
+}
+
+async fn answer(State(s): State<TestServer>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let delay = *s.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    s.requests.lock().unwrap().push(Request { headers, body });
+    let next = s.script.lock().unwrap().pop_front();
+    StatusCode::from_u16(next.unwrap_or(*s.fallback.lock().unwrap())).unwrap()
+}
+
+/// The group's committed offset of `topic`/`partition` (None when nothing is committed).
+pub fn committed(bootstrap: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    match committed.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
+/// The group id of a consumer config.
+pub fn group_of(c: &Config) -> String {
+    c.consumer.as_ref().unwrap().group_id.clone()
+}
