@@ -1,0 +1,145 @@
+//! The command and sql handlers against real processes and real PostgreSQL.
+
+use std::time::Duration;
+
+use crate::consumer_helpers::*;
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_exit_codes_timeouts_and_literal_arguments() {
+    let topic = unique("cmd");
+    let cluster = cluster(&topic, 1);
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let pid = dir.path().join("pid");
+    let injected = dir.path().join("injected");
+    // The test uses sh to script the child; outboxd itself runs it directly, and the
+    // last argument must arrive unexpanded.
+    let script = r#"
+        input=$(cat)
+        case "$OUTBOXD_EVENT_TYPE" in
+          ok) ;;
+          flaky) [ "$OUTBOXD_ATTEMPT" -ge 2 ] || exit 75 ;;
+          broken) echo "cannot parse $input" >&2; exit 3 ;;
+          slow) echo $$ > "$2"; sleep 30 ;;
+        esac
+        printf '%s|%s|%s|%s\n' "$OUTBOXD_EVENT_TYPE" "$OUTBOXD_ATTEMPT" "$input" "$3" >> "$1"
+    "#;
+    let handler_toml = format!(
+        "kind = \"command\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", {script:?}, \"sh\", \"{}\", \"{}\", \"$(touch {})\"]\ntimeout = \"300ms\"\nretry_exit_codes = [75]\n[retry]\nmax_attempts = 2\n",
+        out.display(),
+        pid.display(),
+        injected.display()
+    );
+    let cfg = consumer_config(&bootstrap, &[&topic], &[(&topic, None, "cmd")], vec![("cmd", handler(&handler_toml))]);
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            (0, "k", b"one", &[("event-type", "ok")]),
+            (0, "k", b"two", &[("event-type", "flaky")]),
+            (0, "k", b"three", &[("event-type", "broken")]),
+            (0, "k", b"four", &[("event-type", "slow")]),
+            (0, "k", b"five", &[("event-type", "ok")]),
+        ],
+    )
+    .await;
+    let daemon = Daemon::start(cfg).await;
+    let dead = consume(&bootstrap, &format!("{topic}.dlq"), 2, Duration::from_millis(200), Duration::from_secs(30)).await;
+    eventually("last message handled", Duration::from_secs(10), || async {
+        std::fs::read_to_string(&out).unwrap_or_default().lines().count() == 3
+    })
+    .await;
+    let handled = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = handled.lines().collect();
+    let literal = format!("$(touch {})", injected.display());
+    assert_eq!(lines, [
+        format!("ok|1|one|{literal}"),
+        format!("flaky|2|two|{literal}"),
+        format!("ok|1|five|{literal}"),
+    ]);
+    assert!(!injected.exists(), "the argument was expanded by a shell");
+
+    let broken = dead.iter().find(|d| d.payload == b"three").expect("broken dead-lettered");
+    assert_eq!(broken.headers["outboxd-dlt-error-class"], "permanent");
+    assert!(broken.headers["outboxd-dlt-error-message"].contains("exit code 3: cannot parse three"), "{:?}", broken.headers);
+    let slow = dead.iter().find(|d| d.payload == b"four").expect("slow dead-lettered");
+    assert_eq!(slow.headers["outboxd-dlt-error-class"], "retryable_exhausted");
+    assert!(slow.headers["outboxd-dlt-error-message"].contains("killed"), "{:?}", slow.headers);
+    let child: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
+    eventually("timed-out child is gone", Duration::from_secs(5), || async {
+        !std::path::Path::new(&format!("/proc/{child}")).exists()
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_handler_applies_each_event_once_and_dead_letters_bad_payloads() {
+    let pool = db().await;
+    let summary = unique("summary");
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {summary} (account_id text PRIMARY KEY, balance numeric NOT NULL);
+         INSERT INTO {summary} VALUES ('acc-1', 0);"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let topic = unique("sql");
+    let cluster = cluster(&topic, 1);
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, Some("DepositMade"), "balance"), (&topic, Some("AccountOpened"), "open")],
+        vec![
+            ("balance", handler(&format!(
+                "kind = \"sql\"\nstatement = \"UPDATE {summary} SET balance = balance + $1 WHERE account_id = $2\"\nparams = [\"/amount\", \"/accountId\"]"
+            ))),
+            ("open", handler(&format!(
+                "kind = \"sql\"\nstatement = \"INSERT INTO {summary} (account_id, balance) VALUES ($1, 0)\"\nparams = [\"/accountId\"]"
+            ))),
+        ],
+    );
+    cfg.database.url = Some(database_url());
+    // Event ids unique to this run: the inbox outlives it.
+    let (d1, d2, d3, o1) = (format!("{summary}-1"), format!("{summary}-2"), format!("{summary}-3"), format!("{summary}-open"));
+    let deposit = [("event-type", "DepositMade")];
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            (0, "acc-1", br#"{"amount": 10.5, "accountId": "acc-1"}"#, &[("event-id", &d1), deposit[0]]),
+            // The same event delivered again (e.g. a relay retry): no second effect.
+            (0, "acc-1", br#"{"amount": 10.5, "accountId": "acc-1"}"#, &[("event-id", &d1), deposit[0]]),
+            (0, "acc-1", br#"{"amount": 5, "accountId": "acc-1"}"#, &[("event-id", &d2), deposit[0]]),
+            (0, "acc-1", b"not json", &[("event-id", &d3), deposit[0]]),
+            (0, "acc-1", br#"{"accountId": "acc-1"}"#, &[("event-id", &o1), ("event-type", "AccountOpened")]),
+        ],
+    )
+    .await;
+    let daemon = Daemon::start(cfg).await;
+    let dead = consume(&bootstrap, &format!("{topic}.dlq"), 2, Duration::from_millis(300), Duration::from_secs(30)).await;
+    let balance: String = sqlx::query_scalar(&format!("SELECT balance::text FROM {summary} WHERE account_id = 'acc-1'"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(balance, "15.5");
+    let decode = dead.iter().find(|d| d.headers["event-id"] == d3).expect("decode dead letter");
+    assert_eq!(decode.headers["outboxd-dlt-error-class"], "decode");
+    assert_eq!(decode.headers["outboxd-dlt-attempts"], "1", "no retries for an undecodable payload");
+    let conflict = dead.iter().find(|d| d.headers["event-id"] == o1).expect("constraint dead letter");
+    assert_eq!(conflict.headers["outboxd-dlt-error-class"], "permanent");
+    assert!(conflict.headers["outboxd-dlt-error-message"].contains("23505"), "{:?}", conflict.headers);
+    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outboxd_inbox WHERE handler = 'balance' AND event_id IN ($1, $2)")
+        .bind(&d1)
+        .bind(&d2)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(inbox, 2);
+    daemon.stop().await.unwrap();
+}
