@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics};
 
@@ -14,6 +16,9 @@ pub struct Context {
     revoked: Mutex<Vec<(String, i32)>>,
     dirty: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Signalled when partitions were revoked, so the dispatcher retires their workers
+    /// at once even if no message arrives.
+    pub revoked_signal: Notify,
 }
 
 impl Context {
@@ -23,6 +28,7 @@ impl Context {
             revoked: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             metrics,
+            revoked_signal: Notify::new(),
         }
     }
 
@@ -55,7 +61,7 @@ impl ConsumerContext for Context {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Offsets stored so far belong to finished messages: commit them before the
             // partitions move to another member.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                 tracing::debug!(error = %e, "commit on revoke");
             }
             let mut revoked = self.revoked.lock().expect("revoked lock poisoned");
@@ -68,6 +74,7 @@ impl ConsumerContext for Context {
                 revoked.push((e.topic().to_owned(), e.partition()));
             }
             self.dirty.store(true, Ordering::Release);
+            self.revoked_signal.notify_one();
         }
     }
 

@@ -77,7 +77,7 @@ pub fn start(
     let mut client = ClientConfig::new();
     client
         .set("auto.offset.reset", "earliest")
-        .set("auto.commit.interval.ms", "1000")
+        .set("auto.commit.interval.ms", "200")
         .set("statistics.interval.ms", "5000");
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
@@ -146,9 +146,11 @@ impl Dispatcher {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
         let shared = self.shared.clone();
         loop {
+            // Not biased: a busy branch must not starve polling (rebalances, heartbeats
+            // of max.poll.interval.ms) nor the flushing of waiting messages.
             tokio::select! {
-                biased;
                 _ = shutdown.cancelled() => break,
+                _ = shared.consumer.context().revoked_signal.notified() => self.retire_revoked(),
                 _ = shared.space.notified(), if !self.pending.is_empty() => self.flush_pending(),
                 received = shared.consumer.recv() => {
                     self.retire_revoked();

@@ -33,7 +33,12 @@ async fn command_exit_codes_timeouts_and_literal_arguments() {
         pid.display(),
         injected.display()
     );
-    let cfg = consumer_config(&bootstrap, &[&topic], &[(&topic, None, "cmd")], vec![("cmd", handler(&handler_toml))]);
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "cmd")],
+        vec![("cmd", handler(&handler_toml))],
+    );
     produce(
         &bootstrap,
         &topic,
@@ -47,31 +52,68 @@ async fn command_exit_codes_timeouts_and_literal_arguments() {
     )
     .await;
     let daemon = Daemon::start(cfg).await;
-    let dead = consume(&bootstrap, &format!("{topic}.dlq"), 2, Duration::from_millis(200), Duration::from_secs(30)).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        2,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    )
+    .await;
     eventually("last message handled", Duration::from_secs(10), || async {
-        std::fs::read_to_string(&out).unwrap_or_default().lines().count() == 3
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 3
     })
     .await;
     let handled = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = handled.lines().collect();
     let literal = format!("$(touch {})", injected.display());
-    assert_eq!(lines, [
-        format!("ok|1|one|{literal}"),
-        format!("flaky|2|two|{literal}"),
-        format!("ok|1|five|{literal}"),
-    ]);
+    assert_eq!(
+        lines,
+        [
+            format!("ok|1|one|{literal}"),
+            format!("flaky|2|two|{literal}"),
+            format!("ok|1|five|{literal}"),
+        ]
+    );
     assert!(!injected.exists(), "the argument was expanded by a shell");
 
-    let broken = dead.iter().find(|d| d.payload == b"three").expect("broken dead-lettered");
+    let broken = dead
+        .iter()
+        .find(|d| d.payload == b"three")
+        .expect("broken dead-lettered");
     assert_eq!(broken.headers["outboxd-dlt-error-class"], "permanent");
-    assert!(broken.headers["outboxd-dlt-error-message"].contains("exit code 3: cannot parse three"), "{:?}", broken.headers);
-    let slow = dead.iter().find(|d| d.payload == b"four").expect("slow dead-lettered");
-    assert_eq!(slow.headers["outboxd-dlt-error-class"], "retryable_exhausted");
-    assert!(slow.headers["outboxd-dlt-error-message"].contains("killed"), "{:?}", slow.headers);
-    let child: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
-    eventually("timed-out child is gone", Duration::from_secs(5), || async {
-        !std::path::Path::new(&format!("/proc/{child}")).exists()
-    })
+    assert!(
+        broken.headers["outboxd-dlt-error-message"].contains("exit code 3: cannot parse three"),
+        "{:?}",
+        broken.headers
+    );
+    let slow = dead
+        .iter()
+        .find(|d| d.payload == b"four")
+        .expect("slow dead-lettered");
+    assert_eq!(
+        slow.headers["outboxd-dlt-error-class"],
+        "retryable_exhausted"
+    );
+    assert!(
+        slow.headers["outboxd-dlt-error-message"].contains("killed"),
+        "{:?}",
+        slow.headers
+    );
+    let child: i32 = std::fs::read_to_string(&pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eventually(
+        "timed-out child is gone",
+        Duration::from_secs(5),
+        || async { !std::path::Path::new(&format!("/proc/{child}")).exists() },
+    )
     .await;
     daemon.stop().await.unwrap();
 }
@@ -106,40 +148,89 @@ async fn sql_handler_applies_each_event_once_and_dead_letters_bad_payloads() {
     );
     cfg.database.url = Some(database_url());
     // Event ids unique to this run: the inbox outlives it.
-    let (d1, d2, d3, o1) = (format!("{summary}-1"), format!("{summary}-2"), format!("{summary}-3"), format!("{summary}-open"));
+    let (d1, d2, d3, o1) = (
+        format!("{summary}-1"),
+        format!("{summary}-2"),
+        format!("{summary}-3"),
+        format!("{summary}-open"),
+    );
     let deposit = [("event-type", "DepositMade")];
     produce(
         &bootstrap,
         &topic,
         &[
-            (0, "acc-1", br#"{"amount": 10.5, "accountId": "acc-1"}"#, &[("event-id", &d1), deposit[0]]),
+            (
+                0,
+                "acc-1",
+                br#"{"amount": 10.5, "accountId": "acc-1"}"#,
+                &[("event-id", &d1), deposit[0]],
+            ),
             // The same event delivered again (e.g. a relay retry): no second effect.
-            (0, "acc-1", br#"{"amount": 10.5, "accountId": "acc-1"}"#, &[("event-id", &d1), deposit[0]]),
-            (0, "acc-1", br#"{"amount": 5, "accountId": "acc-1"}"#, &[("event-id", &d2), deposit[0]]),
+            (
+                0,
+                "acc-1",
+                br#"{"amount": 10.5, "accountId": "acc-1"}"#,
+                &[("event-id", &d1), deposit[0]],
+            ),
+            (
+                0,
+                "acc-1",
+                br#"{"amount": 5, "accountId": "acc-1"}"#,
+                &[("event-id", &d2), deposit[0]],
+            ),
             (0, "acc-1", b"not json", &[("event-id", &d3), deposit[0]]),
-            (0, "acc-1", br#"{"accountId": "acc-1"}"#, &[("event-id", &o1), ("event-type", "AccountOpened")]),
+            (
+                0,
+                "acc-1",
+                br#"{"accountId": "acc-1"}"#,
+                &[("event-id", &o1), ("event-type", "AccountOpened")],
+            ),
         ],
     )
     .await;
     let daemon = Daemon::start(cfg).await;
-    let dead = consume(&bootstrap, &format!("{topic}.dlq"), 2, Duration::from_millis(300), Duration::from_secs(30)).await;
-    let balance: String = sqlx::query_scalar(&format!("SELECT balance::text FROM {summary} WHERE account_id = 'acc-1'"))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        2,
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    )
+    .await;
+    let balance: String = sqlx::query_scalar(&format!(
+        "SELECT balance::text FROM {summary} WHERE account_id = 'acc-1'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(balance, "15.5");
-    let decode = dead.iter().find(|d| d.headers["event-id"] == d3).expect("decode dead letter");
+    let decode = dead
+        .iter()
+        .find(|d| d.headers["event-id"] == d3)
+        .expect("decode dead letter");
     assert_eq!(decode.headers["outboxd-dlt-error-class"], "decode");
-    assert_eq!(decode.headers["outboxd-dlt-attempts"], "1", "no retries for an undecodable payload");
-    let conflict = dead.iter().find(|d| d.headers["event-id"] == o1).expect("constraint dead letter");
+    assert_eq!(
+        decode.headers["outboxd-dlt-attempts"], "1",
+        "no retries for an undecodable payload"
+    );
+    let conflict = dead
+        .iter()
+        .find(|d| d.headers["event-id"] == o1)
+        .expect("constraint dead letter");
     assert_eq!(conflict.headers["outboxd-dlt-error-class"], "permanent");
-    assert!(conflict.headers["outboxd-dlt-error-message"].contains("23505"), "{:?}", conflict.headers);
-    let inbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outboxd_inbox WHERE handler = 'balance' AND event_id IN ($1, $2)")
-        .bind(&d1)
-        .bind(&d2)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert!(
+        conflict.headers["outboxd-dlt-error-message"].contains("23505"),
+        "{:?}",
+        conflict.headers
+    );
+    let inbox: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outboxd_inbox WHERE handler = 'balance' AND event_id IN ($1, $2)",
+    )
+    .bind(&d1)
+    .bind(&d2)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!(inbox, 2);
     daemon.stop().await.unwrap();
 }

@@ -16,16 +16,16 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::helpers::unique;
 
+/// A test message: partition, key, value, headers.
+pub type Msg<'a> = (i32, &'a str, &'a [u8], &'a [(&'a str, &'a str)]);
+
 /// Produces `(partition, key, value, headers)` messages to `topic`, awaiting each ack.
-pub async fn produce(
-    bootstrap: &str,
-    topic: &str,
-    messages: &[(i32, &str, &[u8], &[(&str, &str)])],
-) {
+pub async fn produce(bootstrap: &str, topic: &str, messages: &[Msg<'_>]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .unwrap();
+    let mut deliveries = Vec::new();
     for (partition, key, value, headers) in messages {
         let mut h = OwnedHeaders::new();
         for (k, v) in *headers {
@@ -39,10 +39,15 @@ pub async fn produce(
             .key(*key)
             .payload(*value)
             .headers(h);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .expect("test message produced");
+        deliveries.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("enqueued"),
+        );
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().expect("test message produced");
     }
 }
 
@@ -69,7 +74,7 @@ pub async fn produce_events(
         .iter()
         .map(|(_, _, id)| [("event-id", id.as_str()), ("event-type", event_type)])
         .collect();
-    let messages: Vec<(i32, &str, &[u8], &[(&str, &str)])> = bodies
+    let messages: Vec<Msg<'_>> = bodies
         .iter()
         .zip(&headers)
         .map(|((k, v, _), h)| (partition, k.as_str(), v.as_bytes(), &h[..]))

@@ -6,6 +6,7 @@ mod helpers;
 
 mod cli;
 mod consumer_delivery;
+mod consumer_faults;
 mod consumer_handlers;
 mod relay_delivery;
 mod relay_faults;

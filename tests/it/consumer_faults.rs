@@ -1,0 +1,326 @@
+//! Consumer faults: dead-letter topic unavailable, one partition stuck in retries, restart
+//! during retries, a second member joining, SIGTERM under load.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+use crate::consumer_helpers::*;
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
+    let topic = unique("dlqdown");
+    let cluster = cluster(&topic, 1);
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let server = TestServer::start(&[400], 200).await;
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![(
+            "web",
+            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
+        )],
+    );
+    let group = group_of(&cfg);
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            (0, "k", b"bad", &[]),
+            (0, "k", b"good-1", &[]),
+            (0, "k", b"good-2", &[]),
+        ],
+    )
+    .await;
+    // Every produce request (only dead letters are produced from now on) fails for a while.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000],
+    );
+    let daemon = Daemon::start(cfg).await;
+    eventually(
+        "first message refused by the server",
+        Duration::from_secs(30),
+        || async { server.count() == 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.count(), 1, "the partition waits for its dead letter");
+    assert_eq!(
+        committed(&bootstrap, &group, &topic, 0),
+        None,
+        "nothing committed past the failed message"
+    );
+    assert_eq!(
+        daemon.metric("outboxd_consumer_dead_letter_total", &[]),
+        0.0
+    );
+
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::ZERO,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(dead[0].payload, b"bad");
+    eventually("partition moved on", Duration::from_secs(30), || async {
+        server.count() == 3
+    })
+    .await;
+    eventually("all committed", Duration::from_secs(10), || async {
+        committed(&bootstrap, &group, &topic, 0) == Some(3)
+    })
+    .await;
+    assert_eq!(server.bodies(), ["bad", "good-1", "good-2"]);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_retry_holds_back_only_its_own_partition() {
+    let topic = unique("stuck");
+    let cluster = cluster(&topic, 2);
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"input=$(cat); case "$input" in stuck*) exit 75 ;; esac; echo "$OUTBOXD_PARTITION $input" >> "$1""#;
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "cmd")],
+        vec![("cmd", handler(&format!(
+            "kind = \"command\"\nprogram = \"/bin/sh\"\nargs = [\"-c\", {script:?}, \"sh\", \"{}\"]\nretry_exit_codes = [75]\n[retry]\nmax_attempts = 1000\nmax_elapsed = \"1h\"",
+            out.display()
+        )))],
+    );
+    let mut messages: Vec<Msg<'_>> = vec![(0, "a", b"stuck", &[]), (0, "a", b"after-stuck", &[])];
+    let bodies: Vec<String> = (0..20).map(|i| format!("p1-{i}")).collect();
+    messages.extend(bodies.iter().map(|b| (1, "b", b.as_bytes(), &[][..])));
+    produce(&bootstrap, &topic, &messages).await;
+    let daemon = Daemon::start(cfg).await;
+    eventually(
+        "partition 1 fully handled",
+        Duration::from_secs(30),
+        || async {
+            std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 20
+        },
+    )
+    .await;
+    let handled = std::fs::read_to_string(&out).unwrap();
+    assert!(handled.lines().all(|l| l.starts_with("1 p1-")), "{handled}");
+    assert!(daemon.metric("outboxd_consumer_retries_total", &[("handler", "cmd")]) >= 1.0);
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stopped_during_retries_handles_the_message_again_after_restart() {
+    let topic = unique("restart");
+    let cluster = cluster(&topic, 1);
+    let bootstrap = cluster.bootstrap_servers();
+    let server = TestServer::start(&[], 503).await;
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![(
+            "web",
+            handler(&format!(
+                "kind = \"http\"\nurl = \"{}\"\n[retry]\nmax_attempts = 1000\nmax_elapsed = \"1h\"",
+                server.url
+            )),
+        )],
+    );
+    cfg.consumer.as_mut().unwrap().retry.max_delay = Duration::from_millis(200);
+    let group = group_of(&cfg);
+    produce(&bootstrap, &topic, &[(0, "k", b"once-failing", &[])]).await;
+    let first = Daemon::start(cfg.clone()).await;
+    eventually("retrying", Duration::from_secs(30), || async {
+        server.count() >= 2
+    })
+    .await;
+    first.stop().await.unwrap();
+    assert_eq!(
+        committed(&bootstrap, &group, &topic, 0),
+        None,
+        "an unfinished message is not committed"
+    );
+
+    server.set_fallback(200);
+    let before = server.count();
+    let second = Daemon::start(cfg).await;
+    eventually("handled after restart", Duration::from_secs(30), || async {
+        committed(&bootstrap, &group, &topic, 0) == Some(1)
+    })
+    .await;
+    assert!(server.count() > before, "the message was delivered again");
+    second.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_member_joining_mid_stream_loses_nothing() {
+    let topic = unique("join");
+    let cluster = cluster(&topic, 4);
+    let bootstrap = cluster.bootstrap_servers();
+    let server = TestServer::start(&[], 200).await;
+    server.set_delay(Duration::from_millis(10));
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![(
+            "web",
+            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
+        )],
+    );
+    // Members notice the rebalance at their next heartbeat.
+    cfg.kafka.options.insert(
+        "heartbeat.interval.ms".into(),
+        outboxd::config::OptionValue::Int(300),
+    );
+    let total = 1600;
+    for p in 0..4 {
+        produce_events(
+            &bootstrap,
+            &topic,
+            p,
+            &format!("p{p}"),
+            "E",
+            (p as i64 * 400)..(p as i64 * 400 + 400),
+        )
+        .await;
+    }
+    let a = Daemon::start(cfg.clone()).await;
+    eventually(
+        "first member under way",
+        Duration::from_secs(30),
+        || async { server.count() >= 50 },
+    )
+    .await;
+    let b = Daemon::start(cfg).await;
+    eventually("every message handled", Duration::from_secs(60), || async {
+        let mut seen: Vec<String> = server.bodies();
+        seen.sort();
+        seen.dedup();
+        seen.len() == total
+    })
+    .await;
+    let handled_by_b = b.metric("outboxd_consumer_messages_total", &[("outcome", "done")]);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for body in server.bodies() {
+        *counts.entry(body).or_default() += 1;
+    }
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    // Duplicates are the messages handled since the last offset commit that succeeded.
+    // Kafka accepts the commit outboxd makes on revoke, leaving only messages in flight;
+    // librdkafka's mock cluster refuses commits while a rebalance is in progress, so here
+    // the window is the auto-commit interval plus the rebalance itself: at ~400 messages/s
+    // about a second's worth.
+    assert!(
+        duplicates <= 400,
+        "{duplicates} duplicates: more than a second's worth of messages"
+    );
+    assert!(handled_by_b > 0.0, "the second member took partitions");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_0_and_a_restart_resumes_after_the_committed_offsets() {
+    let topic = unique("consigterm");
+    let cluster = cluster(&topic, 2);
+    let bootstrap = cluster.bootstrap_servers();
+    let server = TestServer::start(&[], 200).await;
+    server.set_delay(Duration::from_millis(10));
+    let total = 600;
+    for p in 0..2 {
+        produce_events(
+            &bootstrap,
+            &topic,
+            p,
+            "e",
+            "E",
+            (p as i64 * 300)..(p as i64 * 300 + 300),
+        )
+        .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "shutdown_timeout = \"5s\"\n[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.options]\n\"session.timeout.ms\" = 6000\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n\
+             [consumer]\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"web\"\n\
+             [handlers.web]\nkind = \"http\"\nurl = \"{}\"\n",
+            unique("group"),
+            server.url
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = run();
+    eventually("under load", Duration::from_secs(30), || async {
+        server.count() >= 100
+    })
+    .await;
+    let signalled = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "no exit within shutdown_timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let handled_before = server.count();
+    assert!(handled_before < total, "stopped mid-stream");
+
+    let mut child = run();
+    eventually(
+        "the rest handled after restart",
+        Duration::from_secs(60),
+        || async { server.count() >= total },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for body in server.bodies() {
+        *counts.entry(body).or_default() += 1;
+    }
+    assert_eq!(counts.len(), total, "every message handled");
+    let duplicates: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "the restart resumed after the committed offsets, yet these came twice: {duplicates:?}"
+    );
+}
