@@ -59,6 +59,17 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn a_consumer_only_configuration_needs_no_database() {
+    let toml = "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
+                [[consumer.routes]]\ntopic = \"events\"\nhandler = \"h\"\n\
+                [handlers.h]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/x\"\nheaders = { authorization = \"Bearer s3cret\" }\n";
+    let (code, out, err) = run_with(&["check-config"], toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("authorization = \"<redacted>\""), "{out}");
+    assert!(!out.contains("s3cret"));
+}
+
+#[test]
 fn environment_overrides_the_file() {
     let env = [
         ("OUTBOXD_DATABASE__URL", "postgres://other@db.internal/app"),
@@ -165,7 +176,21 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "database.url",
         ),
     ];
-    for (what, toml, key) in cases {
+    let consumer = "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n";
+    let route = "[[consumer.routes]]\ntopic = \"events\"\nhandler = \"h\"\n";
+    let consumer_cases: Vec<(&str, String, &str)> = vec![
+        ("route to a missing handler", format!("{consumer}{route}"), "consumer.routes[0].handler"),
+        ("unknown handler kind", format!("{consumer}{route}[handlers.h]\nkind = \"smtp\"\n"), "handlers.h.kind"),
+        ("http url scheme", format!("{consumer}{route}[handlers.h]\nkind = \"http\"\nurl = \"ftp://x\"\n"), "handlers.h.url"),
+        ("bad JSON pointer", format!("[database]\nurl = \"postgres://x@h/db\"\n{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT $1\"\nparams = [\"amount\"]\n"), "handlers.h.params[0]"),
+        ("too few params", format!("[database]\nurl = \"postgres://x@h/db\"\n{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT $1, $2\"\nparams = [\"/a\"]\n"), "handlers.h.params"),
+        ("sql without database", format!("{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"), "database.url"),
+        ("retry multiplier", format!("{consumer}{route}[handlers.h]\nkind = \"log\"\n[handlers.h.retry]\nmultiplier = 0.5\n"), "handlers.h.retry.multiplier"),
+        ("no topics", "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = []\n".to_string(), "consumer.topics"),
+        ("bad unrouted", format!("{consumer}unrouted = \"drop\"\n"), "unrouted"),
+        ("bad dialect", format!("{consumer}dead_letter_headers = \"camel\"\n"), "dead_letter_headers"),
+    ];
+    for (what, toml, key) in cases.into_iter().chain(consumer_cases) {
         let (code, _, err) = run_with(&["check-config"], &toml, &[]);
         assert_eq!(code, 78, "{what}: exit {code}, stderr: {err}");
         assert!(
@@ -293,7 +318,7 @@ async fn migrate_applies_the_embedded_migrations() {
     assert_eq!(code, 0, "{err}");
     let pool = db().await;
     let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT tablename::text FROM pg_tables WHERE tablename IN ('outbox', 'outboxd_dead_rows', 'outboxd_relay_attempts') ORDER BY 1",
+        "SELECT tablename::text FROM pg_tables WHERE tablename IN ('outbox', 'outboxd_dead_rows', 'outboxd_inbox', 'outboxd_relay_attempts') ORDER BY 1",
     )
     .fetch_all(&pool)
     .await
