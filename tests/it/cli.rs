@@ -176,7 +176,8 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "database.url",
         ),
     ];
-    let consumer = "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n";
+    let consumer =
+        "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n";
     let route = "[[consumer.routes]]\ntopic = \"events\"\nhandler = \"h\"\n";
     let consumer_cases: Vec<(&str, String, &str)> = vec![
         ("route to a missing handler", format!("{consumer}{route}"), "consumer.routes[0].handler"),
@@ -325,6 +326,85 @@ async fn migrate_applies_the_embedded_migrations() {
     .unwrap();
     assert_eq!(
         tables,
-        ["outbox", "outboxd_dead_rows", "outboxd_relay_attempts"]
+        [
+            "outbox",
+            "outboxd_dead_rows",
+            "outboxd_inbox",
+            "outboxd_relay_attempts"
+        ]
     );
+}
+
+/// Every key of the configuration schema appears in config/outboxd.toml, the commented
+/// reference, and that file passes check-config.
+#[test]
+fn the_reference_config_documents_every_key() {
+    use outboxd::config::*;
+    let reference =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/outboxd.toml"))
+            .unwrap();
+    let mut full = Config::default();
+    full.database.url_file = Some("/run/secrets/db".into());
+    full.relay.tables.push(TableConfig {
+        topic_column: Some("topic".into()),
+        order_column: Some("seq".into()),
+        ..TableConfig::default()
+    });
+    let mut consumer: ConsumerConfig = toml::from_str("group_id = \"g\"\ntopics = []").unwrap();
+    consumer.routes.push(RouteConfig {
+        topic: "t".into(),
+        event_type: Some("E".into()),
+        handler: "h".into(),
+    });
+    full.consumer = Some(consumer);
+    for text in [
+        "kind = \"http\"\nurl = \"http://x\"\nheaders = { x-tenant = \"t\" }\n[retry]\ninitial = \"1s\"\nmultiplier = 2.0\nmax_delay = \"2s\"\nmax_attempts = 2\nmax_elapsed = \"1m\"",
+        "kind = \"command\"\nprogram = \"/bin/true\"",
+        "kind = \"sql\"\nstatement = \"SELECT 1\"",
+        "kind = \"kafka\"\ntopic = \"t\"",
+        "kind = \"log\"",
+    ] {
+        let h: HandlerConfig = toml::from_str(text).unwrap();
+        full.handlers.insert(format!("h{}", full.handlers.len()), h);
+    }
+    let value = toml::Value::try_from(&full).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    collect_keys(&value, &mut keys);
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            !reference.lines().any(|l| {
+                l.trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{k} ="))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "config/outboxd.toml does not document: {missing:?}"
+    );
+    let (code, _, err) = run_with(&["check-config"], &reference, &[]);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Names of keys holding values (not sections); entries of free-form maps (`headers`,
+/// `options`) are examples, not schema keys.
+fn collect_keys(v: &toml::Value, keys: &mut std::collections::BTreeSet<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let section = v.is_table()
+                    || v.as_array()
+                        .is_some_and(|a| a.iter().all(toml::Value::is_table) && !a.is_empty());
+                if !section {
+                    keys.insert(k.clone());
+                }
+                if k != "headers" && k != "options" {
+                    collect_keys(v, keys);
+                }
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| collect_keys(v, keys)),
+        _ => {}
+    }
 }
