@@ -340,3 +340,55 @@ async fn a_hanging_server_times_out_retryably_then_dead_letters() {
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_fail_stops_only_that_partition() {
+    let topic = unique("failpolicy");
+    let cluster = cluster(&topic, 2);
+    let bootstrap = cluster.bootstrap_servers();
+    let server = TestServer::start(&[], 200).await;
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, Some("Known"), "web")],
+        vec![(
+            "web",
+            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
+        )],
+    );
+    cfg.consumer.as_mut().unwrap().unrouted = outboxd::config::Unrouted::Fail;
+    let group = group_of(&cfg);
+    let known: &[(&str, &str)] = &[("event-type", "Known")];
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            (0, "a", b"p0-first", known),
+            (0, "a", b"p0-unknown", &[("event-type", "Unknown")]),
+            (0, "a", b"p0-after", known),
+            (1, "b", b"p1-first", known),
+            (1, "b", b"p1-second", known),
+        ],
+    )
+    .await;
+    let daemon = Daemon::start(cfg).await;
+    eventually(
+        "partition 1 and the head of partition 0 handled",
+        Duration::from_secs(30),
+        || async { server.count() == 3 },
+    )
+    .await;
+    eventually("partition 1 committed", Duration::from_secs(10), || async {
+        committed(&bootstrap, &group, &topic, 1) == Some(2)
+    })
+    .await;
+    assert_eq!(
+        committed(&bootstrap, &group, &topic, 0),
+        Some(1),
+        "partition 0 stops at the unrouted message"
+    );
+    let mut bodies = server.bodies();
+    bodies.sort();
+    assert_eq!(bodies, ["p0-first", "p1-first", "p1-second"]);
+    daemon.stop().await.unwrap();
+}
