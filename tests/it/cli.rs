@@ -2,7 +2,7 @@
 //! migrate, and a SIGTERM drain of a separate `outboxd run` process.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -258,25 +258,8 @@ async fn sigterm_during_a_large_drain_exits_0_in_time_and_loses_nothing() {
         count_rows(&pool, &table).await < total - 2000
     })
     .await;
-    let signalled = Instant::now();
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(10),
-            "no exit within shutdown_timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    let (code, stderr) = terminate(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
 
     let remaining: Vec<i64> =
         sqlx::query_scalar(&format!("SELECT (payload->>'n')::int8 FROM {table}"))

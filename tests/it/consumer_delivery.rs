@@ -7,10 +7,7 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_topic_glob_and_event_type_and_dead_letters_the_unrouted() {
-    let topic = unique("orders");
-    let cluster = cluster(&topic, 1);
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("orders", 1);
     let created = TestServer::start(&[], 200).await;
     let any = TestServer::start(&[], 200).await;
     let glob = format!("{}*", &topic[..topic.len() - 3]);
@@ -22,14 +19,8 @@ async fn routes_by_topic_glob_and_event_type_and_dead_letters_the_unrouted() {
             (&topic, Some("OrderShipped"), "any"),
         ],
         vec![
-            (
-                "created",
-                handler(&format!("kind = \"http\"\nurl = \"{}\"", created.url)),
-            ),
-            (
-                "any",
-                handler(&format!("kind = \"http\"\nurl = \"{}\"", any.url)),
-            ),
+            ("created", http_to(&created.url, "")),
+            ("any", http_to(&any.url, "")),
         ],
     );
     produce(
@@ -86,18 +77,13 @@ async fn routes_by_topic_glob_and_event_type_and_dead_letters_the_unrouted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_messages_can_be_skipped() {
-    let topic = unique("skip");
-    let cluster = cluster(&topic, 1);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("skip", 1);
     let server = TestServer::start(&[], 200).await;
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],
         &[(&topic, Some("Wanted"), "web")],
-        vec![(
-            "web",
-            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
-        )],
+        vec![("web", http_to(&server.url, ""))],
     );
     cfg.consumer.as_mut().unwrap().unrouted = outboxd::config::Unrouted::Skip;
     let group = group_of(&cfg);
@@ -126,9 +112,7 @@ async fn unrouted_messages_can_be_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_503_twice_then_200_is_delivered_once_after_three_attempts() {
-    let topic = unique("http503");
-    let cluster = cluster(&topic, 1);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("http503", 1);
     let server = TestServer::start(&[503, 503], 200).await;
     let cfg = consumer_config(
         &bootstrap,
@@ -215,10 +199,7 @@ async fn http_400_dead_letters_with_context_headers_in_every_dialect() {
             &bootstrap,
             &[&topic],
             &[(&topic, None, "web")],
-            vec![(
-                "web",
-                handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
-            )],
+            vec![("web", http_to(&server.url, ""))],
         );
         cfg.consumer.as_mut().unwrap().dead_letter_headers = dialect;
         let group = group_of(&cfg);
@@ -299,10 +280,7 @@ async fn http_400_dead_letters_with_context_headers_in_every_dialect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_server_times_out_retryably_then_dead_letters() {
-    let topic = unique("hang");
-    let cluster = cluster(&topic, 1);
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("hang", 1);
     let server = TestServer::start(&[], 200).await;
     server.set_delay(Duration::from_secs(5));
     let mut cfg = consumer_config(
@@ -343,18 +321,13 @@ async fn a_hanging_server_times_out_retryably_then_dead_letters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_fail_stops_only_that_partition() {
-    let topic = unique("failpolicy");
-    let cluster = cluster(&topic, 2);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("failpolicy", 2);
     let server = TestServer::start(&[], 200).await;
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],
         &[(&topic, Some("Known"), "web")],
-        vec![(
-            "web",
-            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
-        )],
+        vec![("web", http_to(&server.url, ""))],
     );
     cfg.consumer.as_mut().unwrap().unrouted = outboxd::config::Unrouted::Fail;
     let group = group_of(&cfg);

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
@@ -12,19 +12,13 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
-    let topic = unique("dlqdown");
-    let cluster = cluster(&topic, 1);
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, cluster, bootstrap) = consuming("dlqdown", 1);
     let server = TestServer::start(&[400], 200).await;
     let cfg = consumer_config(
         &bootstrap,
         &[&topic],
         &[(&topic, None, "web")],
-        vec![(
-            "web",
-            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
-        )],
+        vec![("web", http_to(&server.url, ""))],
     );
     let group = group_of(&cfg);
     produce(
@@ -85,9 +79,7 @@ async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_in_retry_holds_back_only_its_own_partition() {
-    let topic = unique("stuck");
-    let cluster = cluster(&topic, 2);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("stuck", 2);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let script = r#"input=$(cat); case "$input" in stuck*) exit 75 ;; esac; echo "$OUTBOXD_PARTITION $input" >> "$1""#;
@@ -125,9 +117,7 @@ async fn a_message_in_retry_holds_back_only_its_own_partition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_stopped_during_retries_handles_the_message_again_after_restart() {
-    let topic = unique("restart");
-    let cluster = cluster(&topic, 1);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("restart", 1);
     let server = TestServer::start(&[], 503).await;
     let mut cfg = consumer_config(
         &bootstrap,
@@ -169,19 +159,14 @@ async fn a_consumer_stopped_during_retries_handles_the_message_again_after_resta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_member_joining_mid_stream_loses_nothing() {
-    let topic = unique("join");
-    let cluster = cluster(&topic, 4);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("join", 4);
     let server = TestServer::start(&[], 200).await;
     server.set_delay(Duration::from_millis(10));
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],
         &[(&topic, None, "web")],
-        vec![(
-            "web",
-            handler(&format!("kind = \"http\"\nurl = \"{}\"", server.url)),
-        )],
+        vec![("web", http_to(&server.url, ""))],
     );
     // Members notice the rebalance at their next heartbeat.
     cfg.kafka.options.insert(
@@ -237,9 +222,7 @@ async fn a_second_member_joining_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_0_and_a_restart_resumes_after_the_committed_offsets() {
-    let topic = unique("consigterm");
-    let cluster = cluster(&topic, 2);
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("consigterm", 2);
     let server = TestServer::start(&[], 200).await;
     server.set_delay(Duration::from_millis(10));
     let total = 600;
@@ -281,25 +264,8 @@ async fn sigterm_under_load_exits_0_and_a_restart_resumes_after_the_committed_of
         server.count() >= 100
     })
     .await;
-    let signalled = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(5),
-            "no exit within shutdown_timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    let (code, stderr) = terminate(&mut child, Duration::from_secs(5)).await;
+    assert_eq!(code, Some(0), "{stderr}");
     let handled_before = server.count();
     assert!(handled_before < total, "stopped mid-stream");
 

@@ -7,10 +7,7 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_exit_codes_timeouts_and_literal_arguments() {
-    let topic = unique("cmd");
-    let cluster = cluster(&topic, 1);
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("cmd", 1);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let pid = dir.path().join("pid");
@@ -129,10 +126,7 @@ async fn sql_handler_applies_each_event_once_and_dead_letters_bad_payloads() {
     .execute(&pool)
     .await
     .unwrap();
-    let topic = unique("sql");
-    let cluster = cluster(&topic, 1);
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
-    let bootstrap = cluster.bootstrap_servers();
+    let (topic, _cluster, bootstrap) = consuming("sql", 1);
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],

@@ -122,6 +122,21 @@ pub fn consumer_config(
     c
 }
 
+/// A fresh topic `prefix…` with `partitions` partitions and its `.dlq` topic on a new mock
+/// cluster: `(topic, cluster, bootstrap servers)`.
+pub fn consuming(prefix: &str, partitions: i32) -> (String, crate::helpers::Cluster, String) {
+    let topic = unique(prefix);
+    let cluster = crate::helpers::cluster(&topic, partitions);
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    (topic, cluster, bootstrap)
+}
+
+/// An http handler posting to `url`, plus extra TOML lines.
+pub fn http_to(url: &str, extra: &str) -> HandlerConfig {
+    handler(&format!("kind = \"http\"\nurl = \"{url}\"\n{extra}"))
+}
+
 /// A handler from its TOML text, e.g. `kind = "log"`.
 pub fn handler(toml_text: &str) -> HandlerConfig {
     toml::from_str(toml_text).unwrap()
