@@ -17,6 +17,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/outboxd/outboxd.toml";
 /// sysexits.h EX_CONFIG: the configuration is unusable; restarting will not help.
 pub const EX_CONFIG: u8 = 78;
 
+/// sysexits.h EX_USAGE: a command-line argument is unusable.
+pub const EX_USAGE: u8 = 64;
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +45,40 @@ pub enum Command {
     CheckConfig,
     /// Apply the embedded database migrations and exit.
     Migrate,
+    /// Insert one event into an outbox table, as an application would (a smoke test of the
+    /// whole pipeline).
+    Emit(EmitArgs),
+    /// Ask the local `/readyz`: exit 0 when ready, 1 otherwise (for container HEALTHCHECK).
+    Healthcheck,
+}
+
+/// `outboxd emit`
+#[derive(Debug, clap::Args)]
+pub struct EmitArgs {
+    /// The `[[relay.tables]]` table to insert into (default: the first one).
+    #[arg(long)]
+    pub table: Option<String>,
+    /// Event type.
+    #[arg(long = "type")]
+    pub event_type: String,
+    /// Key (aggregate id).
+    #[arg(long)]
+    pub key: String,
+    /// Aggregate type.
+    #[arg(long, default_value = "outboxd-emit")]
+    pub aggregate_type: String,
+    /// A header `name=value`; repeatable.
+    #[arg(long = "header", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// The payload, a JSON document.
+    pub payload: String,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("`{s}` is not name=value"))
 }
 
 /// A failed command.
@@ -56,6 +93,15 @@ pub enum CliError {
     /// Migrations failed.
     #[error("migration failed: {0}")]
     Migrate(String),
+    /// `emit` could not insert the event.
+    #[error("emit: {0}")]
+    Emit(String),
+    /// `emit` was given something unusable.
+    #[error("emit: {0}")]
+    EmitInput(String),
+    /// `healthcheck`: not ready.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The process could not set itself up (runtime, signal handlers).
     #[error("startup: {0}")]
     Startup(#[from] std::io::Error),
@@ -66,6 +112,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Run(RunError::Config(_)) => EX_CONFIG,
+            CliError::EmitInput(_) => EX_USAGE,
             _ => 1,
         }
     }
@@ -100,6 +147,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             })
         }
+        Command::Emit(args) => runtime()?.block_on(emit(&config, &args)),
+        Command::Healthcheck => runtime()?.block_on(healthcheck(&config)),
         Command::Run => {
             init_logging(&config.log);
             runtime()?.block_on(async {
@@ -108,6 +157,72 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 Ok(())
             })
         }
+    }
+}
+
+async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
+    use crate::relay::store::postgres::{self as pg, NewEvent};
+    use sqlx::Connection;
+    let table = match &args.table {
+        Some(name) => config.relay.tables.iter().find(|t| &t.table == name),
+        None => config.relay.tables.first(),
+    }
+    .ok_or_else(|| {
+        CliError::EmitInput(format!(
+            "no [[relay.tables]] entry named `{}` in the configuration",
+            args.table.as_deref().unwrap_or_default()
+        ))
+    })?;
+    serde_json::from_str::<serde_json::Value>(&args.payload)
+        .map_err(|e| CliError::EmitInput(format!("the payload is not JSON: {e}")))?;
+    let headers = args
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    let opts = db::connect_options(&config.database).map_err(CliError::EmitInput)?;
+    let mut conn = sqlx::postgres::PgConnection::connect_with(&opts)
+        .await
+        .map_err(|e| CliError::Emit(e.to_string()))?;
+    let event = NewEvent {
+        key: &args.key,
+        event_type: &args.event_type,
+        aggregate_type: &args.aggregate_type,
+        payload: &args.payload,
+        headers: &headers,
+    };
+    let id = pg::emit(&mut conn, table, &event)
+        .await
+        .map_err(|e| CliError::Emit(e.to_string()))?;
+    println!("inserted row {id} into {}", table.table);
+    Ok(())
+}
+
+async fn healthcheck(config: &Config) -> Result<(), CliError> {
+    let mut addr = config.http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/readyz");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| CliError::NotReady(e.to_string()))?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| CliError::NotReady(format!("{url}: {e}")))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        println!("{}", body.trim());
+        Ok(())
+    } else {
+        Err(CliError::NotReady(format!(
+            "{url}: HTTP {status}: {}",
+            body.trim()
+        )))
     }
 }
 

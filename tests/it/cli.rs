@@ -391,3 +391,77 @@ fn collect_keys(v: &toml::Value, keys: &mut std::collections::BTreeSet<String>) 
         _ => {}
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emit_inserts_an_event_that_the_relay_publishes() {
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("emit", 1).await;
+    let toml = format!(
+        "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"embedded\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\n",
+        database_url()
+    );
+    let args = [
+        "emit",
+        "--type",
+        &table,
+        "--key",
+        "acc-7",
+        "--header",
+        "tenant=acme",
+        "--header",
+        "traceparent=00-abc-def-01",
+        r#"{"n": 7}"#,
+    ];
+    let (code, out, err) = run_with(&args, &toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("inserted row "), "{out}");
+    let (code, _, err) = run_with(
+        &["emit", "--type", "X", "--key", "k", "{not json"],
+        &toml,
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("not JSON"), "{err}");
+
+    let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        1,
+        Duration::ZERO,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(received[0].n, 7);
+    assert_eq!(received[0].key, "acc-7");
+    assert_eq!(received[0].headers["tenant"], "acme");
+    assert_eq!(received[0].headers["traceparent"], "00-abc-def-01");
+    assert_eq!(received[0].headers["aggregate-type"], "outboxd-emit");
+    drained(&pool, &table, Duration::from_secs(10)).await;
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_follows_readiness() {
+    let Relayed { table, cluster, .. } = relayed("health", 1).await;
+    let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
+    let toml = format!(
+        "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"embedded\"\n[http]\nlisten = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\n",
+        database_url(),
+        daemon.http_addr
+    );
+    let (code, out, err) = run_with(&["healthcheck"], &toml, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    cluster.broker_down(1).unwrap();
+    let (code, _, err) = run_with(&["healthcheck"], &toml, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("kafka"), "{err}");
+    cluster.broker_up(1).unwrap();
+    daemon.stop().await.unwrap();
+    let (code, _, _) = run_with(&["healthcheck"], &toml, &[]);
+    assert_eq!(code, 1, "nothing listens any more");
+}

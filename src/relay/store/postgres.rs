@@ -410,3 +410,67 @@ pub async fn held_locks(
 pub async fn ping(conn: &mut PgConnection) -> Result<(), StoreError> {
     Ok(conn.ping().await?)
 }
+
+/// One event to insert the way an application would (`outboxd emit`).
+pub struct NewEvent<'a> {
+    /// Key column value.
+    pub key: &'a str,
+    /// Event type column value (when the mapping has one).
+    pub event_type: &'a str,
+    /// Aggregate type column value (when the mapping has one).
+    pub aggregate_type: &'a str,
+    /// Payload (JSON text).
+    pub payload: &'a str,
+    /// Headers as a JSON object (when the mapping has a headers column).
+    pub headers: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// Inserts `event` into table `t` through its column mapping; returns the new row's id.
+/// Values are cast from text to each column's own type.
+pub async fn emit(
+    conn: &mut PgConnection,
+    t: &TableConfig,
+    event: &NewEvent<'_>,
+) -> Result<String, StoreError> {
+    introspect(conn, t).await?;
+    let headers = serde_json::Value::Object(event.headers.clone()).to_string();
+    let columns: Vec<(&str, &str)> = [
+        (t.key_column.as_str(), event.key),
+        (t.payload_column.as_str(), event.payload),
+        (t.event_type_column.as_str(), event.event_type),
+        (t.aggregate_type_column.as_str(), event.aggregate_type),
+        (t.headers_column.as_str(), headers.as_str()),
+    ]
+    .into_iter()
+    .filter(|(c, _)| !c.is_empty())
+    .collect();
+    let table = quote_table(&t.table);
+    let mut types = Vec::new();
+    for (column, _) in &columns {
+        let ty: String = sqlx::query_scalar(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2",
+        )
+        .bind(&table)
+        .bind(column)
+        .fetch_one(&mut *conn)
+        .await?;
+        types.push(ty);
+    }
+    let names: Vec<String> = columns.iter().map(|(c, _)| q(c)).collect();
+    let values: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::text::{ty}", i + 1))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {table} ({}) VALUES ({}) RETURNING {}::text",
+        names.join(", "),
+        values.join(", "),
+        q(&t.id_column)
+    );
+    let mut query = sqlx::query_scalar(&sql);
+    for (_, value) in &columns {
+        query = query.bind(*value);
+    }
+    Ok(query.fetch_one(&mut *conn).await?)
+}
