@@ -28,6 +28,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod relay;
 pub mod shutdown;
+pub mod systemd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,6 +64,18 @@ pub enum RunError {
     DrainTimeout(Duration),
 }
 
+/// What the relay and the consumer share.
+pub struct Services {
+    /// The idempotent producer (relay, dead letters, kafka handlers).
+    pub producer: Arc<ProducerSlot>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Loop heartbeats for the systemd watchdog.
+    pub liveness: Arc<systemd::Liveness>,
+    /// Cancelled on SIGTERM/SIGINT.
+    pub shutdown: CancellationToken,
+}
+
 /// A started daemon.
 pub struct Running {
     /// Where the operations endpoint listens (useful with port 0).
@@ -92,6 +105,13 @@ pub async fn start(
         ProducerSlot::new(producer_config)
             .map_err(|e| RunError::Config(format!("kafka.options: {e}")))?,
     );
+    let liveness = Arc::new(systemd::Liveness::default());
+    let services = Services {
+        producer: producer.clone(),
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+        shutdown: shutdown.clone(),
+    };
     let database = if config.needs_database() {
         let connect = db::connect_options(&config.database).map_err(RunError::Config)?;
         let pool = db::pool(&config.database, &connect);
@@ -121,9 +141,7 @@ pub async fn start(
             config.shutdown_timeout / 2,
             connect,
             pool,
-            &producer,
-            &metrics,
-            &shutdown,
+            &services,
         ),
         None => Vec::new(),
     };
@@ -131,14 +149,14 @@ pub async fn start(
         &config,
         &brokers.bootstrap,
         pool,
-        producer.clone(),
-        metrics.clone(),
-        shutdown.clone(),
+        &services,
         config.shutdown_timeout.mul_f32(0.75),
     )
     .map_err(RunError::Config)?;
     tasks.extend(consumer);
     metrics.up.set(1);
+    systemd::ready(&systemd::summary(&metrics));
+    systemd::spawn_watchdog(liveness, metrics.clone(), http_stop.clone());
     tracing::info!(
         %http_addr,
         tables = config.relay.tables.len(),
@@ -165,6 +183,7 @@ impl Running {
     /// Fails if the lanes take longer than `shutdown_timeout`.
     pub async fn wait(self) -> Result<(), RunError> {
         self.shutdown.cancelled().await;
+        systemd::stopping();
         let started = tokio::time::Instant::now();
         let deadline = self.shutdown_timeout;
         let drained = tokio::time::timeout(deadline, futures::future::join_all(self.tasks)).await;

@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::handlers::{Handler, HandlerDeps};
-use crate::kafka::ProducerSlot;
-use crate::metrics::Metrics;
+use crate::systemd::Heartbeat;
+use crate::Services;
 use context::Context;
 use dead_letter::DeadLetters;
 use routing::Router;
@@ -48,11 +48,10 @@ pub fn start(
     config: &Config,
     bootstrap: &str,
     pool: Option<PgPool>,
-    producer: Arc<ProducerSlot>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    services: &Services,
     drain: Duration,
 ) -> Result<Option<JoinHandle<()>>, String> {
+    let (producer, metrics) = (services.producer.clone(), services.metrics.clone());
     let Some(c) = &config.consumer else {
         return Ok(None);
     };
@@ -110,9 +109,12 @@ pub fn start(
         space: Notify::new(),
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
-    Ok(Some(tokio::spawn(
-        Dispatcher::new(shared).run(shutdown, drain),
-    )))
+    let heartbeat = services.liveness.register("consumer dispatcher");
+    Ok(Some(tokio::spawn(Dispatcher::new(shared).run(
+        services.shutdown.clone(),
+        drain,
+        heartbeat,
+    ))))
 }
 
 struct Worker {
@@ -143,13 +145,15 @@ impl Dispatcher {
         }
     }
 
-    async fn run(mut self, shutdown: CancellationToken, drain: Duration) {
+    async fn run(mut self, shutdown: CancellationToken, drain: Duration, heartbeat: Heartbeat) {
         let shared = self.shared.clone();
+        let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
             // Not biased: a busy branch must not starve polling (rebalances, heartbeats
             // of max.poll.interval.ms) nor the flushing of waiting messages.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = beat.tick() => heartbeat.beat(),
                 _ = shared.consumer.context().revoked_signal.notified() => self.retire_revoked(),
                 _ = shared.space.notified(), if !self.pending.is_empty() => self.flush_pending(),
                 received = shared.consumer.recv() => {

@@ -17,6 +17,7 @@ use super::store::{ClaimedRow, DeadRow, StoreError};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
+use crate::systemd::Heartbeat;
 
 /// What every lane of one table shares.
 pub struct TableRuntime {
@@ -59,6 +60,7 @@ pub async fn run_lane(
     mut conn: PgConnection,
     stop: CancellationToken,
     mut wake: watch::Receiver<()>,
+    heartbeat: Heartbeat,
 ) -> Result<(), StoreError> {
     let claim = rt.sql.claim_for_lane(lane);
     let table = rt.config.table.as_str();
@@ -66,6 +68,7 @@ pub async fn run_lane(
     let mut refusal_backoff = crate::backoff::exponential();
     tracing::info!(table, lane, "lane acquired");
     while !stop.is_cancelled() {
+        heartbeat.beat();
         wake.borrow_and_update();
         let end = match batch(&rt, &mut conn, &claim, &stop).await {
             Ok(end) => end,

@@ -22,6 +22,7 @@ use super::{maintenance, notify};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
+use crate::systemd::Liveness;
 
 /// What a table's lane manager needs.
 pub struct TableContext {
@@ -37,6 +38,8 @@ pub struct TableContext {
     pub metrics: Arc<Metrics>,
     /// How long a batch in flight may still wait for Kafka once shutdown began.
     pub drain_grace: Duration,
+    /// Where the manager and its lanes report progress (systemd watchdog).
+    pub liveness: Arc<Liveness>,
 }
 
 /// Advisory lock classes (first key) of a table: its lanes and its members.
@@ -152,6 +155,9 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     };
     let mut tick = tokio::time::interval(ctx.config.rebalance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeat = ctx
+        .liveness
+        .register(format!("relay manager of {}", ctx.config.table));
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -164,6 +170,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
                 }
             }
             _ = tick.tick() => {
+                heartbeat.beat();
                 if let Err(e) = m.rebalance().await {
                     break Err(e);
                 }
@@ -229,9 +236,13 @@ impl Manager<'_> {
         let wake = self.wake.subscribe();
         let exited = self.exited.clone();
         let token = stop.clone();
+        let heartbeat = self
+            .ctx
+            .liveness
+            .register(format!("relay lane {}/{lane}", self.ctx.config.table));
         let task = tokio::spawn(async move {
             let table = rt.config.table.clone();
-            if let Err(e) = run_lane(rt, lane, conn, token, wake).await {
+            if let Err(e) = run_lane(rt, lane, conn, token, wake, heartbeat).await {
                 tracing::error!(%table, lane, error = %e, "lane failed; its lock is released and it will be re-acquired");
             }
             let _ = exited.send(lane);

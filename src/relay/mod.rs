@@ -15,17 +15,14 @@ pub mod publish;
 pub mod store;
 pub mod template;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::kafka::ProducerSlot;
-use crate::metrics::Metrics;
+use crate::Services;
 
 /// Starts one lane manager per table; each returns once `shutdown` is cancelled and its
 /// lanes have finished their batch in flight. A batch Kafka has not acknowledged within
@@ -35,9 +32,7 @@ pub fn start(
     drain_grace: Duration,
     connect: &PgConnectOptions,
     pool: &PgPool,
-    producer: &Arc<ProducerSlot>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    services: &Services,
 ) -> Vec<JoinHandle<()>> {
     relay
         .tables
@@ -47,11 +42,12 @@ pub fn start(
                 config: table.clone(),
                 connect: connect.clone(),
                 pool: pool.clone(),
-                producer: producer.clone(),
-                metrics: metrics.clone(),
+                producer: services.producer.clone(),
+                metrics: services.metrics.clone(),
                 drain_grace,
+                liveness: services.liveness.clone(),
             };
-            tokio::spawn(lanes::run_table(ctx, shutdown.clone()))
+            tokio::spawn(lanes::run_table(ctx, services.shutdown.clone()))
         })
         .collect()
 }

@@ -1,0 +1,30 @@
+# outboxd container image: build with cargo, run on debian-slim as a non-root user.
+#   docker build -t outboxd .
+#   docker run -v $PWD/outboxd.toml:/etc/outboxd/outboxd.toml:ro -p 9464:9464 outboxd
+FROM rust:1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libssl-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked \
+ && strip target/release/outboxd
+
+FROM debian:bookworm-slim
+# The binary links libc, libgcc_s, libssl3/libcrypto and zlib, nothing else
+# (scripts/check-ops.sh checks this with ldd).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin outboxd
+COPY --from=build /src/target/release/outboxd /usr/local/bin/outboxd
+COPY config/outboxd.toml /etc/outboxd/outboxd.toml
+USER 10001:10001
+# Listen on all interfaces inside the container so /metrics can be scraped.
+ENV OUTBOXD_HTTP__LISTEN=0.0.0.0:9464
+EXPOSE 9464
+HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
+  CMD ["/usr/local/bin/outboxd", "healthcheck"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/outboxd"]
+CMD ["run"]
