@@ -50,6 +50,12 @@ pub enum Command {
     Emit(EmitArgs),
     /// Ask the local `/readyz`: exit 0 when ready, 1 otherwise (for container HEALTHCHECK).
     Healthcheck,
+    /// Show relay backlogs, dead rows and lane owners, and consumer offsets and lag.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `outboxd emit`
@@ -99,6 +105,9 @@ pub enum CliError {
     /// `emit` was given something unusable.
     #[error("emit: {0}")]
     EmitInput(String),
+    /// `status` could not read the database or Kafka.
+    #[error("status: {0}")]
+    Status(String),
     /// `healthcheck`: not ready.
     #[error("not ready: {0}")]
     NotReady(String),
@@ -149,6 +158,21 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         }
         Command::Emit(args) => runtime()?.block_on(emit(&config, &args)),
         Command::Healthcheck => runtime()?.block_on(healthcheck(&config)),
+        Command::Status { json } => runtime()?.block_on(async {
+            let brokers = kafka::Brokers::start(&config.kafka).map_err(RunError::from)?;
+            let status = crate::status::gather(&config, &brokers.bootstrap)
+                .await
+                .map_err(CliError::Status)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serializes")
+                );
+            } else {
+                print!("{status}");
+            }
+            Ok(())
+        }),
         Command::Run => {
             init_logging(&config.log);
             runtime()?.block_on(async {

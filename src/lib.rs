@@ -12,7 +12,9 @@
 //! - [`backoff`]: the shared reconnect/retry backoff;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`metrics`]: every Prometheus metric;
-//! - [`shutdown`]: signals -> cancellation token.
+//! - [`shutdown`]: signals -> cancellation token;
+//! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
+//! - [`status`]: what `outboxd status` reports.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
@@ -28,6 +30,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod relay;
 pub mod shutdown;
+pub mod status;
 pub mod systemd;
 
 use std::net::SocketAddr;

@@ -43,7 +43,7 @@ pub struct TableContext {
 }
 
 /// Advisory lock classes (first key) of a table: its lanes and its members.
-fn lock_classes(table: &str) -> (i32, i32) {
+pub(crate) fn lock_classes(table: &str) -> (i32, i32) {
     (
         stable_hash(&format!("outboxd:lane:{table}")),
         stable_hash(&format!("outboxd:member:{table}")),

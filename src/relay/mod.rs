@@ -8,7 +8,7 @@
 //! - `store`: the SQL per backend; `template`: topic templates.
 
 mod lane;
-mod lanes;
+pub(crate) mod lanes;
 mod maintenance;
 mod notify;
 pub mod publish;

@@ -70,3 +70,83 @@ async fn systemd_hears_ready_watchdog_status_and_stopping() {
         "STOPPING=1 was sent on drain: {rest}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_backlog_lane_owners_and_consumer_lag() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("status", 1).await;
+    let bootstrap = cluster.bootstrap_servers();
+    let mut cfg = config(&table, &bootstrap);
+    let t = &mut cfg.relay.tables[0];
+    t.lanes = 2;
+    t.notify_channel = String::new();
+    t.poll_interval = Duration::from_secs(3600);
+    let daemon = Daemon::start(cfg).await;
+    eventually("both lanes owned", Duration::from_secs(10), || async {
+        daemon.metric("outboxd_relay_lanes_owned", &[]) == 2.0
+    })
+    .await;
+    // Lanes poll hourly and nothing notifies them: these rows stay pending.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    insert_rows(&pool, &table, 0, 10, 3).await;
+
+    crate::consumer_helpers::produce_events(&bootstrap, &topic, 0, "s", "E", 0..5).await;
+    let group = unique("status-group");
+    let committer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(3))
+        .unwrap();
+    committer.commit(&tpl, CommitMode::Sync).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"{bootstrap}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\nlanes = 2\n\
+             [consumer]\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n",
+            database_url()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["status", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let relay = &status["relay"][0];
+    assert_eq!(relay["table"], table.as_str());
+    assert_eq!(relay["pending"], 10);
+    assert_eq!(relay["dead_rows"], 0);
+    assert_eq!(relay["owners"].as_array().unwrap().len(), 2, "{status}");
+    let partition = &status["consumer"]["partitions"][0];
+    assert_eq!(partition["committed"], 3);
+    assert_eq!(partition["high_watermark"], 5);
+    assert_eq!(partition["lag"], 2);
+
+    let table_text = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table_text.stdout);
+    assert!(text.contains(&table) && text.contains("2/2"), "{text}");
+    daemon.stop().await.unwrap();
+}

@@ -354,8 +354,11 @@ pub async fn purge(
 }
 
 /// `(pending rows, age of the oldest pending row in seconds)`.
-pub async fn stats(pool: &sqlx::PgPool, sql: &TableSql) -> Result<(i64, Option<f64>), StoreError> {
-    let row = sqlx::query(&sql.stats).fetch_one(pool).await?;
+pub async fn stats<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    sql: &TableSql,
+) -> Result<(i64, Option<f64>), StoreError> {
+    let row = sqlx::query(&sql.stats).fetch_one(db).await?;
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
