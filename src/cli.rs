@@ -50,12 +50,62 @@ pub enum Command {
     Emit(EmitArgs),
     /// Ask the local `/readyz`: exit 0 when ready, 1 otherwise (for container HEALTHCHECK).
     Healthcheck,
+    /// Dead-letter tools.
+    Dlq {
+        /// What to do.
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Show relay backlogs, dead rows and lane owners, and consumer offsets and lag.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `outboxd dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Re-publish dead letters to their original topic (or another), without the
+    /// dead-letter headers and with a replay counter.
+    Replay(ReplayArgs),
+}
+
+/// `outboxd dlq replay`
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The dead-letter topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// `ORIGINAL` (each message's original topic, from its headers) or a topic name.
+    #[arg(long, default_value = "ORIGINAL")]
+    pub to: String,
+    /// Only dead letters written at or after this time (RFC 3339, or a duration ago: `2h`).
+    #[arg(long, value_parser = crate::dlq::parse_time)]
+    pub since: Option<std::time::SystemTime>,
+    /// Only dead letters written before this time.
+    #[arg(long, value_parser = crate::dlq::parse_time)]
+    pub until: Option<std::time::SystemTime>,
+    /// Only messages with this key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Replay at most this many messages.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// At most this many messages per second, e.g. `100/s`.
+    #[arg(long, value_parser = crate::dlq::parse_rate)]
+    pub rate: Option<f64>,
+    /// Count and summarise by error class and event type; produce and commit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Refuse messages already replayed this many times (loop guard).
+    #[arg(long, default_value_t = 3)]
+    pub max_replays: u32,
+    /// Consumer group recording how far replay got (filtered messages are passed too:
+    /// use a group of its own for a filtered pass).
+    #[arg(long, default_value = "outboxd-dlq-replay")]
+    pub group: String,
 }
 
 /// `outboxd emit`
@@ -105,6 +155,9 @@ pub enum CliError {
     /// `emit` was given something unusable.
     #[error("emit: {0}")]
     EmitInput(String),
+    /// `dlq replay` failed.
+    #[error("dlq replay: {0}")]
+    Dlq(String),
     /// `status` could not read the database or Kafka.
     #[error("status: {0}")]
     Status(String),
@@ -158,6 +211,27 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         }
         Command::Emit(args) => runtime()?.block_on(emit(&config, &args)),
         Command::Healthcheck => runtime()?.block_on(healthcheck(&config)),
+        Command::Dlq {
+            command: DlqCommand::Replay(args),
+        } => {
+            let brokers = kafka::Brokers::start(&config.kafka).map_err(RunError::from)?;
+            let replay = crate::dlq::Replay {
+                topic: args.topic.clone(),
+                to: (args.to != "ORIGINAL").then(|| args.to.clone()),
+                since: args.since,
+                until: args.until,
+                key: args.key.clone(),
+                limit: args.limit,
+                rate: args.rate,
+                dry_run: args.dry_run,
+                max_replays: args.max_replays,
+                group: args.group.clone(),
+            };
+            let report =
+                crate::dlq::run(&config, &brokers.bootstrap, &replay).map_err(CliError::Dlq)?;
+            print!("{}{report}", if args.dry_run { "dry run: " } else { "" });
+            Ok(())
+        }
         Command::Status { json } => runtime()?.block_on(async {
             let brokers = kafka::Brokers::start(&config.kafka).map_err(RunError::from)?;
             let status = crate::status::gather(&config, &brokers.bootstrap)

@@ -14,7 +14,7 @@
 //! - [`metrics`]: every Prometheus metric;
 //! - [`shutdown`]: signals -> cancellation token;
 //! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
-//! - [`status`]: what `outboxd status` reports.
+//! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dlq;
 pub mod handlers;
 pub mod http;
 pub mod kafka;
