@@ -248,10 +248,22 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }),
         Command::Run => {
-            init_logging(&config.log);
+            let log_reload = init_logging(&config.log);
             runtime()?.block_on(async {
-                let shutdown = shutdown::install()?;
-                crate::run(config, Arc::new(Metrics::new()), shutdown).await?;
+                let mut signals = shutdown::install()?;
+                let running =
+                    crate::start(config, Arc::new(Metrics::new()), signals.stop.clone()).await?;
+                if let Some(log_reload) = log_reload {
+                    running.reloader.set_log_reload(log_reload);
+                }
+                let reloader = running.reloader.clone();
+                let path = cli.config.clone();
+                tokio::spawn(async move {
+                    while signals.reload.recv().await.is_some() {
+                        reload(&reloader, &path);
+                    }
+                });
+                running.wait().await?;
                 Ok(())
             })
         }
@@ -324,6 +336,28 @@ async fn healthcheck(config: &Config) -> Result<(), CliError> {
     }
 }
 
+/// Reloads the file at `path` (SIGHUP); problems are logged, the daemon keeps running.
+fn reload(reloader: &crate::reload::Reloader, path: &std::path::Path) {
+    let new = match config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; still running on the previous configuration");
+            return;
+        }
+    };
+    match reloader.apply(&new) {
+        Ok(r) => {
+            if !r.needs_restart.is_empty() {
+                tracing::warn!(keys = ?r.needs_restart, "reload: these changes need a restart; their old values stay in effect");
+            }
+            tracing::warn!(keys = ?r.applied, "configuration reloaded");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; still running on the previous configuration")
+        }
+    }
+}
+
 /// librdkafka knows its properties: ask it, without creating a client.
 fn check_kafka_options(config: &Config, file: &std::path::Path) -> Result<(), ConfigError> {
     let cfg = kafka::producer_config(&config.kafka, "127.0.0.1:9092");
@@ -343,22 +377,33 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Logs to stderr as configured (validation already checked the filter). PostgreSQL's
-/// NOTICE messages (relayed by sqlx at info) are quieted unless the filter names sqlx.
-pub fn init_logging(log: &LogConfig) {
-    let level = if log.level.contains("sqlx") {
-        log.level.clone()
-    } else {
-        format!("{},sqlx::postgres::notice=warn", log.level)
+/// Logs to stderr as configured (validation already checked the filter); returns the
+/// function a reload uses to change the filter. PostgreSQL's NOTICE messages (relayed by
+/// sqlx at info) are quieted unless the filter names sqlx.
+pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
+    use tracing_subscriber::prelude::*;
+    let filter = |level: &str| {
+        let level = if level.contains("sqlx") {
+            level.to_owned()
+        } else {
+            format!("{level},sqlx::postgres::notice=warn")
+        };
+        tracing_subscriber::EnvFilter::try_new(level)
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(&level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(
+        filter(&log.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let registry = tracing_subscriber::registry().with(filter_layer);
+    let installed = match log.format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
     };
+    installed.ok()?;
+    Some(Box::new(move |level: &str| {
+        let new = filter(level).map_err(|e| format!("log.level: {e}"))?;
+        handle.reload(new).map_err(|e| format!("log.level: {e}"))
+    }))
 }

@@ -9,7 +9,7 @@
 //! - [`relay`]: the outbox relay (lanes, claim loop, publishing, wake-up, storage);
 //! - [`consumer`]: the consumer (partition workers, routing, retry, dead letters);
 //! - [`handlers`]: where consumed messages go (http, command, sql, kafka, log);
-//! - [`backoff`]: the shared reconnect/retry backoff;
+//! - [`backoff`]: the shared reconnect/retry backoff; [`reload`]: SIGHUP reloads;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
 //! - [`metrics`]: every Prometheus metric;
 //! - [`shutdown`]: signals -> cancellation token;
@@ -30,6 +30,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod shutdown;
 pub mod status;
 pub mod systemd;
@@ -86,6 +87,8 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The producer, shared by every relay lane.
     pub producer: Arc<ProducerSlot>,
+    /// Applies configuration reloads (SIGHUP).
+    pub reloader: Arc<reload::Reloader>,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -139,7 +142,7 @@ pub async fn start(
             addr: config.http.listen,
             source,
         })?;
-    let mut tasks = match &database {
+    let (mut tasks, tunables) = match &database {
         Some((connect, pool)) => relay::start(
             &config.relay,
             config.shutdown_timeout / 2,
@@ -147,7 +150,7 @@ pub async fn start(
             pool,
             &services,
         ),
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
     let consumer = consumer::start(
         &config,
@@ -157,7 +160,11 @@ pub async fn start(
         config.shutdown_timeout.mul_f32(0.75),
     )
     .map_err(RunError::Config)?;
-    tasks.extend(consumer);
+    let consumer = consumer.map(|(task, handle)| {
+        tasks.push(task);
+        handle
+    });
+    let reloader = Arc::new(reload::Reloader::new(config.clone(), tunables, consumer));
     metrics.up.set(1);
     systemd::ready(&systemd::summary(&metrics));
     systemd::spawn_watchdog(liveness, metrics.clone(), http_stop.clone());
@@ -170,6 +177,7 @@ pub async fn start(
     );
     Ok(Running {
         http_addr,
+        reloader,
         producer,
         shutdown_timeout: config.shutdown_timeout,
         shutdown,

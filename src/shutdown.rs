@@ -1,23 +1,33 @@
-//! Signals to a cancellation token: the first SIGTERM/SIGINT starts a drain, a second one
-//! exits at once (open transactions roll back, rows stay in the outbox). SIGHUP is logged
-//! and ignored until configuration reload exists, so it never kills the daemon.
+//! Signals: the first SIGTERM/SIGINT cancels the returned token (a drain), a second one
+//! exits at once (open transactions roll back, rows stay in the outbox); each SIGHUP is
+//! passed on as a reload request.
 
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Installs the handlers; the returned token is cancelled on the first SIGTERM/SIGINT.
-pub fn install() -> std::io::Result<CancellationToken> {
+/// What the signal handlers feed.
+pub struct SignalEvents {
+    /// Cancelled on the first SIGTERM/SIGINT.
+    pub stop: CancellationToken,
+    /// One item per SIGHUP.
+    pub reload: mpsc::UnboundedReceiver<()>,
+}
+
+/// Installs the handlers.
+pub fn install() -> std::io::Result<SignalEvents> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let token = CancellationToken::new();
-    let cancel = token.clone();
+    let stop = CancellationToken::new();
+    let (reload_tx, reload) = mpsc::unbounded_channel();
+    let cancel = stop.clone();
     tokio::spawn(async move {
         while let Some(signal) = signals.next().await {
             match signal {
-                SIGHUP => tracing::warn!(
-                    "SIGHUP received; configuration reload is not supported yet, ignoring"
-                ),
+                SIGHUP => {
+                    let _ = reload_tx.send(());
+                }
                 _ if cancel.is_cancelled() => {
                     tracing::error!("second stop signal: exiting without draining; open transactions roll back and their rows stay in the outbox");
                     std::process::exit(1);
@@ -29,5 +39,5 @@ pub fn install() -> std::io::Result<CancellationToken> {
             }
         }
     });
-    Ok(token)
+    Ok(SignalEvents { stop, reload })
 }

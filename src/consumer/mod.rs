@@ -17,7 +17,7 @@ mod routing;
 mod worker;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -41,7 +41,8 @@ use worker::{NamedHandler, Shared};
 /// Messages buffered per partition before the partition is paused.
 const QUEUE: usize = 256;
 
-/// Starts the consumer when `[consumer]` is configured. The task returns after `shutdown`
+/// Starts the consumer when `[consumer]` is configured, returning its task and a handle
+/// for reloads. The task returns after `shutdown`
 /// once workers finished their message in flight (or `drain` passed) and offsets were
 /// committed.
 pub fn start(
@@ -50,7 +51,7 @@ pub fn start(
     pool: Option<PgPool>,
     services: &Services,
     drain: Duration,
-) -> Result<Option<JoinHandle<()>>, String> {
+) -> Result<Option<(JoinHandle<()>, Handle)>, String> {
     let (producer, metrics) = (services.producer.clone(), services.metrics.clone());
     let Some(c) = &config.consumer else {
         return Ok(None);
@@ -64,7 +65,7 @@ pub fn start(
         handlers.push(NamedHandler {
             name: name.clone(),
             handler: Handler::build(name, hc, &deps)?,
-            policy: hc.retry().over(&c.retry),
+            policy: RwLock::new(hc.retry().over(&c.retry)),
         });
     }
     let router = Router::new(&c.routes, |name| {
@@ -110,11 +111,37 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    Ok(Some(tokio::spawn(Dispatcher::new(shared).run(
+    let task = tokio::spawn(Dispatcher::new(shared.clone()).run(
         services.shutdown.clone(),
         drain,
         heartbeat,
-    ))))
+    ));
+    Ok(Some((task, Handle { shared })))
+}
+
+/// Reaches into a running consumer to apply a reload.
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Applies retry policies, http headers and timeouts and command timeouts from
+    /// `config` to the handlers that exist in it with the same kind.
+    pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
+        let Some(c) = &config.consumer else {
+            return Ok(());
+        };
+        for h in &self.shared.handlers {
+            let Some(hc) = config.handlers.get(&h.name) else {
+                continue;
+            };
+            h.handler
+                .reconfigure(hc)
+                .map_err(|e| format!("handlers.{}: {e}", h.name))?;
+            *h.policy.write().expect("policy lock poisoned") = hc.retry().over(&c.retry);
+        }
+        Ok(())
+    }
 }
 
 struct Worker {

@@ -2,7 +2,7 @@
 //! handler's policy, dead-letters what fails for good, and stores each offset only once
 //! the message's outcome is final.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -25,8 +25,8 @@ pub struct NamedHandler {
     pub name: String,
     /// The handler.
     pub handler: Handler,
-    /// `[consumer.retry]` with the handler's overrides applied.
-    pub policy: RetryPolicy,
+    /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
+    pub policy: RwLock<RetryPolicy>,
 }
 
 /// What every worker shares.
@@ -93,7 +93,8 @@ async fn process(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
         return unrouted(s, event, stop).await;
     };
     let h = &s.handlers[slot];
-    let mut retrier = Retrier::new(&h.policy);
+    let policy = h.policy.read().expect("policy lock poisoned").clone();
+    let mut retrier = Retrier::new(&policy);
     loop {
         let attempt = retrier.attempt();
         let outcome = {

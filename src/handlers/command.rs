@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::message::Message;
@@ -20,7 +21,8 @@ const STDERR_TAIL: usize = 1024;
 pub struct CommandHandler {
     program: PathBuf,
     args: Vec<String>,
-    timeout: Duration,
+    /// Milliseconds; a reload may change it.
+    timeout_ms: AtomicU64,
     retry_exit_codes: Vec<i32>,
 }
 
@@ -30,15 +32,22 @@ impl CommandHandler {
         CommandHandler {
             program: c.program.clone(),
             args: c.args.clone(),
-            timeout: c.timeout,
+            timeout_ms: AtomicU64::new(c.timeout.as_millis() as u64),
             retry_exit_codes: c.retry_exit_codes.clone(),
         }
+    }
+
+    /// Takes the new timeout (a reload).
+    pub fn reconfigure(&self, c: &CommandHandlerConfig) {
+        self.timeout_ms
+            .store(c.timeout.as_millis() as u64, Ordering::Relaxed);
     }
 }
 
 impl Handle for CommandHandler {
     async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
         let m = &event.message;
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         let spawned = Command::new(&self.program)
             .args(&self.args)
             .env("OUTBOXD_TOPIC", m.topic())
@@ -69,14 +78,14 @@ impl Handle for CommandHandler {
             child.wait_with_output().await
         };
         // On timeout the future is dropped, which kills the child (kill_on_drop).
-        let output = match tokio::time::timeout(self.timeout, run).await {
+        let output = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(output)) => output,
             Ok(Err(e)) => return Outcome::Retry(format!("waiting for the program: {e}")),
             Err(_) => {
                 return Outcome::Retry(format!(
                     "{} did not finish within {:?} and was killed",
                     self.program.display(),
-                    self.timeout
+                    timeout
                 ))
             }
         };

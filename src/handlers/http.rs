@@ -2,6 +2,7 @@
 //! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry; other statuses
 //! dead-letter.
 
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use rdkafka::message::Message;
@@ -17,22 +18,36 @@ const PASSED_THROUGH: &[&str] = &["traceparent", "tracestate"];
 pub struct HttpHandler {
     client: reqwest::Client,
     url: reqwest::Url,
+    /// Headers and timeout; a reload replaces them.
+    settings: RwLock<Arc<Settings>>,
+}
+
+/// The reloadable part of an http handler.
+struct Settings {
     headers: HeaderMap,
     timeout: Duration,
+}
+
+fn settings(c: &HttpHandlerConfig) -> Result<Settings, String> {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &c.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| format!("headers: `{name}`: {e}"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|e| format!("headers: value of `{name}`: {e}"))?;
+        headers.insert(name, value);
+    }
+    Ok(Settings {
+        headers,
+        timeout: c.timeout,
+    })
 }
 
 impl HttpHandler {
     /// A handler for the configured endpoint (validated URL and header names).
     pub fn new(c: &HttpHandlerConfig) -> Result<Self, String> {
         let url = reqwest::Url::parse(&c.url).map_err(|e| format!("url: {e}"))?;
-        let mut headers = HeaderMap::new();
-        for (name, value) in &c.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| format!("headers: `{name}`: {e}"))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|e| format!("headers: value of `{name}`: {e}"))?;
-            headers.insert(name, value);
-        }
+        let settings = RwLock::new(Arc::new(settings(c)?));
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -41,20 +56,31 @@ impl HttpHandler {
         Ok(HttpHandler {
             client,
             url,
-            headers,
-            timeout: c.timeout,
+            settings,
         })
+    }
+
+    /// Takes new headers and timeout (a reload).
+    pub fn reconfigure(&self, c: &HttpHandlerConfig) -> Result<(), String> {
+        let new = Arc::new(settings(c)?);
+        *self.settings.write().expect("settings lock poisoned") = new;
+        Ok(())
     }
 }
 
 impl Handle for HttpHandler {
     async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
         let m = &event.message;
+        let settings = self
+            .settings
+            .read()
+            .expect("settings lock poisoned")
+            .clone();
         let mut request = self
             .client
             .post(self.url.clone())
-            .timeout(self.timeout)
-            .headers(self.headers.clone())
+            .timeout(settings.timeout)
+            .headers(settings.headers.clone())
             .header(
                 CONTENT_TYPE,
                 event.header("content-type").unwrap_or("application/json"),
@@ -80,7 +106,7 @@ impl Handle for HttpHandler {
                 format!("cannot build the request: {e}"),
             ),
             Err(e) if e.is_timeout() => {
-                Outcome::Retry(format!("no answer within {:?}", self.timeout))
+                Outcome::Retry(format!("no answer within {:?}", settings.timeout))
             }
             Err(e) => Outcome::Retry(format!("request failed: {e}")),
         }

@@ -146,6 +146,19 @@ impl Handler {
         })
     }
 
+    /// Applies the reloadable settings of `config` (http headers and timeout, command
+    /// timeout); the caller has checked that the kind is unchanged.
+    pub fn reconfigure(&self, config: &HandlerConfig) -> Result<(), String> {
+        match (self, config) {
+            (Handler::Http(h), HandlerConfig::Http(c)) => h.reconfigure(c),
+            (Handler::Command(h), HandlerConfig::Command(c)) => {
+                h.reconfigure(c);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Delivers `event` with whichever handler this is.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
         match self {

@@ -2,13 +2,13 @@
 //! batch, publish it, commit; on any failure roll back and settle the batch row by row.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnection;
 use sqlx::Connection;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::publish::{delay_seconds, publish, RowOutcome, TopicSource};
@@ -18,6 +18,44 @@ use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 use crate::systemd::Heartbeat;
+
+/// The settings of a table that a reload may change while lanes run.
+#[derive(Debug)]
+pub struct TableTunables {
+    batch_size: AtomicU32,
+    poll_interval_ms: AtomicU64,
+    /// Wakes idle lanes so a shorter poll interval takes effect at once.
+    changed: Notify,
+}
+
+impl TableTunables {
+    /// Starts from the table's configuration.
+    pub fn new(t: &TableConfig) -> Self {
+        let tunables = TableTunables {
+            batch_size: AtomicU32::new(0),
+            poll_interval_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        };
+        tunables.set(t);
+        tunables
+    }
+
+    /// Takes `batch_size` and `poll_interval` from `t`.
+    pub fn set(&self, t: &TableConfig) {
+        self.batch_size.store(t.batch_size, Ordering::Relaxed);
+        self.poll_interval_ms
+            .store(t.poll_interval.as_millis() as u64, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    fn batch_size(&self) -> u32 {
+        self.batch_size.load(Ordering::Relaxed)
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms.load(Ordering::Relaxed))
+    }
+}
 
 /// What every lane of one table shares.
 pub struct TableRuntime {
@@ -35,6 +73,8 @@ pub struct TableRuntime {
     pub published: AtomicU64,
     /// How long a batch in flight may still wait for Kafka once the lane is stopped.
     pub drain_grace: Duration,
+    /// Batch size and poll interval, reloadable.
+    pub tunables: Arc<TableTunables>,
 }
 
 /// How a batch ended, which decides what the lane does next.
@@ -92,7 +132,8 @@ pub async fn run_lane(
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = wake.changed() => {}
-                    _ = tokio::time::sleep(rt.config.poll_interval) => {}
+                    _ = tokio::time::sleep(rt.tunables.poll_interval()) => {}
+                    _ = rt.tunables.changed.notified() => {}
                 }
                 continue;
             }
@@ -117,7 +158,7 @@ async fn batch(
     claim: &str,
     stop: &CancellationToken,
 ) -> Result<BatchEnd, StoreError> {
-    let batch_size = rt.config.batch_size;
+    let batch_size = rt.tunables.batch_size();
     let mut tx = conn.begin().await?;
     let rows = pg::claim(&mut tx, claim, batch_size).await?;
     if rows.is_empty() {

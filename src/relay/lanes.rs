@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::lane::{run_lane, TableRuntime};
+use super::lane::{run_lane, TableRuntime, TableTunables};
 use super::publish::TopicSource;
 use super::store::postgres::{self as pg, TableSql};
 use super::store::StoreError;
@@ -40,6 +40,8 @@ pub struct TableContext {
     pub drain_grace: Duration,
     /// Where the manager and its lanes report progress (systemd watchdog).
     pub liveness: Arc<Liveness>,
+    /// Batch size and poll interval, changed by reloads.
+    pub tunables: Arc<TableTunables>,
 }
 
 /// Advisory lock classes (first key) of a table: its lanes and its members.
@@ -115,6 +117,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         metrics: ctx.metrics.clone(),
         published: Default::default(),
         drain_grace: ctx.drain_grace,
+        tunables: ctx.tunables.clone(),
     });
     let (lane_class, member_class) = lock_classes(&ctx.config.table);
     let slot = loop {

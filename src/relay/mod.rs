@@ -8,6 +8,7 @@
 //! - `store`: the SQL per backend; `template`: topic templates.
 
 mod lane;
+pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
 mod notify;
@@ -15,6 +16,7 @@ pub mod publish;
 pub mod store;
 pub mod template;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
@@ -24,7 +26,8 @@ use tokio::task::JoinHandle;
 use crate::config::RelayConfig;
 use crate::Services;
 
-/// Starts one lane manager per table; each returns once `shutdown` is cancelled and its
+/// Starts one lane manager per table, returning their tasks and their reloadable settings
+/// (in table order). Each task returns once `shutdown` is cancelled and its
 /// lanes have finished their batch in flight. A batch Kafka has not acknowledged within
 /// `drain_grace` after `shutdown` is rolled back (its rows stay in the outbox).
 pub fn start(
@@ -33,11 +36,12 @@ pub fn start(
     connect: &PgConnectOptions,
     pool: &PgPool,
     services: &Services,
-) -> Vec<JoinHandle<()>> {
+) -> (Vec<JoinHandle<()>>, Vec<Arc<TableTunables>>) {
     relay
         .tables
         .iter()
         .map(|table| {
+            let tunables = Arc::new(TableTunables::new(table));
             let ctx = lanes::TableContext {
                 config: table.clone(),
                 connect: connect.clone(),
@@ -46,8 +50,12 @@ pub fn start(
                 metrics: services.metrics.clone(),
                 drain_grace,
                 liveness: services.liveness.clone(),
+                tunables: tunables.clone(),
             };
-            tokio::spawn(lanes::run_table(ctx, services.shutdown.clone()))
+            (
+                tokio::spawn(lanes::run_table(ctx, services.shutdown.clone())),
+                tunables,
+            )
         })
-        .collect()
+        .unzip()
 }

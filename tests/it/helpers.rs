@@ -154,6 +154,7 @@ pub fn config(table: &str, bootstrap: &str) -> Config {
 /// A daemon running in this process.
 pub struct Daemon {
     pub metrics: Arc<Metrics>,
+    pub reloader: Arc<outboxd::reload::Reloader>,
     pub stop: CancellationToken,
     pub http_addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<Result<(), outboxd::RunError>>,
@@ -167,9 +168,11 @@ impl Daemon {
             .await
             .expect("daemon starts");
         let http_addr = running.http_addr;
+        let reloader = running.reloader.clone();
         let task = tokio::spawn(running.wait());
         Daemon {
             metrics,
+            reloader,
             stop,
             http_addr,
             task,

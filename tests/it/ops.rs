@@ -293,3 +293,150 @@ async fn dlq_replay_republishes_dead_letters_once_and_guards_against_loops() {
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file() {
+    let Relayed {
+        pool,
+        table,
+        topic: _,
+        cluster,
+    } = relayed("sighup", 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    let write = |level: &str, poll: &str, listen: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[database]\nurl = \"{}?application_name={table}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"{listen}\"\n[log]\nlevel = \"{level}\"\n\
+                 [[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\nnotify_channel = \"\"\npoll_interval = \"{poll}\"\nmaintenance_interval = \"200ms\"\n",
+                database_url(),
+                cluster.bootstrap_servers()
+            ),
+        )
+        .unwrap();
+    };
+    write("warn", "1h", "127.0.0.1:0");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let hup = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let lane_locked = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND a.application_name = '{table}'"
+    );
+    eventually("lane owned", Duration::from_secs(15), || async {
+        sqlx::query_scalar::<_, i64>(&lane_locked)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            >= 2
+    })
+    .await;
+    // The lane has claimed once and now sleeps for an hour.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    insert_rows(&pool, &table, 0, 5, 1).await;
+
+    std::fs::write(&path, "[relay\nbroken").unwrap();
+    hup(child.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a bad file does not stop outboxd"
+    );
+    assert_eq!(count_rows(&pool, &table).await, 5, "still polling hourly");
+
+    write("info", "100ms", "127.0.0.1:1");
+    hup(child.id());
+    drained(&pool, &table, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (code, stderr) = terminate(&mut child, Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("reload failed; still running on the previous configuration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("these changes need a restart") && stderr.contains("http.listen"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("configuration reloaded")
+            && stderr.contains("relay.tables[0].poll_interval"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("relay progress"),
+        "info lines appear once log.level is info: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_http_handler_headers_and_retry_policy_in_place() {
+    use crate::consumer_helpers::*;
+    let (topic, _cluster, bootstrap) = consuming("reloadhttp", 1);
+    let server = TestServer::start(&[], 200).await;
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![(
+            "web",
+            http_to(&server.url, "headers = { x-version = \"1\" }"),
+        )],
+    );
+    let daemon = Daemon::start(cfg.clone()).await;
+    produce(&bootstrap, &topic, &[(0, "k", b"first", &[])]).await;
+    eventually("first delivered", Duration::from_secs(30), || async {
+        server.count() == 1
+    })
+    .await;
+
+    let mut new = cfg.clone();
+    new.handlers.insert(
+        "web".into(),
+        http_to(
+            &server.url,
+            "headers = { x-version = \"2\" }\n[retry]\nmax_attempts = 2",
+        ),
+    );
+    let reloaded = daemon.reloader.apply(&new).unwrap();
+    assert_eq!(
+        reloaded.applied,
+        [
+            "handlers.web.headers.x-version",
+            "handlers.web.retry.max_attempts"
+        ]
+    );
+    assert!(reloaded.needs_restart.is_empty());
+
+    server.set_fallback(503);
+    produce(&bootstrap, &topic, &[(0, "k", b"second", &[])]).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        dead[0].headers["outboxd-dlt-attempts"], "2",
+        "the reloaded retry policy applies"
+    );
+    let requests = server.requests.lock().unwrap().clone();
+    assert_eq!(requests[0].headers["x-version"], "1");
+    assert_eq!(
+        requests[1].headers["x-version"], "2",
+        "the reloaded header applies"
+    );
+    daemon.stop().await.unwrap();
+}
