@@ -8,8 +8,13 @@ use sqlx::{ConnectOptions, PgPool};
 
 use crate::config::DatabaseConfig;
 
-/// The migrations in `migrations/postgres`, embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+/// The migrations in `migrations/postgres`, embedded in the binary. Migrations applied by
+/// a newer outboxd are tolerated, so rolling back the binary keeps working.
+pub fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_ignore_missing(true);
+    migrator
+}
 
 /// Connection options from `database.url` (validated to be present).
 pub fn connect_options(db: &DatabaseConfig) -> Result<PgConnectOptions, String> {
@@ -37,5 +42,5 @@ pub fn pool(db: &DatabaseConfig, opts: &PgConnectOptions) -> PgPool {
 
 /// Applies every pending migration (safe to run concurrently: sqlx takes a lock).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    migrator().run(pool).await
 }
