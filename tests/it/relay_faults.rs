@@ -171,6 +171,35 @@ async fn poison_row_moves_to_dead_rows_while_other_keys_flow() {
             .await
             .unwrap();
     assert_eq!(leftover, 0, "attempt counters of dead rows are removed");
+
+    // The README's requeue recipe puts the row back; still too large, it dies again.
+    let dead_id: i64 =
+        sqlx::query_scalar("SELECT id FROM outboxd_dead_rows WHERE source_table = $1")
+            .bind(&table)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {table} SELECT * FROM jsonb_populate_record(NULL::{table}, (SELECT row_data FROM outboxd_dead_rows WHERE id = {dead_id}));
+         DELETE FROM outboxd_dead_rows WHERE id = {dead_id};"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    eventually(
+        "requeued row dead again",
+        Duration::from_secs(20),
+        || async { daemon.metric("outboxd_relay_dead_rows_total", &[("table", &table)]) == 2.0 },
+    )
+    .await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT (row_data->'payload'->>'n')::int8 FROM outboxd_dead_rows WHERE source_table = $1",
+    )
+    .bind(&table)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 100, "the requeued row is the original one");
     daemon.stop().await.unwrap();
 }
 
