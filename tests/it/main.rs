@@ -8,6 +8,7 @@ mod cli;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
+mod faults;
 mod ops;
 mod relay_delivery;
 mod relay_faults;
