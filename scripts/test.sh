@@ -36,6 +36,9 @@ if ! answers "$DATABASE_URL"; then
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/test"
 fi
 
+# The fault suite runs the mock broker as a process of its own (examples/mock_broker.rs).
+cargo build --examples
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast
 else

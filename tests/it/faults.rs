@@ -397,3 +397,91 @@ async fn malformed_messages_end_as_deliveries_or_dead_letters_never_a_panic() {
     eprintln!("fault bad messages: 4 delivered, 2 dead-lettered as decode");
     daemon.stop().await.unwrap();
 }
+
+/// The mock broker as a separate process (built by `cargo build --examples`).
+struct BrokerProcess {
+    child: Child,
+    bootstrap: String,
+}
+
+impl BrokerProcess {
+    fn start(topics: &[(&str, i32)]) -> BrokerProcess {
+        let bin = Path::new(env!("CARGO_BIN_EXE_outboxd"))
+            .parent()
+            .unwrap()
+            .join("examples/mock_broker");
+        assert!(bin.exists(), "{} missing: run `cargo build --examples` (scripts/test.sh does)", bin.display());
+        let mut child = Command::new(bin)
+            .args(topics.iter().map(|(t, p)| format!("{t}:{p}")))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        BrokerProcess { child, bootstrap: line.trim().to_owned() }
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap().success());
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_broker_loses_nothing_and_the_relay_does_not_spin() {
+    let pool = db().await;
+    let table = outbox_table(&pool, "frozen").await;
+    let topic = topic_of(&table);
+    let broker = BrokerProcess::start(&[(&topic, 4)]);
+    let total = scaled(50_000);
+    insert_rows(&pool, &table, 0, total, 200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"warn\"\n\
+         [[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\nbatch_size = 500\nnotify_channel = \"{table}\"\n",
+        database_url(),
+        broker.bootstrap
+    );
+    let (mut relay, log) = spawn(dir.path(), "relay", &config);
+    eventually("drain under way", Duration::from_secs(60), || async {
+        count_rows(&pool, &table).await < total * 9 / 10
+    })
+    .await;
+    broker.signal("-STOP");
+    let frozen_for = scaled_time(Duration::from_secs(20));
+    let (rows_at_freeze, cpu_at_freeze) = (count_rows(&pool, &table).await, cpu_seconds(relay.id()));
+    tokio::time::sleep(frozen_for).await;
+    let cpu_while_frozen = cpu_seconds(relay.id()) - cpu_at_freeze;
+    let rows_after_freeze = count_rows(&pool, &table).await;
+    broker.signal("-CONT");
+    assert!(rows_after_freeze >= rows_at_freeze - 500, "at most the batch in flight may commit while the broker is frozen");
+    assert!(rows_after_freeze > 0, "the freeze came mid-drain");
+    // A spinning relay would burn a core; waiting, it barely uses any CPU.
+    assert!(cpu_while_frozen < frozen_for.as_secs_f64() * 0.1, "{cpu_while_frozen:.2} CPU seconds in {frozen_for:?} frozen");
+    drained(&pool, &table, Duration::from_secs(120)).await;
+    let (code, _) = terminate(&mut relay, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(log).unwrap());
+    let received = consume(&broker.bootstrap, &topic, total as usize, Duration::from_secs(1), Duration::from_secs(120)).await;
+    assert_at_least_once(&received, 0, total);
+    assert_first_deliveries_in_key_order(&received);
+    eprintln!(
+        "fault frozen broker: rows {total}, frozen {frozen_for:?}, relay CPU while frozen {cpu_while_frozen:.2} s, delivered {}, duplicates {}",
+        received.len(),
+        received.len() as i64 - total
+    );
+}
