@@ -170,3 +170,52 @@ impl Handler {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+
+    fn event(headers: &[(String, Vec<u8>)], value: Option<Vec<u8>>) -> Event {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        Event {
+            message: OwnedMessage::new(
+                value,
+                None,
+                "t".into(),
+                Timestamp::NotAvailable,
+                3,
+                42,
+                Some(h),
+            ),
+        }
+    }
+
+    proptest! {
+        /// Arbitrary header bytes never break decoding: an event id that is not UTF-8 falls
+        /// back to topic/partition/offset.
+        #[test]
+        fn arbitrary_headers_decode_without_panicking(
+            headers in proptest::collection::vec(("(event-id|event-type|traceparent|[a-z]{1,8})", proptest::collection::vec(any::<u8>(), 0..40)), 0..6),
+            value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        ) {
+            let e = event(&headers, value);
+            let id = e.event_id();
+            prop_assert!(!id.is_empty() || headers.iter().any(|(k, v)| k == "event-id" && v.is_empty()));
+            let first_id = headers.iter().find(|(k, _)| k == "event-id");
+            if let Some((_, bytes)) = first_id {
+                if std::str::from_utf8(bytes).is_err() {
+                    prop_assert_eq!(id.as_ref(), "t/3/42");
+                }
+            }
+            let _ = (e.event_type(), e.key(), e.value(), e.header("traceparent"));
+        }
+    }
+}

@@ -252,3 +252,55 @@ pub fn delay_seconds(created_at: f64, at: SystemTime) -> f64 {
         .unwrap_or_default();
     (at - created_at).max(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row(headers: Option<String>, key: Option<String>) -> ClaimedRow {
+        ClaimedRow {
+            id: "1".into(),
+            key,
+            payload: Some(b"{}".to_vec()),
+            headers,
+            event_id: None,
+            event_type: Some("E".into()),
+            aggregate_type: None,
+            created_at: None,
+            topic: None,
+        }
+    }
+
+    fn topics() -> TopicSource {
+        let t = TableConfig {
+            table: "outbox".into(),
+            topic: Some("events.{event_type}".into()),
+            ..TableConfig::default()
+        };
+        TopicSource::new(&t).unwrap()
+    }
+
+    proptest! {
+        /// Any text in the headers column becomes headers or a clear reason, never a panic.
+        #[test]
+        fn any_headers_text_is_decoded_or_refused(text in ".*") {
+            match prepare(&row(Some(text), Some("k".into())), &topics()) {
+                Ok(p) => prop_assert_eq!(p.topic, "events.E"),
+                Err(reason) => prop_assert!(reason.contains("headers column"), "{}", reason),
+            }
+        }
+
+        /// Any JSON object's entries all become headers.
+        #[test]
+        fn every_json_object_entry_becomes_a_header(
+            entries in proptest::collection::btree_map("[a-z-]{1,12}", any::<i64>(), 0..8)
+        ) {
+            let json = serde_json::to_string(&entries).unwrap();
+            let prepared = prepare(&row(Some(json), Some("k".into())), &topics()).unwrap();
+            use rdkafka::message::Headers;
+            // event-id and event-type come first.
+            prop_assert_eq!(prepared.headers.count(), 2 + entries.len());
+        }
+    }
+}

@@ -485,3 +485,97 @@ async fn healthcheck_follows_readiness() {
     let (code, _, _) = run_with(&["healthcheck"], &toml, &[]);
     assert_eq!(code, 1, "nothing listens any more");
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    fn load(text: &str) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(&path, text).unwrap();
+        outboxd::config::load(&path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    const KEYS: &[&str] = &[
+        "shutdown_timeout",
+        "[database]",
+        "url",
+        "max_connections",
+        "[kafka]",
+        "brokers",
+        "[kafka.options]",
+        "[http]",
+        "listen",
+        "[log]",
+        "level",
+        "format",
+        "[[relay.tables]]",
+        "table",
+        "topic",
+        "key_column",
+        "batch_size",
+        "lanes",
+        "poll_interval",
+        "on_published",
+        "[consumer]",
+        "group_id",
+        "topics",
+        "[[consumer.routes]]",
+        "handler",
+        "[handlers.h]",
+        "kind",
+        "statement",
+        "params",
+        "[handlers.h.retry]",
+        "multiplier",
+        "max_attempts",
+    ];
+    const VALUES: &[&str] = &[
+        "\"outbox\"",
+        "\"x\"",
+        "0",
+        "-1",
+        "1",
+        "1e9",
+        "true",
+        "\"500ms\"",
+        "\"soon\"",
+        "[]",
+        "[\"/a\"]",
+        "\"{event_type}\"",
+        "\"{nope\"",
+        "\"postgres://u:p@h/db\"",
+        "\"embedded\"",
+        "\"http\"",
+        "\"sql\"",
+        "\"mark\"",
+        "{}",
+        "\"\"",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Any text: a configuration or an error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+            let _ = load(&text);
+        }
+
+        /// Plausible files assembled from real keys and odd values: errors name a key.
+        #[test]
+        fn assembled_files_load_or_name_the_problem(
+            lines in proptest::collection::vec((0..KEYS.len(), 0..VALUES.len()), 1..20)
+        ) {
+            let text: String = lines
+                .iter()
+                .map(|(k, v)| if KEYS[*k].starts_with('[') { format!("{}\n", KEYS[*k]) } else { format!("{} = {}\n", KEYS[*k], VALUES[*v]) })
+                .collect();
+            if let Err(e) = load(&text) {
+                prop_assert!(e.contains("configuration"), "{}", e);
+            }
+        }
+    }
+}
