@@ -38,8 +38,43 @@ use dead_letter::DeadLetters;
 use routing::Router;
 use worker::{NamedHandler, Shared};
 
-/// Messages buffered per partition before the partition is paused.
-const QUEUE: usize = 256;
+/// Messages a partition's worker queue holds.
+const QUEUE: usize = 1024;
+
+/// Bytes of messages waiting for a full worker queue, per partition, before the partition
+/// is paused. Pausing makes librdkafka drop what it prefetched and fetch it again on
+/// resume, which costs a fetch round trip, so it is kept for handlers that really lag.
+const PAUSE_BYTES: usize = 4 << 20;
+
+/// Messages that did not fit their worker's queue yet.
+#[derive(Default)]
+struct Waiting {
+    messages: VecDeque<OwnedMessage>,
+    bytes: usize,
+    paused: bool,
+}
+
+impl Waiting {
+    fn push_back(&mut self, m: OwnedMessage) {
+        self.bytes += message_bytes(&m);
+        self.messages.push_back(m);
+    }
+
+    fn pop_front(&mut self) -> Option<OwnedMessage> {
+        let m = self.messages.pop_front()?;
+        self.bytes -= message_bytes(&m);
+        Some(m)
+    }
+
+    fn push_front(&mut self, m: OwnedMessage) {
+        self.bytes += message_bytes(&m);
+        self.messages.push_front(m);
+    }
+}
+
+fn message_bytes(m: &OwnedMessage) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + 64
+}
 
 /// Starts the consumer when `[consumer]` is configured, returning its task and a handle
 /// for reloads. The task returns after `shutdown`
@@ -156,8 +191,9 @@ type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
 struct Dispatcher {
     shared: Arc<Shared>,
     workers: ByPartition<Worker>,
-    /// Messages waiting for room in a full queue; their partition is paused.
-    pending: ByPartition<VecDeque<OwnedMessage>>,
+    /// Messages waiting for room in a full queue; past `PAUSE_BYTES` their partition is
+    /// paused until they are all queued.
+    pending: ByPartition<Waiting>,
     /// Workers of revoked partitions still finishing their message in flight.
     retiring: ByPartition<JoinHandle<()>>,
 }
@@ -200,12 +236,12 @@ impl Dispatcher {
 
     fn dispatch(&mut self, m: OwnedMessage) {
         let (topic, partition) = (m.topic(), m.partition());
-        if let Some(waiting) = self
+        if self
             .pending
-            .get_mut(topic)
-            .and_then(|t| t.get_mut(&partition))
+            .get(topic)
+            .is_some_and(|t| t.contains_key(&partition))
         {
-            waiting.push_back(m);
+            self.wait(m);
             return;
         }
         if !self
@@ -224,14 +260,25 @@ impl Dispatcher {
             let m = match e {
                 mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
             };
-            self.pause(m.topic(), m.partition(), true);
-            let topic = m.topic().to_owned();
-            self.pending
-                .entry(topic)
-                .or_default()
-                .entry(partition)
-                .or_default()
-                .push_back(m);
+            self.wait(m);
+        }
+    }
+
+    /// Parks `m` behind its partition's full queue, pausing the partition when too much
+    /// is waiting.
+    fn wait(&mut self, m: OwnedMessage) {
+        let (topic, partition) = (m.topic().to_owned(), m.partition());
+        let waiting = self
+            .pending
+            .entry(topic)
+            .or_default()
+            .entry(partition)
+            .or_default();
+        waiting.push_back(m);
+        if waiting.bytes > PAUSE_BYTES && !waiting.paused {
+            waiting.paused = true;
+            let topic = waiting.messages[0].topic().to_owned();
+            self.pause(&topic, partition, true);
         }
     }
 
@@ -251,7 +298,7 @@ impl Dispatcher {
         Worker { queue, stop, task }
     }
 
-    /// Moves waiting messages into queues that have room; resumes drained partitions.
+    /// Moves waiting messages into queues that have room; resumes drained paused partitions.
     fn flush_pending(&mut self) {
         let mut resumed = Vec::new();
         for (topic, partitions) in &mut self.pending {
@@ -269,19 +316,21 @@ impl Dispatcher {
                         break;
                     }
                 }
-                if waiting.is_empty() {
-                    resumed.push((topic.clone(), *partition));
+                if waiting.messages.is_empty() {
+                    resumed.push((topic.clone(), *partition, waiting.paused));
                 }
             }
         }
-        for (topic, partition) in resumed {
+        for (topic, partition, paused) in resumed {
             if let Some(t) = self.pending.get_mut(&topic) {
                 t.remove(&partition);
                 if t.is_empty() {
                     self.pending.remove(&topic);
                 }
             }
-            self.pause(&topic, partition, false);
+            if paused {
+                self.pause(&topic, partition, false);
+            }
         }
     }
 

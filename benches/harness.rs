@@ -1,0 +1,579 @@
+//! The benchmark harness: `scripts/bench.sh [--write] [--broker tansu|mock] [--rows N]
+//! [--messages N]`. Every scenario runs its baseline in the same run and prints the ratio;
+//! outboxd runs as a separate process (the release binary), the broker as another (Tansu)
+//! or inside this harness (librdkafka's mock cluster).
+//!
+//! 1. relay drain: N backlog rows (about 200-byte JSON payloads, 1,000 keys), lanes 1 and 4,
+//!    against the raw SQL claim rate on one connection;
+//! 2. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
+//!    against a bare rdkafka consumer that stores each offset;
+//! 3. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use sqlx::{PgPool, Row};
+
+struct Args {
+    write: bool,
+    broker: String,
+    rows: i64,
+    messages: Option<i64>,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        write: false,
+        broker: String::new(),
+        rows: 300_000,
+        messages: None,
+    };
+    let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--write" => a.write = true,
+            "--broker" => a.broker = it.next().context("--broker tansu|mock")?,
+            "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
+            "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if a.broker.is_empty() {
+        a.broker = if tansu_binary().is_some() {
+            "tansu".into()
+        } else {
+            "mock".into()
+        };
+    }
+    Ok(a)
+}
+
+fn tansu_binary() -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    [PathBuf::from(&home).join(".cargo/bin/tansu")]
+        .into_iter()
+        .chain(
+            std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .map(|d| Path::new(d).join("tansu")),
+        )
+        .find(|p| p.exists())
+}
+
+/// The broker: Tansu as a process of its own, or the mock cluster in this process.
+enum Broker {
+    Tansu {
+        child: Child,
+        bootstrap: String,
+        _dir: tempfile::TempDir,
+    },
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Broker {
+    fn start(kind: &str) -> Result<Broker> {
+        if kind == "mock" {
+            return Ok(Broker::Mock(rdkafka::mocking::MockCluster::new(1)?));
+        }
+        let bin = tansu_binary()
+            .context("tansu not installed (cargo install tansu --locked --features dynostore)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let dir = tempfile::tempdir()?;
+        let child = Command::new(bin)
+            .current_dir(dir.path())
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let bootstrap = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&bootstrap).is_err() {
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on {bootstrap}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Broker::Tansu {
+            child,
+            bootstrap,
+            _dir: dir,
+        })
+    }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Tansu { bootstrap, .. } => bootstrap.clone(),
+            Broker::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        match self {
+            Broker::Mock(m) => Ok(m.create_topic(topic, partitions, 1)?),
+            Broker::Tansu { bootstrap, .. } => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<_> = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .create()?;
+                let topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                admin.create_topics([&topic], &AdminOptions::new()).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Tansu { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn outboxd_binary() -> Result<PathBuf> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/outboxd");
+    if !bin.exists() {
+        bail!(
+            "{} missing: run scripts/bench.sh (it builds the release binary)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// An outboxd process and where its metrics are.
+struct Outboxd {
+    child: Child,
+    metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Outboxd {
+    fn start(config: &str) -> Result<Outboxd> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(
+            &path,
+            format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n{config}"),
+        )?;
+        let log = std::fs::File::create(dir.path().join("outboxd.log"))?;
+        let child = Command::new(outboxd_binary()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(log)
+            .spawn()?;
+        Ok(Outboxd {
+            child,
+            metrics: format!("http://127.0.0.1:{port}/metrics"),
+            _dir: dir,
+        })
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("outboxd.log")).unwrap_or_default()
+    }
+
+    /// Peak and current resident set size, in MiB.
+    fn rss(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let Ok(response) = reqwest::get(&self.metrics).await else {
+            return 0.0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+const PAYLOAD_SQL: &str = "jsonb_build_object('n', g, 'account', 'acc-' || (g % 1000), 'amount', g % 977, 'currency', 'EUR', 'note', repeat('x', 100))";
+
+async fn fill(pool: &PgPool, table: &str, rows: i64) -> Result<()> {
+    sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (LIKE outbox INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES);")).execute(pool).await?;
+    sqlx::query(&format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload) SELECT 'account', 'k' || (g % 1000), 'BenchEvent', {PAYLOAD_SQL} FROM generate_series(1, $1) g"
+    ))
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+async fn count(pool: &PgPool, table: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Baseline 1: the claim statement alone, in a loop on one connection, rows fetched.
+async fn raw_claim(pool: &PgPool, table: &str) -> Result<f64> {
+    let mut conn = pool.acquire().await?;
+    let sql = format!("WITH c AS (SELECT id FROM {table} ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED) DELETE FROM {table} o USING c WHERE o.id = c.id RETURNING o.*");
+    let started = Instant::now();
+    let mut total = 0;
+    loop {
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await?;
+        if rows.is_empty() {
+            break;
+        }
+        total += rows.len();
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn relay_drain(
+    pool: &PgPool,
+    broker: &Broker,
+    table: &str,
+    rows: i64,
+    lanes: u32,
+    url: &str,
+) -> Result<(f64, f64)> {
+    let config = format!(
+        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {lanes}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
+        broker.bootstrap()
+    );
+    let started = Instant::now();
+    let outboxd = Outboxd::start(&config)?;
+    while count(pool, table).await? > 0 {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("drain took more than 10 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (peak, _) = outboxd.rss();
+    outboxd.stop();
+    Ok((rows as f64 / elapsed, peak))
+}
+
+async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("linger.ms", "5")
+        .create()?;
+    let mut pending = Vec::new();
+    for n in 0..messages {
+        let payload = format!(
+            "{{\"n\": {n}, \"account\": \"acc-{}\", \"amount\": {}, \"currency\": \"EUR\"}}",
+            n % 1000,
+            n % 977
+        );
+        let key = format!("k{}", n % 1000);
+        let id = format!("bench-{n}");
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "event-id",
+            value: Some(id.as_bytes()),
+        });
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        match producer.send_result(record) {
+            Ok(d) => pending.push(d),
+            Err((e, _)) => bail!("produce: {e}"),
+        }
+        if pending.len() >= 10_000 {
+            for d in pending.drain(..) {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Baseline 2: a bare consumer storing every offset; msgs/s from first to last message.
+fn bare_consumer(bootstrap: &str, topic: &str, messages: i64) -> Result<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-bare-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut seen = 0;
+    let mut first = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while seen < messages && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            first.get_or_insert_with(Instant::now);
+            consumer.store_offset(m.topic(), m.partition(), m.offset())?;
+            seen += 1;
+        }
+    }
+    let first = first.context("no message consumed")?;
+    Ok(seen as f64 / first.elapsed().as_secs_f64())
+}
+
+/// outboxd's consumer with one handler; msgs/s from the first handled message to the last.
+async fn dispatch(
+    broker: &Broker,
+    topic: &str,
+    messages: i64,
+    name: &str,
+    handler: &str,
+    url: &str,
+) -> Result<(f64, f64)> {
+    let config = format!(
+        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[kafka.options]\n\"session.timeout.ms\" = 6000\n\
+         [consumer]\ngroup_id = \"bench-{name}-{}\"\ntopics = [\"{topic}\"]\n[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"h\"\n[handlers.h]\n{handler}\n",
+        broker.bootstrap(),
+        std::process::id()
+    );
+    let mut outboxd = Outboxd::start(&config)?;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut first = None;
+    loop {
+        let done = outboxd.metric("outboxd_consumer_messages_total").await;
+        if done > 0.0 && first.is_none() {
+            first = Some((Instant::now(), done));
+        }
+        if done >= messages as f64 {
+            break;
+        }
+        if Instant::now() > deadline || outboxd.exited() {
+            bail!(
+                "dispatch of {messages} did not finish ({done} done): {}",
+                outboxd.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (start, at_start) = first.context("nothing handled")?;
+    let rate = (messages as f64 - at_start) / start.elapsed().as_secs_f64();
+    let (peak, _) = outboxd.rss();
+    outboxd.stop();
+    Ok((rate, peak))
+}
+
+async fn http_sink() -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/events", listener.local_addr()?);
+    let app = axum::Router::new().route("/events", axum::routing::post(|| async { "" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
+struct Line {
+    scenario: String,
+    result: String,
+    baseline: String,
+    ratio: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let a = args()?;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await?;
+    outboxd::db::migrate(&pool).await?;
+    let broker = Broker::start(&a.broker)?;
+    let messages = a
+        .messages
+        .unwrap_or(if a.broker == "mock" { 100_000 } else { 500_000 });
+    let mut lines = Vec::new();
+    let mut rss: BTreeMap<&str, f64> = BTreeMap::new();
+    let table = "bench_outbox";
+    broker.create_topic("bench.BenchEvent", 6).await?;
+
+    // Idle memory.
+    fill(&pool, table, 0).await?;
+    {
+        let idle = Outboxd::start(&format!("[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\n", broker.bootstrap()))?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rss.insert("idle (relay, empty table)", idle.rss().1);
+        idle.stop();
+    }
+
+    // 1. Relay drain.
+    fill(&pool, table, a.rows).await?;
+    let raw = raw_claim(&pool, table).await?;
+    eprintln!("raw claim: {raw:.0} rows/s");
+    for lanes in [1, 4] {
+        fill(&pool, table, a.rows).await?;
+        let (rate, peak) = relay_drain(&pool, &broker, table, a.rows, lanes, &url).await?;
+        eprintln!("relay lanes={lanes}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
+        rss.insert(
+            if lanes == 1 {
+                "relay drain, lanes = 1 (peak)"
+            } else {
+                "relay drain, lanes = 4 (peak)"
+            },
+            peak,
+        );
+        lines.push(Line {
+            scenario: format!("relay drain, {} rows, lanes = {lanes}", a.rows),
+            result: format!("{rate:.0} rows/s"),
+            baseline: format!("raw SQL claim {raw:.0} rows/s"),
+            ratio: format!("{:.2}", rate / raw),
+        });
+    }
+
+    // 2. Consumer dispatch.
+    let topic = format!("bench.dispatch.{}", std::process::id());
+    broker.create_topic(&topic, 6).await?;
+    produce(&broker, &topic, messages).await?;
+    let bootstrap = broker.bootstrap();
+    let (t, m) = (topic.clone(), messages);
+    let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, &t, m)).await??;
+    eprintln!("bare consumer: {bare:.0} msgs/s");
+    sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
+        .execute(&pool)
+        .await?;
+    let sink = http_sink().await?;
+    for (name, handler) in [
+        ("log", "kind = \"log\"".to_owned()),
+        ("http", format!("kind = \"http\"\nurl = \"{sink}\"")),
+        ("sql", "kind = \"sql\"\nstatement = \"INSERT INTO bench_effects (n) VALUES ($1)\"\nparams = [\"/n\"]".to_owned()),
+    ] {
+        let (rate, peak) = dispatch(&broker, &topic, messages, name, &handler, &url).await?;
+        eprintln!("dispatch {name}: {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
+        rss.insert(match name { "log" => "dispatch, log (peak)", "http" => "dispatch, http (peak)", _ => "dispatch, sql (peak)" }, peak);
+        lines.push(Line {
+            scenario: format!("consumer dispatch, {messages} msgs / 6 partitions, {name} handler"),
+            result: format!("{rate:.0} msgs/s"),
+            baseline: format!("bare consumer {bare:.0} msgs/s"),
+            ratio: format!("{:.2}", rate / bare),
+        });
+    }
+    sqlx::raw_sql(&format!(
+        "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS bench_effects"
+    ))
+    .execute(&pool)
+    .await?;
+
+    let mut table_md =
+        String::from("| scenario | outboxd | baseline (same run) | ratio |\n|---|---|---|---|\n");
+    for l in &lines {
+        table_md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            l.scenario, l.result, l.baseline, l.ratio
+        ));
+    }
+    table_md.push_str("\n| outboxd resident memory | MiB |\n|---|---|\n");
+    for (what, mib) in &rss {
+        table_md.push_str(&format!("| {what} | {mib:.1} |\n"));
+    }
+    println!("{table_md}");
+    if a.write {
+        let pg: String = sqlx::query("SELECT version()")
+            .fetch_one(&pool)
+            .await?
+            .get(0);
+        let machine = format!(
+            "{} cores, {:.1} GiB, {}",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0),
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| m
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|k| k.parse::<f64>().ok()))
+                .unwrap_or(0.0)
+                / 1024.0
+                / 1024.0,
+            std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(
+                    |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                        .split(':')
+                        .nth(1)
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned())
+                )
+                .unwrap_or_default()
+        );
+        let broker_desc = match &broker {
+            Broker::Tansu { .. } => "Tansu (separate process, memory storage)".to_owned(),
+            Broker::Mock(_) => {
+                "librdkafka mock cluster (in the harness process; outboxd is separate)".to_owned()
+            }
+        };
+        let doc = format!(
+            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, linger.ms 0), polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs.\n\n{table_md}\n",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+            env!("CARGO_PKG_VERSION"),
+            rustc_version(),
+        );
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+        let previous = std::fs::read_to_string(&path).unwrap_or_default();
+        let history = previous
+            .split_once("\n## Notes\n")
+            .map(|(_, notes)| format!("\n## Notes\n{notes}"))
+            .unwrap_or_default();
+        std::fs::write(&path, format!("{doc}{history}"))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn rustc_version() -> String {
+    Command::new("rustc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The benchmark command: builds the release binary, then runs the harness
+# (benches/harness.rs). Arguments go to the harness:
+#   --write            also write BENCHMARKS.md
+#   --broker tansu|mock  Tansu as a separate process (default when `tansu` is installed:
+#                      cargo install tansu --locked --features dynostore) or the mock cluster
+#   --rows N           relay backlog rows (default 300000)
+#   --messages N       consumer messages (default 500000 with Tansu, 100000 with the mock,
+#                      which keeps only 5 MiB per partition)
+# PostgreSQL: $DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked
+cargo bench --locked --bench harness -- "$@"
