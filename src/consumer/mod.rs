@@ -113,7 +113,10 @@ pub fn start(
     client
         .set("auto.offset.reset", "earliest")
         .set("auto.commit.interval.ms", "200")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // librdkafka prefetches up to 64 MiB by default; workers hold their own queues, so
+        // a smaller prefetch keeps memory down without slowing dispatch.
+        .set("queued.max.messages.kbytes", "16384");
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
     }
