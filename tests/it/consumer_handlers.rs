@@ -228,3 +228,48 @@ async fn sql_handler_applies_each_event_once_and_dead_letters_bad_payloads() {
     assert_eq!(inbox, 2);
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_handler_forwards_key_value_and_headers() {
+    let (topic, cluster, bootstrap) = consuming("mirror", 1);
+    let mirror = format!("{topic}.mirror");
+    cluster.create_topic(&mirror, 1, 1).unwrap();
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "mirror")],
+        vec![(
+            "mirror",
+            handler(&format!("kind = \"kafka\"\ntopic = \"{mirror}\"")),
+        )],
+    );
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            (
+                0,
+                "acc-1",
+                br#"{"n": 1}"#,
+                &[("event-id", "m-1"), ("traceparent", "00-a-b-01")],
+            ),
+            (0, "acc-2", br#"{"n": 2}"#, &[("event-id", "m-2")]),
+        ],
+    )
+    .await;
+    let daemon = Daemon::start(cfg).await;
+    let forwarded = consume(
+        &bootstrap,
+        &mirror,
+        2,
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(forwarded.len(), 2, "forwarded once each");
+    assert_eq!((forwarded[0].key.as_str(), forwarded[0].n), ("acc-1", 1));
+    assert_eq!(forwarded[0].headers["event-id"], "m-1");
+    assert_eq!(forwarded[0].headers["traceparent"], "00-a-b-01");
+    assert_eq!((forwarded[1].key.as_str(), forwarded[1].n), ("acc-2", 2));
+    daemon.stop().await.unwrap();
+}
