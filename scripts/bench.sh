@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark command: builds the release binary, then runs the harness
-# (benches/harness.rs). Arguments go to the harness:
+# (benches/harness/main.rs). Arguments go to the harness:
 #   --write            also write BENCHMARKS.md
 #   --broker tansu|mock  Tansu as a separate process (default when `tansu` is installed:
 #                      cargo install tansu --locked --features dynostore) or the mock cluster

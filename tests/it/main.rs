@@ -5,10 +5,12 @@ mod consumer_helpers;
 mod helpers;
 
 mod cli;
+mod config;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
 mod faults;
+mod faults_infra;
 mod ops;
 mod relay_delivery;
 mod relay_faults;

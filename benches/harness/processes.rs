@@ -1,0 +1,188 @@
+//! The processes a benchmark runs: the broker (Tansu, or the mock cluster in the harness)
+//! and outboxd itself (the release binary), with its metrics and memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::ClientConfig;
+
+pub fn tansu_binary() -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    [PathBuf::from(&home).join(".cargo/bin/tansu")]
+        .into_iter()
+        .chain(
+            std::env::var("PATH")
+                .unwrap_or_default()
+                .split(':')
+                .map(|d| Path::new(d).join("tansu")),
+        )
+        .find(|p| p.exists())
+}
+
+/// The broker: Tansu as a process of its own, or the mock cluster in this process.
+pub enum Broker {
+    Tansu {
+        child: Child,
+        bootstrap: String,
+        _dir: tempfile::TempDir,
+    },
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Broker {
+    pub fn start(kind: &str) -> Result<Broker> {
+        if kind == "mock" {
+            return Ok(Broker::Mock(rdkafka::mocking::MockCluster::new(1)?));
+        }
+        let bin = tansu_binary()
+            .context("tansu not installed (cargo install tansu --locked --features dynostore)")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let dir = tempfile::tempdir()?;
+        let child = Command::new(bin)
+            .current_dir(dir.path())
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let bootstrap = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&bootstrap).is_err() {
+            if Instant::now() > deadline {
+                bail!("tansu did not listen on {bootstrap}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Broker::Tansu {
+            child,
+            bootstrap,
+            _dir: dir,
+        })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Broker::Tansu { bootstrap, .. } => bootstrap.clone(),
+            Broker::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        match self {
+            Broker::Mock(m) => Ok(m.create_topic(topic, partitions, 1)?),
+            Broker::Tansu { bootstrap, .. } => {
+                use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+                let admin: AdminClient<_> = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .create()?;
+                let topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+                admin.create_topics([&topic], &AdminOptions::new()).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Tansu { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn outboxd_binary() -> Result<PathBuf> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/outboxd");
+    if !bin.exists() {
+        bail!(
+            "{} missing: run scripts/bench.sh (it builds the release binary)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// An outboxd process and where its metrics are.
+pub struct Outboxd {
+    child: Child,
+    metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Outboxd {
+    pub fn start(config: &str) -> Result<Outboxd> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(
+            &path,
+            format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n{config}"),
+        )?;
+        let log = std::fs::File::create(dir.path().join("outboxd.log"))?;
+        let child = Command::new(outboxd_binary()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stderr(log)
+            .spawn()?;
+        Ok(Outboxd {
+            child,
+            metrics: format!("http://127.0.0.1:{port}/metrics"),
+            _dir: dir,
+        })
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("outboxd.log")).unwrap_or_default()
+    }
+
+    /// Peak and current resident set size, in MiB.
+    pub fn rss(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Ok(response) = reqwest::get(&self.metrics).await else {
+            return 0.0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    }
+
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
