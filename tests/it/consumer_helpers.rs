@@ -82,6 +82,30 @@ pub async fn produce_events(
     produce(bootstrap, topic, &messages).await;
 }
 
+/// `total` events spread evenly over partitions `0..partitions` (ids `<prefix>-<n>`);
+/// returns how many were produced (`total` rounded down to a multiple of `partitions`).
+pub async fn produce_spread(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i64,
+    prefix: &str,
+    total: i64,
+) -> i64 {
+    let share = total / partitions;
+    for p in 0..partitions {
+        produce_events(
+            bootstrap,
+            topic,
+            p as i32,
+            prefix,
+            "E",
+            (p * share)..((p + 1) * share),
+        )
+        .await;
+    }
+    share * partitions
+}
+
 /// A consumer-only configuration: `topics`, one route per `(glob, event type, handler)`.
 pub fn consumer_config(
     bootstrap: &str,

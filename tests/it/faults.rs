@@ -81,16 +81,7 @@ async fn relay_killed_with_sigkill_five_times_loses_nothing() {
     let (code, _) = terminate(&mut child, Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", std::fs::read_to_string(log).unwrap());
 
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        total as usize,
-        Duration::from_secs(1),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_at_least_once(&received, 0, total);
-    assert_first_deliveries_in_key_order(&received);
+    let received = consume_all_in_order(&cluster.bootstrap_servers(), &topic, total).await;
     let duplicates = received.len() as i64 - total;
     eprintln!(
         "fault kill -9 relay: rows {total}, kills {kills}, delivered {}, duplicates {duplicates}",
@@ -113,19 +104,7 @@ async fn consumer_killed_with_sigkill_five_times_applies_every_effect_once() {
     let (topic, _cluster, bootstrap) = consuming("kill9consumer", 4);
     let total = scaled(50_000);
     let prefix = unique("ev");
-    for p in 0..4 {
-        let share = total / 4;
-        produce_events(
-            &bootstrap,
-            &topic,
-            p as i32,
-            &prefix,
-            "E",
-            (p * share)..((p + 1) * share),
-        )
-        .await;
-    }
-    let total = total / 4 * 4;
+    let total = produce_spread(&bootstrap, &topic, 4, &prefix, total).await;
     let group = unique("group");
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
@@ -185,19 +164,7 @@ async fn handler_outage_ends_with_every_message_delivered_or_dead_lettered() {
     let (topic, _cluster, bootstrap) = consuming("outage", 2);
     let total = scaled(2_000);
     let prefix = unique("ev");
-    for p in 0..2 {
-        let share = total / 2;
-        produce_events(
-            &bootstrap,
-            &topic,
-            p as i32,
-            &prefix,
-            "E",
-            (p * share)..((p + 1) * share),
-        )
-        .await;
-    }
-    let total = total / 2 * 2;
+    let total = produce_spread(&bootstrap, &topic, 2, &prefix, total).await;
     let server = TestServer::start(&[], 200).await;
     server.set_delay(Duration::from_millis(2));
     let cfg = {

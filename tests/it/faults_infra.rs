@@ -132,16 +132,7 @@ async fn frozen_broker_loses_nothing_and_the_relay_does_not_spin() {
     drained(&pool, &table, Duration::from_secs(120)).await;
     let (code, _) = terminate(&mut relay, Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "{}", std::fs::read_to_string(log).unwrap());
-    let received = consume(
-        &broker.bootstrap,
-        &topic,
-        total as usize,
-        Duration::from_secs(1),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_at_least_once(&received, 0, total);
-    assert_first_deliveries_in_key_order(&received);
+    let received = consume_all_in_order(&broker.bootstrap, &topic, total).await;
     eprintln!(
         "fault frozen broker: rows {total}, frozen {frozen_for:?}, relay CPU while frozen {cpu_while_frozen:.2} s, claims while frozen {claims_while_frozen}, delivered {}, duplicates {}",
         received.len(),
@@ -300,16 +291,7 @@ async fn postgres_restarted_mid_drain_the_relay_reconnects_and_finishes() {
     let (code, _) = terminate(&mut relay, Duration::from_secs(30)).await;
     let log = std::fs::read_to_string(log).unwrap();
     assert_eq!(code, Some(0), "{log}");
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        total as usize,
-        Duration::from_secs(1),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_at_least_once(&received, 0, total);
-    assert_first_deliveries_in_key_order(&received);
+    let received = consume_all_in_order(&cluster.bootstrap_servers(), &topic, total).await;
     eprintln!(
         "fault postgres restart: rows {total}, pending at restart {after_restart}, delivered {}, duplicates {}",
         received.len(),

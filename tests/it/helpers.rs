@@ -361,6 +361,22 @@ pub fn assert_exactly_once(received: &[Received], first: i64, count: i64) {
     assert_eq!(received.len() as i64, count, "unexpected extra messages");
 }
 
+/// Reads `topic` until rows `0..total` all arrived, asserting they did and that first
+/// deliveries kept per-key order; returns what was read (duplicates included).
+pub async fn consume_all_in_order(bootstrap: &str, topic: &str, total: i64) -> Vec<Received> {
+    let received = consume(
+        bootstrap,
+        topic,
+        total as usize,
+        Duration::from_secs(1),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_at_least_once(&received, 0, total);
+    assert_first_deliveries_in_key_order(&received);
+    received
+}
+
 /// Asserts every `n` in `first..first+count` arrived at least once.
 pub fn assert_at_least_once(received: &[Received], first: i64, count: i64) {
     let got: HashSet<i64> = received.iter().map(|r| r.n).collect();
