@@ -4,6 +4,9 @@
 # PostgreSQL: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/test. If nothing
 # answers there and PostgreSQL server binaries are installed, a throwaway cluster is
 # started on a free port for the run and removed afterwards.
+# MySQL/MariaDB: $MYSQL_URL, else mysql://root@127.0.0.1:3306/test; for the default, the
+# `test` database is created if missing, and a local MariaDB that is down is started.
+# SQLite: files in temporary directories; nothing to prepare.
 # Kafka: the tests start librdkafka's mock cluster in process; nothing to prepare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +37,20 @@ if ! answers "$DATABASE_URL"; then
     trap '"${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null; rm -rf "$dir"' EXIT
     psql "postgres://postgres@127.0.0.1:$port/postgres" -qc 'CREATE DATABASE test'
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/test"
+fi
+
+if [[ -z "${MYSQL_URL:-}" ]]; then
+    export MYSQL_URL="mysql://root@127.0.0.1:3306/test"
+    mysql_ok() { mysql -uroot -h127.0.0.1 -P3306 -e 'CREATE DATABASE IF NOT EXISTS test' >/dev/null 2>&1; }
+    if ! mysql_ok && [[ "$(id -u)" == 0 ]] && command -v service >/dev/null; then
+        echo "test.sh: no MariaDB answers on 127.0.0.1:3306; starting the local one" >&2
+        service mariadb start >/dev/null 2>&1 || true
+        for _ in $(seq 1 30); do mysql_ok && break; sleep 1; done
+    fi
+    if ! mysql_ok; then
+        echo "test.sh: no MySQL/MariaDB answers at $MYSQL_URL (set MYSQL_URL)" >&2
+        exit 1
+    fi
 fi
 
 # The fault suite runs the mock broker as a process of its own (examples/mock_broker.rs).

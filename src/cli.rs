@@ -194,17 +194,11 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => {
             init_logging(&config.log);
             runtime()?.block_on(async {
-                let opts = db::connect_options(&config.database)
+                let database = db::Database::open(&config.database)
                     .map_err(|e| CliError::Run(RunError::Config(e)))?;
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(config.database.connect_timeout)
-                    .connect_with(opts)
-                    .await
-                    .map_err(|e| CliError::Migrate(e.to_string()))?;
-                db::migrate(&pool)
-                    .await
-                    .map_err(|e| CliError::Migrate(e.to_string()))?;
+                let migrated = database.migrate().await;
+                database.close().await;
+                migrated.map_err(|e| CliError::Migrate(e.to_string()))?;
                 tracing::info!("migrations applied");
                 Ok(())
             })
@@ -214,7 +208,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Dlq {
             command: DlqCommand::Replay(args),
         } => {
-            let brokers = kafka::Brokers::start(&config.kafka).map_err(RunError::from)?;
+            let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())
+                .map_err(RunError::from)?;
             let replay = crate::dlq::Replay {
                 topic: args.topic.clone(),
                 to: (args.to != "ORIGINAL").then(|| args.to.clone()),
@@ -233,7 +228,8 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Status { json } => runtime()?.block_on(async {
-            let brokers = kafka::Brokers::start(&config.kafka).map_err(RunError::from)?;
+            let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())
+                .map_err(RunError::from)?;
             let status = crate::status::gather(&config, &brokers.bootstrap)
                 .await
                 .map_err(CliError::Status)?;
@@ -271,8 +267,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
-    use crate::relay::store::postgres::{self as pg, NewEvent};
-    use sqlx::Connection;
+    use crate::relay::store::NewEvent;
     let table = match &args.table {
         Some(name) => config.relay.tables.iter().find(|t| &t.table == name),
         None => config.relay.tables.first(),
@@ -290,10 +285,7 @@ async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
         .collect();
-    let opts = db::connect_options(&config.database).map_err(CliError::EmitInput)?;
-    let mut conn = sqlx::postgres::PgConnection::connect_with(&opts)
-        .await
-        .map_err(|e| CliError::Emit(e.to_string()))?;
+    let database = db::Database::open(&config.database).map_err(CliError::EmitInput)?;
     let event = NewEvent {
         key: &args.key,
         event_type: &args.event_type,
@@ -301,9 +293,9 @@ async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
         payload: &args.payload,
         headers: &headers,
     };
-    let id = pg::emit(&mut conn, table, &event)
-        .await
-        .map_err(|e| CliError::Emit(e.to_string()))?;
+    let id = crate::relay::store::emit(&database, table, &event).await;
+    database.close().await;
+    let id = id.map_err(|e| CliError::Emit(e.to_string()))?;
     println!("inserted row {id} into {}", table.table);
     Ok(())
 }

@@ -1,46 +1,185 @@
-//! Database connections and the embedded migrations.
+//! Database connections and the embedded migrations, for each supported backend:
+//! PostgreSQL, MySQL/MariaDB and SQLite, chosen by the scheme of `database.url`.
 
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 use crate::config::DatabaseConfig;
 
-/// The migrations in `migrations/postgres`, embedded in the binary. Migrations applied by
-/// a newer outboxd are tolerated, so rolling back the binary keeps working.
-pub fn migrator() -> Migrator {
-    let mut migrator = sqlx::migrate!("./migrations/postgres");
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+    /// `mysql://` or `mariadb://` (MySQL 8, MariaDB 10.6+).
+    MySql,
+    /// `sqlite://PATH` (or `sqlite:PATH`).
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend of `url`, from its scheme.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        let scheme = url.split_once(':')?.0.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            "mysql" | "mariadb" => Some(Backend::MySql),
+            "sqlite" => Some(Backend::Sqlite),
+            _ => None,
+        }
+    }
+
+    /// Its name in messages and docs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MySQL/MariaDB",
+            Backend::Sqlite => "SQLite",
+        }
+    }
+}
+
+/// A pool and the options for dedicated connections, of one backend.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// PostgreSQL.
+    Postgres {
+        /// For dedicated connections (lanes, coordinator, LISTEN).
+        opts: PgConnectOptions,
+        /// The shared pool.
+        pool: PgPool,
+    },
+    /// MySQL or MariaDB.
+    MySql {
+        /// For dedicated connections (lanes, coordinator).
+        opts: MySqlConnectOptions,
+        /// The shared pool.
+        pool: MySqlPool,
+    },
+    /// SQLite.
+    Sqlite {
+        /// For dedicated connections (the lane).
+        opts: SqliteConnectOptions,
+        /// The shared pool.
+        pool: SqlitePool,
+    },
+}
+
+/// How long SQLite waits for another writer's lock before failing a statement.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Database {
+    /// Options and a lazy pool from `database.url` (validated to be present); a database
+    /// that is down at start-up delays work instead of failing the process.
+    pub fn open(db: &DatabaseConfig) -> Result<Database, String> {
+        let url = db.url.as_deref().ok_or("database.url: missing")?;
+        let slow = (tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+        match Backend::of_url(url) {
+            Some(Backend::Postgres) => {
+                let opts: PgConnectOptions = url
+                    .parse()
+                    .map_err(|e| format!("database.url: not a usable PostgreSQL URL: {e}"))?;
+                // Name the sessions in pg_stat_activity unless the URL already does.
+                let opts = if url.contains("application_name=") {
+                    opts
+                } else {
+                    opts.application_name("outboxd")
+                };
+                let opts = opts.log_slow_statements(slow.0, slow.1);
+                let pool = PgPoolOptions::new()
+                    .max_connections(db.max_connections)
+                    .acquire_timeout(db.connect_timeout)
+                    .connect_lazy_with(opts.clone());
+                Ok(Database::Postgres { opts, pool })
+            }
+            Some(Backend::MySql) => {
+                let url = url.replacen("mariadb:", "mysql:", 1);
+                let opts: MySqlConnectOptions = url
+                    .parse()
+                    .map_err(|e| format!("database.url: not a usable MySQL URL: {e}"))?;
+                let opts = opts.log_slow_statements(slow.0, slow.1);
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(db.max_connections)
+                    .acquire_timeout(db.connect_timeout)
+                    .connect_lazy_with(opts.clone());
+                Ok(Database::MySql { opts, pool })
+            }
+            Some(Backend::Sqlite) => {
+                let opts: SqliteConnectOptions = url
+                    .parse()
+                    .map_err(|e| format!("database.url: not a usable SQLite URL: {e}"))?;
+                // WAL lets the application read and write while the relay reads; the busy
+                // timeout makes writers queue for the one write lock instead of failing.
+                let opts = opts
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                    .log_slow_statements(slow.0, slow.1);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(db.max_connections)
+                    .acquire_timeout(db.connect_timeout)
+                    .connect_lazy_with(opts.clone());
+                Ok(Database::Sqlite { opts, pool })
+            }
+            None => Err(
+                "database.url: must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Database::Postgres { .. } => Backend::Postgres,
+            Database::MySql { .. } => Backend::MySql,
+            Database::Sqlite { .. } => Backend::Sqlite,
+        }
+    }
+
+    /// Applies every pending migration of the backend (safe to run concurrently on
+    /// PostgreSQL and MySQL, where sqlx takes a lock; SQLite serialises writers).
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        let migrator = migrator(self.backend());
+        match self {
+            Database::Postgres { pool, .. } => migrator.run(pool).await,
+            Database::MySql { pool, .. } => migrator.run(pool).await,
+            Database::Sqlite { pool, .. } => migrator.run(pool).await,
+        }
+    }
+
+    /// Runs `SELECT 1` on the pool (readiness).
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        const PROBE: &str = "SELECT 1";
+        match self {
+            Database::Postgres { pool, .. } => sqlx::query(PROBE).execute(pool).await.map(drop),
+            Database::MySql { pool, .. } => sqlx::query(PROBE).execute(pool).await.map(drop),
+            Database::Sqlite { pool, .. } => sqlx::query(PROBE).execute(pool).await.map(drop),
+        }
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match self {
+            Database::Postgres { pool, .. } => pool.close().await,
+            Database::MySql { pool, .. } => pool.close().await,
+            Database::Sqlite { pool, .. } => pool.close().await,
+        }
+    }
+}
+
+/// The migrations of `backend`, embedded in the binary. Migrations applied by a newer
+/// outboxd are tolerated, so rolling back the binary keeps working.
+pub fn migrator(backend: Backend) -> Migrator {
+    let mut migrator = match backend {
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        Backend::MySql => sqlx::migrate!("./migrations/mysql"),
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+    };
     migrator.set_ignore_missing(true);
     migrator
-}
-
-/// Connection options from `database.url` (validated to be present).
-pub fn connect_options(db: &DatabaseConfig) -> Result<PgConnectOptions, String> {
-    let url = db.url.as_deref().ok_or("database.url: missing")?;
-    let opts: PgConnectOptions = url
-        .parse()
-        .map_err(|e| format!("database.url: not a usable PostgreSQL URL: {e}"))?;
-    // Name the sessions in pg_stat_activity unless the URL already does.
-    let opts = if url.contains("application_name=") {
-        opts
-    } else {
-        opts.application_name("outboxd")
-    };
-    Ok(opts.log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5)))
-}
-
-/// The shared pool; connects lazily so a database that is down at start-up delays work
-/// instead of failing the process.
-pub fn pool(db: &DatabaseConfig, opts: &PgConnectOptions) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(db.max_connections)
-        .acquire_timeout(db.connect_timeout)
-        .connect_lazy_with(opts.clone())
-}
-
-/// Applies every pending migration (safe to run concurrently: sqlx takes a lock).
-pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    migrator().run(pool).await
 }

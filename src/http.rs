@@ -11,7 +11,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use rdkafka::producer::Producer;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,7 @@ pub struct HttpState {
     /// Metrics to expose.
     pub metrics: Arc<Metrics>,
     /// The database, when configured.
-    pub pool: Option<PgPool>,
+    pub database: Option<crate::db::Database>,
     /// The producer, whose client answers metadata requests.
     pub producer: Arc<ProducerSlot>,
 }
@@ -64,8 +63,8 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     let mut problems = Vec::new();
-    if let Some(pool) = &state.pool {
-        let probe = sqlx::query("SELECT 1").execute(pool);
+    if let Some(database) = &state.database {
+        let probe = database.ping();
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => problems.push(format!("database: {e}")),

@@ -103,11 +103,12 @@ pub struct Brokers {
 }
 
 impl Brokers {
-    /// Resolves `kafka.brokers`, starting the embedded broker for `"embedded"`.
-    pub fn start(kafka: &KafkaConfig) -> Result<Self, KafkaSetupError> {
+    /// Resolves `kafka.brokers`, starting the embedded broker for `"embedded"` with
+    /// `topics` created (so a consumer can subscribe before anything was produced).
+    pub fn start(kafka: &KafkaConfig, topics: &[String]) -> Result<Self, KafkaSetupError> {
         let brokers = kafka.brokers.as_deref().unwrap_or_default().trim();
         if brokers == EMBEDDED {
-            let embedded = EmbeddedBroker::start()?;
+            let embedded = EmbeddedBroker::start(topics.to_vec())?;
             tracing::warn!(
                 bootstrap = %embedded.bootstrap,
                 "kafka.brokers = \"embedded\": using librdkafka's in-process mock cluster; \
@@ -139,13 +140,18 @@ struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    fn start() -> Result<Self, KafkaSetupError> {
+    fn start(topics: Vec<String>) -> Result<Self, KafkaSetupError> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("embedded-kafka".into())
             .spawn(move || match MockCluster::new(1) {
                 Ok(cluster) => {
+                    for topic in &topics {
+                        if let Err(e) = cluster.create_topic(topic, 1, 1) {
+                            tracing::warn!(%topic, error = %e, "embedded broker: cannot create topic");
+                        }
+                    }
                     let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                     // Blocks until the sender is dropped.
                     let _ = stop_rx.recv();

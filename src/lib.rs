@@ -106,7 +106,7 @@ pub async fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<Running, RunError> {
-    let brokers = kafka::Brokers::start(&config.kafka)?;
+    let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())?;
     let producer_config = kafka::producer_config(&config.kafka, &brokers.bootstrap);
     let producer = Arc::new(
         ProducerSlot::new(producer_config)
@@ -120,20 +120,18 @@ pub async fn start(
         shutdown: shutdown.clone(),
     };
     let database = if config.needs_database() {
-        let connect = db::connect_options(&config.database).map_err(RunError::Config)?;
-        let pool = db::pool(&config.database, &connect);
+        let database = db::Database::open(&config.database).map_err(RunError::Config)?;
         if config.database.migrate {
-            migrate_with_retry(&pool, &shutdown).await;
+            migrate_with_retry(&database, &shutdown).await;
         }
-        Some((connect, pool))
+        Some(database)
     } else {
         None
     };
-    let pool = database.as_ref().map(|(_, pool)| pool.clone());
     let http_stop = CancellationToken::new();
     let state = http::HttpState {
         metrics: metrics.clone(),
-        pool: pool.clone(),
+        database: database.clone(),
         producer: producer.clone(),
     };
     let (http_addr, http) = http::serve(config.http.listen, state, http_stop.clone())
@@ -143,11 +141,10 @@ pub async fn start(
             source,
         })?;
     let (mut tasks, tunables) = match &database {
-        Some((connect, pool)) => relay::start(
+        Some(database) => relay::start(
             &config.relay,
             config.shutdown_timeout / 2,
-            connect,
-            pool,
+            database,
             &services,
         ),
         None => (Vec::new(), Vec::new()),
@@ -155,7 +152,7 @@ pub async fn start(
     let consumer = consumer::start(
         &config,
         &brokers.bootstrap,
-        pool,
+        database,
         &services,
         config.shutdown_timeout.mul_f32(0.75),
     )
@@ -225,10 +222,10 @@ pub async fn run(
     start(config, metrics, shutdown).await?.wait().await
 }
 
-async fn migrate_with_retry(pool: &sqlx::PgPool, shutdown: &CancellationToken) {
+async fn migrate_with_retry(database: &db::Database, shutdown: &CancellationToken) {
     let mut retry = backoff::exponential();
     loop {
-        match db::migrate(pool).await {
+        match database.migrate().await {
             Ok(()) => return,
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();

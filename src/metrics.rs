@@ -192,20 +192,25 @@ impl Metrics {
     /// Sum of the samples of metric `name` whose labels include every `(label, value)`
     /// pair of `filter`, read back from the text exposition.
     pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.render()
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
-                let wanted = metric == name
-                    && filter
-                        .iter()
-                        .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
-                wanted.then(|| value.parse::<f64>().ok()).flatten()
-            })
-            .sum()
+        sum_in(&self.render(), name, filter)
     }
+}
+
+/// The sum of every series of metric `name` in exposition `text` whose labels include all
+/// of `filter` (e.g. what `/metrics` of another process answered).
+pub fn sum_in(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && filter
+                    .iter()
+                    .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
 }
 
 impl Default for Metrics {

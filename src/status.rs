@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
+use crate::config::Config;
+use crate::db::Database;
+use crate::relay::store::{self, LaneOwner};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
-use sqlx::{Connection, Row};
-
-use crate::config::Config;
-use crate::relay::store::postgres::{self as pg, TableSql};
 
 /// Everything `status` reports.
 #[derive(Debug, Serialize)]
@@ -35,19 +34,6 @@ pub struct TableStatus {
     pub lanes: u32,
     /// Who holds each owned lane.
     pub owners: Vec<LaneOwner>,
-}
-
-/// The session holding a lane.
-#[derive(Debug, Serialize)]
-pub struct LaneOwner {
-    /// Lane number.
-    pub lane: i64,
-    /// Backend pid of the owning connection.
-    pub pid: i32,
-    /// Client address of the owner.
-    pub client: Option<String>,
-    /// Its `application_name`.
-    pub application: String,
 }
 
 /// The consumer group.
@@ -78,13 +64,15 @@ pub struct PartitionStatus {
 pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> {
     let mut relay = Vec::new();
     if !config.relay.tables.is_empty() {
-        let opts = crate::db::connect_options(&config.database)?;
-        let mut conn = sqlx::postgres::PgConnection::connect_with(&opts)
-            .await
-            .map_err(|e| format!("database: {e}"))?;
+        let db = Database::open(&config.database)?;
         for t in &config.relay.tables {
-            relay.push(table_status(&mut conn, t).await?);
+            let status = table_status(&db, t).await;
+            if status.is_err() {
+                db.close().await;
+            }
+            relay.push(status?);
         }
+        db.close().await;
     }
     let consumer = match &config.consumer {
         Some(c) => {
@@ -104,39 +92,16 @@ pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> 
 }
 
 async fn table_status(
-    conn: &mut sqlx::postgres::PgConnection,
+    db: &Database,
     t: &crate::config::TableConfig,
 ) -> Result<TableStatus, String> {
-    let shape = pg::introspect(conn, t).await.map_err(|e| e.to_string())?;
-    let sql = TableSql::new(t, &shape);
-    let (pending, oldest) = pg::stats(&mut *conn, &sql)
+    let table = store::open(db, t).await.map_err(|e| e.to_string())?;
+    let (pending, oldest) = table.stats().await.map_err(|e| e.to_string())?;
+    let dead_rows = table
+        .dead_rows()
         .await
-        .map_err(|e| e.to_string())?;
-    let dead_rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outboxd_dead_rows WHERE source_table = $1")
-            .bind(&t.table)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| format!("outboxd_dead_rows: {e} (run outboxd migrate)"))?;
-    let (lane_class, _) = crate::relay::lanes::lock_classes(&t.table);
-    let owners = sqlx::query(
-        "SELECT l.objid::int8, a.pid, a.client_addr::text, a.application_name \
-         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::int8::oid \
-         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
-    )
-    .bind(i64::from(lane_class))
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| e.to_string())?
-    .iter()
-    .map(|r| LaneOwner {
-        lane: r.get(0),
-        pid: r.get(1),
-        client: r.get(2),
-        application: r.get(3),
-    })
-    .collect();
+        .map_err(|e| format!("outboxd_dead_rows: {e} (run outboxd migrate)"))?;
+    let owners = table.lane_owners().await.map_err(|e| e.to_string())?;
     Ok(TableStatus {
         table: t.table.clone(),
         pending,
@@ -213,13 +178,13 @@ impl std::fmt::Display for Status {
                 let owners: Vec<String> = t
                     .owners
                     .iter()
-                    .map(|o| {
-                        format!(
-                            "{}:pid {}@{}",
+                    .map(|o| match o.pid {
+                        Some(pid) => format!(
+                            "{}:pid {pid}@{}",
                             o.lane,
-                            o.pid,
                             o.client.as_deref().unwrap_or("local")
-                        )
+                        ),
+                        None => format!("{}:held", o.lane),
                     })
                     .collect();
                 let oldest = t

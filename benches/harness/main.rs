@@ -249,7 +249,9 @@ async fn main() -> Result<()> {
         .max_connections(4)
         .connect(&url)
         .await?;
-    outboxd::db::migrate(&pool).await?;
+    outboxd::db::migrator(outboxd::db::Backend::Postgres)
+        .run(&pool)
+        .await?;
     let broker = Broker::start(&a.broker)?;
     let messages = a
         .messages

@@ -97,9 +97,11 @@ fn default_command_timeout() -> Duration {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlHandlerConfig {
-    /// A statement with `$1`, `$2`, ... placeholders. Parameter types come from the
-    /// statement (bool, integers, floats, numeric, text, json/jsonb, uuid); write
-    /// `$1::text::timestamptz` for other types.
+    /// A statement with placeholders: `$1`, `$2`, ... on PostgreSQL, `?` on MySQL and
+    /// SQLite. On PostgreSQL parameter types come from the statement (bool, integers,
+    /// floats, numeric, text, json/jsonb, uuid; write `$1::text::timestamptz` for others);
+    /// MySQL and SQLite receive each JSON value as what it is (number, string, boolean,
+    /// NULL; arrays and objects as JSON text) and convert it to the column's type.
     pub statement: String,
     /// JSON pointers into the payload, one per placeholder (`"/amount"`; `""` is the whole
     /// payload). A pointer that finds nothing binds NULL.

@@ -74,21 +74,25 @@ impl Default for Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Connection URL, e.g. `postgres://user:password@host:5432/db`. Required when a relay
+    /// Connection URL; its scheme picks the backend: `postgres://user:password@host:5432/db`,
+    /// `mysql://user:password@host:3306/db` (MySQL 8, MariaDB 10.6+; `mariadb://` too) or
+    /// `sqlite://PATH?mode=rwc` (`mode=rwc` creates the file). Required when a relay
     /// table or a `sql` handler is configured. Prefer `url_file` or `OUTBOXD_DATABASE__URL` for a URL with a
     /// password; `check-config` prints it with the password redacted.
     pub url: Option<String>,
     /// A file whose content (trimmed) is the connection URL, e.g. a mounted secret. Mutually
     /// exclusive with `url`.
     pub url_file: Option<PathBuf>,
-    /// Size of the shared pool used for maintenance, purges and readiness checks. Each owned
-    /// relay lane and each LISTEN uses one dedicated connection on top of this.
+    /// Size of the shared pool used for maintenance, purges, readiness checks and `sql`
+    /// handlers. Each owned relay lane, each table's member registration (PostgreSQL,
+    /// MySQL) and each LISTEN uses one dedicated connection on top of this.
     pub max_connections: u32,
     /// How long to wait for a new database connection before counting it as a failure.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Apply the embedded migrations (reference outbox table, NOTIFY trigger, outboxd's own
-    /// tables) when `outboxd run` starts, as `outboxd migrate` does.
+    /// Apply the embedded migrations of the backend (reference outbox table, on PostgreSQL
+    /// its NOTIFY trigger, outboxd's own tables) when `outboxd run` starts, as `outboxd
+    /// migrate` does.
     pub migrate: bool,
 }
 
@@ -190,7 +194,19 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// Whether anything needs the database: relay tables or a `sql` handler.
+    /// The consumer's topics and their dead-letter topics (created up front by the embedded
+    /// broker).
+    pub fn consumed_topics(&self) -> Vec<String> {
+        let Some(c) = &self.consumer else {
+            return Vec::new();
+        };
+        c.topics
+            .iter()
+            .flat_map(|t| [t.clone(), c.dead_letter_topic.replace("{topic}", t)])
+            .collect()
+    }
+
+    /// Whether relay tables or a `sql` handler need `[database]`.
     pub fn needs_database(&self) -> bool {
         !self.relay.tables.is_empty()
             || self

@@ -18,7 +18,8 @@ pub struct RelayConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TableConfig {
-    /// The outbox table, optionally schema-qualified (`"app.outbox"`). Required.
+    /// The outbox table, optionally schema-qualified (`"app.outbox"`; on MySQL the schema is
+    /// the database, on SQLite an attached database). Required.
     pub table: String,
     /// Topic template over column names of this mapping, e.g. `"events.{event_type}"` or
     /// `"{aggregate_type}.events"`. Exactly one of `topic` and `topic_column` must be set.
@@ -30,6 +31,8 @@ pub struct TableConfig {
     /// is NULL is moved to the dead-row table.
     pub key_column: String,
     /// The primary key column. Any type that casts to and from text (bigint, uuid, text).
+    /// On MySQL it should be indexed (the reference table's primary key is): claims and
+    /// deletes find rows by it.
     pub id_column: String,
     /// The column that orders rows (publication order). Defaults to `id_column`; set it when
     /// the id is not monotonic, e.g. a uuid id with a separate bigserial sequence column.
@@ -37,8 +40,9 @@ pub struct TableConfig {
     /// Stable event id, sent as the `event-id` header so consumers can deduplicate.
     /// Empty: the `id_column` value is sent instead.
     pub event_id_column: String,
-    /// The message value. `jsonb`, `json` and `text` columns are sent as their UTF-8 text,
-    /// `bytea` as raw bytes. A row whose payload is NULL is moved to the dead-row table.
+    /// The message value. `jsonb`, `json` and text columns are sent as their UTF-8 text,
+    /// `bytea` (PostgreSQL), `BLOB`/`VARBINARY` (MySQL) and BLOB values (SQLite) as raw
+    /// bytes. A row whose payload is NULL is moved to the dead-row table.
     pub payload_column: String,
     /// A JSON object column; each entry becomes a Kafka header (strings as they are, other
     /// values as JSON text), including `traceparent`/`tracestate` for W3C trace context.
@@ -49,19 +53,27 @@ pub struct TableConfig {
     /// Sent as the `aggregate-type` header. Empty: no such header.
     pub aggregate_type_column: String,
     /// Row creation time, used for `outboxd_relay_publish_delay_seconds` and
-    /// `outboxd_relay_oldest_pending_seconds`. Empty: those metrics stay empty.
+    /// `outboxd_relay_oldest_pending_seconds`. On SQLite a number is read as Unix seconds
+    /// and text as an ISO 8601 time (the reference table writes UTC ISO 8601). Empty: those
+    /// metrics stay empty.
     pub created_at_column: String,
     /// Rows claimed, published and deleted per transaction.
     pub batch_size: u32,
     /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
     /// while the LISTEN connection is down, and tables without the trigger never send one).
+    /// On MySQL and SQLite, which have no notifications, this is the wake-up latency.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// LISTEN channel fed by the `outboxd_notify` trigger. Empty string: polling only.
+    /// PostgreSQL only: with MySQL or SQLite the default is ignored and any other value is
+    /// a configuration error.
     pub notify_channel: String,
-    /// Number of lanes the table is split into by key hash. Each lane is owned by exactly one
-    /// running outboxd (PostgreSQL advisory lock), so `lanes = 1` is leader election with hot
+    /// Number of lanes the table is split into by key hash (`hashtext(key)` on PostgreSQL,
+    /// `CRC32(key)` on MySQL). Each lane is owned by exactly one running outboxd (an advisory
+    /// lock on PostgreSQL, `GET_LOCK` on MySQL), so `lanes = 1` is leader election with hot
     /// standbys and more lanes spread one table over replicas while keeping per-key order.
+    /// SQLite has one writer: `lanes` must be 1, owned through a lock on the file
+    /// `DATABASE.outboxd-lock`.
     pub lanes: u32,
     /// How often lane ownership is reconsidered: free lanes are taken, and a replica holding
     /// more than its fair share hands the surplus back when others have joined.

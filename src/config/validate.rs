@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::{Config, OnPublished, TableConfig};
+use crate::db::Backend;
 use crate::relay::template::TopicTemplate;
 
 /// All problems of `config`; empty when it is usable.
@@ -41,10 +42,17 @@ pub fn validate(config: &Config) -> Vec<String> {
                 "database.url: missing; relay tables and sql handlers need a database (set url, url_file or OUTBOXD_DATABASE__URL)"
                     .into(),
             ),
-            Some(url) if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) => {
-                p.push("database.url: must start with postgres:// or postgresql://".into())
-            }
-            Some(_) => {}
+            Some(url) => match Backend::of_url(url) {
+                None => p.push(
+                    "database.url: must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://"
+                        .into(),
+                ),
+                Some(backend) => {
+                    for (i, table) in config.relay.tables.iter().enumerate() {
+                        backend_limits(backend, table, &format!("relay.tables[{i}]"), &mut p);
+                    }
+                }
+            },
         }
     }
     super::validate_consumer::validate(config, &mut p);
@@ -165,6 +173,28 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
         p.push(format!(
             "{at}.notify_channel: `{}` is not a channel name (letters, digits, _ and $)",
             t.notify_channel
+        ));
+    }
+}
+
+/// What a backend cannot do: several lanes on SQLite (one writer), a LISTEN channel
+/// anywhere but PostgreSQL.
+fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Vec<String>) {
+    if backend == Backend::Sqlite && t.lanes > 1 {
+        p.push(format!(
+            "{at}.lanes: {} with SQLite, which has one writer; set lanes = 1",
+            t.lanes
+        ));
+    }
+    let default_channel = TableConfig::default().notify_channel;
+    if backend != Backend::Postgres
+        && !t.notify_channel.is_empty()
+        && t.notify_channel != default_channel
+    {
+        p.push(format!(
+            "{at}.notify_channel: `{}` needs PostgreSQL (LISTEN/NOTIFY); {} tables are polled every poll_interval, remove it",
+            t.notify_channel,
+            backend.name()
         ));
     }
 }

@@ -24,7 +24,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::PgPool;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -83,7 +82,7 @@ fn message_bytes(m: &OwnedMessage) -> usize {
 pub fn start(
     config: &Config,
     bootstrap: &str,
-    pool: Option<PgPool>,
+    database: Option<crate::db::Database>,
     services: &Services,
     drain: Duration,
 ) -> Result<Option<(JoinHandle<()>, Handle)>, String> {
@@ -92,7 +91,7 @@ pub fn start(
         return Ok(None);
     };
     let deps = HandlerDeps {
-        pool,
+        database,
         producer: producer.clone(),
     };
     let mut handlers = Vec::new();
@@ -154,22 +153,29 @@ pub fn start(
         drain,
         heartbeat,
     ));
-    Ok(Some((task, Handle { shared })))
+    Ok(Some((
+        task,
+        Handle {
+            shared: Arc::downgrade(&shared),
+        },
+    )))
 }
 
 /// Reaches into a running consumer to apply a reload.
 pub struct Handle {
-    shared: Arc<Shared>,
+    /// Weak: the consumer closes when its dispatcher ends, while the broker (possibly the
+    /// embedded one) is still there, not when the last reload handle goes.
+    shared: std::sync::Weak<Shared>,
 }
 
 impl Handle {
     /// Applies retry policies, http headers and timeouts and command timeouts from
     /// `config` to the handlers that exist in it with the same kind.
     pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
-        let Some(c) = &config.consumer else {
+        let (Some(c), Some(shared)) = (&config.consumer, self.shared.upgrade()) else {
             return Ok(());
         };
-        for h in &self.shared.handlers {
+        for h in &shared.handlers {
             let Some(hc) = config.handlers.get(&h.name) else {
                 continue;
             };

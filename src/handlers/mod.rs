@@ -12,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use sqlx::PgPool;
 
 use crate::config::HandlerConfig;
 use crate::kafka::ProducerSlot;
@@ -107,7 +106,7 @@ pub trait Handle {
 /// What handlers may need from the daemon.
 pub struct HandlerDeps {
     /// The database, for `sql` handlers.
-    pub pool: Option<PgPool>,
+    pub database: Option<crate::db::Database>,
     /// The shared producer, for `kafka` handlers.
     pub producer: Arc<ProducerSlot>,
 }
@@ -119,7 +118,7 @@ pub enum Handler {
     /// `kind = "command"`
     Command(command::CommandHandler),
     /// `kind = "sql"`
-    Sql(sql::SqlHandler),
+    Sql(Box<sql::SqlHandler>),
     /// `kind = "kafka"`
     Kafka(kafka::KafkaHandler),
     /// `kind = "log"`
@@ -133,11 +132,11 @@ impl Handler {
             HandlerConfig::Http(c) => Handler::Http(http::HttpHandler::new(c)?),
             HandlerConfig::Command(c) => Handler::Command(command::CommandHandler::new(c)),
             HandlerConfig::Sql(c) => {
-                let pool = deps
-                    .pool
+                let database = deps
+                    .database
                     .clone()
                     .ok_or_else(|| format!("handlers.{name}: a sql handler needs [database]"))?;
-                Handler::Sql(sql::SqlHandler::new(name, c, pool))
+                Handler::Sql(Box::new(sql::SqlHandler::new(name, c, database)))
             }
             HandlerConfig::Kafka(c) => {
                 Handler::Kafka(kafka::KafkaHandler::new(c, deps.producer.clone()))

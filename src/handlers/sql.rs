@@ -1,17 +1,20 @@
 //! `sql`: runs a statement with parameters taken from the JSON payload by JSON pointers,
 //! in one transaction with an insert into `outboxd_inbox`, so each event has its effect
-//! once. Parameter types come from the statement as PostgreSQL prepares it.
+//! once. On PostgreSQL parameter types come from the statement as the server prepares it;
+//! MySQL and SQLite convert values themselves, so JSON values bind as what they are.
 
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use serde_json::Value;
+use sqlx::error::ErrorKind;
 use sqlx::postgres::{PgArguments, PgTypeInfo};
-use sqlx::{Arguments, Either, Executor, PgPool, Statement, TypeInfo};
+use sqlx::{Arguments, Either, Executor, Statement, TypeInfo};
 use tokio::sync::OnceCell;
 
 use super::{ErrorClass, Event, Handle, Outcome};
 use crate::config::SqlHandlerConfig;
+use crate::db::Database;
 
 /// The Rust type a statement parameter is bound as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +29,9 @@ enum Param {
     Text,
     Json,
     Uuid,
+    /// MySQL and SQLite: bound as the JSON value's own type (null, bool, integer, float,
+    /// text; arrays and objects as JSON text).
+    Dynamic,
 }
 
 impl Param {
@@ -46,39 +52,90 @@ impl Param {
     }
 }
 
+/// MySQL and SQLite: the inbox insert and the statement in one transaction, the
+/// statement's parameters bound as the JSON values' own types.
+macro_rules! apply_dynamic {
+    ($handler:expr, $pool:expr, $inbox:expr, $event:expr, $values:expr) => {
+        async {
+            let mut tx = $pool.begin().await?;
+            let fresh = sqlx::query($inbox)
+                .bind(&$handler.name)
+                .bind($event.event_id().as_ref())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            if fresh {
+                let mut query = sqlx::query(&$handler.statement);
+                for value in $values {
+                    query = match value {
+                        None => query.bind(None::<String>),
+                        Some(Value::Bool(b)) => query.bind(*b),
+                        Some(Value::Number(n)) if n.is_i64() => query.bind(n.as_i64()),
+                        Some(Value::Number(n)) if n.is_f64() => query.bind(n.as_f64()),
+                        Some(Value::String(s)) => query.bind(s.clone()),
+                        // u64 beyond i64, arrays and objects: their JSON text.
+                        Some(other) => query.bind(other.to_string()),
+                    };
+                }
+                query.execute(&mut *tx).await?;
+                tx.commit().await?;
+            } else {
+                $handler.already_handled($event);
+                tx.rollback().await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }
+        .await
+    };
+}
+
 /// One statement.
 pub struct SqlHandler {
     name: String,
     statement: String,
     pointers: Vec<String>,
-    pool: PgPool,
+    database: Database,
     params: OnceCell<Vec<Param>>,
 }
 
 impl SqlHandler {
-    /// A handler running the configured statement on `pool`.
-    pub fn new(name: &str, c: &SqlHandlerConfig, pool: PgPool) -> Self {
+    /// A handler running the configured statement on `database`.
+    pub fn new(name: &str, c: &SqlHandlerConfig, database: Database) -> Self {
         SqlHandler {
             name: name.to_owned(),
             statement: c.statement.clone(),
             pointers: c.params.clone(),
-            pool,
+            database,
             params: OnceCell::new(),
         }
     }
 
-    /// Parameter types, asked from PostgreSQL once.
+    /// Parameter types, from the statement as the database prepares it (once).
     async fn params(&self) -> Result<&[Param], String> {
         let params = self
             .params
             .get_or_try_init(|| async {
-                let prepared = (&self.pool)
-                    .prepare(self.statement.as_str())
-                    .await
-                    .map_err(|e| format!("preparing the statement: {e}"))?;
-                let types: Vec<PgTypeInfo> = match prepared.parameters() {
-                    Some(Either::Left(types)) => types.to_vec(),
-                    _ => Vec::new(),
+                let preparing = |e: sqlx::Error| format!("preparing the statement: {e}");
+                let statement = self.statement.as_str();
+                let types: Vec<PgTypeInfo> = match &self.database {
+                    Database::Postgres { pool, .. } => {
+                        let prepared = pool.prepare(statement).await.map_err(preparing)?;
+                        match prepared.parameters() {
+                            Some(Either::Left(types)) => types.to_vec(),
+                            _ => Vec::new(),
+                        }
+                    }
+                    Database::MySql { pool, .. } => {
+                        let prepared = pool.prepare(statement).await.map_err(preparing)?;
+                        let n = parameter_count(prepared.parameters());
+                        return self.dynamic(n);
+                    }
+                    Database::Sqlite { pool, .. } => {
+                        let prepared = pool.prepare(statement).await.map_err(preparing)?;
+                        let n = parameter_count(prepared.parameters());
+                        return self.dynamic(n);
+                    }
                 };
                 if types.len() != self.pointers.len() {
                     return Err(format!(
@@ -107,6 +164,24 @@ impl SqlHandler {
         Ok(params)
     }
 
+    fn dynamic(&self, count: usize) -> Result<Vec<Param>, String> {
+        if count != self.pointers.len() {
+            return Err(format!(
+                "the statement has {count} parameters but {} params are configured",
+                self.pointers.len()
+            ));
+        }
+        Ok(vec![Param::Dynamic; count])
+    }
+
+    /// The payload values the pointers find (`None` binds NULL).
+    fn values<'v>(&self, payload: &'v Value) -> Vec<Option<&'v Value>> {
+        self.pointers
+            .iter()
+            .map(|pointer| payload.pointer(pointer).filter(|v| !v.is_null()))
+            .collect()
+    }
+
     fn arguments(&self, payload: &Value, params: &[Param]) -> Result<PgArguments, String> {
         let mut args = PgArguments::default();
         for (i, (pointer, param)) in self.pointers.iter().zip(params).enumerate() {
@@ -130,11 +205,24 @@ impl Handle for SqlHandler {
             Ok(p) => p,
             Err(e) => return Outcome::Retry(e),
         };
-        let args = match self.arguments(&payload, params) {
-            Ok(args) => args,
-            Err(e) => return Outcome::DeadLetter(ErrorClass::Decode, e),
+        let applied = match &self.database {
+            Database::Postgres { pool, .. } => {
+                let args = match self.arguments(&payload, params) {
+                    Ok(args) => args,
+                    Err(e) => return Outcome::DeadLetter(ErrorClass::Decode, e),
+                };
+                self.apply_pg(pool, event, args).await
+            }
+            Database::MySql { pool, .. } => {
+                let inbox = "INSERT IGNORE INTO outboxd_inbox (handler, event_id) VALUES (?, ?)";
+                apply_dynamic!(self, pool, inbox, event, self.values(&payload))
+            }
+            Database::Sqlite { pool, .. } => {
+                let inbox = "INSERT INTO outboxd_inbox (handler, event_id) VALUES (?, ?) ON CONFLICT DO NOTHING";
+                apply_dynamic!(self, pool, inbox, event, self.values(&payload))
+            }
         };
-        match self.apply(event, args).await {
+        match applied {
             Ok(()) => Outcome::Done,
             Err(e) => classify(&e),
         }
@@ -144,8 +232,13 @@ impl Handle for SqlHandler {
 impl SqlHandler {
     /// Inbox insert and statement in one transaction; an event already in the inbox is a
     /// success without running the statement again.
-    async fn apply(&self, event: &Event, args: PgArguments) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    async fn apply_pg(
+        &self,
+        pool: &sqlx::PgPool,
+        event: &Event,
+        args: PgArguments,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = pool.begin().await?;
         let fresh = sqlx::query(
             "INSERT INTO outboxd_inbox (handler, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
@@ -161,10 +254,22 @@ impl SqlHandler {
                 .await?;
             tx.commit().await?;
         } else {
-            tracing::debug!(handler = %self.name, event_id = %event.event_id(), "event already in the inbox; no second effect");
+            self.already_handled(event);
             tx.rollback().await?;
         }
         Ok(())
+    }
+
+    fn already_handled(&self, event: &Event) {
+        tracing::debug!(handler = %self.name, event_id = %event.event_id(), "event already in the inbox; no second effect");
+    }
+}
+
+fn parameter_count<T>(parameters: Option<Either<&[T], usize>>) -> usize {
+    match parameters {
+        Some(Either::Right(n)) => n,
+        Some(Either::Left(types)) => types.len(),
+        None => 0,
     }
 }
 
@@ -188,6 +293,7 @@ fn bind(args: &mut PgArguments, param: Param, value: Option<&Value>) -> Result<(
         Param::Text => args.add(value.map(as_text)),
         Param::Json => args.add(value.map(sqlx::types::Json)),
         Param::Uuid => args.add(value.map(as_uuid).transpose()?),
+        Param::Dynamic => return Err("dynamic parameters are bound without PgArguments".into()),
     };
     added.map_err(|e| e.to_string())
 }
@@ -246,15 +352,17 @@ fn as_uuid(v: &Value) -> Result<uuid::Uuid, String> {
 }
 
 /// Serialization failures, deadlocks, lock timeouts, shutdowns and connection trouble are
-/// retried; integrity (23xxx) and data (22xxx) errors will fail again and dead-letter.
+/// retried; integrity violations (SQLSTATE 23xxx, or any constraint on SQLite) and data
+/// errors (22xxx) will fail again and dead-letter.
 fn classify(e: &sqlx::Error) -> Outcome {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            if code.starts_with("23") || code.starts_with("22") {
-                Outcome::DeadLetter(ErrorClass::Permanent, format!("{e} (SQLSTATE {code})"))
+            let integrity = !matches!(db.kind(), ErrorKind::Other);
+            if integrity || code.starts_with("23") || code.starts_with("22") {
+                Outcome::DeadLetter(ErrorClass::Permanent, format!("{e} (code {code})"))
             } else {
-                Outcome::Retry(format!("{e} (SQLSTATE {code})"))
+                Outcome::Retry(format!("{e} (code {code})"))
             }
         }
         other => Outcome::Retry(other.to_string()),

@@ -1,19 +1,16 @@
-//! One lane's claim loop, on the connection that holds the lane's advisory lock: claim a
-//! batch, publish it, commit; on any failure roll back and settle the batch row by row.
+//! One lane's claim loop, on the session that holds the lane: claim a batch, publish it,
+//! commit; on any failure roll back and settle the batch row by row.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnection;
-use sqlx::Connection;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::publish::{delay_seconds, publish, RowOutcome, TopicSource};
-use super::store::postgres::{self as pg, TableSql};
-use super::store::{ClaimedRow, DeadRow, StoreError};
+use super::store::{ClaimedRow, DeadRow, LaneSession, Settlement, Store, StoreError};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
@@ -61,8 +58,8 @@ impl TableTunables {
 pub struct TableRuntime {
     /// The table's configuration.
     pub config: TableConfig,
-    /// Its statements.
-    pub sql: TableSql,
+    /// Its storage.
+    pub store: Arc<dyn Store>,
     /// How a row's topic is found.
     pub topics: TopicSource,
     /// The shared producer.
@@ -93,16 +90,15 @@ enum BatchEnd {
 }
 
 /// Runs lane `lane` until `stop` is cancelled (after the batch in flight) or the
-/// connection fails (the lock is then gone with it, and the caller re-acquires later).
+/// session fails (the lane is then released with it, and the caller re-acquires later).
 pub async fn run_lane(
     rt: Arc<TableRuntime>,
     lane: u32,
-    mut conn: PgConnection,
+    mut session: Box<dyn LaneSession>,
     stop: CancellationToken,
     mut wake: watch::Receiver<()>,
     heartbeat: Heartbeat,
 ) -> Result<(), StoreError> {
-    let claim = rt.sql.claim_for_lane(lane);
     let table = rt.config.table.as_str();
     let mut kafka_backoff = crate::backoff::exponential();
     let mut refusal_backoff = crate::backoff::exponential();
@@ -110,7 +106,7 @@ pub async fn run_lane(
     while !stop.is_cancelled() {
         heartbeat.beat();
         wake.borrow_and_update();
-        let end = match batch(&rt, &mut conn, &claim, &stop).await {
+        let end = match batch(&rt, session.as_mut(), &stop).await {
             Ok(end) => end,
             Err(e) => {
                 rt.metrics
@@ -154,15 +150,13 @@ pub async fn run_lane(
 /// One claim/publish/commit cycle.
 async fn batch(
     rt: &TableRuntime,
-    conn: &mut PgConnection,
-    claim: &str,
+    session: &mut dyn LaneSession,
     stop: &CancellationToken,
 ) -> Result<BatchEnd, StoreError> {
     let batch_size = rt.tunables.batch_size();
-    let mut tx = conn.begin().await?;
-    let rows = pg::claim(&mut tx, claim, batch_size).await?;
+    let rows = session.claim(batch_size).await?;
     if rows.is_empty() {
-        tx.commit().await?;
+        session.commit().await?;
         return Ok(BatchEnd::Empty);
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
@@ -174,7 +168,7 @@ async fn batch(
     let outcomes = tokio::select! {
         outcomes = publish(&producer, &rows, &rt.topics) => outcomes,
         () = grace_over => {
-            tx.rollback().await?;
+            session.rollback().await?;
             tracing::warn!(
                 table = %rt.config.table,
                 rows = rows.len(),
@@ -188,7 +182,7 @@ async fn batch(
         .iter()
         .all(|o| matches!(o, RowOutcome::Delivered { .. }))
     {
-        tx.commit().await?;
+        session.commit().await?;
         record_published(rt, rows.iter().zip(&outcomes));
         return Ok(if full {
             BatchEnd::Full
@@ -199,31 +193,18 @@ async fn batch(
     // Something failed. Undo the claim, then settle in a second transaction: delete what
     // Kafka acknowledged (unless an earlier row of its key failed), count refusals, move
     // dead rows. The lane lock keeps every other relay away from these rows meanwhile.
-    tx.rollback().await?;
+    session.rollback().await?;
     rt.producer.renew_if_fatal(&producer);
     let plan = Plan::new(&rows, &outcomes);
-    let mut tx = conn.begin().await?;
-    pg::finish(&mut tx, &rt.sql, &plan.finished).await?;
-    let counts: HashMap<String, i32> = pg::record_refusals(&mut tx, &rt.sql, &plan.refused)
-        .await?
-        .into_iter()
-        .collect();
-    let mut dead = plan.bad;
-    let mut still_refused = 0;
-    for (id, error) in &plan.refused {
-        let attempts = counts.get(*id).copied().unwrap_or(1);
-        if attempts >= rt.config.max_attempts as i32 {
-            dead.push(DeadRow {
-                id: (*id).to_owned(),
-                reason: format!("kafka refused it {attempts} times; last error: {error}"),
-                attempts,
-            });
-        } else {
-            still_refused += 1;
-        }
-    }
-    let moved = pg::move_dead(&mut tx, &rt.sql, &dead).await?;
-    tx.commit().await?;
+    let settled = session
+        .settle(&Settlement {
+            finished: &plan.finished,
+            refused: &plan.refused,
+            bad: &plan.bad,
+            max_attempts: rt.config.max_attempts,
+        })
+        .await?;
+    let (dead, moved, still_refused) = (settled.dead, settled.moved, settled.still_refused);
 
     let table = rt.config.table.as_str();
     let finished: HashSet<&str> = plan.finished.iter().copied().collect();

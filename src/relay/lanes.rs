@@ -1,25 +1,22 @@
-//! Lane ownership of one table: this process registers as a member (an advisory lock on a
-//! coordinator connection), takes its fair share of lanes (one advisory lock each, on the
+//! Lane ownership of one table: this process registers as a member (a lock the store
+//! holds on a coordinator connection), takes its fair share of lanes (one lock each, on the
 //! lane's own connection), hands surplus lanes back when others join, and takes over lanes
 //! that others dropped.
 
-use std::collections::{BTreeMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::lane::{run_lane, TableRuntime, TableTunables};
+use super::maintenance;
 use super::publish::TopicSource;
-use super::store::postgres::{self as pg, TableSql};
-use super::store::StoreError;
-use super::{maintenance, notify};
+use super::store::{self, LaneSession, Membership, StoreError};
 use crate::config::TableConfig;
+use crate::db::Database;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 use crate::systemd::Liveness;
@@ -28,10 +25,8 @@ use crate::systemd::Liveness;
 pub struct TableContext {
     /// The table's configuration.
     pub config: TableConfig,
-    /// Options for dedicated connections (lanes, coordinator, LISTEN).
-    pub connect: PgConnectOptions,
-    /// The shared pool (maintenance).
-    pub pool: PgPool,
+    /// The database (pool and options for dedicated connections).
+    pub database: Database,
     /// The shared producer.
     pub producer: Arc<ProducerSlot>,
     /// Metrics.
@@ -42,30 +37,6 @@ pub struct TableContext {
     pub liveness: Arc<Liveness>,
     /// Batch size and poll interval, changed by reloads.
     pub tunables: Arc<TableTunables>,
-}
-
-/// Advisory lock classes (first key) of a table: its lanes and its members.
-pub(crate) fn lock_classes(table: &str) -> (i32, i32) {
-    (
-        stable_hash(&format!("outboxd:lane:{table}")),
-        stable_hash(&format!("outboxd:member:{table}")),
-    )
-}
-
-/// FNV-1a, masked to a positive i32: the same in every process and version.
-fn stable_hash(s: &str) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    (h & 0x7fff_ffff) as i32
-}
-
-fn random_slot() -> i32 {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    (h.finish() & 0x7fff_ffff) as i32
 }
 
 /// Relays one table until `shutdown`; database failures restart the manager after a
@@ -96,21 +67,18 @@ struct OwnedLane {
 struct Manager<'a> {
     ctx: &'a TableContext,
     rt: Arc<TableRuntime>,
-    coordinator: PgConnection,
-    lane_class: i32,
-    member_class: i32,
-    slot: i32,
+    membership: Box<dyn Membership>,
+    slot: u32,
     owned: BTreeMap<u32, OwnedLane>,
     wake: watch::Sender<()>,
     exited: mpsc::UnboundedSender<u32>,
 }
 
 async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), StoreError> {
-    let mut coordinator = pg::connect(&ctx.connect).await?;
-    let shape = pg::introspect(&mut coordinator, &ctx.config).await?;
+    let store = store::open(&ctx.database, &ctx.config).await?;
     let topics = TopicSource::new(&ctx.config).map_err(StoreError::Schema)?;
     let rt = Arc::new(TableRuntime {
-        sql: TableSql::new(&ctx.config, &shape),
+        store: store.clone(),
         config: ctx.config.clone(),
         topics,
         producer: ctx.producer.clone(),
@@ -119,39 +87,22 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         drain_grace: ctx.drain_grace,
         tunables: ctx.tunables.clone(),
     });
-    let (lane_class, member_class) = lock_classes(&ctx.config.table);
-    let slot = loop {
-        let slot = random_slot();
-        if pg::try_lock(&mut coordinator, member_class, slot).await? {
-            break slot;
-        }
-    };
+    let membership = store.join().await?;
     let helpers = CancellationToken::new();
     let _stop_helpers = helpers.clone().drop_guard();
     let (wake, _) = watch::channel(());
-    if !ctx.config.notify_channel.is_empty() {
-        tokio::spawn(notify::listen(
-            ctx.connect.clone(),
-            ctx.config.table.clone(),
-            ctx.config.notify_channel.clone(),
-            wake.clone(),
-            helpers.clone(),
-        ));
+    {
+        let (store, wake, stop) = (store.clone(), wake.clone(), helpers.clone());
+        tokio::spawn(async move { store.listen(wake, stop).await });
     }
-    tokio::spawn(maintenance::run(
-        rt.clone(),
-        ctx.pool.clone(),
-        helpers.clone(),
-    ));
+    tokio::spawn(maintenance::run(rt.clone(), helpers.clone()));
 
     let (exited, mut exits) = mpsc::unbounded_channel();
     let mut m = Manager {
         ctx,
         rt,
-        coordinator,
-        lane_class,
-        member_class,
-        slot,
+        membership,
+        slot: store::random_slot() as u32,
         owned: BTreeMap::new(),
         wake,
         exited,
@@ -187,18 +138,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
 impl Manager<'_> {
     async fn rebalance(&mut self) -> Result<(), StoreError> {
         let lanes = self.ctx.config.lanes;
-        let held =
-            pg::held_locks(&mut self.coordinator, [self.lane_class, self.member_class]).await?;
-        let members = held
-            .iter()
-            .filter(|(c, _)| *c == self.member_class)
-            .count()
-            .max(1) as u32;
-        let taken: HashSet<u32> = held
-            .iter()
-            .filter(|(c, _)| *c == self.lane_class)
-            .map(|(_, lane)| *lane as u32)
-            .collect();
+        let (members, taken) = self.membership.census(lanes).await?;
         let share = lanes.div_ceil(members);
         while self.owned.len() as u32 > share {
             let (lane, owned) = self.owned.pop_last().expect("owned is not empty");
@@ -206,7 +146,7 @@ impl Manager<'_> {
             owned.stop.cancel();
             let _ = owned.task.await;
         }
-        let start = self.slot as u32 % lanes;
+        let start = self.slot % lanes;
         for lane in (0..lanes).map(|i| (start + i) % lanes) {
             if self.owned.len() as u32 >= share {
                 break;
@@ -215,13 +155,8 @@ impl Manager<'_> {
                 continue;
             }
             // A failure here only delays this lane: lanes already owned keep running.
-            let acquired = async {
-                let mut conn = pg::connect(&self.ctx.connect).await?;
-                let locked = pg::try_lock(&mut conn, self.lane_class, lane as i32).await?;
-                Ok::<_, StoreError>(locked.then_some(conn))
-            };
-            match acquired.await {
-                Ok(Some(conn)) => self.spawn_lane(lane, conn),
+            match self.rt.store.acquire_lane(lane).await {
+                Ok(Some(session)) => self.spawn_lane(lane, session),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(table = %self.ctx.config.table, lane, error = %e, "cannot acquire lane now; retrying at the next rebalance");
@@ -233,7 +168,7 @@ impl Manager<'_> {
         Ok(())
     }
 
-    fn spawn_lane(&mut self, lane: u32, conn: PgConnection) {
+    fn spawn_lane(&mut self, lane: u32, session: Box<dyn LaneSession>) {
         let stop = CancellationToken::new();
         let rt = self.rt.clone();
         let wake = self.wake.subscribe();
@@ -245,7 +180,7 @@ impl Manager<'_> {
             .register(format!("relay lane {}/{lane}", self.ctx.config.table));
         let task = tokio::spawn(async move {
             let table = rt.config.table.clone();
-            if let Err(e) = run_lane(rt, lane, conn, token, wake, heartbeat).await {
+            if let Err(e) = run_lane(rt, lane, session, token, wake, heartbeat).await {
                 tracing::error!(%table, lane, error = %e, "lane failed; its lock is released and it will be re-acquired");
             }
             let _ = exited.send(lane);
@@ -270,19 +205,5 @@ impl Manager<'_> {
             let _ = owned.task.await;
         }
         self.publish_gauge();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_classes_are_stable_and_distinct() {
-        let (a, b) = lock_classes("outbox");
-        assert_eq!((a, b), lock_classes("outbox"));
-        assert_ne!(a, b);
-        assert!(a >= 0 && b >= 0);
-        assert_ne!(lock_classes("other").0, a);
     }
 }

@@ -4,15 +4,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::lane::TableRuntime;
-use super::store::postgres as pg;
 use super::store::StoreError;
 
 /// Runs every `maintenance_interval` until `stop`.
-pub async fn run(rt: Arc<TableRuntime>, pool: PgPool, stop: CancellationToken) {
+pub async fn run(rt: Arc<TableRuntime>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(rt.config.maintenance_interval);
     let mut reported = 0;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -31,15 +29,15 @@ pub async fn run(rt: Arc<TableRuntime>, pool: PgPool, stop: CancellationToken) {
             );
             reported = published;
         }
-        if let Err(e) = once(&rt, &pool).await {
+        if let Err(e) = once(&rt).await {
             tracing::warn!(table = %rt.config.table, error = %e, "relay maintenance failed; retrying next interval");
         }
     }
 }
 
-async fn once(rt: &TableRuntime, pool: &PgPool) -> Result<(), StoreError> {
+async fn once(rt: &TableRuntime) -> Result<(), StoreError> {
     let table = rt.config.table.as_str();
-    let (pending, oldest) = pg::stats(pool, &rt.sql).await?;
+    let (pending, oldest) = rt.store.stats().await?;
     rt.metrics
         .relay_backlog_rows
         .with_label_values(&[table])
@@ -48,10 +46,10 @@ async fn once(rt: &TableRuntime, pool: &PgPool) -> Result<(), StoreError> {
         .relay_oldest_pending_seconds
         .with_label_values(&[table])
         .set(oldest.unwrap_or(0.0));
-    let purged = pg::purge(pool, &rt.sql, rt.config.retention.as_secs_f64()).await?;
+    let purged = rt.store.purge(rt.config.retention.as_secs_f64()).await?;
     if purged > 0 {
         tracing::info!(table, purged, "purged published rows past retention");
     }
-    pg::cleanup_attempts(pool, &rt.sql).await?;
+    rt.store.cleanup_attempts().await?;
     Ok(())
 }

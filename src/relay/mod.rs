@@ -1,17 +1,17 @@
 //! The relay half: for every configured table, lanes claim outbox rows, publish them to
 //! Kafka and delete (or mark) them in the same transaction once Kafka acknowledged them.
 //!
-//! - `lanes`: lane ownership across replicas (advisory locks);
+//! - `lanes`: lane ownership across replicas (locks the store provides);
 //! - `lane`: one lane's claim/publish/commit loop;
 //! - `publish`: rows to messages, the shared idempotent producer;
-//! - `notify`: LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
+//! - `notify`: PostgreSQL LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
 //! - `store`: the SQL per backend; `template`: topic templates.
 
 mod lane;
 pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
-mod notify;
+pub(crate) mod notify;
 pub mod publish;
 pub mod store;
 pub mod template;
@@ -19,11 +19,10 @@ pub mod template;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
-use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 use crate::config::RelayConfig;
+use crate::db::Database;
 use crate::Services;
 
 /// Starts one lane manager per table, returning their tasks and their reloadable settings
@@ -33,8 +32,7 @@ use crate::Services;
 pub fn start(
     relay: &RelayConfig,
     drain_grace: Duration,
-    connect: &PgConnectOptions,
-    pool: &PgPool,
+    database: &Database,
     services: &Services,
 ) -> (Vec<JoinHandle<()>>, Vec<Arc<TableTunables>>) {
     relay
@@ -44,8 +42,7 @@ pub fn start(
             let tunables = Arc::new(TableTunables::new(table));
             let ctx = lanes::TableContext {
                 config: table.clone(),
-                connect: connect.clone(),
-                pool: pool.clone(),
+                database: database.clone(),
                 producer: services.producer.clone(),
                 metrics: services.metrics.clone(),
                 drain_grace,

@@ -138,9 +138,23 @@ fn bad_configurations_exit_78_and_name_the_key() {
         (
             "bad url scheme",
             format!(
-                "[database]\nurl = \"mysql://x@h/db\"\n[kafka]\nbrokers = \"embedded\"\n{table}"
+                "[database]\nurl = \"oracle://x@h/db\"\n[kafka]\nbrokers = \"embedded\"\n{table}"
             ),
             "database.url",
+        ),
+        (
+            "several lanes on SQLite",
+            format!(
+                "[database]\nurl = \"sqlite://outbox.db\"\n[kafka]\nbrokers = \"embedded\"\n{table}lanes = 2\n"
+            ),
+            "relay.tables[0].lanes",
+        ),
+        (
+            "a LISTEN channel on MySQL",
+            format!(
+                "[database]\nurl = \"mysql://x@h/db\"\n[kafka]\nbrokers = \"embedded\"\n{table}notify_channel = \"orders\"\n"
+            ),
+            "relay.tables[0].notify_channel",
         ),
     ];
     let consumer =

@@ -251,7 +251,10 @@ async fn postgres_restarted_mid_drain_the_relay_reconnects_and_finishes() {
         .connect(&pg.url)
         .await
         .unwrap();
-    outboxd::db::migrate(&pool).await.unwrap();
+    outboxd::db::migrator(outboxd::db::Backend::Postgres)
+        .run(&pool)
+        .await
+        .unwrap();
     let table = "outbox";
     let topic = topic_of(table);
     let cluster = cluster(&topic, 4);

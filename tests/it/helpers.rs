@@ -31,7 +31,10 @@ pub async fn db() -> PgPool {
         .connect(&database_url())
         .await
         .expect("PostgreSQL reachable at DATABASE_URL");
-    outboxd::db::migrate(&pool).await.expect("migrations apply");
+    outboxd::db::migrator(outboxd::db::Backend::Postgres)
+        .run(&pool)
+        .await
+        .expect("migrations apply");
     pool
 }
 
@@ -324,6 +327,36 @@ pub fn assert_first_deliveries_in_key_order(received: &[Received]) {
             assert!(
                 prev < r.n,
                 "key {}: row {} first delivered after row {}",
+                r.key,
+                r.n,
+                prev
+            );
+        }
+    }
+}
+
+/// Asserts that, per key, last deliveries come in increasing `n` order: what a consumer
+/// that applies every copy ends with respects row order. This is the guarantee when
+/// Kafka rejected an earlier row of a key but accepted a later one: the later row stays
+/// in the outbox and is published again after the earlier one.
+pub fn assert_last_deliveries_in_key_order(received: &[Received]) {
+    let mut last_position: HashMap<i64, usize> = HashMap::new();
+    for (i, r) in received.iter().enumerate() {
+        last_position.insert(r.n, i);
+    }
+    let mut lasts: Vec<&Received> = received
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| last_position[&r.n] == *i)
+        .map(|(_, r)| r)
+        .collect();
+    lasts.sort_by_key(|r| last_position[&r.n]);
+    let mut previous: HashMap<&str, i64> = HashMap::new();
+    for r in lasts {
+        if let Some(prev) = previous.insert(&r.key, r.n) {
+            assert!(
+                prev < r.n,
+                "key {}: the last copy of row {} arrived after the last copy of row {}",
                 r.key,
                 r.n,
                 prev

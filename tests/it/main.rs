@@ -1,6 +1,8 @@
-//! Integration tests: real PostgreSQL (DATABASE_URL, default 127.0.0.1:5432/test) and a
-//! real Kafka protocol endpoint (librdkafka's mock cluster on localhost sockets).
+//! Integration tests: real PostgreSQL (DATABASE_URL, default 127.0.0.1:5432/test), real
+//! MariaDB/MySQL (MYSQL_URL, default root@127.0.0.1:3306/test), SQLite files, and a real
+//! Kafka protocol endpoint (librdkafka's mock cluster on localhost sockets).
 
+mod backends;
 mod consumer_helpers;
 mod helpers;
 
@@ -9,10 +11,10 @@ mod config;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
+mod consumer_sql;
 mod faults;
 mod faults_infra;
 mod ops;
+mod relay_backends;
 mod relay_delivery;
 mod relay_faults;
-mod relay_lanes;
-mod relay_modes;

@@ -6,55 +6,6 @@ use std::time::Duration;
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_row_arrives_once_in_key_order_and_outbox_empties() {
-    let Relayed {
-        pool,
-        table,
-        topic,
-        cluster,
-    } = relayed("deliver", 4).await;
-    insert_rows(&pool, &table, 0, 20_000, 200).await;
-
-    let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        20_000,
-        Duration::from_millis(500),
-        Duration::from_secs(60),
-    )
-    .await;
-
-    assert_exactly_once(&received, 0, 20_000);
-    assert_first_deliveries_in_key_order(&received);
-    let partitions_per_key = received.iter().fold(
-        std::collections::HashMap::<&str, std::collections::HashSet<i32>>::new(),
-        |mut m, r| {
-            m.entry(&r.key).or_default().insert(r.partition);
-            m
-        },
-    );
-    assert!(partitions_per_key.values().all(|p| p.len() == 1));
-    let first = &received[0];
-    assert_eq!(first.headers["event-type"], table);
-    assert_eq!(first.headers["aggregate-type"], "account");
-    assert_eq!(first.event_id().len(), 36, "event-id is the row's uuid");
-    assert_eq!(count_rows(&pool, &table).await, 0);
-    eventually(
-        "published metric reaches 20000",
-        Duration::from_secs(5),
-        || async {
-            daemon.metric(
-                "outboxd_relay_published_total",
-                &[("table", &table), ("topic", &topic)],
-            ) == 20_000.0
-        },
-    )
-    .await;
-    daemon.stop().await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_json_and_traceparent_become_kafka_headers() {
     let Relayed {
         pool,

@@ -1,7 +1,21 @@
-//! Outbox storage: the rows the relay claims and the statements it runs, one module per
-//! database backend (PostgreSQL today).
+//! Outbox storage behind one interface: a [`Store`] is one outbox table in one database,
+//! with everything the relay runs against it. One module per backend implements it;
+//! the relay loop, the maintenance task, `status` and `emit` do not know which database
+//! they talk to.
 
+pub mod mysql;
 pub mod postgres;
+pub mod sqlite;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TableConfig;
+use crate::db::Database;
 
 /// A claimed outbox row, every column already cast to what the message needs.
 #[derive(Debug, Clone)]
@@ -37,6 +51,66 @@ pub struct DeadRow {
     pub attempts: i32,
 }
 
+/// The session holding a lane (`outboxd status`).
+#[derive(Debug, serde::Serialize)]
+pub struct LaneOwner {
+    /// Lane number.
+    pub lane: i64,
+    /// The owning session: PostgreSQL backend pid or MySQL connection id (none for SQLite,
+    /// whose lane is a file lock).
+    pub pid: Option<i64>,
+    /// Client address or host of the owner, when the database knows it.
+    pub client: Option<String>,
+    /// Its `application_name` (PostgreSQL) or user (MySQL).
+    pub application: Option<String>,
+}
+
+/// How a partly failed batch is settled, after its claim was rolled back.
+#[derive(Debug)]
+pub struct Settlement<'a> {
+    /// Acknowledged rows that leave the outbox (deleted or marked).
+    pub finished: &'a [&'a str],
+    /// Rows Kafka refused, with the error: each refusal is counted.
+    pub refused: &'a [(&'a str, String)],
+    /// Rows that cannot become a message: they move to the dead rows at once.
+    pub bad: &'a [DeadRow],
+    /// Refusals after which a row moves to the dead rows.
+    pub max_attempts: u32,
+}
+
+/// What settling did.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Every row moved to the dead rows: the bad ones and the ones refused too often.
+    pub dead: Vec<DeadRow>,
+    /// How many rows the dead-row move took out of the outbox.
+    pub moved: u64,
+    /// Refused rows that stay in the outbox for another attempt.
+    pub still_refused: usize,
+}
+
+impl Settlement<'_> {
+    /// The rows to move to the dead rows, given each refused row's count so far: the bad
+    /// rows and those refused `max_attempts` times. Also returns how many refused rows stay.
+    pub fn dead_rows(&self, counts: &HashMap<String, i32>) -> (Vec<DeadRow>, usize) {
+        let mut dead = self.bad.to_vec();
+        let mut still_refused = 0;
+        for (id, error) in self.refused {
+            let attempts = counts.get(*id).copied().unwrap_or(1);
+            if attempts >= self.max_attempts as i32 {
+                dead.push(DeadRow {
+                    id: (*id).to_owned(),
+                    reason: format!("kafka refused it {attempts} times; last error: {error}"),
+                    attempts,
+                });
+            } else {
+                still_refused += 1;
+            }
+        }
+        (dead, still_refused)
+    }
+}
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,4 +120,188 @@ pub enum StoreError {
     /// The table does not match the configured mapping.
     #[error("{0}")]
     Schema(String),
+    /// The lane lock file of a SQLite database cannot be used.
+    #[error("lane lock file {path}: {source}")]
+    LockFile {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One outbox table in one database.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Registers this process as one of the table's relays; the registration lasts as
+    /// long as the returned value (and its connection).
+    async fn join(&self) -> Result<Box<dyn Membership>, StoreError>;
+
+    /// Takes `lane` on a dedicated connection, or `None` when another relay holds it.
+    /// The lane is held until the session is dropped or its connection fails.
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError>;
+
+    /// `(pending rows, age of the oldest pending row in seconds)`.
+    async fn stats(&self) -> Result<(i64, Option<f64>), StoreError>;
+
+    /// Mark mode: deletes published rows older than `retention_secs`; returns how many.
+    async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError>;
+
+    /// Forgets refusal counters of rows that are no longer pending.
+    async fn cleanup_attempts(&self) -> Result<u64, StoreError>;
+
+    /// How many of the table's rows are in `outboxd_dead_rows`.
+    async fn dead_rows(&self) -> Result<i64, StoreError>;
+
+    /// The sessions holding the table's lanes, by lane.
+    async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError>;
+
+    /// Wakes the lanes through `wake` whenever rows are committed, until `stop`.
+    /// Backends without notifications return at once: their lanes poll.
+    async fn listen(&self, _wake: watch::Sender<()>, _stop: CancellationToken) {}
+}
+
+/// This process's registration among the relays of one table.
+#[async_trait]
+pub trait Membership: Send {
+    /// How many relays (this one included) serve the table, and which of its `lanes`
+    /// any of them holds.
+    async fn census(&mut self, lanes: u32) -> Result<(u32, HashSet<u32>), StoreError>;
+}
+
+/// One held lane: its claim cycle.
+#[async_trait]
+pub trait LaneSession: Send {
+    /// Claims up to `limit` of the lane's pending rows in publication order. They stay
+    /// claimed, out of every other relay's reach, until [`commit`](Self::commit) or
+    /// [`rollback`](Self::rollback).
+    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError>;
+
+    /// The claimed rows leave the outbox (deleted, or marked published).
+    async fn commit(&mut self) -> Result<(), StoreError>;
+
+    /// The claimed rows stay in the outbox as they were.
+    async fn rollback(&mut self) -> Result<(), StoreError>;
+
+    /// Settles a partly failed batch in one transaction, after its rollback.
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError>;
+}
+
+/// Opens table `t` of `db`: checks its columns against the mapping and prepares its
+/// statements.
+pub async fn open(db: &Database, t: &TableConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match db {
+        Database::Postgres { opts, pool } => {
+            Arc::new(postgres::PgStore::open(opts.clone(), pool.clone(), t).await?)
+        }
+        Database::MySql { opts, pool } => {
+            Arc::new(mysql::MySqlStore::open(opts.clone(), pool.clone(), t).await?)
+        }
+        Database::Sqlite { opts, pool } => {
+            Arc::new(sqlite::SqliteStore::open(opts.clone(), pool.clone(), t).await?)
+        }
+    })
+}
+
+/// One event to insert the way an application would (`outboxd emit`).
+pub struct NewEvent<'a> {
+    /// Key column value.
+    pub key: &'a str,
+    /// Event type column value (when the mapping has one).
+    pub event_type: &'a str,
+    /// Aggregate type column value (when the mapping has one).
+    pub aggregate_type: &'a str,
+    /// Payload (JSON text).
+    pub payload: &'a str,
+    /// Headers as a JSON object (when the mapping has a headers column).
+    pub headers: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+impl NewEvent<'_> {
+    /// `(column, value as text)` of every column the mapping of `t` names.
+    pub fn columns<'c>(&'c self, t: &'c TableConfig, headers: &'c str) -> Vec<(&'c str, &'c str)> {
+        [
+            (t.key_column.as_str(), self.key),
+            (t.payload_column.as_str(), self.payload),
+            (t.event_type_column.as_str(), self.event_type),
+            (t.aggregate_type_column.as_str(), self.aggregate_type),
+            (t.headers_column.as_str(), headers),
+        ]
+        .into_iter()
+        .filter(|(c, _)| !c.is_empty())
+        .collect()
+    }
+}
+
+/// Inserts `event` into table `t` of `db` through its column mapping; returns the new
+/// row's id.
+pub async fn emit(
+    db: &Database,
+    t: &TableConfig,
+    event: &NewEvent<'_>,
+) -> Result<String, StoreError> {
+    match db {
+        Database::Postgres { opts, .. } => postgres::emit(opts, t, event).await,
+        Database::MySql { opts, .. } => mysql::emit(opts, t, event).await,
+        Database::Sqlite { opts, .. } => sqlite::emit(opts, t, event).await,
+    }
+}
+
+/// The columns the mapping of `t` requires, as `(config key, column)`.
+pub fn required_columns(t: &TableConfig) -> Vec<(&'static str, &str)> {
+    let mut required = vec![
+        ("id_column", t.id_column.as_str()),
+        ("key_column", t.key_column.as_str()),
+        ("payload_column", t.payload_column.as_str()),
+        ("order_column", t.order_column()),
+        ("event_id_column", t.event_id_column.as_str()),
+        ("headers_column", t.headers_column.as_str()),
+        ("event_type_column", t.event_type_column.as_str()),
+        ("aggregate_type_column", t.aggregate_type_column.as_str()),
+        ("created_at_column", t.created_at_column.as_str()),
+    ];
+    if let Some(c) = &t.topic_column {
+        required.push(("topic_column", c));
+    }
+    if t.on_published == crate::config::OnPublished::Mark {
+        required.push(("published_at_column", &t.published_at_column));
+    }
+    required.retain(|(_, c)| !c.is_empty());
+    required
+}
+
+/// Checks that every column the mapping names is among `columns` (the table's, in order);
+/// an empty list means the table does not exist.
+pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreError> {
+    if columns.is_empty() {
+        return Err(StoreError::Schema(format!(
+            "table `{}` does not exist (run `outboxd migrate` for the reference table, or fix relay.tables.table)",
+            t.table
+        )));
+    }
+    for (key, column) in required_columns(t) {
+        if !columns.iter().any(|c| c == column) {
+            return Err(StoreError::Schema(format!(
+                "table `{}` has no column `{column}` (relay.tables.{key}); columns: {}",
+                t.table,
+                columns.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// FNV-1a, masked to a positive i32: the same in every process and version (lock names).
+pub fn stable_hash(s: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h & 0x7fff_ffff) as i32
+}
+
+/// A random number to spread member slots and the first lane tried across processes.
+pub fn random_slot() -> i32 {
+    fastrand::i32(0..i32::MAX)
 }

@@ -1,12 +1,22 @@
 //! PostgreSQL: the SQL of one outbox table (claim, finish, attempts, dead rows, purge,
-//! stats) built once from the column mapping, and lane locks through advisory locks.
+//! stats) built once from the column mapping; lanes and members through session-level
+//! advisory locks; wake-up through LISTEN.
 
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgRow};
-use sqlx::{ConnectOptions, Connection, Row};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
+use sqlx::{ConnectOptions, Row};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{OnPublished, TableConfig};
 
-use super::{ClaimedRow, DeadRow, StoreError};
+use super::{
+    check_columns, random_slot, stable_hash, ClaimedRow, DeadRow, LaneOwner, LaneSession,
+    Membership, NewEvent, Settled, Settlement, Store, StoreError,
+};
 
 /// Everything the relay runs against one table, rendered once at start-up.
 #[derive(Debug)]
@@ -51,10 +61,7 @@ pub fn quote_table(table: &str) -> String {
 }
 
 /// Reads the table's columns and checks that every mapped column exists.
-pub async fn introspect(
-    conn: &mut PgConnection,
-    t: &TableConfig,
-) -> Result<TableShape, StoreError> {
+async fn introspect(conn: &mut PgConnection, t: &TableConfig) -> Result<TableShape, StoreError> {
     let rows = sqlx::query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -62,52 +69,18 @@ pub async fn introspect(
     .bind(quote_table(&t.table))
     .fetch_all(&mut *conn)
     .await?;
-    if rows.is_empty() {
-        return Err(StoreError::Schema(format!(
-            "table `{}` does not exist (run `outboxd migrate` for the reference table, or fix relay.tables.table)",
-            t.table
-        )));
-    }
     let columns: Vec<(String, String)> = rows
         .iter()
         .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
         .collect();
+    let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
+    check_columns(t, &names)?;
     let type_of = |name: &str| {
         columns
             .iter()
             .find(|(c, _)| c == name)
             .map(|(_, ty)| ty.clone())
     };
-    let mut required = vec![
-        ("id_column", t.id_column.as_str()),
-        ("key_column", t.key_column.as_str()),
-        ("payload_column", t.payload_column.as_str()),
-        ("order_column", t.order_column()),
-        ("event_id_column", t.event_id_column.as_str()),
-        ("headers_column", t.headers_column.as_str()),
-        ("event_type_column", t.event_type_column.as_str()),
-        ("aggregate_type_column", t.aggregate_type_column.as_str()),
-        ("created_at_column", t.created_at_column.as_str()),
-    ];
-    if let Some(c) = &t.topic_column {
-        required.push(("topic_column", c));
-    }
-    if t.on_published == OnPublished::Mark {
-        required.push(("published_at_column", &t.published_at_column));
-    }
-    for (key, column) in required {
-        if !column.is_empty() && type_of(column).is_none() {
-            return Err(StoreError::Schema(format!(
-                "table `{}` has no column `{column}` (relay.tables.{key}); columns: {}",
-                t.table,
-                columns
-                    .iter()
-                    .map(|(c, _)| c.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
-    }
     Ok(TableShape {
         id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
         payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
@@ -243,7 +216,7 @@ impl TableSql {
 }
 
 /// Claims (deletes or marks) up to `limit` rows of the lane, in publication order.
-pub async fn claim(
+async fn claim(
     conn: &mut PgConnection,
     claim: &str,
     limit: u32,
@@ -270,11 +243,7 @@ fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
 }
 
 /// Deletes (or marks) the rows Kafka acknowledged.
-pub async fn finish(
-    conn: &mut PgConnection,
-    sql: &TableSql,
-    ids: &[&str],
-) -> Result<(), StoreError> {
+async fn finish(conn: &mut PgConnection, sql: &TableSql, ids: &[&str]) -> Result<(), StoreError> {
     if !ids.is_empty() {
         sqlx::query(&sql.finish)
             .bind(ids)
@@ -285,7 +254,7 @@ pub async fn finish(
 }
 
 /// Counts one more refusal for each `(id, error)`; returns each id's count so far.
-pub async fn record_refusals(
+async fn record_refusals(
     conn: &mut PgConnection,
     sql: &TableSql,
     refused: &[(&str, String)],
@@ -308,7 +277,7 @@ pub async fn record_refusals(
 }
 
 /// Moves rows to `outboxd_dead_rows` with their reason; returns how many moved.
-pub async fn move_dead(
+async fn move_dead(
     conn: &mut PgConnection,
     sql: &TableSql,
     dead: &[DeadRow],
@@ -331,11 +300,7 @@ pub async fn move_dead(
 
 /// Mark mode: deletes published rows older than `retention_secs`, 1000 at a time, each
 /// batch its own transaction. Returns the rows removed.
-pub async fn purge(
-    pool: &sqlx::PgPool,
-    sql: &TableSql,
-    retention_secs: f64,
-) -> Result<u64, StoreError> {
+async fn purge(pool: &PgPool, sql: &TableSql, retention_secs: f64) -> Result<u64, StoreError> {
     let Some(purge) = &sql.purge else {
         return Ok(0);
     };
@@ -354,7 +319,7 @@ pub async fn purge(
 }
 
 /// `(pending rows, age of the oldest pending row in seconds)`.
-pub async fn stats<'e>(
+async fn stats<'e>(
     db: impl sqlx::PgExecutor<'e>,
     sql: &TableSql,
 ) -> Result<(i64, Option<f64>), StoreError> {
@@ -363,7 +328,7 @@ pub async fn stats<'e>(
 }
 
 /// Forgets attempt counters of rows that are no longer pending (published or gone).
-pub async fn cleanup_attempts(pool: &sqlx::PgPool, sql: &TableSql) -> Result<u64, StoreError> {
+async fn cleanup_attempts(pool: &PgPool, sql: &TableSql) -> Result<u64, StoreError> {
     Ok(sqlx::query(&sql.cleanup_attempts)
         .bind(&sql.table)
         .execute(pool)
@@ -371,17 +336,8 @@ pub async fn cleanup_attempts(pool: &sqlx::PgPool, sql: &TableSql) -> Result<u64
         .rows_affected())
 }
 
-/// Opens a dedicated connection (not from the pool): a lane's or the coordinator's.
-pub async fn connect(opts: &PgConnectOptions) -> Result<PgConnection, StoreError> {
-    Ok(opts.connect().await?)
-}
-
 /// Tries the session-level advisory lock `(class, object)` on `conn`.
-pub async fn try_lock(
-    conn: &mut PgConnection,
-    class: i32,
-    object: i32,
-) -> Result<bool, StoreError> {
+async fn try_lock(conn: &mut PgConnection, class: i32, object: i32) -> Result<bool, StoreError> {
     Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(class)
         .bind(object)
@@ -389,64 +345,230 @@ pub async fn try_lock(
         .await?)
 }
 
-/// Granted advisory locks of the given classes in this database: `(class, object)` pairs.
-pub async fn held_locks(
-    conn: &mut PgConnection,
-    classes: [i32; 2],
-) -> Result<Vec<(i32, i32)>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND classid IN ($1::int8::oid, $2::int8::oid)",
+/// Advisory lock classes (first key) of a table: its lanes and its members.
+fn lock_classes(table: &str) -> (i32, i32) {
+    (
+        stable_hash(&format!("outboxd:lane:{table}")),
+        stable_hash(&format!("outboxd:member:{table}")),
     )
-    .bind(i64::from(classes[0]))
-    .bind(i64::from(classes[1]))
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<i64, _>(0) as i32, r.get::<i64, _>(1) as i32))
-        .collect())
 }
 
-/// Checks the connection still answers (used before trusting a long-held lock).
-pub async fn ping(conn: &mut PgConnection) -> Result<(), StoreError> {
-    Ok(conn.ping().await?)
+/// One outbox table in PostgreSQL.
+pub struct PgStore {
+    config: TableConfig,
+    sql: Arc<TableSql>,
+    opts: PgConnectOptions,
+    pool: PgPool,
+    lane_class: i32,
+    member_class: i32,
 }
 
-/// One event to insert the way an application would (`outboxd emit`).
-pub struct NewEvent<'a> {
-    /// Key column value.
-    pub key: &'a str,
-    /// Event type column value (when the mapping has one).
-    pub event_type: &'a str,
-    /// Aggregate type column value (when the mapping has one).
-    pub aggregate_type: &'a str,
-    /// Payload (JSON text).
-    pub payload: &'a str,
-    /// Headers as a JSON object (when the mapping has a headers column).
-    pub headers: &'a serde_json::Map<String, serde_json::Value>,
+impl PgStore {
+    /// Checks table `t` and renders its statements.
+    pub async fn open(
+        opts: PgConnectOptions,
+        pool: PgPool,
+        t: &TableConfig,
+    ) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await?;
+        let shape = introspect(&mut conn, t).await?;
+        let (lane_class, member_class) = lock_classes(&t.table);
+        Ok(PgStore {
+            config: t.clone(),
+            sql: Arc::new(TableSql::new(t, &shape)),
+            opts,
+            pool,
+            lane_class,
+            member_class,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
+        let mut conn = self.opts.connect().await?;
+        while !try_lock(&mut conn, self.member_class, random_slot()).await? {}
+        Ok(Box::new(PgMembership {
+            conn,
+            classes: [self.lane_class, self.member_class],
+        }))
+    }
+
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        let mut conn = self.opts.connect().await?;
+        if !try_lock(&mut conn, self.lane_class, lane as i32).await? {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PgLane {
+            conn,
+            claim: self.sql.claim_for_lane(lane),
+            sql: self.sql.clone(),
+        })))
+    }
+
+    async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
+        stats(&self.pool, &self.sql).await
+    }
+
+    async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError> {
+        purge(&self.pool, &self.sql, retention_secs).await
+    }
+
+    async fn cleanup_attempts(&self) -> Result<u64, StoreError> {
+        cleanup_attempts(&self.pool, &self.sql).await
+    }
+
+    async fn dead_rows(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM outboxd_dead_rows WHERE source_table = $1")
+                .bind(&self.config.table)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT l.objid::int8, a.pid::int8, a.client_addr::text, a.application_name \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::int8::oid \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
+        )
+        .bind(i64::from(self.lane_class))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LaneOwner {
+                lane: r.get(0),
+                pid: r.get(1),
+                client: r.get(2),
+                application: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn listen(&self, wake: watch::Sender<()>, stop: CancellationToken) {
+        if self.config.notify_channel.is_empty() {
+            return;
+        }
+        crate::relay::notify::listen(
+            self.opts.clone(),
+            self.config.table.clone(),
+            self.config.notify_channel.clone(),
+            wake,
+            stop,
+        )
+        .await;
+    }
+}
+
+/// The member lock, held on its own connection.
+struct PgMembership {
+    conn: PgConnection,
+    classes: [i32; 2],
+}
+
+#[async_trait]
+impl Membership for PgMembership {
+    async fn census(&mut self, _lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
+        let [lane_class, member_class] = self.classes;
+        let rows = sqlx::query(
+            "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid IN ($1::int8::oid, $2::int8::oid)",
+        )
+        .bind(i64::from(lane_class))
+        .bind(i64::from(member_class))
+        .fetch_all(&mut self.conn)
+        .await?;
+        let held: Vec<(i32, i32)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0) as i32, r.get::<i64, _>(1) as i32))
+            .collect();
+        let members = held.iter().filter(|(c, _)| *c == member_class).count() as u32;
+        let taken = held
+            .iter()
+            .filter(|(c, _)| *c == lane_class)
+            .map(|(_, lane)| *lane as u32)
+            .collect();
+        Ok((members.max(1), taken))
+    }
+}
+
+/// A lane: its advisory lock and its claim transactions, on one connection.
+struct PgLane {
+    conn: PgConnection,
+    claim: String,
+    sql: Arc<TableSql>,
+}
+
+impl PgLane {
+    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
+        sqlx::Executor::execute(&mut self.conn, statement).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LaneSession for PgLane {
+    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.run("BEGIN").await?;
+        claim(&mut self.conn, &self.claim, limit).await
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.run("COMMIT").await
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.run("ROLLBACK").await
+    }
+
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.run("BEGIN").await?;
+        let settled = async {
+            finish(&mut self.conn, &self.sql, s.finished).await?;
+            let counts: HashMap<String, i32> =
+                record_refusals(&mut self.conn, &self.sql, s.refused)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let (dead, still_refused) = s.dead_rows(&counts);
+            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
+            Ok::<_, StoreError>(Settled {
+                dead,
+                moved,
+                still_refused,
+            })
+        }
+        .await;
+        match settled {
+            Ok(settled) => {
+                self.run("COMMIT").await?;
+                Ok(settled)
+            }
+            Err(e) => {
+                // The connection may be gone; the lane then ends and its lock with it.
+                let _ = self.run("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
 }
 
 /// Inserts `event` into table `t` through its column mapping; returns the new row's id.
 /// Values are cast from text to each column's own type.
 pub async fn emit(
-    conn: &mut PgConnection,
+    opts: &PgConnectOptions,
     t: &TableConfig,
     event: &NewEvent<'_>,
 ) -> Result<String, StoreError> {
-    introspect(conn, t).await?;
+    let mut conn = opts.connect().await?;
+    introspect(&mut conn, t).await?;
     let headers = serde_json::Value::Object(event.headers.clone()).to_string();
-    let columns: Vec<(&str, &str)> = [
-        (t.key_column.as_str(), event.key),
-        (t.payload_column.as_str(), event.payload),
-        (t.event_type_column.as_str(), event.event_type),
-        (t.aggregate_type_column.as_str(), event.aggregate_type),
-        (t.headers_column.as_str(), headers.as_str()),
-    ]
-    .into_iter()
-    .filter(|(c, _)| !c.is_empty())
-    .collect();
+    let columns = event.columns(t, &headers);
     let table = quote_table(&t.table);
     let mut types = Vec::new();
     for (column, _) in &columns {
@@ -455,7 +577,7 @@ pub async fn emit(
         )
         .bind(&table)
         .bind(column)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut conn)
         .await?;
         types.push(ty);
     }
@@ -475,5 +597,19 @@ pub async fn emit(
     for (_, value) in &columns {
         query = query.bind(*value);
     }
-    Ok(query.fetch_one(&mut *conn).await?)
+    Ok(query.fetch_one(&mut conn).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_classes_are_stable_and_distinct() {
+        let (a, b) = lock_classes("outbox");
+        assert_eq!((a, b), lock_classes("outbox"));
+        assert_ne!(a, b);
+        assert!(a >= 0 && b >= 0);
+        assert_ne!(lock_classes("other").0, a);
+    }
 }

@@ -1,0 +1,681 @@
+//! MySQL 8 and MariaDB 10.6+: claims by reading the lane's next ids, locking those rows
+//! with `SELECT ... FOR UPDATE SKIP LOCKED`, and deleting (or marking) them in the same
+//! transaction once Kafka acknowledged them; lanes and members through `GET_LOCK`
+//! held on their own connections (released with them); lane filter on `CRC32(key)`.
+//! No notifications: lanes poll.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlRow};
+use sqlx::{ConnectOptions, Executor, Row};
+
+use crate::config::{OnPublished, TableConfig};
+
+use super::{
+    check_columns, random_slot, stable_hash, ClaimedRow, LaneOwner, LaneSession, Membership,
+    NewEvent, Settled, Settlement, Store, StoreError,
+};
+
+/// How many relays may serve one table at once (member lock slots).
+const MEMBER_SLOTS: u32 = 64;
+
+/// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
+fn q(ident: &str) -> String {
+    format!("`{ident}`")
+}
+
+/// `schema.table` -> `` `schema`.`table` ``.
+fn quote_table(table: &str) -> String {
+    table.split('.').map(q).collect::<Vec<_>>().join(".")
+}
+
+/// `(column, DATA_TYPE)` of table `t` in order; empty when it does not exist.
+async fn columns(
+    conn: &mut MySqlConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    let rows = sqlx::query(
+        "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1).to_lowercase()))
+        .collect())
+}
+
+/// An index of `table` led by `column` (the primary key preferred), if there is one.
+async fn index_on(
+    conn: &mut MySqlConnection,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>, StoreError> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    Ok(sqlx::query_scalar(
+        "SELECT CAST(INDEX_NAME AS CHAR) FROM information_schema.STATISTICS \
+         WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND COLUMN_NAME = ? \
+         AND SEQ_IN_INDEX = 1 ORDER BY INDEX_NAME = 'PRIMARY' DESC LIMIT 1",
+    )
+    .bind(schema)
+    .bind(name)
+    .bind(column)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Every statement of one table, rendered once.
+#[derive(Debug)]
+struct TableSql {
+    table: String,
+    lanes: u32,
+    key: String,
+    /// `SELECT id FROM t o WHERE <pending>`; the lane filter and `order_limit` follow.
+    select_ids: String,
+    /// ` ORDER BY <order> LIMIT ?`.
+    order_limit: String,
+    /// `SELECT <row> FROM t o WHERE <pending> AND id IN `; the ids and `lock_tail` follow.
+    lock_rows: String,
+    /// ` ORDER BY <order> FOR UPDATE SKIP LOCKED`.
+    lock_tail: String,
+    /// Followed by `(?, ?, ...)` of ids: delete or mark.
+    finish_head: String,
+    /// The whole row as a JSON object, for dead rows.
+    row_json: String,
+    id: String,
+    stats: String,
+    purge: Option<String>,
+    cleanup_attempts: String,
+    payload_is_binary: bool,
+    /// Ids are bound as integers when the id column is one: compared with strings, MySQL
+    /// cannot use the primary key and scans (and locks) other lanes' rows.
+    id_is_integer: bool,
+}
+
+impl TableSql {
+    /// `id_index`: an index led by the id column. Statements that find rows by id force
+    /// it: otherwise MySQL may scan a table whose statistics are stale, and a scanning
+    /// delete waits on other lanes' locked rows and deadlocks with them.
+    fn new(t: &TableConfig, columns: &[(String, String)], id_index: Option<&str>) -> Self {
+        let table = quote_table(&t.table);
+        let id = q(&t.id_column);
+        let by_id = match id_index {
+            Some(index) => format!("{table} o FORCE INDEX ({})", q(index)),
+            None => format!("{table} o"),
+        };
+        let text = |col: &str| {
+            if col.is_empty() {
+                "CAST(NULL AS CHAR)".to_owned()
+            } else {
+                format!("CAST(o.{} AS CHAR)", q(col))
+            }
+        };
+        let payload_type = columns
+            .iter()
+            .find(|(c, _)| *c == t.payload_column)
+            .map(|(_, ty)| ty.as_str())
+            .unwrap_or_default();
+        let payload_is_binary = payload_type.contains("blob") || payload_type.contains("binary");
+        let id_type = columns
+            .iter()
+            .find(|(c, _)| *c == t.id_column)
+            .map(|(_, ty)| ty.as_str())
+            .unwrap_or_default();
+        let id_is_integer = id_type.ends_with("int");
+        let payload = if payload_is_binary {
+            format!("o.{}", q(&t.payload_column))
+        } else {
+            text(&t.payload_column)
+        };
+        let created_at = if t.created_at_column.is_empty() {
+            "CAST(NULL AS DOUBLE)".to_owned()
+        } else {
+            format!(
+                "CAST(UNIX_TIMESTAMP(o.{}) AS DOUBLE)",
+                q(&t.created_at_column)
+            )
+        };
+        let topic = t
+            .topic_column
+            .as_deref()
+            .map_or("CAST(NULL AS CHAR)".into(), text);
+        let pending = match t.on_published {
+            OnPublished::Delete => "TRUE".to_owned(),
+            OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
+        };
+        let finish_head = match t.on_published {
+            OnPublished::Delete => format!("DELETE o FROM {by_id} WHERE o.{id} IN "),
+            OnPublished::Mark => format!(
+                "UPDATE {by_id} SET o.{} = CURRENT_TIMESTAMP(6) WHERE o.{id} IN ",
+                q(&t.published_at_column)
+            ),
+        };
+        let row_json = format!(
+            "JSON_OBJECT({})",
+            columns
+                .iter()
+                .map(|(c, _)| format!("'{c}', o.{}", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        TableSql {
+            table: t.table.clone(),
+            lanes: t.lanes,
+            key: q(&t.key_column),
+            select_ids: format!("SELECT CAST(o.{id} AS CHAR) FROM {table} o WHERE {pending}"),
+            order_limit: format!(" ORDER BY o.{} LIMIT ?", q(t.order_column())),
+            lock_rows: format!(
+                "SELECT CAST(o.{id} AS CHAR), {key}, {payload}, {headers}, {event_id}, {event_type}, \
+                 {aggregate_type}, {created_at}, {topic} FROM {by_id} WHERE {pending} AND o.{id} IN ",
+                key = text(&t.key_column),
+                headers = text(&t.headers_column),
+                event_id = text(&t.event_id_column),
+                event_type = text(&t.event_type_column),
+                aggregate_type = text(&t.aggregate_type_column),
+            ),
+            lock_tail: format!(" ORDER BY o.{} FOR UPDATE SKIP LOCKED", q(t.order_column())),
+            finish_head,
+            row_json,
+            id: id.clone(),
+            stats: format!(
+                "SELECT COUNT(*), {oldest} FROM {table} o WHERE {pending}",
+                oldest = if t.created_at_column.is_empty() {
+                    "CAST(NULL AS DOUBLE)".to_owned()
+                } else {
+                    format!(
+                        "CAST(UNIX_TIMESTAMP(NOW(6)) - UNIX_TIMESTAMP(MIN(o.{})) AS DOUBLE)",
+                        q(&t.created_at_column)
+                    )
+                }
+            ),
+            purge: (t.on_published == OnPublished::Mark).then(|| {
+                format!(
+                    "DELETE FROM {table} WHERE {} < NOW(6) - INTERVAL ? MICROSECOND LIMIT 1000",
+                    q(&t.published_at_column)
+                )
+            }),
+            cleanup_attempts: format!(
+                "DELETE FROM outboxd_relay_attempts WHERE source_table = ? AND NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
+            ),
+            payload_is_binary,
+            id_is_integer,
+        }
+    }
+
+    /// Binds `ids` to `query`, as integers when the id column is one.
+    fn bind_ids<'q>(
+        &self,
+        mut query: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+        ids: &[&'q str],
+    ) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+        for id in ids {
+            query = match id.parse::<i64>() {
+                Ok(n) if self.id_is_integer => query.bind(n),
+                _ => query.bind(*id),
+            };
+        }
+        query
+    }
+
+    /// The lane's next ids: a plain (consistent, lock-free) read. Locking while scanning
+    /// would lock other lanes' rows for a moment and deadlock with their deletes.
+    fn ids_of_lane(&self, lane: u32) -> String {
+        if self.lanes <= 1 {
+            format!("{}{}", self.select_ids, self.order_limit)
+        } else {
+            format!(
+                "{} AND CRC32(COALESCE(CAST(o.{} AS CHAR), '')) % {} = {lane}{}",
+                self.select_ids, self.key, self.lanes, self.order_limit
+            )
+        }
+    }
+
+    fn decode(&self, r: &MySqlRow) -> Result<ClaimedRow, StoreError> {
+        let payload = if self.payload_is_binary {
+            r.try_get::<Option<Vec<u8>>, _>(2)?
+        } else {
+            r.try_get::<Option<String>, _>(2)?.map(String::into_bytes)
+        };
+        Ok(ClaimedRow {
+            id: r.try_get(0)?,
+            key: r.try_get(1)?,
+            payload,
+            headers: r.try_get(3)?,
+            event_id: r.try_get(4)?,
+            event_type: r.try_get(5)?,
+            aggregate_type: r.try_get(6)?,
+            created_at: r.try_get(7)?,
+            topic: r.try_get(8)?,
+        })
+    }
+}
+
+/// How often a batch's delete is tried when InnoDB reports a deadlock or lock wait timeout.
+const COMMIT_ATTEMPTS: u64 = 5;
+
+/// A deadlock (1213) or lock wait timeout (1205): the statement may succeed when retried.
+fn is_lock_conflict(e: &StoreError) -> bool {
+    let StoreError::Database(sqlx::Error::Database(db)) = e else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .is_some_and(|e| matches!(e.number(), 1205 | 1213))
+}
+
+/// `(?, ?, ...)` for `n` values.
+fn placeholders(n: usize) -> String {
+    format!("({})", vec!["?"; n].join(", "))
+}
+
+/// Lock names (at most 64 characters in MySQL) of one table.
+#[derive(Debug, Clone)]
+struct LockNames(String);
+
+impl LockNames {
+    fn new(table: &str) -> Self {
+        LockNames(format!("outboxd:{:08x}", stable_hash(table)))
+    }
+    fn lane(&self, lane: u32) -> String {
+        format!("{}:lane:{lane}", self.0)
+    }
+    fn member(&self, slot: u32) -> String {
+        format!("{}:member:{slot}", self.0)
+    }
+}
+
+/// Takes `name` on `conn` without waiting; held until released or the connection ends.
+async fn get_lock(conn: &mut MySqlConnection, name: &str) -> Result<bool, StoreError> {
+    let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(got == Some(1))
+}
+
+/// One outbox table in MySQL or MariaDB.
+pub struct MySqlStore {
+    config: TableConfig,
+    sql: Arc<TableSql>,
+    opts: MySqlConnectOptions,
+    pool: MySqlPool,
+    locks: LockNames,
+}
+
+impl MySqlStore {
+    /// Checks table `t` and renders its statements.
+    pub async fn open(
+        opts: MySqlConnectOptions,
+        pool: MySqlPool,
+        t: &TableConfig,
+    ) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await?;
+        let columns = columns(&mut conn, &t.table).await?;
+        let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
+        check_columns(t, &names)?;
+        let id_index = index_on(&mut conn, &t.table, &t.id_column).await?;
+        if id_index.is_none() {
+            tracing::warn!(table = %t.table, column = %t.id_column, "the id column has no index: every claim and delete scans the table");
+        }
+        Ok(MySqlStore {
+            config: t.clone(),
+            sql: Arc::new(TableSql::new(t, &columns, id_index.as_deref())),
+            opts,
+            pool,
+            locks: LockNames::new(&t.table),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
+        let mut conn = self.opts.connect().await?;
+        let first = random_slot() as u32;
+        for i in 0..MEMBER_SLOTS {
+            if get_lock(&mut conn, &self.locks.member((first + i) % MEMBER_SLOTS)).await? {
+                return Ok(Box::new(MySqlMembership {
+                    conn,
+                    locks: self.locks.clone(),
+                }));
+            }
+        }
+        Err(StoreError::Schema(format!(
+            "table `{}`: all {MEMBER_SLOTS} relay member slots are taken; at most {MEMBER_SLOTS} relays can serve one MySQL table",
+            self.config.table
+        )))
+    }
+
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        let mut conn = self.opts.connect().await?;
+        // Without gap locks a claim never blocks the application's inserts.
+        conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        if !get_lock(&mut conn, &self.locks.lane(lane)).await? {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(MySqlLane {
+            conn,
+            ids: self.sql.ids_of_lane(lane),
+            sql: self.sql.clone(),
+            claimed: Vec::new(),
+        })))
+    }
+
+    async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
+        let row = sqlx::query(&self.sql.stats).fetch_one(&self.pool).await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError> {
+        let Some(purge) = &self.sql.purge else {
+            return Ok(0);
+        };
+        let micros = (retention_secs * 1e6) as i64;
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(purge)
+                .bind(micros)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn cleanup_attempts(&self) -> Result<u64, StoreError> {
+        Ok(sqlx::query(&self.sql.cleanup_attempts)
+            .bind(&self.sql.table)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn dead_rows(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM outboxd_dead_rows WHERE source_table = ?")
+                .bind(&self.config.table)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError> {
+        let mut owners = Vec::new();
+        for lane in 0..self.config.lanes {
+            let row = sqlx::query(
+                "SELECT CAST(p.ID AS SIGNED), CAST(p.HOST AS CHAR), CAST(p.USER AS CHAR) \
+                 FROM information_schema.PROCESSLIST p WHERE p.ID = IS_USED_LOCK(?)",
+            )
+            .bind(self.locks.lane(lane))
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                owners.push(LaneOwner {
+                    lane: i64::from(lane),
+                    pid: row.try_get(0)?,
+                    client: row.try_get(1)?,
+                    application: row.try_get(2)?,
+                });
+            }
+        }
+        Ok(owners)
+    }
+}
+
+/// The member lock, held on its own connection.
+struct MySqlMembership {
+    conn: MySqlConnection,
+    locks: LockNames,
+}
+
+#[async_trait]
+impl Membership for MySqlMembership {
+    async fn census(&mut self, lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
+        let names: Vec<String> = (0..MEMBER_SLOTS)
+            .map(|s| self.locks.member(s))
+            .chain((0..lanes).map(|l| self.locks.lane(l)))
+            .collect();
+        let sql = format!(
+            "SELECT {}",
+            vec!["CAST(IS_USED_LOCK(?) IS NOT NULL AS SIGNED)"; names.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for name in &names {
+            query = query.bind(name);
+        }
+        let row = query.fetch_one(&mut self.conn).await?;
+        let used = |i: usize| row.try_get::<i64, _>(i).map(|v| v == 1);
+        let mut members = 0;
+        for i in 0..MEMBER_SLOTS as usize {
+            members += u32::from(used(i)?);
+        }
+        let mut taken = HashSet::new();
+        for lane in 0..lanes {
+            if used(MEMBER_SLOTS as usize + lane as usize)? {
+                taken.insert(lane);
+            }
+        }
+        Ok((members.max(1), taken))
+    }
+}
+
+/// A lane: its `GET_LOCK` and its claim transactions, on one connection.
+struct MySqlLane {
+    conn: MySqlConnection,
+    /// The statement finding the lane's next ids.
+    ids: String,
+    sql: Arc<TableSql>,
+    /// Ids of the rows claimed by the open transaction.
+    claimed: Vec<String>,
+}
+
+impl MySqlLane {
+    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
+        Executor::execute(&mut self.conn, statement).await?;
+        Ok(())
+    }
+
+    /// Deletes (or marks) `ids`, in the open transaction.
+    async fn finish(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        for chunk in ids.chunks(1000) {
+            let sql = format!("{}{}", self.sql.finish_head, placeholders(chunk.len()));
+            let query = self.sql.bind_ids(sqlx::query(&sql), chunk);
+            query.execute(&mut self.conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_in_tx(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.finish(s.finished).await?;
+        let mut counts = HashMap::new();
+        for (id, error) in s.refused {
+            sqlx::query(
+                "INSERT INTO outboxd_relay_attempts (source_table, row_id, attempts, last_error) \
+                 VALUES (?, ?, 1, ?) ON DUPLICATE KEY UPDATE attempts = attempts + 1, \
+                 last_error = VALUES(last_error), updated_at = CURRENT_TIMESTAMP(6)",
+            )
+            .bind(&self.sql.table)
+            .bind(*id)
+            .bind(error)
+            .execute(&mut self.conn)
+            .await?;
+            let attempts: i32 = sqlx::query_scalar(
+                "SELECT attempts FROM outboxd_relay_attempts WHERE source_table = ? AND row_id = ?",
+            )
+            .bind(&self.sql.table)
+            .bind(*id)
+            .fetch_one(&mut self.conn)
+            .await?;
+            counts.insert((*id).to_owned(), attempts);
+        }
+        let (dead, still_refused) = s.dead_rows(&counts);
+        let mut moved = 0;
+        for d in &dead {
+            let copy = format!(
+                "INSERT INTO outboxd_dead_rows (source_table, row_id, reason, attempts, row_data) \
+                 SELECT ?, ?, ?, ?, {} FROM {} o WHERE o.{} = ?",
+                self.sql.row_json,
+                quote_table(&self.sql.table),
+                self.sql.id
+            );
+            sqlx::query(&copy)
+                .bind(&self.sql.table)
+                .bind(&d.id)
+                .bind(&d.reason)
+                .bind(d.attempts)
+                .bind(&d.id)
+                .execute(&mut self.conn)
+                .await?;
+            let delete = format!(
+                "DELETE FROM {} WHERE {} = ?",
+                quote_table(&self.sql.table),
+                self.sql.id
+            );
+            moved += sqlx::query(&delete)
+                .bind(&d.id)
+                .execute(&mut self.conn)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM outboxd_relay_attempts WHERE source_table = ? AND row_id = ?")
+                .bind(&self.sql.table)
+                .bind(&d.id)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        Ok(Settled {
+            dead,
+            moved,
+            still_refused,
+        })
+    }
+}
+
+#[async_trait]
+impl LaneSession for MySqlLane {
+    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.run("START TRANSACTION").await?;
+        let ids: Vec<String> = sqlx::query_scalar(&self.ids)
+            .bind(i64::from(limit))
+            .fetch_all(&mut self.conn)
+            .await?;
+        if ids.is_empty() {
+            self.claimed.clear();
+            return Ok(Vec::new());
+        }
+        // Lock exactly those rows by primary key; the lane lock keeps other relays away
+        // from them, SKIP LOCKED guards against anything else that holds one.
+        let sql = format!(
+            "{}{}{}",
+            self.sql.lock_rows,
+            placeholders(ids.len()),
+            self.sql.lock_tail
+        );
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let rows = self
+            .sql
+            .bind_ids(sqlx::query(&sql), &id_refs)
+            .fetch_all(&mut self.conn)
+            .await?;
+        let rows = rows
+            .iter()
+            .map(|r| self.sql.decode(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.claimed = rows.iter().map(|r| r.id.clone()).collect();
+        Ok(rows)
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        let claimed = std::mem::take(&mut self.claimed);
+        let ids: Vec<&str> = claimed.iter().map(String::as_str).collect();
+        let mut attempt = 1;
+        loop {
+            let done = async {
+                self.finish(&ids).await?;
+                self.run("COMMIT").await
+            }
+            .await;
+            match done {
+                Err(e) if is_lock_conflict(&e) && attempt < COMMIT_ATTEMPTS => {
+                    // InnoDB rolled the transaction back, releasing our row locks. Kafka
+                    // has the rows and the lane lock still keeps other relays away from
+                    // them, so deleting them in a new transaction is the same commit.
+                    let _ = self.run("ROLLBACK").await;
+                    tracing::debug!(error = %e, attempt, "lock conflict while committing a batch; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await;
+                    self.run("START TRANSACTION").await?;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.claimed.clear();
+        self.run("ROLLBACK").await
+    }
+
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.run("START TRANSACTION").await?;
+        match self.settle_in_tx(s).await {
+            Ok(settled) => {
+                self.run("COMMIT").await?;
+                Ok(settled)
+            }
+            Err(e) => {
+                let _ = self.run("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Inserts `event` into table `t` through its column mapping (MySQL converts the text
+/// values to each column's type); returns the new row's id.
+pub async fn emit(
+    opts: &MySqlConnectOptions,
+    t: &TableConfig,
+    event: &NewEvent<'_>,
+) -> Result<String, StoreError> {
+    let mut conn = opts.connect().await?;
+    let names: Vec<String> = columns(&mut conn, &t.table)
+        .await?
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    check_columns(t, &names)?;
+    let headers = serde_json::Value::Object(event.headers.clone()).to_string();
+    let columns = event.columns(t, &headers);
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES {}",
+        quote_table(&t.table),
+        columns
+            .iter()
+            .map(|(c, _)| q(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        placeholders(columns.len())
+    );
+    let mut query = sqlx::query(&sql);
+    for (_, value) in &columns {
+        query = query.bind(*value);
+    }
+    let done = query.execute(&mut conn).await?;
+    Ok(done.last_insert_id().to_string())
+}

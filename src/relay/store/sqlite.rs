@@ -1,0 +1,468 @@
+//! SQLite: one lane, held as an exclusive lock on the file `DATABASE.outboxd-lock`, so one
+//! relay at a time reads the outbox. A claim is a plain read; the rows leave the outbox in
+//! a short `BEGIN IMMEDIATE` transaction once Kafka acknowledged them, so SQLite's single
+//! write lock is never held while waiting for Kafka. No notifications: the lane polls.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::{ConnectOptions, Executor, Row};
+
+use crate::config::{OnPublished, TableConfig};
+
+use super::{
+    check_columns, ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement,
+    Store, StoreError,
+};
+
+/// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
+fn q(ident: &str) -> String {
+    format!("\"{ident}\"")
+}
+
+/// `schema.table` -> `"schema"."table"`.
+fn quote_table(table: &str) -> String {
+    table.split('.').map(q).collect::<Vec<_>>().join(".")
+}
+
+/// Unix seconds of a time column: numbers are taken as Unix seconds, text as a date
+/// SQLite understands (ISO 8601).
+fn epoch(expr: &str) -> String {
+    format!(
+        "(CASE WHEN typeof({expr}) IN ('integer', 'real') THEN {expr} * 1.0 \
+         ELSE (julianday({expr}) - 2440587.5) * 86400.0 END)"
+    )
+}
+
+/// The table's column names in order; empty when it does not exist.
+async fn columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<String>, StoreError> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (schema, name),
+        None => ("main", table),
+    };
+    Ok(
+        sqlx::query_scalar("SELECT name FROM pragma_table_info(?, ?) ORDER BY cid")
+            .bind(name)
+            .bind(schema)
+            .fetch_all(&mut *conn)
+            .await?,
+    )
+}
+
+/// Every statement of one table, rendered once.
+#[derive(Debug)]
+struct TableSql {
+    table: String,
+    claim: String,
+    /// `$1 = JSON array of ids`: delete or mark.
+    finish: String,
+    /// `$1 = table, $2 = id, $3 = reason, $4 = attempts, $5 = id`: copy to the dead rows.
+    copy_dead: String,
+    /// `$1 = id`.
+    delete_one: String,
+    stats: String,
+    purge: Option<String>,
+    cleanup_attempts: String,
+}
+
+impl TableSql {
+    fn new(t: &TableConfig, columns: &[String]) -> Self {
+        let table = quote_table(&t.table);
+        let id = q(&t.id_column);
+        let text = |col: &str| {
+            if col.is_empty() {
+                "NULL".to_owned()
+            } else {
+                format!("CAST(o.{} AS TEXT)", q(col))
+            }
+        };
+        let pending = match t.on_published {
+            OnPublished::Delete => "1".to_owned(),
+            OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
+        };
+        let ids = "(SELECT value FROM json_each(?1))";
+        let finish = match t.on_published {
+            OnPublished::Delete => format!("DELETE FROM {table} WHERE {id} IN {ids}"),
+            OnPublished::Mark => format!(
+                "UPDATE {table} SET {} = {NOW} WHERE {id} IN {ids}",
+                q(&t.published_at_column)
+            ),
+        };
+        let created_at = if t.created_at_column.is_empty() {
+            "NULL".to_owned()
+        } else {
+            epoch(&format!("o.{}", q(&t.created_at_column)))
+        };
+        let row_json = format!(
+            "json_object({})",
+            columns
+                .iter()
+                .map(|c| format!("'{c}', o.{}", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        TableSql {
+            table: t.table.clone(),
+            claim: format!(
+                "SELECT CAST(o.{id} AS TEXT), {key}, CAST(o.{payload} AS BLOB), {headers}, {event_id}, \
+                 {event_type}, {aggregate_type}, {created_at}, {topic} FROM {table} o WHERE {pending} \
+                 ORDER BY o.{ord} LIMIT ?1",
+                key = text(&t.key_column),
+                payload = q(&t.payload_column),
+                headers = text(&t.headers_column),
+                event_id = text(&t.event_id_column),
+                event_type = text(&t.event_type_column),
+                aggregate_type = text(&t.aggregate_type_column),
+                topic = t.topic_column.as_deref().map_or("NULL".into(), text),
+                ord = q(t.order_column()),
+            ),
+            finish,
+            copy_dead: format!(
+                "INSERT INTO outboxd_dead_rows (source_table, row_id, reason, attempts, row_data) \
+                 SELECT ?1, ?2, ?3, ?4, {row_json} FROM {table} o WHERE o.{id} = ?2"
+            ),
+            delete_one: format!("DELETE FROM {table} WHERE {id} = ?1"),
+            stats: format!(
+                "SELECT count(*), {oldest} FROM {table} o WHERE {pending}",
+                oldest = if t.created_at_column.is_empty() {
+                    "NULL".to_owned()
+                } else {
+                    format!(
+                        "(julianday('now') - 2440587.5) * 86400.0 - min({created_at})"
+                    )
+                }
+            ),
+            purge: (t.on_published == OnPublished::Mark).then(|| {
+                let published = epoch(&format!("o.{}", q(&t.published_at_column)));
+                format!(
+                    "DELETE FROM {table} WHERE {id} IN (SELECT o.{id} FROM {table} o \
+                     WHERE {published} < (julianday('now') - 2440587.5) * 86400.0 - ?1 LIMIT 1000)"
+                )
+            }),
+            cleanup_attempts: format!(
+                "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 AND NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
+            ),
+        }
+    }
+}
+
+fn decode(r: &SqliteRow) -> Result<ClaimedRow, StoreError> {
+    Ok(ClaimedRow {
+        id: r.try_get(0)?,
+        key: r.try_get(1)?,
+        payload: r.try_get(2)?,
+        headers: r.try_get(3)?,
+        event_id: r.try_get(4)?,
+        event_type: r.try_get(5)?,
+        aggregate_type: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        topic: r.try_get(8)?,
+    })
+}
+
+/// One outbox table in SQLite.
+pub struct SqliteStore {
+    config: TableConfig,
+    sql: Arc<TableSql>,
+    opts: SqliteConnectOptions,
+    pool: SqlitePool,
+    /// The lane lock file; `None` for an in-memory database (one process by nature).
+    lock_path: Option<PathBuf>,
+}
+
+impl SqliteStore {
+    /// Checks table `t` and renders its statements.
+    pub async fn open(
+        opts: SqliteConnectOptions,
+        pool: SqlitePool,
+        t: &TableConfig,
+    ) -> Result<Self, StoreError> {
+        let mut conn = pool.acquire().await?;
+        let columns = columns(&mut conn, &t.table).await?;
+        check_columns(t, &columns)?;
+        let file = opts.get_filename();
+        let lock_path = (!file.as_os_str().is_empty() && file.to_str() != Some(":memory:"))
+            .then(|| PathBuf::from(format!("{}.outboxd-lock", file.display())));
+        Ok(SqliteStore {
+            config: t.clone(),
+            sql: Arc::new(TableSql::new(t, &columns)),
+            opts,
+            pool,
+            lock_path,
+        })
+    }
+
+    /// Takes the lane lock file, or `None` when another relay holds it.
+    fn lock_file(&self) -> Result<Option<Option<File>>, StoreError> {
+        let Some(path) = &self.lock_path else {
+            return Ok(Some(None));
+        };
+        let failed = |source| StoreError::LockFile {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(failed)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Some(file))),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(failed(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
+        Ok(Box::new(SingleLane))
+    }
+
+    async fn acquire_lane(&self, _lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        let Some(lock) = self.lock_file()? else {
+            return Ok(None);
+        };
+        let conn = self.opts.connect().await?;
+        Ok(Some(Box::new(SqliteLane {
+            conn,
+            _lock: lock,
+            sql: self.sql.clone(),
+            claimed: Vec::new(),
+        })))
+    }
+
+    async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
+        let row = sqlx::query(&self.sql.stats).fetch_one(&self.pool).await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError> {
+        let Some(purge) = &self.sql.purge else {
+            return Ok(0);
+        };
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(purge)
+                .bind(retention_secs)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < 1000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn cleanup_attempts(&self) -> Result<u64, StoreError> {
+        Ok(sqlx::query(&self.sql.cleanup_attempts)
+            .bind(&self.sql.table)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn dead_rows(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM outboxd_dead_rows WHERE source_table = ?1")
+                .bind(&self.config.table)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError> {
+        // Holding the lock file for a moment tells whether someone else holds it.
+        let held_elsewhere = self.lock_path.is_some() && self.lock_file()?.is_none();
+        Ok(held_elsewhere
+            .then_some(LaneOwner {
+                lane: 0,
+                pid: None,
+                client: None,
+                application: None,
+            })
+            .into_iter()
+            .collect())
+    }
+}
+
+/// SQLite has one lane; whoever holds the lock file owns it.
+struct SingleLane;
+
+#[async_trait]
+impl Membership for SingleLane {
+    async fn census(&mut self, _lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
+        Ok((1, HashSet::new()))
+    }
+}
+
+/// The lane: the lock file and a dedicated connection.
+struct SqliteLane {
+    conn: SqliteConnection,
+    _lock: Option<File>,
+    sql: Arc<TableSql>,
+    /// Ids of the rows claimed and not yet committed or released.
+    claimed: Vec<String>,
+}
+
+impl SqliteLane {
+    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
+        Executor::execute(&mut self.conn, statement).await?;
+        Ok(())
+    }
+
+    async fn finish(&mut self, ids: &[&str]) -> Result<(), StoreError> {
+        if !ids.is_empty() {
+            let ids = serde_json::to_string(ids).expect("strings serialise");
+            sqlx::query(&self.sql.finish)
+                .bind(ids)
+                .execute(&mut self.conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_in_tx(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.finish(s.finished).await?;
+        let mut counts = HashMap::new();
+        for (id, error) in s.refused {
+            let attempts: i32 = sqlx::query_scalar(&format!(
+                "INSERT INTO outboxd_relay_attempts (source_table, row_id, attempts, last_error) \
+                 VALUES (?1, ?2, 1, ?3) ON CONFLICT (source_table, row_id) DO UPDATE \
+                 SET attempts = attempts + 1, last_error = excluded.last_error, updated_at = {NOW} \
+                 RETURNING attempts"
+            ))
+            .bind(&self.sql.table)
+            .bind(*id)
+            .bind(error)
+            .fetch_one(&mut self.conn)
+            .await?;
+            counts.insert((*id).to_owned(), attempts);
+        }
+        let (dead, still_refused) = s.dead_rows(&counts);
+        let mut moved = 0;
+        for d in &dead {
+            sqlx::query(&self.sql.copy_dead)
+                .bind(&self.sql.table)
+                .bind(&d.id)
+                .bind(&d.reason)
+                .bind(d.attempts)
+                .execute(&mut self.conn)
+                .await?;
+            moved += sqlx::query(&self.sql.delete_one)
+                .bind(&d.id)
+                .execute(&mut self.conn)
+                .await?
+                .rows_affected();
+            sqlx::query(
+                "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 AND row_id = ?2",
+            )
+            .bind(&self.sql.table)
+            .bind(&d.id)
+            .execute(&mut self.conn)
+            .await?;
+        }
+        Ok(Settled {
+            dead,
+            moved,
+            still_refused,
+        })
+    }
+
+    /// Runs `work` in a `BEGIN IMMEDIATE` transaction (SQLite's write lock, taken up front
+    /// so the transaction never has to upgrade and fail with SQLITE_BUSY).
+    async fn immediate<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.run("BEGIN IMMEDIATE").await?;
+        match work(self).await {
+            Ok(done) => {
+                self.run("COMMIT").await?;
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.run("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl LaneSession for SqliteLane {
+    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        let rows = sqlx::query(&self.sql.claim)
+            .bind(i64::from(limit))
+            .fetch_all(&mut self.conn)
+            .await?;
+        let rows = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
+        self.claimed = rows.iter().map(|r| r.id.clone()).collect();
+        Ok(rows)
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        let claimed = std::mem::take(&mut self.claimed);
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        self.immediate(async |lane: &mut Self| {
+            let ids: Vec<&str> = claimed.iter().map(String::as_str).collect();
+            lane.finish(&ids).await
+        })
+        .await
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        // Nothing was written: the rows are still in the outbox.
+        self.claimed.clear();
+        Ok(())
+    }
+
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.immediate(async |lane: &mut Self| lane.settle_in_tx(s).await)
+            .await
+    }
+}
+
+/// Inserts `event` into table `t` through its column mapping; returns the new row's id.
+pub async fn emit(
+    opts: &SqliteConnectOptions,
+    t: &TableConfig,
+    event: &NewEvent<'_>,
+) -> Result<String, StoreError> {
+    let mut conn = opts.connect().await?;
+    check_columns(t, &columns(&mut conn, &t.table).await?)?;
+    let headers = serde_json::Value::Object(event.headers.clone()).to_string();
+    let columns = event.columns(t, &headers);
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        quote_table(&t.table),
+        columns
+            .iter()
+            .map(|(c, _)| q(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        (1..=columns.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (_, value) in &columns {
+        query = query.bind(*value);
+    }
+    let done = query.execute(&mut conn).await?;
+    Ok(done.last_insert_rowid().to_string())
+}
