@@ -15,6 +15,7 @@ mod consumer_sql;
 mod faults;
 mod faults_infra;
 mod ops;
+mod quickstart;
 mod relay_backends;
 mod relay_delivery;
 mod relay_faults;
