@@ -1,4 +1,4 @@
-//! The binary: emit, healthcheck, migrate (also against a newer schema), and a SIGTERM
+//! The binary: healthcheck, migrate (also against a newer schema), and a SIGTERM
 //! drain of a separate `outboxd run` process. Configuration tests are in `config.rs`.
 
 use std::process::{Command, Stdio};
@@ -149,59 +149,6 @@ async fn migrate_applies_the_embedded_migrations() {
         code, 0,
         "a newer schema does not stop an older binary: {err}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn emit_inserts_an_event_that_the_relay_publishes() {
-    let Relayed {
-        pool,
-        table,
-        topic,
-        cluster,
-    } = relayed("emit", 1).await;
-    let toml = format!(
-        "[database]\nurl = \"{}\"\n[kafka]\nbrokers = \"embedded\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\n",
-        database_url()
-    );
-    let args = [
-        "emit",
-        "--type",
-        &table,
-        "--key",
-        "acc-7",
-        "--header",
-        "tenant=acme",
-        "--header",
-        "traceparent=00-abc-def-01",
-        r#"{"n": 7}"#,
-    ];
-    let (code, out, err) = run_with(&args, &toml, &[]);
-    assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("inserted row "), "{out}");
-    let (code, _, err) = run_with(
-        &["emit", "--type", "X", "--key", "k", "{not json"],
-        &toml,
-        &[],
-    );
-    assert_eq!(code, 64, "{err}");
-    assert!(err.contains("not JSON"), "{err}");
-
-    let daemon = Daemon::start(config(&table, &cluster.bootstrap_servers())).await;
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        1,
-        Duration::ZERO,
-        Duration::from_secs(20),
-    )
-    .await;
-    assert_eq!(received[0].n, 7);
-    assert_eq!(received[0].key, "acc-7");
-    assert_eq!(received[0].headers["tenant"], "acme");
-    assert_eq!(received[0].headers["traceparent"], "00-abc-def-01");
-    assert_eq!(received[0].headers["aggregate-type"], "outboxd-emit");
-    drained(&pool, &table, Duration::from_secs(10)).await;
-    daemon.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

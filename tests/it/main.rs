@@ -7,6 +7,7 @@ mod consumer_helpers;
 mod helpers;
 
 mod cli;
+mod cli_backends;
 mod config;
 mod consumer_delivery;
 mod consumer_faults;
