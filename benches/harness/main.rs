@@ -5,15 +5,21 @@
 //!
 //! 1. relay drain: N backlog rows (about 200-byte JSON payloads, 1,000 keys), lanes 1 and 4,
 //!    against the raw SQL claim rate on one connection;
-//! 2. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
+//! 2. relay latency: rows inserted at 1,000/s and 10,000/s, 1 and 10 rows per
+//!    transaction, with LISTEN and with polling only; p50/p99/max from commit to arrival;
+//! 3. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
 //!    against a bare rdkafka consumer that stores each offset;
-//! 3. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
+//! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
+//!
+//! `--only relay,latency,dispatch` runs a subset; `--latency-secs N` (default 30) sets the
+//! length of each latency run.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod latency;
 mod processes;
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +34,14 @@ struct Args {
     broker: String,
     rows: i64,
     messages: Option<i64>,
+    only: Vec<String>,
+    latency_secs: u64,
+}
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 fn args() -> Result<Args> {
@@ -36,6 +50,8 @@ fn args() -> Result<Args> {
         broker: String::new(),
         rows: 300_000,
         messages: None,
+        only: Vec::new(),
+        latency_secs: 30,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(arg) = it.next() {
@@ -44,6 +60,15 @@ fn args() -> Result<Args> {
             "--broker" => a.broker = it.next().context("--broker tansu|mock")?,
             "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
             "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
+            "--only" => {
+                a.only = it
+                    .next()
+                    .context("--only relay,latency,dispatch")?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -107,18 +132,32 @@ async fn relay_drain(
         "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {lanes}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
         broker.bootstrap()
     );
-    let started = Instant::now();
     let outboxd = Outboxd::start(&config)?;
-    while count(pool, table).await? > 0 {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("drain took more than 10 minutes");
+    // From the first published row to the last, read from outboxd's /metrics (polling the
+    // table with count(*) would compete with the relay for the database).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first = None;
+    loop {
+        let published = outboxd.metric("outboxd_relay_published_total").await;
+        if published > 0.0 && first.is_none() {
+            first = Some((Instant::now(), published));
+        }
+        if published >= rows as f64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("drain took more than 10 minutes: {}", outboxd.log());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let (start, at_start) = first.context("nothing published")?;
+    let rate = (rows as f64 - at_start) / start.elapsed().as_secs_f64();
+    if count(pool, table).await? != 0 {
+        bail!("rows left in {table} after the drain");
+    }
     let (peak, _) = outboxd.rss();
     outboxd.stop();
-    Ok((rows as f64 / elapsed, peak))
+    Ok((rate, peak))
 }
 
 async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> {
@@ -271,42 +310,75 @@ async fn main() -> Result<()> {
     }
 
     // 1. Relay drain.
-    fill(&pool, table, a.rows).await?;
-    let raw = raw_claim(&pool, table).await?;
-    eprintln!("raw claim: {raw:.0} rows/s");
-    for lanes in [1, 4] {
+    if a.runs("relay") {
         fill(&pool, table, a.rows).await?;
-        let (rate, peak) = relay_drain(&pool, &broker, table, a.rows, lanes, &url).await?;
-        eprintln!("relay lanes={lanes}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
-        rss.insert(
-            if lanes == 1 {
-                "relay drain, lanes = 1 (peak)"
-            } else {
-                "relay drain, lanes = 4 (peak)"
-            },
-            peak,
-        );
-        lines.push(Line {
-            scenario: format!("relay drain, {} rows, lanes = {lanes}", a.rows),
-            result: format!("{rate:.0} rows/s"),
-            baseline: format!("raw SQL claim {raw:.0} rows/s"),
-            ratio: format!("{:.2}", rate / raw),
-        });
+        let raw = raw_claim(&pool, table).await?;
+        eprintln!("raw claim: {raw:.0} rows/s");
+        for lanes in [1, 4] {
+            fill(&pool, table, a.rows).await?;
+            let (rate, peak) = relay_drain(&pool, &broker, table, a.rows, lanes, &url).await?;
+            eprintln!("relay lanes={lanes}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
+            rss.insert(
+                if lanes == 1 {
+                    "relay drain, lanes = 1 (peak)"
+                } else {
+                    "relay drain, lanes = 4 (peak)"
+                },
+                peak,
+            );
+            lines.push(Line {
+                scenario: format!("relay drain, {} rows, lanes = {lanes}", a.rows),
+                result: format!("{rate:.0} rows/s"),
+                baseline: format!("raw SQL claim {raw:.0} rows/s"),
+                ratio: format!("{:.2}", rate / raw),
+            });
+        }
     }
 
-    // 2. Consumer dispatch.
-    let topic = format!("bench.dispatch.{}", std::process::id());
-    broker.create_topic(&topic, 6).await?;
-    produce(&broker, &topic, messages).await?;
-    let bootstrap = broker.bootstrap();
-    let (t, m) = (topic.clone(), messages);
-    let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, &t, m)).await??;
-    eprintln!("bare consumer: {bare:.0} msgs/s");
-    sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
-        .execute(&pool)
-        .await?;
-    let sink = http_sink().await?;
-    for (name, handler) in [
+    // 2. Relay latency.
+    let mut latencies = Vec::new();
+    if a.runs("latency") {
+        for (rows_per_sec, rows_per_txn, listen) in [
+            (1000, 1, true),
+            (1000, 10, true),
+            (10_000, 1, true),
+            (10_000, 10, true),
+            (1000, 1, false),
+            (1000, 10, false),
+            (10_000, 1, false),
+            (10_000, 10, false),
+        ] {
+            let load = latency::Load {
+                rows_per_sec,
+                rows_per_txn,
+                listen,
+                secs: a.latency_secs,
+            };
+            let l = latency::run(&pool, &broker, &url, &load).await?;
+            let how = if listen {
+                "LISTEN"
+            } else {
+                "polling (poll_interval 500ms)"
+            };
+            eprintln!("latency {rows_per_sec}/s, {rows_per_txn}/txn, {how}: p50 {:.1} p99 {:.1} max {:.1} ms ({} rows)", l.p50, l.p99, l.max, l.rows);
+            latencies.push(format!("| {rows_per_sec} rows/s, {rows_per_txn} per transaction, {how} | {} | {:.1} | {:.1} | {:.1} |\n", l.rows, l.p50, l.p99, l.max));
+        }
+    }
+
+    // 3. Consumer dispatch.
+    if a.runs("dispatch") {
+        let topic = format!("bench.dispatch.{}", std::process::id());
+        broker.create_topic(&topic, 6).await?;
+        produce(&broker, &topic, messages).await?;
+        let bootstrap = broker.bootstrap();
+        let (t, m) = (topic.clone(), messages);
+        let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, &t, m)).await??;
+        eprintln!("bare consumer: {bare:.0} msgs/s");
+        sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
+            .execute(&pool)
+            .await?;
+        let sink = http_sink().await?;
+        for (name, handler) in [
         ("log", "kind = \"log\"".to_owned()),
         ("http", format!("kind = \"http\"\nurl = \"{sink}\"")),
         ("sql", "kind = \"sql\"\nstatement = \"INSERT INTO bench_effects (n) VALUES ($1)\"\nparams = [\"/n\"]".to_owned()),
@@ -321,6 +393,7 @@ async fn main() -> Result<()> {
             ratio: format!("{:.2}", rate / bare),
         });
     }
+    }
     sqlx::raw_sql(&format!(
         "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS bench_effects"
     ))
@@ -334,6 +407,15 @@ async fn main() -> Result<()> {
             "| {} | {} | {} | {} |\n",
             l.scenario, l.result, l.baseline, l.ratio
         ));
+    }
+    if !latencies.is_empty() {
+        table_md.push_str(&format!(
+            "\n| relay latency, commit to arrival at a consumer ({} s each) | rows | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+            a.latency_secs
+        ));
+        for l in &latencies {
+            table_md.push_str(l);
+        }
     }
     table_md.push_str("\n| outboxd resident memory | MiB |\n|---|---|\n");
     for (what, mib) in &rss {
@@ -379,7 +461,7 @@ async fn main() -> Result<()> {
             }
         };
         let doc = format!(
-            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, linger.ms 0), polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs.\n\n{table_md}\n",
+            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row: an upper bound of commit to delivery report.\n\n{table_md}\n",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
             env!("CARGO_PKG_VERSION"),
             rustc_version(),

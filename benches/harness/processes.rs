@@ -103,8 +103,11 @@ impl Drop for Broker {
     }
 }
 
+/// The release binary, or `$BENCH_OUTBOXD_BIN` (e.g. an older build, for a before/after).
 fn outboxd_binary() -> Result<PathBuf> {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/outboxd");
+    let bin = std::env::var_os("BENCH_OUTBOXD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/outboxd"));
     if !bin.exists() {
         bail!(
             "{} missing: run scripts/bench.sh (it builds the release binary)",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::publish::{delay_seconds, publish, RowOutcome, TopicSource};
+use super::publish::{delay_seconds, Publication, RowOutcome, TopicSource};
 use super::store::{ClaimedRow, DeadRow, LaneSession, Settlement, Store, StoreError};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
@@ -147,6 +147,38 @@ pub async fn run_lane(
     Ok(())
 }
 
+/// Rows a lane claims at a time when its store extends claims: each chunk is enqueued to
+/// the producer while the next one is claimed, so claiming and publishing overlap.
+const CLAIM_CHUNK: u32 = 1000;
+
+/// Claims up to `batch_size` rows and sends them to `publication`: each chunk is sent
+/// while the next one is claimed (the claim is polled first, so its statement is on its
+/// way to the database while this task prepares and enqueues the previous chunk).
+async fn claim_and_send(
+    session: &mut dyn LaneSession,
+    batch_size: u32,
+    publication: &mut Publication<'_>,
+) -> Result<Vec<ClaimedRow>, StoreError> {
+    let chunk = if session.claims_in_chunks() {
+        CLAIM_CHUNK.min(batch_size)
+    } else {
+        batch_size
+    };
+    let mut rows = session.claim(chunk).await?;
+    let mut sent = 0;
+    let mut last = rows.len() as u32;
+    while last == chunk && (rows.len() as u32) < batch_size {
+        let want = chunk.min(batch_size - rows.len() as u32);
+        let (more, ()) = tokio::join!(session.claim_more(want), publication.send(&rows[sent..]));
+        let more = more?;
+        sent = rows.len();
+        last = if more.len() as u32 == want { chunk } else { 0 };
+        rows.extend(more);
+    }
+    publication.send(&rows[sent..]).await;
+    Ok(rows)
+}
+
 /// One claim/publish/commit cycle.
 async fn batch(
     rt: &TableRuntime,
@@ -154,19 +186,20 @@ async fn batch(
     stop: &CancellationToken,
 ) -> Result<BatchEnd, StoreError> {
     let batch_size = rt.tunables.batch_size();
-    let rows = session.claim(batch_size).await?;
+    let producer = rt.producer.get();
+    let mut publication = Publication::new(&producer, &rt.topics);
+    let rows = claim_and_send(session, batch_size, &mut publication).await?;
     if rows.is_empty() {
         session.commit().await?;
         return Ok(BatchEnd::Empty);
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
-    let producer = rt.producer.get();
     let grace_over = async {
         stop.cancelled().await;
         tokio::time::sleep(rt.drain_grace).await;
     };
     let outcomes = tokio::select! {
-        outcomes = publish(&producer, &rows, &rt.topics) => outcomes,
+        outcomes = publication.finish() => outcomes,
         () = grace_over => {
             session.rollback().await?;
             tracing::warn!(

@@ -1,12 +1,13 @@
 //! Turning claimed rows into Kafka messages and publishing a batch: every row is enqueued
-//! in order without waiting (the producer pipelines them), then every delivery report is
-//! awaited. Each row ends with exactly one outcome.
+//! in order without waiting (the producer pipelines them, also while the lane claims more
+//! rows of the batch), then every delivery report is awaited. Each row ends with exactly
+//! one outcome.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use super::store::ClaimedRow;
 use super::template::{check_topic, TopicTemplate};
@@ -186,62 +187,84 @@ fn classify(e: &KafkaError) -> RowOutcome {
     }
 }
 
-/// Publishes `rows` in order and returns one outcome per row, in the same order.
-pub async fn publish(
-    producer: &FutureProducer,
-    rows: &[ClaimedRow],
-    topics: &TopicSource,
-) -> Vec<RowOutcome> {
-    let mut outcomes: Vec<Option<RowOutcome>> = vec![None; rows.len()];
-    let mut pending = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        let prepared = match prepare(row, topics) {
-            Ok(p) => p,
-            Err(reason) => {
-                outcomes[i] = Some(RowOutcome::Bad(reason));
-                continue;
-            }
-        };
-        let key = row.key.as_deref().unwrap_or_default();
-        let payload = row.payload.as_deref().unwrap_or_default();
-        let topic = prepared.topic;
-        let mut record = FutureRecord::to(&topic)
-            .key(key)
-            .payload(payload)
-            .headers(prepared.headers);
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push((i, delivery, topic));
-                    break;
+/// A batch being published: rows are enqueued in order as they are claimed (the producer
+/// sends them while the next rows are claimed), then every delivery report is awaited.
+pub struct Publication<'p> {
+    producer: &'p FutureProducer,
+    topics: &'p TopicSource,
+    outcomes: Vec<Option<RowOutcome>>,
+    pending: Vec<(usize, DeliveryFuture, String)>,
+}
+
+impl<'p> Publication<'p> {
+    /// An empty publication on `producer`.
+    pub fn new(producer: &'p FutureProducer, topics: &'p TopicSource) -> Self {
+        Publication {
+            producer,
+            topics,
+            outcomes: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Enqueues `rows` after everything enqueued so far; waits only while the producer's
+    /// local queue is full.
+    pub async fn send(&mut self, rows: &[ClaimedRow]) {
+        for row in rows {
+            let i = self.outcomes.len();
+            self.outcomes.push(None);
+            let prepared = match prepare(row, self.topics) {
+                Ok(p) => p,
+                Err(reason) => {
+                    self.outcomes[i] = Some(RowOutcome::Bad(reason));
+                    continue;
                 }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // The local queue is full: let deliveries drain, then enqueue this same
-                    // row again (order is kept because nothing later was enqueued).
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                Err((e, _)) => {
-                    outcomes[i] = Some(classify(&e));
-                    break;
+            };
+            let key = row.key.as_deref().unwrap_or_default();
+            let payload = row.payload.as_deref().unwrap_or_default();
+            let topic = prepared.topic;
+            let mut record = FutureRecord::to(&topic)
+                .key(key)
+                .payload(payload)
+                .headers(prepared.headers);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        self.pending.push((i, delivery, topic));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // The local queue is full: let deliveries drain, then enqueue this
+                        // same row again (order is kept: nothing later was enqueued).
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => {
+                        self.outcomes[i] = Some(classify(&e));
+                        break;
+                    }
                 }
             }
         }
     }
-    for (i, delivery, topic) in pending {
-        outcomes[i] = Some(match delivery.await {
-            Ok(Ok(_)) => RowOutcome::Delivered {
-                at: SystemTime::now(),
-                topic,
-            },
-            Ok(Err((e, _))) => classify(&e),
-            Err(_canceled) => RowOutcome::Failed("producer dropped the message".into()),
-        });
+
+    /// Awaits every delivery report: one outcome per row sent, in sending order.
+    pub async fn finish(mut self) -> Vec<RowOutcome> {
+        for (i, delivery, topic) in std::mem::take(&mut self.pending) {
+            self.outcomes[i] = Some(match delivery.await {
+                Ok(Ok(_)) => RowOutcome::Delivered {
+                    at: SystemTime::now(),
+                    topic,
+                },
+                Ok(Err((e, _))) => classify(&e),
+                Err(_canceled) => RowOutcome::Failed("producer dropped the message".into()),
+            });
+        }
+        self.outcomes
+            .into_iter()
+            .map(|o| o.expect("every row got an outcome"))
+            .collect()
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.expect("every row got an outcome"))
-        .collect()
 }
 
 /// Seconds between `created_at` (Unix seconds) and `at`.

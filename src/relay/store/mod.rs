@@ -177,6 +177,18 @@ pub trait LaneSession: Send {
     /// [`rollback`](Self::rollback).
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError>;
 
+    /// Whether [`claim_more`](Self::claim_more) extends a claim: the lane then claims a
+    /// batch in chunks and publishes each chunk while claiming the next.
+    fn claims_in_chunks(&self) -> bool {
+        false
+    }
+
+    /// Claims up to `limit` further rows of the lane into the open claim (after `claim`),
+    /// in publication order after the rows already claimed.
+    async fn claim_more(&mut self, _limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// The claimed rows leave the outbox (deleted, or marked published).
     async fn commit(&mut self) -> Result<(), StoreError>;
 

@@ -25,6 +25,10 @@ pub struct TableSql {
     lanes: u32,
     /// The quoted key column, for the lane filter.
     key: String,
+    /// The quoted order column.
+    ord: String,
+    /// Whether the order column is an integer (claims come back as int8 and in chunks).
+    ord_is_integer: bool,
     claim_head: String,
     claim_tail: String,
     /// `$1 = text[] of ids`: delete (or mark) rows Kafka acknowledged.
@@ -48,6 +52,9 @@ pub struct TableShape {
     pub id_type: String,
     /// Whether the payload is `bytea` (sent raw) rather than text-like (sent as UTF-8).
     pub payload_is_bytea: bool,
+    /// Whether the order column is an integer: rows are then put in order here instead of
+    /// by a sort in the claim statement.
+    pub ord_is_integer: bool,
 }
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
@@ -84,6 +91,10 @@ async fn introspect(conn: &mut PgConnection, t: &TableConfig) -> Result<TableSha
     Ok(TableShape {
         id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
         payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
+        ord_is_integer: matches!(
+            type_of(t.order_column()).as_deref(),
+            Some("bigint" | "integer" | "smallint")
+        ),
     })
 }
 
@@ -100,15 +111,17 @@ impl TableSql {
                 format!("o.{}::text", q(col))
             }
         };
+        // Text is sent as it is (binary protocol: no conversion) and decoded as a String.
         let payload = if shape.payload_is_bytea {
             format!("o.{}", q(&t.payload_column))
         } else {
-            format!("convert_to(o.{}::text, 'UTF8')", q(&t.payload_column))
+            format!("o.{}::text", q(&t.payload_column))
         };
         let created_at = if t.created_at_column.is_empty() {
             "NULL::float8".to_owned()
         } else {
-            format!("extract(epoch from o.{})::float8", q(&t.created_at_column))
+            // date_part is float8 already; extract() computes a numeric (slower per row).
+            format!("date_part('epoch', o.{})", q(&t.created_at_column))
         };
         let topic = t
             .topic_column
@@ -117,13 +130,17 @@ impl TableSql {
         let returning = format!(
             "o.{id}::text AS id, {key} AS key, {payload} AS payload, {headers} AS headers, \
              {event_id} AS event_id, {event_type} AS event_type, {aggregate_type} AS aggregate_type, \
-             {created_at} AS created_at, {topic} AS topic, o.{ord} AS outboxd_ord",
+             {created_at} AS created_at, {topic} AS topic, {ord_out} AS outboxd_ord",
+            ord_out = if shape.ord_is_integer {
+                format!("o.{}::int8", q(t.order_column()))
+            } else {
+                "NULL::int8".to_owned()
+            },
             key = text_or_null(&t.key_column),
             headers = text_or_null(&t.headers_column),
             event_id = text_or_null(&t.event_id_column),
             event_type = text_or_null(&t.event_type_column),
             aggregate_type = text_or_null(&t.aggregate_type_column),
-            ord = q(t.order_column()),
         );
         let (pending, modify, finish) = match t.on_published {
             OnPublished::Delete => (
@@ -145,16 +162,28 @@ impl TableSql {
         // The lane filter goes between head and tail; `& 2147483647` instead of abs() because
         // abs(-2147483648) overflows. NULL keys hash like '' so every row belongs to a lane.
         let claim_head = format!("WITH c AS (SELECT o.{id} FROM {table} o WHERE {pending}");
-        let claim_tail = format!(
-            " ORDER BY o.{ord} LIMIT $1 FOR UPDATE SKIP LOCKED), d AS ({modify} RETURNING {returning}) \
-             SELECT id, key, payload, headers, event_id, event_type, aggregate_type, created_at, topic \
-             FROM d ORDER BY outboxd_ord",
-            ord = q(t.order_column()),
-        );
+        // DELETE ... RETURNING gives no order guarantee: an integer order column comes back
+        // as int8 and `claim` sorts the (almost always already sorted) rows; other types are
+        // sorted by the statement.
+        let claim_tail = if shape.ord_is_integer {
+            format!(
+                " ORDER BY o.{ord} LIMIT $1 FOR UPDATE SKIP LOCKED) {modify} RETURNING {returning}",
+                ord = q(t.order_column()),
+            )
+        } else {
+            format!(
+                " ORDER BY o.{ord} LIMIT $1 FOR UPDATE SKIP LOCKED), d AS ({modify} RETURNING {returning}, o.{ord} AS outboxd_sort) \
+                 SELECT id, key, payload, headers, event_id, event_type, aggregate_type, created_at, topic, \
+                 outboxd_ord FROM d ORDER BY outboxd_sort",
+                ord = q(t.order_column()),
+            )
+        };
         TableSql {
             table: t.table.clone(),
             lanes: t.lanes,
             key: q(&t.key_column),
+            ord: q(t.order_column()),
+            ord_is_integer: shape.ord_is_integer,
             claim_head,
             claim_tail,
             finish,
@@ -201,11 +230,23 @@ impl TableSql {
 
     /// The claim statement of one lane (`$1 = batch size`).
     pub fn claim_for_lane(&self, lane: u32) -> String {
+        self.claim_with(lane, "")
+    }
+
+    /// The claim of the rows after `$2` (an integer order value) in the same transaction.
+    /// Without the bound each further claim would scan again past the index entries of
+    /// every row this transaction already deleted: they are not dead to everyone yet, so
+    /// nothing marks them skippable.
+    pub fn claim_after_for_lane(&self, lane: u32) -> String {
+        self.claim_with(lane, &format!(" AND o.{} > $2", self.ord))
+    }
+
+    fn claim_with(&self, lane: u32, bound: &str) -> String {
         if self.lanes <= 1 {
-            format!("{}{}", self.claim_head, self.claim_tail)
+            format!("{}{bound}{}", self.claim_head, self.claim_tail)
         } else {
             format!(
-                "{} AND (hashtext(coalesce(o.{key}::text, '')) & 2147483647) % {lanes} = {lane}{}",
+                "{}{bound} AND (hashtext(coalesce(o.{key}::text, '')) & 2147483647) % {lanes} = {lane}{}",
                 self.claim_head,
                 self.claim_tail,
                 key = self.key,
@@ -215,24 +256,40 @@ impl TableSql {
     }
 }
 
-/// Claims (deletes or marks) up to `limit` rows of the lane, in publication order.
+/// Claims (deletes or marks) up to `limit` rows of the lane, in publication order, after
+/// the order value `after` when given; returns them and the last one's integer order value.
 async fn claim(
     conn: &mut PgConnection,
     claim: &str,
     limit: u32,
-) -> Result<Vec<ClaimedRow>, StoreError> {
-    let rows = sqlx::query(claim)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
-    rows.iter().map(decode).collect()
+    after: Option<i64>,
+) -> Result<(Vec<ClaimedRow>, Option<i64>), StoreError> {
+    let mut query = sqlx::query(claim).bind(i64::from(limit));
+    if let Some(after) = after {
+        query = query.bind(after);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
+    let mut decoded = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<Option<i64>, _>(9)?, decode(r)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    if !decoded.is_sorted_by_key(|(ord, _)| *ord) {
+        decoded.sort_by_key(|(ord, _)| *ord);
+    }
+    let last = decoded.last().and_then(|(ord, _)| *ord);
+    Ok((decoded.into_iter().map(|(_, row)| row).collect(), last))
 }
 
 fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
+    let payload = match r.try_get::<Option<String>, _>(2) {
+        Ok(text) => text.map(String::into_bytes),
+        Err(sqlx::Error::ColumnDecode { .. }) => r.try_get(2)?,
+        Err(e) => return Err(e.into()),
+    };
     Ok(ClaimedRow {
         id: r.try_get(0)?,
         key: r.try_get(1)?,
-        payload: r.try_get(2)?,
+        payload,
         headers: r.try_get(3)?,
         event_id: r.try_get(4)?,
         event_type: r.try_get(5)?,
@@ -403,6 +460,8 @@ impl Store for PgStore {
         Ok(Some(Box::new(PgLane {
             conn,
             claim: self.sql.claim_for_lane(lane),
+            claim_after: self.sql.claim_after_for_lane(lane),
+            last_ord: None,
             sql: self.sql.clone(),
         })))
     }
@@ -501,6 +560,9 @@ impl Membership for PgMembership {
 struct PgLane {
     conn: PgConnection,
     claim: String,
+    claim_after: String,
+    /// The order value of the last row claimed in the open transaction (integer order).
+    last_ord: Option<i64>,
     sql: Arc<TableSql>,
 }
 
@@ -515,7 +577,23 @@ impl PgLane {
 impl LaneSession for PgLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
         self.run("BEGIN").await?;
-        claim(&mut self.conn, &self.claim, limit).await
+        let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
+        self.last_ord = last;
+        Ok(rows)
+    }
+
+    fn claims_in_chunks(&self) -> bool {
+        self.sql.ord_is_integer
+    }
+
+    /// The rows after the last one claimed, in the same transaction.
+    async fn claim_more(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        let Some(after) = self.last_ord else {
+            return Ok(Vec::new());
+        };
+        let (rows, last) = claim(&mut self.conn, &self.claim_after, limit, Some(after)).await?;
+        self.last_ord = last.or(self.last_ord);
+        Ok(rows)
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
