@@ -23,13 +23,18 @@ pub struct Load {
     pub secs: u64,
 }
 
-/// Latency percentiles in milliseconds, and how many rows were measured.
+/// Latency percentiles in milliseconds, how many rows were measured and the insert rate
+/// the writer achieved.
 pub struct Latency {
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
     pub rows: usize,
+    pub achieved: f64,
 }
+
+/// Writer connections: transactions in flight at once.
+const WRITERS: usize = 16;
 
 const PARTITIONS: i32 = 6;
 
@@ -75,7 +80,14 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     // Let the consumer connect before the first row.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let commits = write(pool, &table, load).await?;
+    let writers = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(WRITERS as u32)
+        .connect(url)
+        .await?;
+    let started = Instant::now();
+    let commits = write(&writers, &table, load).await?;
+    let achieved = commits.len() as f64 / started.elapsed().as_secs_f64();
+    writers.close().await;
     let expected = commits.len();
     let deadline = Instant::now() + Duration::from_secs(30);
     while arrivals.lock().unwrap().len() < expected && Instant::now() < deadline {
@@ -108,11 +120,13 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         p99: at(0.99),
         max: *ms.last().unwrap_or(&0.0),
         rows: ms.len(),
+        achieved,
     })
 }
 
-/// Inserts `rows_per_txn` rows per transaction at `rows_per_sec` for `secs`, on a few
-/// connections (commits need not wait for each other); returns each row's commit time.
+/// Inserts `rows_per_txn` rows per transaction at `rows_per_sec` for `secs`, on up to
+/// `WRITERS` connections at once (commits need not wait for each other; when all are busy
+/// the writer waits, and the achieved rate shows it); returns each row's commit time.
 async fn write(pool: &PgPool, table: &str, load: &Load) -> Result<Vec<(i64, Instant)>> {
     let txns_per_sec = (load.rows_per_sec / load.rows_per_txn).max(1);
     let period = Duration::from_secs_f64(1.0 / f64::from(txns_per_sec));
@@ -125,12 +139,15 @@ async fn write(pool: &PgPool, table: &str, load: &Load) -> Result<Vec<(i64, Inst
          FROM generate_series($1::int8, $1::int8 + $2::int8 - 1) g"
     );
     let mut tasks = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(WRITERS));
     let mut commits = Vec::with_capacity((total_txns * u64::from(load.rows_per_txn)) as usize);
     for t in 0..total_txns {
         tick.tick().await;
+        let slot = slots.clone().acquire_owned().await?;
         let first = (t * u64::from(load.rows_per_txn)) as i64;
         let (pool, sql, rows) = (pool.clone(), sql.clone(), i64::from(load.rows_per_txn));
         tasks.spawn(async move {
+            let _slot = slot;
             let mut tx = pool.begin().await?;
             // The application's choice, not the relay's: without it one disk flush per
             // commit caps the writer far below 10,000 transactions per second.

@@ -139,6 +139,7 @@ impl Outboxd {
         let child = Command::new(outboxd_binary()?)
             .args(["run", "--config"])
             .arg(&path)
+            .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         Ok(Outboxd {
@@ -187,5 +188,15 @@ impl Outboxd {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Outboxd {
+    /// A harness that fails part-way must not leave outboxd running.
+    fn drop(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

@@ -57,7 +57,9 @@ pub struct TableConfig {
     /// and text as an ISO 8601 time (the reference table writes UTC ISO 8601). Empty: those
     /// metrics stay empty.
     pub created_at_column: String,
-    /// Rows claimed, published and deleted per transaction.
+    /// Rows claimed, published and deleted per transaction. On PostgreSQL (integer order
+    /// column) they are claimed 1,000 at a time, each chunk published while the next is
+    /// claimed; the transaction commits once all of them are acknowledged.
     pub batch_size: u32,
     /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
     /// while the LISTEN connection is down, and tables without the trigger never send one).
