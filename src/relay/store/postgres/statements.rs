@@ -1,22 +1,11 @@
-//! PostgreSQL: the SQL of one outbox table (claim, finish, attempts, dead rows, purge,
-//! stats) built once from the column mapping; lanes and members through session-level
-//! advisory locks; wake-up through LISTEN.
+//! The SQL of one PostgreSQL outbox table (claim, finish, attempts, dead rows, purge,
+//! stats), rendered once from the column mapping, and the functions that run it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgRow};
-use sqlx::{ConnectOptions, Row};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
-
-use super::{
-    check_columns, random_slot, stable_hash, ClaimedRow, DeadRow, LaneOwner, LaneSession,
-    Membership, NewEvent, Settled, Settlement, Store, StoreError,
-};
+use crate::relay::store::{check_columns, ClaimedRow, DeadRow, StoreError};
 
 /// Everything the relay runs against one table, rendered once at start-up.
 #[derive(Debug)]
@@ -28,7 +17,7 @@ pub struct TableSql {
     /// The quoted order column.
     ord: String,
     /// Whether the order column is an integer (claims come back as int8 and in chunks).
-    ord_is_integer: bool,
+    pub(super) ord_is_integer: bool,
     claim_head: String,
     claim_tail: String,
     /// `$1 = text[] of ids`: delete (or mark) rows Kafka acknowledged.
@@ -58,7 +47,7 @@ pub struct TableShape {
 }
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
-fn q(ident: &str) -> String {
+pub(super) fn q(ident: &str) -> String {
     format!("\"{ident}\"")
 }
 
@@ -68,7 +57,10 @@ pub fn quote_table(table: &str) -> String {
 }
 
 /// Reads the table's columns and checks that every mapped column exists.
-async fn introspect(conn: &mut PgConnection, t: &TableConfig) -> Result<TableShape, StoreError> {
+pub(super) async fn introspect(
+    conn: &mut PgConnection,
+    t: &TableConfig,
+) -> Result<TableShape, StoreError> {
     let rows = sqlx::query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -258,7 +250,7 @@ impl TableSql {
 
 /// Claims (deletes or marks) up to `limit` rows of the lane, in publication order, after
 /// the order value `after` when given; returns them and the last one's integer order value.
-async fn claim(
+pub(super) async fn claim(
     conn: &mut PgConnection,
     claim: &str,
     limit: u32,
@@ -300,7 +292,11 @@ fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
 }
 
 /// Deletes (or marks) the rows Kafka acknowledged.
-async fn finish(conn: &mut PgConnection, sql: &TableSql, ids: &[&str]) -> Result<(), StoreError> {
+pub(super) async fn finish(
+    conn: &mut PgConnection,
+    sql: &TableSql,
+    ids: &[&str],
+) -> Result<(), StoreError> {
     if !ids.is_empty() {
         sqlx::query(&sql.finish)
             .bind(ids)
@@ -311,7 +307,7 @@ async fn finish(conn: &mut PgConnection, sql: &TableSql, ids: &[&str]) -> Result
 }
 
 /// Counts one more refusal for each `(id, error)`; returns each id's count so far.
-async fn record_refusals(
+pub(super) async fn record_refusals(
     conn: &mut PgConnection,
     sql: &TableSql,
     refused: &[(&str, String)],
@@ -334,7 +330,7 @@ async fn record_refusals(
 }
 
 /// Moves rows to `outboxd_dead_rows` with their reason; returns how many moved.
-async fn move_dead(
+pub(super) async fn move_dead(
     conn: &mut PgConnection,
     sql: &TableSql,
     dead: &[DeadRow],
@@ -357,7 +353,11 @@ async fn move_dead(
 
 /// Mark mode: deletes published rows older than `retention_secs`, 1000 at a time, each
 /// batch its own transaction. Returns the rows removed.
-async fn purge(pool: &PgPool, sql: &TableSql, retention_secs: f64) -> Result<u64, StoreError> {
+pub(super) async fn purge(
+    pool: &PgPool,
+    sql: &TableSql,
+    retention_secs: f64,
+) -> Result<u64, StoreError> {
     let Some(purge) = &sql.purge else {
         return Ok(0);
     };
@@ -376,7 +376,7 @@ async fn purge(pool: &PgPool, sql: &TableSql, retention_secs: f64) -> Result<u64
 }
 
 /// `(pending rows, age of the oldest pending row in seconds)`.
-async fn stats<'e>(
+pub(super) async fn stats<'e>(
     db: impl sqlx::PgExecutor<'e>,
     sql: &TableSql,
 ) -> Result<(i64, Option<f64>), StoreError> {
@@ -385,309 +385,10 @@ async fn stats<'e>(
 }
 
 /// Forgets attempt counters of rows that are no longer pending (published or gone).
-async fn cleanup_attempts(pool: &PgPool, sql: &TableSql) -> Result<u64, StoreError> {
+pub(super) async fn cleanup_attempts(pool: &PgPool, sql: &TableSql) -> Result<u64, StoreError> {
     Ok(sqlx::query(&sql.cleanup_attempts)
         .bind(&sql.table)
         .execute(pool)
         .await?
         .rows_affected())
-}
-
-/// Tries the session-level advisory lock `(class, object)` on `conn`.
-async fn try_lock(conn: &mut PgConnection, class: i32, object: i32) -> Result<bool, StoreError> {
-    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-        .bind(class)
-        .bind(object)
-        .fetch_one(&mut *conn)
-        .await?)
-}
-
-/// Advisory lock classes (first key) of a table: its lanes and its members.
-fn lock_classes(table: &str) -> (i32, i32) {
-    (
-        stable_hash(&format!("outboxd:lane:{table}")),
-        stable_hash(&format!("outboxd:member:{table}")),
-    )
-}
-
-/// One outbox table in PostgreSQL.
-pub struct PgStore {
-    config: TableConfig,
-    sql: Arc<TableSql>,
-    opts: PgConnectOptions,
-    pool: PgPool,
-    lane_class: i32,
-    member_class: i32,
-}
-
-impl PgStore {
-    /// Checks table `t` and renders its statements.
-    pub async fn open(
-        opts: PgConnectOptions,
-        pool: PgPool,
-        t: &TableConfig,
-    ) -> Result<Self, StoreError> {
-        let mut conn = pool.acquire().await?;
-        let shape = introspect(&mut conn, t).await?;
-        let (lane_class, member_class) = lock_classes(&t.table);
-        Ok(PgStore {
-            config: t.clone(),
-            sql: Arc::new(TableSql::new(t, &shape)),
-            opts,
-            pool,
-            lane_class,
-            member_class,
-        })
-    }
-}
-
-#[async_trait]
-impl Store for PgStore {
-    async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
-        let mut conn = self.opts.connect().await?;
-        while !try_lock(&mut conn, self.member_class, random_slot()).await? {}
-        Ok(Box::new(PgMembership {
-            conn,
-            classes: [self.lane_class, self.member_class],
-        }))
-    }
-
-    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
-        let mut conn = self.opts.connect().await?;
-        if !try_lock(&mut conn, self.lane_class, lane as i32).await? {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(PgLane {
-            conn,
-            claim: self.sql.claim_for_lane(lane),
-            claim_after: self.sql.claim_after_for_lane(lane),
-            last_ord: None,
-            sql: self.sql.clone(),
-        })))
-    }
-
-    async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
-        stats(&self.pool, &self.sql).await
-    }
-
-    async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError> {
-        purge(&self.pool, &self.sql, retention_secs).await
-    }
-
-    async fn cleanup_attempts(&self) -> Result<u64, StoreError> {
-        cleanup_attempts(&self.pool, &self.sql).await
-    }
-
-    async fn dead_rows(&self) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT count(*) FROM outboxd_dead_rows WHERE source_table = $1")
-                .bind(&self.config.table)
-                .fetch_one(&self.pool)
-                .await?,
-        )
-    }
-
-    async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT l.objid::int8, a.pid::int8, a.client_addr::text, a.application_name \
-             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::int8::oid \
-             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1",
-        )
-        .bind(i64::from(self.lane_class))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| LaneOwner {
-                lane: r.get(0),
-                pid: r.get(1),
-                client: r.get(2),
-                application: r.get(3),
-            })
-            .collect())
-    }
-
-    async fn listen(&self, wake: watch::Sender<()>, stop: CancellationToken) {
-        if self.config.notify_channel.is_empty() {
-            return;
-        }
-        crate::relay::notify::listen(
-            self.opts.clone(),
-            self.config.table.clone(),
-            self.config.notify_channel.clone(),
-            wake,
-            stop,
-        )
-        .await;
-    }
-}
-
-/// The member lock, held on its own connection.
-struct PgMembership {
-    conn: PgConnection,
-    classes: [i32; 2],
-}
-
-#[async_trait]
-impl Membership for PgMembership {
-    async fn census(&mut self, _lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
-        let [lane_class, member_class] = self.classes;
-        let rows = sqlx::query(
-            "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND classid IN ($1::int8::oid, $2::int8::oid)",
-        )
-        .bind(i64::from(lane_class))
-        .bind(i64::from(member_class))
-        .fetch_all(&mut self.conn)
-        .await?;
-        let held: Vec<(i32, i32)> = rows
-            .iter()
-            .map(|r| (r.get::<i64, _>(0) as i32, r.get::<i64, _>(1) as i32))
-            .collect();
-        let members = held.iter().filter(|(c, _)| *c == member_class).count() as u32;
-        let taken = held
-            .iter()
-            .filter(|(c, _)| *c == lane_class)
-            .map(|(_, lane)| *lane as u32)
-            .collect();
-        Ok((members.max(1), taken))
-    }
-}
-
-/// A lane: its advisory lock and its claim transactions, on one connection.
-struct PgLane {
-    conn: PgConnection,
-    claim: String,
-    claim_after: String,
-    /// The order value of the last row claimed in the open transaction (integer order).
-    last_ord: Option<i64>,
-    sql: Arc<TableSql>,
-}
-
-impl PgLane {
-    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
-        sqlx::Executor::execute(&mut self.conn, statement).await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl LaneSession for PgLane {
-    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.run("BEGIN").await?;
-        let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
-        self.last_ord = last;
-        Ok(rows)
-    }
-
-    fn claims_in_chunks(&self) -> bool {
-        self.sql.ord_is_integer
-    }
-
-    /// The rows after the last one claimed, in the same transaction.
-    async fn claim_more(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        let Some(after) = self.last_ord else {
-            return Ok(Vec::new());
-        };
-        let (rows, last) = claim(&mut self.conn, &self.claim_after, limit, Some(after)).await?;
-        self.last_ord = last.or(self.last_ord);
-        Ok(rows)
-    }
-
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        self.run("COMMIT").await
-    }
-
-    async fn rollback(&mut self) -> Result<(), StoreError> {
-        self.run("ROLLBACK").await
-    }
-
-    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.run("BEGIN").await?;
-        let settled = async {
-            finish(&mut self.conn, &self.sql, s.finished).await?;
-            let counts: HashMap<String, i32> =
-                record_refusals(&mut self.conn, &self.sql, s.refused)
-                    .await?
-                    .into_iter()
-                    .collect();
-            let (dead, still_refused) = s.dead_rows(&counts);
-            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
-            Ok::<_, StoreError>(Settled {
-                dead,
-                moved,
-                still_refused,
-            })
-        }
-        .await;
-        match settled {
-            Ok(settled) => {
-                self.run("COMMIT").await?;
-                Ok(settled)
-            }
-            Err(e) => {
-                // The connection may be gone; the lane then ends and its lock with it.
-                let _ = self.run("ROLLBACK").await;
-                Err(e)
-            }
-        }
-    }
-}
-
-/// Inserts `event` into table `t` through its column mapping; returns the new row's id.
-/// Values are cast from text to each column's own type.
-pub async fn emit(
-    opts: &PgConnectOptions,
-    t: &TableConfig,
-    event: &NewEvent<'_>,
-) -> Result<String, StoreError> {
-    let mut conn = opts.connect().await?;
-    introspect(&mut conn, t).await?;
-    let headers = serde_json::Value::Object(event.headers.clone()).to_string();
-    let columns = event.columns(t, &headers);
-    let table = quote_table(&t.table);
-    let mut types = Vec::new();
-    for (column, _) in &columns {
-        let ty: String = sqlx::query_scalar(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = $2",
-        )
-        .bind(&table)
-        .bind(column)
-        .fetch_one(&mut conn)
-        .await?;
-        types.push(ty);
-    }
-    let names: Vec<String> = columns.iter().map(|(c, _)| q(c)).collect();
-    let values: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| format!("${}::text::{ty}", i + 1))
-        .collect();
-    let sql = format!(
-        "INSERT INTO {table} ({}) VALUES ({}) RETURNING {}::text",
-        names.join(", "),
-        values.join(", "),
-        q(&t.id_column)
-    );
-    let mut query = sqlx::query_scalar(&sql);
-    for (_, value) in &columns {
-        query = query.bind(*value);
-    }
-    Ok(query.fetch_one(&mut conn).await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_classes_are_stable_and_distinct() {
-        let (a, b) = lock_classes("outbox");
-        assert_eq!((a, b), lock_classes("outbox"));
-        assert_ne!(a, b);
-        assert!(a >= 0 && b >= 0);
-        assert_ne!(lock_classes("other").0, a);
-    }
 }

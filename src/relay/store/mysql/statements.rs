@@ -1,0 +1,259 @@
+//! The SQL of one MySQL/MariaDB outbox table, rendered once from the column mapping and
+//! the catalog (column types, the id column's index).
+
+use sqlx::mysql::{MySqlConnection, MySqlRow};
+use sqlx::Row;
+
+use crate::config::{OnPublished, TableConfig};
+use crate::relay::store::{ClaimedRow, StoreError};
+
+/// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
+pub(super) fn q(ident: &str) -> String {
+    format!("`{ident}`")
+}
+
+/// `schema.table` -> `` `schema`.`table` ``.
+pub(super) fn quote_table(table: &str) -> String {
+    table.split('.').map(q).collect::<Vec<_>>().join(".")
+}
+
+/// `(column, DATA_TYPE)` of table `t` in order; empty when it does not exist.
+pub(super) async fn columns(
+    conn: &mut MySqlConnection,
+    table: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    let rows = sqlx::query(
+        "SELECT CAST(COLUMN_NAME AS CHAR), CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1).to_lowercase()))
+        .collect())
+}
+
+/// An index of `table` led by `column` (the primary key preferred), if there is one.
+pub(super) async fn index_on(
+    conn: &mut MySqlConnection,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>, StoreError> {
+    let (schema, name) = match table.split_once('.') {
+        Some((schema, name)) => (Some(schema), name),
+        None => (None, table),
+    };
+    Ok(sqlx::query_scalar(
+        "SELECT CAST(INDEX_NAME AS CHAR) FROM information_schema.STATISTICS \
+         WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? AND COLUMN_NAME = ? \
+         AND SEQ_IN_INDEX = 1 ORDER BY INDEX_NAME = 'PRIMARY' DESC LIMIT 1",
+    )
+    .bind(schema)
+    .bind(name)
+    .bind(column)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Every statement of one table, rendered once.
+#[derive(Debug)]
+pub(super) struct TableSql {
+    pub(super) table: String,
+    pub(super) lanes: u32,
+    pub(super) key: String,
+    /// `SELECT id FROM t o WHERE <pending>`; the lane filter and `order_limit` follow.
+    pub(super) select_ids: String,
+    /// ` ORDER BY <order> LIMIT ?`.
+    pub(super) order_limit: String,
+    /// `SELECT <row> FROM t o WHERE <pending> AND id IN `; the ids and `lock_tail` follow.
+    pub(super) lock_rows: String,
+    /// ` ORDER BY <order> FOR UPDATE SKIP LOCKED`.
+    pub(super) lock_tail: String,
+    /// Followed by `(?, ?, ...)` of ids: delete or mark.
+    pub(super) finish_head: String,
+    /// The whole row as a JSON object, for dead rows.
+    pub(super) row_json: String,
+    pub(super) id: String,
+    pub(super) stats: String,
+    pub(super) purge: Option<String>,
+    pub(super) cleanup_attempts: String,
+    pub(super) payload_is_binary: bool,
+    /// Ids are bound as integers when the id column is one: compared with strings, MySQL
+    /// cannot use the primary key and scans (and locks) other lanes' rows.
+    pub(super) id_is_integer: bool,
+}
+
+impl TableSql {
+    /// `id_index`: an index led by the id column. Statements that find rows by id force
+    /// it: otherwise MySQL may scan a table whose statistics are stale, and a scanning
+    /// delete waits on other lanes' locked rows and deadlocks with them.
+    pub(super) fn new(
+        t: &TableConfig,
+        columns: &[(String, String)],
+        id_index: Option<&str>,
+    ) -> Self {
+        let table = quote_table(&t.table);
+        let id = q(&t.id_column);
+        let by_id = match id_index {
+            Some(index) => format!("{table} o FORCE INDEX ({})", q(index)),
+            None => format!("{table} o"),
+        };
+        let text = |col: &str| {
+            if col.is_empty() {
+                "CAST(NULL AS CHAR)".to_owned()
+            } else {
+                format!("CAST(o.{} AS CHAR)", q(col))
+            }
+        };
+        let payload_type = columns
+            .iter()
+            .find(|(c, _)| *c == t.payload_column)
+            .map(|(_, ty)| ty.as_str())
+            .unwrap_or_default();
+        let payload_is_binary = payload_type.contains("blob") || payload_type.contains("binary");
+        let id_type = columns
+            .iter()
+            .find(|(c, _)| *c == t.id_column)
+            .map(|(_, ty)| ty.as_str())
+            .unwrap_or_default();
+        let id_is_integer = id_type.ends_with("int");
+        let payload = if payload_is_binary {
+            format!("o.{}", q(&t.payload_column))
+        } else {
+            text(&t.payload_column)
+        };
+        let created_at = if t.created_at_column.is_empty() {
+            "CAST(NULL AS DOUBLE)".to_owned()
+        } else {
+            format!(
+                "CAST(UNIX_TIMESTAMP(o.{}) AS DOUBLE)",
+                q(&t.created_at_column)
+            )
+        };
+        let topic = t
+            .topic_column
+            .as_deref()
+            .map_or("CAST(NULL AS CHAR)".into(), text);
+        let pending = match t.on_published {
+            OnPublished::Delete => "TRUE".to_owned(),
+            OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
+        };
+        let finish_head = match t.on_published {
+            OnPublished::Delete => format!("DELETE o FROM {by_id} WHERE o.{id} IN "),
+            OnPublished::Mark => format!(
+                "UPDATE {by_id} SET o.{} = CURRENT_TIMESTAMP(6) WHERE o.{id} IN ",
+                q(&t.published_at_column)
+            ),
+        };
+        let row_json = format!(
+            "JSON_OBJECT({})",
+            columns
+                .iter()
+                .map(|(c, _)| format!("'{c}', o.{}", q(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        TableSql {
+            table: t.table.clone(),
+            lanes: t.lanes,
+            key: q(&t.key_column),
+            select_ids: format!("SELECT CAST(o.{id} AS CHAR) FROM {table} o WHERE {pending}"),
+            order_limit: format!(" ORDER BY o.{} LIMIT ?", q(t.order_column())),
+            lock_rows: format!(
+                "SELECT CAST(o.{id} AS CHAR), {key}, {payload}, {headers}, {event_id}, {event_type}, \
+                 {aggregate_type}, {created_at}, {topic} FROM {by_id} WHERE {pending} AND o.{id} IN ",
+                key = text(&t.key_column),
+                headers = text(&t.headers_column),
+                event_id = text(&t.event_id_column),
+                event_type = text(&t.event_type_column),
+                aggregate_type = text(&t.aggregate_type_column),
+            ),
+            lock_tail: format!(" ORDER BY o.{} FOR UPDATE SKIP LOCKED", q(t.order_column())),
+            finish_head,
+            row_json,
+            id: id.clone(),
+            stats: format!(
+                "SELECT COUNT(*), {oldest} FROM {table} o WHERE {pending}",
+                oldest = if t.created_at_column.is_empty() {
+                    "CAST(NULL AS DOUBLE)".to_owned()
+                } else {
+                    format!(
+                        "CAST(UNIX_TIMESTAMP(NOW(6)) - UNIX_TIMESTAMP(MIN(o.{})) AS DOUBLE)",
+                        q(&t.created_at_column)
+                    )
+                }
+            ),
+            purge: (t.on_published == OnPublished::Mark).then(|| {
+                format!(
+                    "DELETE FROM {table} WHERE {} < NOW(6) - INTERVAL ? MICROSECOND LIMIT 1000",
+                    q(&t.published_at_column)
+                )
+            }),
+            cleanup_attempts: format!(
+                "DELETE FROM outboxd_relay_attempts WHERE source_table = ? AND NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
+            ),
+            payload_is_binary,
+            id_is_integer,
+        }
+    }
+
+    /// Binds `ids` to `query`, as integers when the id column is one.
+    pub(super) fn bind_ids<'q>(
+        &self,
+        mut query: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+        ids: &[&'q str],
+    ) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+        for id in ids {
+            query = match id.parse::<i64>() {
+                Ok(n) if self.id_is_integer => query.bind(n),
+                _ => query.bind(*id),
+            };
+        }
+        query
+    }
+
+    /// The lane's next ids: a plain (consistent, lock-free) read. Locking while scanning
+    /// would lock other lanes' rows for a moment and deadlock with their deletes.
+    pub(super) fn ids_of_lane(&self, lane: u32) -> String {
+        if self.lanes <= 1 {
+            format!("{}{}", self.select_ids, self.order_limit)
+        } else {
+            format!(
+                "{} AND CRC32(COALESCE(CAST(o.{} AS CHAR), '')) % {} = {lane}{}",
+                self.select_ids, self.key, self.lanes, self.order_limit
+            )
+        }
+    }
+
+    pub(super) fn decode(&self, r: &MySqlRow) -> Result<ClaimedRow, StoreError> {
+        let payload = if self.payload_is_binary {
+            r.try_get::<Option<Vec<u8>>, _>(2)?
+        } else {
+            r.try_get::<Option<String>, _>(2)?.map(String::into_bytes)
+        };
+        Ok(ClaimedRow {
+            id: r.try_get(0)?,
+            key: r.try_get(1)?,
+            payload,
+            headers: r.try_get(3)?,
+            event_id: r.try_get(4)?,
+            event_type: r.try_get(5)?,
+            aggregate_type: r.try_get(6)?,
+            created_at: r.try_get(7)?,
+            topic: r.try_get(8)?,
+        })
+    }
+}
+
+/// `(?, ?, ...)` for `n` values.
+pub(super) fn placeholders(n: usize) -> String {
+    format!("({})", vec!["?"; n].join(", "))
+}
