@@ -303,6 +303,27 @@ pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Rows one purge statement removes at most (its `LIMIT`); each batch is its own
+/// transaction, so a large purge never holds many locks.
+pub const PURGE_BATCH: u64 = 1000;
+
+/// Runs `batch` (one purge statement, returning the rows it removed) until a batch removes
+/// fewer than [`PURGE_BATCH`]; returns the total.
+pub async fn purge_in_batches<F, Fut>(mut batch: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    let mut total = 0;
+    loop {
+        let n = batch().await?;
+        total += n;
+        if n < PURGE_BATCH {
+            return Ok(total);
+        }
+    }
+}
+
 /// FNV-1a, masked to a positive i32: the same in every process and version (lock names).
 pub fn stable_hash(s: &str) -> i32 {
     let mut h: u32 = 0x811c_9dc5;

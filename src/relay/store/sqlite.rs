@@ -15,8 +15,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::{OnPublished, TableConfig};
 
 use super::{
-    check_columns, ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement,
-    Store, StoreError,
+    check_columns, purge_in_batches, ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent,
+    Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
 /// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
@@ -143,7 +143,7 @@ impl TableSql {
                 let published = epoch(&format!("o.{}", q(&t.published_at_column)));
                 format!(
                     "DELETE FROM {table} WHERE {id} IN (SELECT o.{id} FROM {table} o \
-                     WHERE {published} < (julianday('now') - 2440587.5) * 86400.0 - ?1 LIMIT 1000)"
+                     WHERE {published} < (julianday('now') - 2440587.5) * 86400.0 - ?1 LIMIT {PURGE_BATCH})"
                 )
             }),
             cleanup_attempts: format!(
@@ -251,18 +251,14 @@ impl Store for SqliteStore {
         let Some(purge) = &self.sql.purge else {
             return Ok(0);
         };
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(purge)
+        purge_in_batches(|| async {
+            Ok(sqlx::query(purge)
                 .bind(retention_secs)
                 .execute(&self.pool)
                 .await?
-                .rows_affected();
-            total += n;
-            if n < 1000 {
-                return Ok(total);
-            }
-        }
+                .rows_affected())
+        })
+        .await
     }
 
     async fn cleanup_attempts(&self) -> Result<u64, StoreError> {

@@ -16,8 +16,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, random_slot, stable_hash, ClaimedRow, LaneOwner, LaneSession, Membership,
-    NewEvent, Settled, Settlement, Store, StoreError,
+    check_columns, purge_in_batches, random_slot, stable_hash, ClaimedRow, LaneOwner, LaneSession,
+    Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
 use statements::{columns, index_on, placeholders, q, quote_table, TableSql};
 
@@ -140,18 +140,14 @@ impl Store for MySqlStore {
             return Ok(0);
         };
         let micros = (retention_secs * 1e6) as i64;
-        let mut total = 0;
-        loop {
-            let n = sqlx::query(purge)
+        purge_in_batches(|| async {
+            Ok(sqlx::query(purge)
                 .bind(micros)
                 .execute(&self.pool)
                 .await?
-                .rows_affected();
-            total += n;
-            if n < 1000 {
-                return Ok(total);
-            }
-        }
+                .rows_affected())
+        })
+        .await
     }
 
     async fn cleanup_attempts(&self) -> Result<u64, StoreError> {

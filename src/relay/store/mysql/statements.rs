@@ -5,7 +5,7 @@ use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
-use crate::relay::store::{ClaimedRow, StoreError};
+use crate::relay::store::{ClaimedRow, StoreError, PURGE_BATCH};
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
 pub(super) fn q(ident: &str) -> String {
@@ -192,7 +192,7 @@ impl TableSql {
             ),
             purge: (t.on_published == OnPublished::Mark).then(|| {
                 format!(
-                    "DELETE FROM {table} WHERE {} < NOW(6) - INTERVAL ? MICROSECOND LIMIT 1000",
+                    "DELETE FROM {table} WHERE {} < NOW(6) - INTERVAL ? MICROSECOND LIMIT {PURGE_BATCH}",
                     q(&t.published_at_column)
                 )
             }),

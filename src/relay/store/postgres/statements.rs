@@ -5,7 +5,9 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
-use crate::relay::store::{check_columns, ClaimedRow, DeadRow, StoreError};
+use crate::relay::store::{
+    check_columns, purge_in_batches, ClaimedRow, DeadRow, StoreError, PURGE_BATCH,
+};
 
 /// Everything the relay runs against one table, rendered once at start-up.
 #[derive(Debug)]
@@ -198,7 +200,7 @@ impl TableSql {
                 let published = q(&t.published_at_column);
                 format!(
                     "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
-                     WHERE {published} < now() - make_interval(secs => $1) LIMIT 1000 FOR UPDATE SKIP LOCKED)"
+                     WHERE {published} < now() - make_interval(secs => $1) LIMIT {PURGE_BATCH} FOR UPDATE SKIP LOCKED)"
                 )
             }),
             stats: format!(
@@ -361,18 +363,14 @@ pub(super) async fn purge(
     let Some(purge) = &sql.purge else {
         return Ok(0);
     };
-    let mut total = 0;
-    loop {
-        let n = sqlx::query(purge)
+    purge_in_batches(|| async {
+        Ok(sqlx::query(purge)
             .bind(retention_secs)
             .execute(pool)
             .await?
-            .rows_affected();
-        total += n;
-        if n < 1000 {
-            return Ok(total);
-        }
-    }
+            .rows_affected())
+    })
+    .await
 }
 
 /// `(pending rows, age of the oldest pending row in seconds)`.
