@@ -41,6 +41,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Handler calls running now.
     pub consumer_in_flight: IntGaugeVec,
+    /// Times a partition was paused because its handler fell behind, by topic.
+    pub consumer_paused_total: IntCounterVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
     /// 1 while the daemon runs.
@@ -145,6 +147,14 @@ impl Metrics {
                 &["handler"],
             )
             .unwrap(),
+            consumer_paused_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_paused_total",
+                    "Partitions paused because their handler fell behind",
+                ),
+                &["topic"],
+            )
+            .unwrap(),
             build_info: IntGaugeVec::new(
                 Opts::new("build_info", "Build information"),
                 &["version"],
@@ -168,6 +178,7 @@ impl Metrics {
             Box::new(m.consumer_dead_letter_total.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_in_flight.clone()),
+            Box::new(m.consumer_paused_total.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),
         ];

@@ -40,11 +40,6 @@ use worker::{NamedHandler, Shared};
 /// Messages a partition's worker queue holds.
 const QUEUE: usize = 1024;
 
-/// Bytes of messages waiting for a full worker queue, per partition, before the partition
-/// is paused. Pausing makes librdkafka drop what it prefetched and fetch it again on
-/// resume, which costs a fetch round trip, so it is kept for handlers that really lag.
-const PAUSE_BYTES: usize = 4 << 20;
-
 /// Messages that did not fit their worker's queue yet.
 #[derive(Default)]
 struct Waiting {
@@ -148,11 +143,13 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let task = tokio::spawn(Dispatcher::new(shared.clone()).run(
-        services.shutdown.clone(),
-        drain,
-        heartbeat,
-    ));
+    let task = tokio::spawn(
+        Dispatcher::new(shared.clone(), c.partition_buffer_kib << 10).run(
+            services.shutdown.clone(),
+            drain,
+            heartbeat,
+        ),
+    );
     Ok(Some((
         task,
         Handle {
@@ -200,19 +197,24 @@ type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
 struct Dispatcher {
     shared: Arc<Shared>,
     workers: ByPartition<Worker>,
-    /// Messages waiting for room in a full queue; past `PAUSE_BYTES` their partition is
-    /// paused until they are all queued.
+    /// Messages waiting for room in a full queue; past `pause_bytes` their partition is
+    /// paused until they are all queued. Pausing makes librdkafka drop what it prefetched
+    /// for the partition and fetch it again on resume, from after the last message
+    /// received here.
     pending: ByPartition<Waiting>,
+    /// `consumer.partition_buffer_kib` in bytes.
+    pause_bytes: usize,
     /// Workers of revoked partitions still finishing their message in flight.
     retiring: ByPartition<JoinHandle<()>>,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, pause_bytes: usize) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
             pending: HashMap::new(),
+            pause_bytes,
             retiring: HashMap::new(),
         }
     }
@@ -284,9 +286,14 @@ impl Dispatcher {
             .entry(partition)
             .or_default();
         waiting.push_back(m);
-        if waiting.bytes > PAUSE_BYTES && !waiting.paused {
+        if waiting.bytes > self.pause_bytes && !waiting.paused {
             waiting.paused = true;
             let topic = waiting.messages[0].topic().to_owned();
+            self.shared
+                .metrics
+                .consumer_paused_total
+                .with_label_values(&[topic.as_str()])
+                .inc();
             self.pause(&topic, partition, true);
         }
     }
@@ -363,10 +370,16 @@ impl Dispatcher {
 
     /// Stops the workers of partitions revoked by a rebalance. Their queued messages are
     /// dropped: nothing past the committed offset is lost, the next owner fetches them.
+    /// A paused partition is resumed: librdkafka keeps an application's pause across a
+    /// revoke, so were it assigned here again it would never be fetched.
     fn retire_revoked(&mut self) {
         for (topic, partition) in self.shared.consumer.context().take_revoked() {
-            if let Some(t) = self.pending.get_mut(&topic) {
-                t.remove(&partition);
+            let dropped = self
+                .pending
+                .get_mut(&topic)
+                .and_then(|t| t.remove(&partition));
+            if dropped.is_some_and(|w| w.paused) {
+                self.pause(&topic, partition, false);
             }
             let Some(worker) = self
                 .workers

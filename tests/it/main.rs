@@ -12,6 +12,7 @@ mod config;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
+mod consumer_pause;
 mod consumer_sql;
 mod faults;
 mod faults_infra;
