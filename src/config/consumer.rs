@@ -29,13 +29,6 @@ pub struct ConsumerConfig {
     /// not count).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
-    /// KiB of fetched messages held for one partition while its worker's queue (1,024
-    /// messages) is full; past it the partition is paused until they are all queued, then
-    /// fetched again from where it stopped. Memory grows with this times the assigned
-    /// partitions; a smaller value costs more pause/resume fetch round trips when a handler
-    /// lags.
-    #[serde(default = "default_partition_buffer_kib")]
-    pub partition_buffer_kib: usize,
     /// Default retry policy of every handler; `[handlers.NAME.retry]` overrides keys.
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -50,10 +43,6 @@ fn default_dead_letter_topic() -> String {
 
 fn default_max_in_flight() -> usize {
     16
-}
-
-fn default_partition_buffer_kib() -> usize {
-    1024
 }
 
 /// `[[consumer.routes]]`

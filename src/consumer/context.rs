@@ -1,43 +1,104 @@
-//! The consumer's librdkafka context: on revoke, commits stored offsets and records the
-//! revoked partitions for the dispatcher; turns statistics into the lag gauge.
+//! The consumer's librdkafka context: gives every assigned partition a queue of its own
+//! (before librdkafka starts fetching it), commits stored offsets on revoke, records
+//! assignment changes for the dispatcher, and turns statistics into the lag gauge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use tokio::sync::Notify;
-
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::{ClientContext, Statistics};
+use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+/// One partition's own message queue. librdkafka stops fetching the partition while it
+/// holds `queued.max.messages.kbytes`, so a lagging handler holds back only its partition
+/// and memory stays bounded per partition, without pausing and refetching.
+pub type PartitionQueue = StreamPartitionQueue<Context>;
+
+/// A change of the assignment, in the order librdkafka reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The partition is now this member's.
+    Assigned,
+    /// The partition was taken away.
+    Revoked,
+}
+
 /// Shared between librdkafka's callbacks and the dispatcher.
 pub struct Context {
-    revoked: Mutex<Vec<(String, i32)>>,
-    dirty: AtomicBool,
+    changes: Mutex<Vec<(Change, String, i32)>>,
     metrics: Arc<Metrics>,
-    /// Signalled when partitions were revoked, so the dispatcher retires their workers
+    /// The consumer this context belongs to, to split partition queues off it.
+    consumer: OnceLock<Weak<StreamConsumer<Context>>>,
+    /// Each partition's queue, made at its first assignment and kept: librdkafka keeps
+    /// the partition split off, and a queue's handle must outlive every worker reading it.
+    queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
+    /// Signalled when the assignment changed, so the dispatcher starts and retires workers
     /// at once even if no message arrives.
-    pub revoked_signal: Notify,
+    pub changed: Notify,
 }
 
 impl Context {
     /// A context reporting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Context {
-            revoked: Mutex::new(Vec::new()),
-            dirty: AtomicBool::new(false),
+            changes: Mutex::new(Vec::new()),
             metrics,
-            revoked_signal: Notify::new(),
+            consumer: OnceLock::new(),
+            queues: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
         }
     }
 
-    /// Partitions revoked since the last call.
-    pub fn take_revoked(&self) -> Vec<(String, i32)> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Vec::new();
+    /// Tells the context its consumer; before the first poll.
+    pub fn attach(&self, consumer: &Arc<StreamConsumer<Context>>) {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
+    }
+
+    /// Assignment changes since the last call, oldest first.
+    pub fn take_changes(&self) -> Vec<(Change, String, i32)> {
+        std::mem::take(&mut *self.changes.lock().expect("changes lock poisoned"))
+    }
+
+    /// The partition's own queue; None if it could not be split off (its messages then
+    /// arrive on the consumer's main queue).
+    pub fn queue(&self, topic: &str, partition: i32) -> Option<Arc<PartitionQueue>> {
+        let queues = self.queues.lock().expect("queues lock poisoned");
+        queues.get(&(topic.to_owned(), partition)).cloned()
+    }
+
+    /// Drops every partition queue (each holds the consumer): at shutdown, once no worker
+    /// reads them.
+    pub fn release_queues(&self) {
+        self.queues.lock().expect("queues lock poisoned").clear();
+    }
+
+    fn split(&self, topic: &str, partition: i32) {
+        let mut queues = self.queues.lock().expect("queues lock poisoned");
+        let key = (topic.to_owned(), partition);
+        if queues.contains_key(&key) {
+            return;
         }
-        std::mem::take(&mut *self.revoked.lock().expect("revoked lock poisoned"))
+        let consumer = self.consumer.get().and_then(Weak::upgrade);
+        match consumer.and_then(|c| c.split_partition_queue(topic, partition)) {
+            Some(queue) => {
+                queues.insert(key, Arc::new(queue));
+            }
+            None => tracing::error!(
+                topic,
+                partition,
+                "could not give the partition a queue of its own; its messages come through the consumer's queue"
+            ),
+        }
+    }
+
+    fn record(&self, change: Change, topic: &str, partition: i32) {
+        let mut changes = self.changes.lock().expect("changes lock poisoned");
+        changes.push((change, topic.to_owned(), partition));
     }
 }
 
@@ -58,24 +119,33 @@ impl ClientContext for Context {
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            // Offsets stored so far belong to finished messages: commit them before the
-            // partitions move to another member.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
-                tracing::debug!(error = %e, "commit on revoke");
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                // Offsets stored so far belong to finished messages: commit them before
+                // the partitions move to another member.
+                if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+                    tracing::debug!(error = %e, "commit on revoke");
+                }
+                for e in tpl.elements() {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "partition revoked"
+                    );
+                    self.record(Change::Revoked, e.topic(), e.partition());
+                }
             }
-            let mut revoked = self.revoked.lock().expect("revoked lock poisoned");
-            for e in tpl.elements() {
-                tracing::info!(
-                    topic = e.topic(),
-                    partition = e.partition(),
-                    "partition revoked"
-                );
-                revoked.push((e.topic().to_owned(), e.partition()));
+            // Split before librdkafka starts fetching: a queue split off by the
+            // application stays split, so no message of the partition reaches the
+            // consumer's main queue.
+            Rebalance::Assign(tpl) => {
+                for e in tpl.elements() {
+                    self.split(e.topic(), e.partition());
+                }
             }
-            self.dirty.store(true, Ordering::Release);
-            self.revoked_signal.notify_one();
+            Rebalance::Error(_) => {}
         }
+        self.changed.notify_one();
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -86,7 +156,9 @@ impl ConsumerContext for Context {
                     partition = e.partition(),
                     "partition assigned"
                 );
+                self.record(Change::Assigned, e.topic(), e.partition());
             }
+            self.changed.notify_one();
         }
     }
 }

@@ -1,8 +1,9 @@
 //! The consumer half: reads the configured topics in a consumer group and hands every
 //! message to its partition's worker, which delivers it to the routed handler.
 //!
-//! - this file: client setup and the dispatcher (polls the consumer, one queue per
-//!   partition, pauses a partition whose queue is full so polling never stops);
+//! - this file: client setup and the dispatcher (polls the consumer's main queue for
+//!   rebalances, statistics and errors; starts and retires one worker per assigned
+//!   partition, which reads the partition's own queue);
 //! - `worker`: one partition's in-order processing, retries, offset storing;
 //! - `routing`, `retry`, `dead_letter`, `context` (rebalance and statistics callbacks).
 //!
@@ -16,15 +17,14 @@ mod retry;
 mod routing;
 mod worker;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -32,43 +32,14 @@ use crate::config::Config;
 use crate::handlers::{Handler, HandlerDeps};
 use crate::systemd::Heartbeat;
 use crate::Services;
-use context::Context;
+use context::{Change, Context};
 use dead_letter::DeadLetters;
 use routing::Router;
 use worker::{NamedHandler, Shared};
 
-/// Messages a partition's worker queue holds.
-const QUEUE: usize = 1024;
-
-/// Messages that did not fit their worker's queue yet.
-#[derive(Default)]
-struct Waiting {
-    messages: VecDeque<OwnedMessage>,
-    bytes: usize,
-    paused: bool,
-}
-
-impl Waiting {
-    fn push_back(&mut self, m: OwnedMessage) {
-        self.bytes += message_bytes(&m);
-        self.messages.push_back(m);
-    }
-
-    fn pop_front(&mut self) -> Option<OwnedMessage> {
-        let m = self.messages.pop_front()?;
-        self.bytes -= message_bytes(&m);
-        Some(m)
-    }
-
-    fn push_front(&mut self, m: OwnedMessage) {
-        self.bytes += message_bytes(&m);
-        self.messages.push_front(m);
-    }
-}
-
-fn message_bytes(m: &OwnedMessage) -> usize {
-    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len) + 64
-}
+/// Messages that reached the consumer's main queue (only if a partition could not be
+/// split off) and wait for their partition's worker.
+const STRAYS: usize = 1024;
 
 /// Starts the consumer when `[consumer]` is configured, returning its task and a handle
 /// for reloads. The task returns after `shutdown`
@@ -108,9 +79,9 @@ pub fn start(
         .set("auto.offset.reset", "earliest")
         .set("auto.commit.interval.ms", "200")
         .set("statistics.interval.ms", "5000")
-        // librdkafka prefetches up to 64 MiB by default; workers hold their own queues, so
-        // a smaller prefetch keeps memory down without slowing dispatch.
-        .set("queued.max.messages.kbytes", "16384");
+        // Every partition has a queue of its own, and this bounds each one: a partition
+        // whose handler lags is not fetched beyond it (librdkafka's default is 64 MiB).
+        .set("queued.max.messages.kbytes", "1024");
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
     }
@@ -126,8 +97,10 @@ pub fn start(
     consumer
         .subscribe(&topics)
         .map_err(|e| format!("consumer.topics: {e}"))?;
+    let consumer = Arc::new(consumer);
+    consumer.context().attach(&consumer);
     let shared = Arc::new(Shared {
-        consumer: Arc::new(consumer),
+        consumer,
         router,
         handlers,
         dead_letters: DeadLetters::new(
@@ -139,17 +112,14 @@ pub fn start(
         unrouted: c.unrouted,
         permits: Semaphore::new(c.max_in_flight),
         metrics,
-        space: Notify::new(),
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let task = tokio::spawn(
-        Dispatcher::new(shared.clone(), c.partition_buffer_kib << 10).run(
-            services.shutdown.clone(),
-            drain,
-            heartbeat,
-        ),
-    );
+    let task = tokio::spawn(Dispatcher::new(shared.clone()).run(
+        services.shutdown.clone(),
+        drain,
+        heartbeat,
+    ));
     Ok(Some((
         task,
         Handle {
@@ -186,7 +156,7 @@ impl Handle {
 }
 
 struct Worker {
-    queue: mpsc::Sender<OwnedMessage>,
+    strays: mpsc::Sender<OwnedMessage>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -197,24 +167,15 @@ type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
 struct Dispatcher {
     shared: Arc<Shared>,
     workers: ByPartition<Worker>,
-    /// Messages waiting for room in a full queue; past `pause_bytes` their partition is
-    /// paused until they are all queued. Pausing makes librdkafka drop what it prefetched
-    /// for the partition and fetch it again on resume, from after the last message
-    /// received here.
-    pending: ByPartition<Waiting>,
-    /// `consumer.partition_buffer_kib` in bytes.
-    pause_bytes: usize,
     /// Workers of revoked partitions still finishing their message in flight.
     retiring: ByPartition<JoinHandle<()>>,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>, pause_bytes: usize) -> Self {
+    fn new(shared: Arc<Shared>) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
-            pending: HashMap::new(),
-            pause_bytes,
             retiring: HashMap::new(),
         }
     }
@@ -223,17 +184,16 @@ impl Dispatcher {
         let shared = self.shared.clone();
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         loop {
-            // Not biased: a busy branch must not starve polling (rebalances, heartbeats
-            // of max.poll.interval.ms) nor the flushing of waiting messages.
+            // The main queue carries rebalances, statistics and errors (messages come
+            // through each partition's own queue); polling it never waits for a handler.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = beat.tick() => heartbeat.beat(),
-                _ = shared.consumer.context().revoked_signal.notified() => self.retire_revoked(),
-                _ = shared.space.notified(), if !self.pending.is_empty() => self.flush_pending(),
+                _ = shared.consumer.context().changed.notified() => self.apply_changes(),
                 received = shared.consumer.recv() => {
-                    self.retire_revoked();
+                    self.apply_changes();
                     match received {
-                        Ok(m) => self.dispatch(m.detach()),
+                        Ok(m) => self.stray(m.detach()).await,
                         Err(e) => {
                             tracing::warn!(error = %e, "kafka consumer error");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -245,167 +205,88 @@ impl Dispatcher {
         self.drain(drain).await;
     }
 
-    fn dispatch(&mut self, m: OwnedMessage) {
-        let (topic, partition) = (m.topic(), m.partition());
-        if self
-            .pending
-            .get(topic)
-            .is_some_and(|t| t.contains_key(&partition))
-        {
-            self.wait(m);
-            return;
+    /// Starts a worker for every newly assigned partition and retires the workers of
+    /// revoked ones, in the order librdkafka reported the changes.
+    fn apply_changes(&mut self) {
+        for (change, topic, partition) in self.shared.consumer.context().take_changes() {
+            match change {
+                Change::Assigned => self.start_worker(&topic, partition),
+                Change::Revoked => self.retire(topic, partition),
+            }
         }
-        if !self
+    }
+
+    /// A message that came through the main queue: its partition has no queue of its own,
+    /// so its worker reads these (all of the partition's messages, in order).
+    async fn stray(&mut self, m: OwnedMessage) {
+        let (topic, partition) = (m.topic().to_owned(), m.partition());
+        self.start_worker(&topic, partition);
+        let worker = &self.workers[&topic][&partition];
+        if worker.strays.send(m).await.is_err() {
+            tracing::debug!(
+                topic,
+                partition,
+                "worker gone; the next owner reads the message again"
+            );
+        }
+    }
+
+    fn start_worker(&mut self, topic: &str, partition: i32) {
+        if self
             .workers
             .get(topic)
             .is_some_and(|t| t.contains_key(&partition))
         {
-            let worker = self.spawn_worker(topic, partition);
-            self.workers
-                .entry(topic.to_owned())
-                .or_default()
-                .insert(partition, worker);
+            return;
         }
-        let worker = &self.workers[topic][&partition];
-        if let Err(e) = worker.queue.try_send(m) {
-            let m = match e {
-                mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
-            };
-            self.wait(m);
-        }
-    }
-
-    /// Parks `m` behind its partition's full queue, pausing the partition when too much
-    /// is waiting.
-    fn wait(&mut self, m: OwnedMessage) {
-        let (topic, partition) = (m.topic().to_owned(), m.partition());
-        let waiting = self
-            .pending
-            .entry(topic)
-            .or_default()
-            .entry(partition)
-            .or_default();
-        waiting.push_back(m);
-        if waiting.bytes > self.pause_bytes && !waiting.paused {
-            waiting.paused = true;
-            let topic = waiting.messages[0].topic().to_owned();
-            self.shared
-                .metrics
-                .consumer_paused_total
-                .with_label_values(&[topic.as_str()])
-                .inc();
-            self.pause(&topic, partition, true);
-        }
-    }
-
-    fn spawn_worker(&mut self, topic: &str, partition: i32) -> Worker {
-        let (queue, receiver) = mpsc::channel(QUEUE);
+        let (strays, receiver) = mpsc::channel(STRAYS);
         let stop = CancellationToken::new();
         let previous = self
             .retiring
             .get_mut(topic)
             .and_then(|t| t.remove(&partition));
+        let input = worker::Input {
+            queue: self.shared.consumer.context().queue(topic, partition),
+            strays: receiver,
+        };
         let task = tokio::spawn(worker::run(
             self.shared.clone(),
-            receiver,
+            input,
             stop.clone(),
             previous,
         ));
-        Worker { queue, stop, task }
+        self.workers
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, Worker { strays, stop, task });
     }
 
-    /// Moves waiting messages into queues that have room; resumes drained paused partitions.
-    fn flush_pending(&mut self) {
-        let mut resumed = Vec::new();
-        for (topic, partitions) in &mut self.pending {
-            for (partition, waiting) in partitions.iter_mut() {
-                let Some(worker) = self.workers.get(topic).and_then(|t| t.get(partition)) else {
-                    continue;
-                };
-                while let Some(m) = waiting.pop_front() {
-                    if let Err(e) = worker.queue.try_send(m) {
-                        let m = match e {
-                            mpsc::error::TrySendError::Full(m)
-                            | mpsc::error::TrySendError::Closed(m) => m,
-                        };
-                        waiting.push_front(m);
-                        break;
-                    }
-                }
-                if waiting.messages.is_empty() {
-                    resumed.push((topic.clone(), *partition, waiting.paused));
-                }
-            }
-        }
-        for (topic, partition, paused) in resumed {
-            if let Some(t) = self.pending.get_mut(&topic) {
-                t.remove(&partition);
-                if t.is_empty() {
-                    self.pending.remove(&topic);
-                }
-            }
-            if paused {
-                self.pause(&topic, partition, false);
-            }
-        }
-    }
-
-    fn pause(&self, topic: &str, partition: i32, pause: bool) {
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Invalid)
-            .is_err()
-        {
+    /// Stops the worker of a partition revoked by a rebalance after its message in
+    /// flight: nothing past the committed offset is lost, the next owner fetches it.
+    fn retire(&mut self, topic: String, partition: i32) {
+        let Some(worker) = self
+            .workers
+            .get_mut(&topic)
+            .and_then(|t| t.remove(&partition))
+        else {
             return;
-        }
-        let done = if pause {
-            self.shared.consumer.pause(&tpl)
-        } else {
-            self.shared.consumer.resume(&tpl)
         };
-        if let Err(e) = done {
-            tracing::debug!(topic, partition, pause, error = %e, "pause/resume failed");
-        }
-    }
-
-    /// Stops the workers of partitions revoked by a rebalance. Their queued messages are
-    /// dropped: nothing past the committed offset is lost, the next owner fetches them.
-    /// A paused partition is resumed: librdkafka keeps an application's pause across a
-    /// revoke, so were it assigned here again it would never be fetched.
-    fn retire_revoked(&mut self) {
-        for (topic, partition) in self.shared.consumer.context().take_revoked() {
-            let dropped = self
-                .pending
-                .get_mut(&topic)
-                .and_then(|t| t.remove(&partition));
-            if dropped.is_some_and(|w| w.paused) {
-                self.pause(&topic, partition, false);
+        worker.stop.cancel();
+        let older = self
+            .retiring
+            .get_mut(&topic)
+            .and_then(|t| t.remove(&partition));
+        let task = worker.task;
+        let retiring = tokio::spawn(async move {
+            if let Some(older) = older {
+                let _ = older.await;
             }
-            let Some(worker) = self
-                .workers
-                .get_mut(&topic)
-                .and_then(|t| t.remove(&partition))
-            else {
-                continue;
-            };
-            worker.stop.cancel();
-            let older = self
-                .retiring
-                .get_mut(&topic)
-                .and_then(|t| t.remove(&partition));
-            let task = worker.task;
-            let retiring = tokio::spawn(async move {
-                if let Some(older) = older {
-                    let _ = older.await;
-                }
-                let _ = task.await;
-            });
-            self.retiring
-                .entry(topic)
-                .or_default()
-                .insert(partition, retiring);
-        }
-        self.pending.retain(|_, t| !t.is_empty());
+            let _ = task.await;
+        });
+        self.retiring
+            .entry(topic)
+            .or_default()
+            .insert(partition, retiring);
     }
 
     /// Workers finish their message in flight (a message sleeping in backoff is left for
@@ -436,5 +317,6 @@ impl Dispatcher {
             Ok(Err(e)) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
             Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
+        self.shared.consumer.context().release_queues();
     }
 }

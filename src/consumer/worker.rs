@@ -5,13 +5,15 @@
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use std::time::Duration;
+
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::context::Context;
+use super::context::{Context, PartitionQueue};
 use super::dead_letter::{DeadLetters, Failure};
 use super::retry::{Next, Retrier};
 use super::routing::Router;
@@ -45,15 +47,48 @@ pub struct Shared {
     pub permits: Semaphore,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Signalled whenever a worker takes a message off its queue.
-    pub space: Notify,
 }
 
-/// Runs until `stop` (after the message in flight) or until its queue closes. Starts only
-/// once `previous` (a retired worker of the same partition) has finished.
+/// Where a worker's messages come from.
+pub struct Input {
+    /// The partition's own queue (None if it could not be split off).
+    pub queue: Option<Arc<PartitionQueue>>,
+    /// Messages of the partition that arrived on the consumer's main queue instead.
+    pub strays: mpsc::Receiver<OwnedMessage>,
+}
+
+impl Input {
+    /// The next message, waiting as long as it takes.
+    async fn next(&mut self) -> OwnedMessage {
+        loop {
+            let received = tokio::select! {
+                biased;
+                Some(m) = self.strays.recv() => return m,
+                m = recv(self.queue.as_deref()) => m,
+            };
+            match received {
+                Ok(m) => return m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consumer error on a partition queue");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn recv(queue: Option<&PartitionQueue>) -> Result<OwnedMessage, rdkafka::error::KafkaError> {
+    match queue {
+        Some(q) => q.recv().await.map(|m| m.detach()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs until `stop` (after the message in flight). Starts only once `previous` (a
+/// retired worker of the same partition) has finished.
 pub async fn run(
     shared: Arc<Shared>,
-    mut queue: mpsc::Receiver<OwnedMessage>,
+    mut input: Input,
     stop: CancellationToken,
     previous: Option<JoinHandle<()>>,
 ) {
@@ -64,12 +99,8 @@ pub async fn run(
         let message = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            m = queue.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
+            m = input.next() => m,
         };
-        shared.space.notify_one();
         let event = Event { message };
         if !process(&shared, &event, &stop).await {
             return;
