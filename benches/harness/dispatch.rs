@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 
-use crate::processes::{Broker, Outboxd};
+use crate::processes::{kafka_section, Broker, Outboxd};
 
 /// Tansu 0.6 (memory storage) serves a fetch at an offset inside a multi-record batch from
 /// the next batch on, and reports the last batch's base offset + 1 as the high watermark
@@ -55,8 +55,17 @@ pub async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> 
 }
 
 /// Baseline 2: a bare consumer storing every offset; msgs/s from first to last message.
-pub fn bare_consumer(bootstrap: &str, topic: &str, messages: i64) -> Result<f64> {
-    let consumer: BaseConsumer = ClientConfig::new()
+pub fn bare_consumer(
+    bootstrap: &str,
+    options: &[(&str, &str)],
+    topic: &str,
+    messages: i64,
+) -> Result<f64> {
+    let mut config = ClientConfig::new();
+    for (key, value) in options {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("bench-bare-{}", std::process::id()))
         .set("auto.offset.reset", "earliest")
@@ -89,9 +98,12 @@ pub async fn dispatch(
     url: &str,
 ) -> Result<(f64, f64)> {
     let config = format!(
-        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[kafka.options]\n\"session.timeout.ms\" = 6000\n\
+        "[database]\nurl = \"{url}\"\n{}\
          [consumer]\ngroup_id = \"bench-{name}-{}\"\ntopics = [\"{topic}\"]\n[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"h\"\n[handlers.h]\n{handler}\n",
-        broker.bootstrap(),
+        kafka_section(
+            &broker.bootstrap(),
+            &[&[("session.timeout.ms", "6000")], broker.consumer_options()].concat()
+        ),
         std::process::id()
     );
     let mut outboxd = Outboxd::start(&config)?;

@@ -13,7 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 
-use crate::processes::{Broker, Outboxd};
+use crate::processes::{kafka_section, Broker, Outboxd};
 
 /// One run's settings.
 pub struct Load {
@@ -58,8 +58,8 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     broker.create_topic(&topic, PARTITIONS).await?;
     let channel = if load.listen { table.as_str() } else { "" };
     let outboxd = Outboxd::start(&format!(
-        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"{topic}\"\nnotify_channel = \"{channel}\"\n",
-        broker.bootstrap()
+        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"{topic}\"\nnotify_channel = \"{channel}\"\n",
+        kafka_section(&broker.bootstrap(), &[])
     ))?;
     // Wait until the lane is owned so start-up is not measured.
     let deadline = Instant::now() + Duration::from_secs(20);

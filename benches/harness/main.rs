@@ -12,7 +12,8 @@
 //! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
 //!
 //! `--only relay,latency,dispatch` runs a subset; `--latency-secs N` (default 30) sets the
-//! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`.
+//! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
+//! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,7 +26,7 @@ mod processes;
 
 use anyhow::{bail, Context, Result};
 use dispatch::{bare_consumer, dispatch, http_sink, produce};
-use processes::{tansu_binary, Broker, Outboxd};
+use processes::{kafka_section, tansu_binary, Broker, Outboxd};
 use sqlx::{PgPool, Row};
 
 struct Args {
@@ -37,6 +38,8 @@ struct Args {
     latency_secs: u64,
     /// `batch_size` of the relay drains; None: outboxd's default.
     batch_size: Option<u32>,
+    /// Extra `[kafka.options]` of every outboxd started.
+    kafka_options: Vec<(String, String)>,
 }
 
 impl Args {
@@ -54,6 +57,7 @@ fn args() -> Result<Args> {
         only: Vec::new(),
         latency_secs: 30,
         batch_size: None,
+        kafka_options: Vec::new(),
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(arg) = it.next() {
@@ -72,6 +76,11 @@ fn args() -> Result<Args> {
             }
             "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
             "--batch-size" => a.batch_size = Some(it.next().context("--batch-size N")?.parse()?),
+            "--kafka-option" => {
+                let option = it.next().context("--kafka-option key=value")?;
+                let (key, value) = option.split_once('=').context("--kafka-option key=value")?;
+                a.kafka_options.push((key.to_owned(), value.to_owned()));
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -133,8 +142,8 @@ async fn relay_drain(
     batch_size: Option<u32>,
 ) -> Result<(f64, f64)> {
     let mut config = format!(
-        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {lanes}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
-        broker.bootstrap()
+        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {lanes}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
+        kafka_section(&broker.bootstrap(), &[])
     );
     if let Some(n) = batch_size {
         config.push_str(&format!("batch_size = {n}\n"));
@@ -177,6 +186,7 @@ struct Line {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = args()?;
+    processes::set_kafka_options(a.kafka_options.clone());
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -198,7 +208,7 @@ async fn main() -> Result<()> {
     // Idle memory.
     fill(&pool, table, 0).await?;
     {
-        let idle = Outboxd::start(&format!("[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{}\"\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\n", broker.bootstrap()))?;
+        let idle = Outboxd::start(&format!("[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\n", kafka_section(&broker.bootstrap(), &[])))?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         rss.insert("idle (relay, empty table)", idle.rss().1);
         idle.stop();
@@ -270,7 +280,9 @@ async fn main() -> Result<()> {
         produce(&broker, &topic, messages).await?;
         let bootstrap = broker.bootstrap();
         let (t, m) = (topic.clone(), messages);
-        let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, &t, m)).await??;
+        let options = broker.consumer_options();
+        let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, options, &t, m))
+            .await??;
         eprintln!("bare consumer: {bare:.0} msgs/s");
         sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
             .execute(&pool)

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -78,6 +79,19 @@ impl Broker {
         }
     }
 
+    /// librdkafka properties every consumer of this broker gets, the baseline's and
+    /// outboxd's alike. Tansu 0.6.0 answers every fetch only after sleeping half of
+    /// `fetch.wait.max.ms` (500 ms by default), even when it has data (its fetch service
+    /// sleeps after each pass over the partitions, before checking whether it found
+    /// enough): a consumer's rate then follows how much it asks for per fetch, not how
+    /// fast it handles messages. Kafka answers as soon as `fetch.min.bytes` are there.
+    pub fn consumer_options(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Broker::Tansu { .. } => &[("fetch.wait.max.ms", "10")],
+            Broker::Mock(_) => &[],
+        }
+    }
+
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         match self {
             Broker::Mock(m) => Ok(m.create_topic(topic, partitions, 1)?),
@@ -103,6 +117,32 @@ impl Drop for Broker {
     }
 }
 
+/// `[kafka.options]` entries every outboxd of this run gets (`--kafka-option key=value`).
+static KAFKA_OPTIONS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+
+/// Sets the run's extra `[kafka.options]`; call once, before starting any outboxd.
+pub fn set_kafka_options(options: Vec<(String, String)>) {
+    KAFKA_OPTIONS
+        .set(options)
+        .expect("kafka options are set once");
+}
+
+/// outboxd's `[kafka]` section for `bootstrap`: `options`, then the run's `--kafka-option`s
+/// (which win).
+pub fn kafka_section(bootstrap: &str, options: &[(&str, &str)]) -> String {
+    let mut section = format!("[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.options]\n");
+    let extra = KAFKA_OPTIONS.get().map(Vec::as_slice).unwrap_or_default();
+    for (key, value) in options {
+        if !extra.iter().any(|(k, _)| k == key) {
+            section.push_str(&format!("\"{key}\" = \"{value}\"\n"));
+        }
+    }
+    for (key, value) in extra {
+        section.push_str(&format!("\"{key}\" = \"{value}\"\n"));
+    }
+    section
+}
+
 /// The release binary, or `$BENCH_OUTBOXD_BIN` (e.g. an older build, for a before/after).
 fn outboxd_binary() -> Result<PathBuf> {
     let bin = std::env::var_os("BENCH_OUTBOXD_BIN")
@@ -121,6 +161,10 @@ fn outboxd_binary() -> Result<PathBuf> {
 pub struct Outboxd {
     child: Child,
     metrics: String,
+    /// One client for every scrape: `reqwest::get` builds a new one each time, and with it
+    /// loads the system's root certificates, which cost most of a core at 50 scrapes a
+    /// second and slowed the outboxd being measured.
+    client: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -145,6 +189,7 @@ impl Outboxd {
         Ok(Outboxd {
             child,
             metrics: format!("http://127.0.0.1:{port}/metrics"),
+            client: reqwest::Client::new(),
             _dir: dir,
         })
     }
@@ -173,7 +218,7 @@ impl Outboxd {
     }
 
     pub async fn metric(&self, name: &str) -> f64 {
-        let Ok(response) = reqwest::get(&self.metrics).await else {
+        let Ok(response) = self.client.get(&self.metrics).send().await else {
             return 0.0;
         };
         let text = response.text().await.unwrap_or_default();
