@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 use crate::metrics::Metrics;
 
 /// One partition's own message queue. librdkafka stops fetching the partition while it
-/// holds `queued.max.messages.kbytes`, so a lagging handler holds back only its partition
+/// holds `queued.min.messages` or `queued.max.messages.kbytes`, so a lagging handler holds
+/// back only its partition
 /// and memory stays bounded per partition, without pausing and refetching.
 pub type PartitionQueue = StreamPartitionQueue<Context>;
 

@@ -79,9 +79,16 @@ pub fn start(
         .set("auto.offset.reset", "earliest")
         .set("auto.commit.interval.ms", "200")
         .set("statistics.interval.ms", "5000")
-        // Every partition has a queue of its own, and this bounds each one: a partition
-        // whose handler lags is not fetched beyond it (librdkafka's default is 64 MiB).
-        .set("queued.max.messages.kbytes", "1024");
+        // Every partition has a queue of its own, and these bound each one: a partition
+        // whose handler lags is not fetched beyond 2,000 messages or 1 MiB, plus one fetch
+        // of at most 256 KiB (librdkafka's defaults, 100,000 messages and 64 MiB, are meant
+        // for one queue shared by all partitions).
+        .set("queued.min.messages", "2000")
+        .set("queued.max.messages.kbytes", "1024")
+        .set("max.partition.fetch.bytes", "262144")
+        // A full queue postpones its partition's next fetch by this much; librdkafka's 1 s
+        // would leave a fast handler idle once it emptied a queue this small.
+        .set("fetch.queue.backoff.ms", "10");
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
     }
@@ -251,6 +258,7 @@ impl Dispatcher {
         };
         let task = tokio::spawn(worker::run(
             self.shared.clone(),
+            topic.to_owned(),
             input,
             stop.clone(),
             previous,

@@ -24,14 +24,32 @@ impl Router {
         }
     }
 
-    /// The handler slot for a message, if a route matches.
-    pub fn route(&self, topic: &str, event_type: Option<&str>) -> Option<usize> {
+    /// The routes whose glob matches `topic`, in order: a partition's worker matches the
+    /// globs once instead of for every message.
+    pub fn for_topic(&self, topic: &str) -> TopicRoutes {
+        TopicRoutes {
+            routes: self
+                .routes
+                .iter()
+                .filter(|(glob, _, _)| glob_match(glob, topic))
+                .map(|(_, wanted, handler)| (wanted.clone(), *handler))
+                .collect(),
+        }
+    }
+}
+
+/// The routes of one topic: (optional event type, handler slot), first match wins.
+pub struct TopicRoutes {
+    routes: Vec<(Option<String>, usize)>,
+}
+
+impl TopicRoutes {
+    /// The handler slot for a message of this topic with `event_type`, if any route matches.
+    pub fn route(&self, event_type: Option<&str>) -> Option<usize> {
         self.routes
             .iter()
-            .find(|(glob, wanted, _)| {
-                glob_match(glob, topic) && wanted.as_deref().is_none_or(|w| Some(w) == event_type)
-            })
-            .map(|(_, _, handler)| *handler)
+            .find(|(wanted, _)| wanted.as_deref().is_none_or(|w| Some(w) == event_type))
+            .map(|(_, handler)| *handler)
     }
 }
 
@@ -90,9 +108,9 @@ mod tests {
             },
         ];
         let r = Router::new(&routes, |h| h[1..].parse().unwrap());
-        assert_eq!(r.route("events.x", Some("A")), Some(0));
-        assert_eq!(r.route("events.x", Some("B")), Some(1));
-        assert_eq!(r.route("events.x", None), Some(1));
-        assert_eq!(r.route("other", Some("A")), None);
+        assert_eq!(r.for_topic("events.x").route(Some("A")), Some(0));
+        assert_eq!(r.for_topic("events.x").route(Some("B")), Some(1));
+        assert_eq!(r.for_topic("events.x").route(None), Some(1));
+        assert_eq!(r.for_topic("other").route(Some("A")), None);
     }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use std::time::Duration;
 
+use prometheus::{Histogram, IntCounter, IntGauge};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{mpsc, Semaphore};
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::{Context, PartitionQueue};
 use super::dead_letter::{DeadLetters, Failure};
 use super::retry::{Next, Retrier};
-use super::routing::Router;
+use super::routing::{Router, TopicRoutes};
 use crate::config::{RetryPolicy, Unrouted};
 use crate::handlers::{ErrorClass, Event, Handler, Outcome};
 use crate::metrics::Metrics;
@@ -84,10 +85,52 @@ async fn recv(queue: Option<&PartitionQueue>) -> Result<OwnedMessage, rdkafka::e
     }
 }
 
-/// Runs until `stop` (after the message in flight). Starts only once `previous` (a
-/// retired worker of the same partition) has finished.
+/// One handler's metrics, as one worker reports them: resolved once, because looking a
+/// labelled metric up hashes its labels, which costs more than a fast handler's call.
+struct Meters {
+    in_flight: IntGauge,
+    seconds: Histogram,
+    done: IntCounter,
+}
+
+/// What a worker resolves once for its topic: the routes whose glob matches it, and each
+/// handler's metrics (on first use).
+struct Local {
+    routes: TopicRoutes,
+    meters: Vec<Option<Meters>>,
+}
+
+impl Local {
+    fn new(s: &Shared, topic: &str) -> Self {
+        Local {
+            routes: s.router.for_topic(topic),
+            meters: s.handlers.iter().map(|_| None).collect(),
+        }
+    }
+
+    fn meters(&mut self, s: &Shared, slot: usize, topic: &str) -> &Meters {
+        self.meters[slot].get_or_insert_with(|| {
+            let name = s.handlers[slot].name.as_str();
+            Meters {
+                in_flight: s.metrics.consumer_in_flight.with_label_values(&[name]),
+                seconds: s
+                    .metrics
+                    .consumer_handler_seconds
+                    .with_label_values(&[name]),
+                done: s
+                    .metrics
+                    .consumer_messages_total
+                    .with_label_values(&[topic, name, "done"]),
+            }
+        })
+    }
+}
+
+/// Runs the worker of `topic`'s partition until `stop` (after the message in flight).
+/// Starts only once `previous` (a retired worker of the same partition) has finished.
 pub async fn run(
     shared: Arc<Shared>,
+    topic: String,
     mut input: Input,
     stop: CancellationToken,
     previous: Option<JoinHandle<()>>,
@@ -95,6 +138,7 @@ pub async fn run(
     if let Some(previous) = previous {
         let _ = previous.await;
     }
+    let mut local = Local::new(&shared, &topic);
     loop {
         let message = tokio::select! {
             biased;
@@ -102,7 +146,7 @@ pub async fn run(
             m = input.next() => m,
         };
         let event = Event { message };
-        if !process(&shared, &event, &stop).await {
+        if !process(&shared, &mut local, &event, &stop).await {
             return;
         }
         let m = &event.message;
@@ -118,12 +162,13 @@ pub async fn run(
 
 /// Handles one message to a final outcome. False when stopped before that (the offset
 /// must not move; the message is delivered again later).
-async fn process(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
+async fn process(s: &Shared, local: &mut Local, event: &Event, stop: &CancellationToken) -> bool {
     let m = &event.message;
-    let Some(slot) = s.router.route(m.topic(), event.event_type()) else {
+    let Some(slot) = local.routes.route(event.event_type()) else {
         return unrouted(s, event, stop).await;
     };
     let h = &s.handlers[slot];
+    let meters = local.meters(s, slot, m.topic());
     let policy = h.policy.read().expect("policy lock poisoned").clone();
     let mut retrier = Retrier::new(&policy);
     loop {
@@ -134,23 +179,16 @@ async fn process(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
                 .acquire()
                 .await
                 .expect("semaphore is never closed");
-            let in_flight = s.metrics.consumer_in_flight.with_label_values(&[&h.name]);
-            in_flight.inc();
+            meters.in_flight.inc();
             let started = Instant::now();
             let outcome = h.handler.handle(event, attempt).await;
-            in_flight.dec();
-            s.metrics
-                .consumer_handler_seconds
-                .with_label_values(&[&h.name])
-                .observe(started.elapsed().as_secs_f64());
+            meters.in_flight.dec();
+            meters.seconds.observe(started.elapsed().as_secs_f64());
             outcome
         };
         let (class, error) = match outcome {
             Outcome::Done => {
-                s.metrics
-                    .consumer_messages_total
-                    .with_label_values(&[m.topic(), &h.name, "done"])
-                    .inc();
+                meters.done.inc();
                 return true;
             }
             Outcome::DeadLetter(class, error) => (class, error),
