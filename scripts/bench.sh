@@ -7,6 +7,11 @@
 #   --rows N           relay backlog rows (default 300000)
 #   --messages N       consumer messages (default 500000 with Tansu, 100000 with the mock,
 #                      which keeps only 5 MiB per partition)
+#   --only relay,latency,dispatch   a subset of the scenarios
+#   --latency-secs N   length of each latency run (default 30)
+#   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
+#   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)
+# $BENCH_OUTBOXD_BIN runs another outboxd binary (an older build, for a before/after).
 # PostgreSQL: $DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
