@@ -16,8 +16,8 @@ use crate::metrics::Metrics;
 
 /// One partition's own message queue. librdkafka stops fetching the partition while it
 /// holds `queued.min.messages` or `queued.max.messages.kbytes`, so a lagging handler holds
-/// back only its partition
-/// and memory stays bounded per partition, without pausing and refetching.
+/// back only its partition and memory stays bounded per partition, without pausing and
+/// refetching.
 pub type PartitionQueue = StreamPartitionQueue<Context>;
 
 /// A change of the assignment, in the order librdkafka reported it.
