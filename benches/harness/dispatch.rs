@@ -107,30 +107,9 @@ pub async fn dispatch(
         std::process::id()
     );
     let mut outboxd = Outboxd::start(&config)?;
-    // A run that makes no progress for a minute has stalled.
-    let (mut last, mut progressed) = (0.0, Instant::now());
-    let mut first = None;
-    loop {
-        let done = outboxd.metric("outboxd_consumer_messages_total").await;
-        if done > 0.0 && first.is_none() {
-            first = Some((Instant::now(), done));
-        }
-        if done >= messages as f64 {
-            break;
-        }
-        if done > last {
-            (last, progressed) = (done, Instant::now());
-        }
-        if progressed.elapsed() > Duration::from_secs(60) || outboxd.exited() {
-            bail!(
-                "dispatch of {messages} stalled at {done} handled: {}",
-                outboxd.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (start, at_start) = first.context("nothing handled")?;
-    let rate = (messages as f64 - at_start) / start.elapsed().as_secs_f64();
+    let rate = outboxd
+        .rate_until("outboxd_consumer_messages_total", messages as f64)
+        .await?;
     let (peak, _) = outboxd.rss();
     outboxd.stop();
     Ok((rate, peak))

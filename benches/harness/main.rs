@@ -148,26 +148,12 @@ async fn relay_drain(
     if let Some(n) = batch_size {
         config.push_str(&format!("batch_size = {n}\n"));
     }
-    let outboxd = Outboxd::start(&config)?;
-    // From the first published row to the last, read from outboxd's /metrics (polling the
-    // table with count(*) would compete with the relay for the database).
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut first = None;
-    loop {
-        let published = outboxd.metric("outboxd_relay_published_total").await;
-        if published > 0.0 && first.is_none() {
-            first = Some((Instant::now(), published));
-        }
-        if published >= rows as f64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("drain took more than 10 minutes: {}", outboxd.log());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (start, at_start) = first.context("nothing published")?;
-    let rate = (rows as f64 - at_start) / start.elapsed().as_secs_f64();
+    let mut outboxd = Outboxd::start(&config)?;
+    // Read from outboxd's /metrics (polling the table with count(*) would compete with the
+    // relay for the database).
+    let rate = outboxd
+        .rate_until("outboxd_relay_published_total", rows as f64)
+        .await?;
     if count(pool, table).await? != 0 {
         bail!("rows left in {table} after the drain");
     }

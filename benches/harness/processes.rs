@@ -228,6 +228,32 @@ impl Outboxd {
             .sum()
     }
 
+    /// Reads `metric` every 20 ms until it reaches `target`; returns its rate per second
+    /// from the first reading above zero to the last. Fails when outboxd exits or the
+    /// metric makes no progress for a minute.
+    pub async fn rate_until(&mut self, metric: &str, target: f64) -> Result<f64> {
+        let (mut last, mut progressed) = (0.0, Instant::now());
+        let mut first = None;
+        loop {
+            let value = self.metric(metric).await;
+            if value > 0.0 && first.is_none() {
+                first = Some((Instant::now(), value));
+            }
+            if value >= target {
+                break;
+            }
+            if value > last {
+                (last, progressed) = (value, Instant::now());
+            }
+            if progressed.elapsed() > Duration::from_secs(60) || self.exited() {
+                bail!("{metric} stalled at {value} of {target}: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (start, at_start) = first.with_context(|| format!("{metric} never rose above zero"))?;
+        Ok((target - at_start) / start.elapsed().as_secs_f64())
+    }
+
     pub fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
