@@ -61,6 +61,12 @@ pub struct TableConfig {
     /// column) they are claimed 1,000 at a time, each chunk published while the next is
     /// claimed; the transaction commits once all of them are acknowledged.
     pub batch_size: u32,
+    /// While Kafka acknowledges a full batch, claim the next one on a second connection, so
+    /// the database work of one batch overlaps the wait for the previous one. The next batch
+    /// is sent only after the previous one committed, and rolled back if it failed, so order
+    /// and the failure handling are as without it. Each lane then uses two connections.
+    /// PostgreSQL only: MySQL and SQLite lanes always claim one batch at a time.
+    pub prefetch: bool,
     /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
     /// while the LISTEN connection is down, and tables without the trigger never send one).
     /// On MySQL and SQLite, which have no notifications, this is the wake-up latency.
@@ -115,6 +121,7 @@ impl Default for TableConfig {
             aggregate_type_column: "aggregate_type".into(),
             created_at_column: "created_at".into(),
             batch_size: 1000,
+            prefetch: true,
             poll_interval: Duration::from_millis(500),
             notify_channel: "outboxd".into(),
             lanes: 1,

@@ -1,5 +1,6 @@
 //! One lane's claim loop, on the session that holds the lane: claim a batch, publish it,
-//! commit; on any failure roll back and settle the batch row by row.
+//! commit; on any failure roll back and settle the batch row by row. With a follower
+//! session, the next batch is claimed while Kafka acknowledges the current one.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -102,11 +103,22 @@ pub async fn run_lane(
     let table = rt.config.table.as_str();
     let mut kafka_backoff = crate::backoff::exponential();
     let mut refusal_backoff = crate::backoff::exponential();
-    tracing::info!(table, lane, "lane acquired");
+    let other = session.follower().await?;
+    let mut sessions = Sessions {
+        current: session,
+        other,
+        ready: None,
+    };
+    tracing::info!(
+        table,
+        lane,
+        prefetch = sessions.other.is_some(),
+        "lane acquired"
+    );
     while !stop.is_cancelled() {
         heartbeat.beat();
         wake.borrow_and_update();
-        let end = match batch(&rt, session.as_mut(), &stop).await {
+        let end = match batch(&rt, &mut sessions, &stop).await {
             Ok(end) => end,
             Err(e) => {
                 rt.metrics
@@ -143,21 +155,35 @@ pub async fn run_lane(
             _ = tokio::time::sleep(pause) => {}
         }
     }
+    if sessions.ready.take().is_some() {
+        sessions.current.rollback().await?;
+    }
     tracing::info!(table, lane, "lane released");
     Ok(())
+}
+
+/// The sessions of one lane: the one whose batch comes next, and the follower (when the
+/// store offers one), which swap roles after each prefetched batch.
+struct Sessions {
+    /// Claims (or has claimed, see `ready`) the next batch.
+    current: Box<dyn LaneSession>,
+    /// Claims the batch after it while Kafka acknowledges it.
+    other: Option<Box<dyn LaneSession>>,
+    /// Rows `current` claimed in its open transaction and nothing sent yet.
+    ready: Option<Vec<ClaimedRow>>,
 }
 
 /// Rows a lane claims at a time when its store extends claims: each chunk is enqueued to
 /// the producer while the next one is claimed, so claiming and publishing overlap.
 const CLAIM_CHUNK: u32 = 1000;
 
-/// Claims up to `batch_size` rows and sends them to `publication`: each chunk is sent
-/// while the next one is claimed (the claim is polled first, so its statement is on its
-/// way to the database while this task prepares and enqueues the previous chunk).
-async fn claim_and_send(
+/// Claims up to `batch_size` rows and, when given a `publication`, sends them to it: each
+/// chunk is sent while the next one is claimed (the claim is polled first, so its statement
+/// is on its way to the database while this task prepares and enqueues the previous chunk).
+async fn claim(
     session: &mut dyn LaneSession,
     batch_size: u32,
-    publication: &mut Publication<'_>,
+    mut publication: Option<&mut Publication<'_>>,
 ) -> Result<Vec<ClaimedRow>, StoreError> {
     let chunk = if session.claims_in_chunks() {
         CLAIM_CHUNK.min(batch_size)
@@ -169,38 +195,72 @@ async fn claim_and_send(
     let mut last = rows.len() as u32;
     while last == chunk && (rows.len() as u32) < batch_size {
         let want = chunk.min(batch_size - rows.len() as u32);
-        let (more, ()) = tokio::join!(session.claim_more(want), publication.send(&rows[sent..]));
+        let send = async {
+            if let Some(p) = publication.as_deref_mut() {
+                p.send(&rows[sent..]).await;
+            }
+        };
+        let (more, ()) = tokio::join!(session.claim_more(want), send);
         let more = more?;
         sent = rows.len();
         last = if more.len() as u32 == want { chunk } else { 0 };
         rows.extend(more);
     }
-    publication.send(&rows[sent..]).await;
+    if let Some(p) = publication {
+        p.send(&rows[sent..]).await;
+    }
     Ok(rows)
 }
 
-/// One claim/publish/commit cycle.
+/// One claim/publish/commit cycle. After a full batch the follower claims the next one
+/// while Kafka acknowledges this one; those rows are sent only once this batch committed,
+/// and rolled back unsent if it failed, so they never overtake it.
 async fn batch(
     rt: &TableRuntime,
-    session: &mut dyn LaneSession,
+    sessions: &mut Sessions,
     stop: &CancellationToken,
 ) -> Result<BatchEnd, StoreError> {
+    let Sessions {
+        current,
+        other,
+        ready,
+    } = sessions;
+    let session = current.as_mut();
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics);
-    let rows = claim_and_send(session, batch_size, &mut publication).await?;
+    let rows = match ready.take() {
+        Some(rows) => {
+            publication.send(&rows).await;
+            rows
+        }
+        None => claim(session, batch_size, Some(&mut publication)).await?,
+    };
     if rows.is_empty() {
         session.commit().await?;
         return Ok(BatchEnd::Empty);
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+    let full = rows.len() as u32 >= batch_size;
+    let mut follower = other
+        .as_deref_mut()
+        .filter(|_| full && !stop.is_cancelled());
+    let prefetch = async {
+        match follower.as_deref_mut() {
+            Some(f) => Some(claim(f, batch_size, None).await),
+            None => None,
+        }
+    };
     let grace_over = async {
         stop.cancelled().await;
         tokio::time::sleep(rt.drain_grace).await;
     };
-    let outcomes = tokio::select! {
-        outcomes = publication.finish() => outcomes,
+    let (outcomes, prefetched) = tokio::select! {
+        done = async { tokio::join!(publication.finish(), prefetch) } => done,
         () = grace_over => {
+            // A prefetch may have been cut off mid-statement: its connection closes, which
+            // rolls its claim back.
+            *other = None;
             session.rollback().await?;
             tracing::warn!(
                 table = %rt.config.table,
@@ -210,22 +270,42 @@ async fn batch(
             return Ok(BatchEnd::Empty);
         }
     };
-    let full = rows.len() as u32 >= batch_size;
-    if outcomes
+    let delivered = outcomes
         .iter()
-        .all(|o| matches!(o, RowOutcome::Delivered { .. }))
-    {
+        .all(|o| matches!(o, RowOutcome::Delivered { .. }));
+    let next = match prefetched {
+        None => None,
+        Some(Ok(rows)) => Some(rows),
+        // The follower failed: commit what Kafka took if it took everything, then end the
+        // lane; the follower's claim dies with its connection.
+        Some(Err(e)) => {
+            if delivered {
+                session.commit().await?;
+                record_published(rt, rows.iter().zip(&outcomes));
+            }
+            return Err(e);
+        }
+    };
+    if delivered {
         session.commit().await?;
         record_published(rt, rows.iter().zip(&outcomes));
+        if let (Some(next), Some(follower)) = (next, other.as_mut()) {
+            *ready = Some(next);
+            std::mem::swap(current, follower);
+        }
         return Ok(if full {
             BatchEnd::Full
         } else {
             BatchEnd::Partial
         });
     }
-    // Something failed. Undo the claim, then settle in a second transaction: delete what
+    // Something failed. The prefetched rows were never sent and come after this batch:
+    // they go back first. Undo the claim, then settle in a second transaction: delete what
     // Kafka acknowledged (unless an earlier row of its key failed), count refusals, move
     // dead rows. The lane lock keeps every other relay away from these rows meanwhile.
+    if let (Some(_), Some(follower)) = (next, other.as_mut()) {
+        follower.rollback().await?;
+    }
     session.rollback().await?;
     rt.producer.renew_if_fatal(&producer);
     let plan = Plan::new(&rows, &outcomes);

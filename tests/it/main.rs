@@ -19,5 +19,6 @@ mod faults_infra;
 mod ops;
 mod quickstart;
 mod relay_backends;
+mod relay_claims;
 mod relay_delivery;
 mod relay_faults;

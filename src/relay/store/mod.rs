@@ -120,6 +120,15 @@ pub enum StoreError {
     /// The table does not match the configured mapping.
     #[error("{0}")]
     Schema(String),
+    /// A second session of a lane found the session holding the lane gone: its claims
+    /// would no longer be protected by the lane lock, so it stops.
+    #[error("lane {lane} of `{table}` was lost: the connection holding its lock is gone")]
+    LaneLost {
+        /// The table.
+        table: String,
+        /// The lane.
+        lane: u32,
+    },
     /// The lane lock file of a SQLite database cannot be used.
     #[error("lane lock file {path}: {source}")]
     LockFile {
@@ -197,6 +206,14 @@ pub trait LaneSession: Send {
 
     /// Settles a partly failed batch in one transaction, after its rollback.
     async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError>;
+
+    /// A second session of this lane, which claims the next batch while this one's batch
+    /// waits for Kafka (`prefetch`). Its claims are taken only while this session still
+    /// holds the lane, and a later owner of the lane waits for them to end before it claims.
+    /// `None` when the store claims one batch at a time.
+    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Opens table `t` of `db`: checks its columns against the mapping and prepares its

@@ -1,5 +1,5 @@
 //! PostgreSQL: lanes and members through session-level advisory locks, claims on the
-//! lane's connection (statements in `statements`), wake-up through LISTEN.
+//! lane's connections (statements in `statements`), wake-up through LISTEN.
 
 mod statements;
 
@@ -32,13 +32,29 @@ async fn try_lock(conn: &mut PgConnection, class: i32, object: i32) -> Result<bo
         .await?)
 }
 
-/// Advisory lock classes (first key) of a table: its lanes and its members.
-fn lock_classes(table: &str) -> (i32, i32) {
+/// Advisory lock classes (first key) of a table: its lanes, its members, and the claims of
+/// lane followers.
+fn lock_classes(table: &str) -> (i32, i32, i32) {
     (
         stable_hash(&format!("outboxd:lane:{table}")),
         stable_hash(&format!("outboxd:member:{table}")),
+        stable_hash(&format!("outboxd:claim:{table}")),
     )
 }
+
+/// A follower's claim transaction begins here: it holds the lane's claim lock (class `$1`,
+/// lane `$2`) in shared mode until it ends, then checks that its leader (backend pid `$5`)
+/// still holds the lane lock (class `$3`, lane `$4`).
+const FOLLOWER_GUARD: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+     AND objsubid = 2 AND classid = $3::int8::oid AND objid = $4::int8::oid AND pid = $5 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+     FROM pg_advisory_xact_lock_shared($1, $2)";
+
+/// A new lane owner's fence: true once no follower claim of an earlier owner is open
+/// (the claim lock `$1`, `$2` can be taken exclusively; it is released at once).
+const LEADER_FENCE: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock($1, $2) THEN pg_advisory_unlock($1, $2) ELSE false END";
 
 /// One outbox table in PostgreSQL.
 pub struct PgStore {
@@ -48,6 +64,7 @@ pub struct PgStore {
     pool: PgPool,
     lane_class: i32,
     member_class: i32,
+    claim_class: i32,
 }
 
 impl PgStore {
@@ -59,7 +76,7 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let mut conn = pool.acquire().await?;
         let shape = introspect(&mut conn, t).await?;
-        let (lane_class, member_class) = lock_classes(&t.table);
+        let (lane_class, member_class, claim_class) = lock_classes(&t.table);
         Ok(PgStore {
             config: t.clone(),
             sql: Arc::new(TableSql::new(t, &shape)),
@@ -67,6 +84,7 @@ impl PgStore {
             pool,
             lane_class,
             member_class,
+            claim_class,
         })
     }
 }
@@ -87,12 +105,27 @@ impl Store for PgStore {
         if !try_lock(&mut conn, self.lane_class, lane as i32).await? {
             return Ok(None);
         }
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
         Ok(Some(Box::new(PgLane {
             conn,
             claim: self.sql.claim_for_lane(lane),
             claim_after: self.sql.claim_after_for_lane(lane),
             last_ord: None,
             sql: self.sql.clone(),
+            keys: Arc::new(LaneKeys {
+                opts: self.opts.clone(),
+                table: self.config.table.clone(),
+                lane,
+                lane_class: self.lane_class,
+                claim_class: self.claim_class,
+                prefetch: self.config.prefetch,
+            }),
+            role: Role::Leader {
+                pid,
+                fence: Fence::Closed { told: false },
+            },
         })))
     }
 
@@ -186,7 +219,44 @@ impl Membership for PgMembership {
     }
 }
 
-/// A lane: its advisory lock and its claim transactions, on one connection.
+/// What the sessions of one lane share.
+struct LaneKeys {
+    /// For the follower's connection.
+    opts: PgConnectOptions,
+    table: String,
+    lane: u32,
+    lane_class: i32,
+    claim_class: i32,
+    /// Whether the leader offers a follower.
+    prefetch: bool,
+}
+
+/// A lane session's part in keeping claims of different owners apart.
+///
+/// The leader holds the lane lock on its connection, so its own claims need nothing more.
+/// A follower's claims are safe only while that connection lives: each of its transactions
+/// holds the claim lock in shared mode and checks the leader first. A new owner, before its
+/// first claim, waits until it could take the claim lock exclusively: by then every follower
+/// claim of an earlier owner has ended, and later ones find their leader gone. Without this,
+/// a follower's claim could make a new owner skip its rows and publish later ones first.
+enum Role {
+    /// Holds the lane lock; `pid` is its backend.
+    Leader { pid: i32, fence: Fence },
+    /// Claims for the leader with backend pid `leader`.
+    Follower { leader: i32 },
+}
+
+/// Whether a new leader has seen the claims of earlier owners end.
+enum Fence {
+    /// Not yet; `told` once the wait was logged.
+    Closed {
+        told: bool,
+    },
+    Open,
+}
+
+/// A lane: its advisory lock and its claim transactions, on one connection (the leader),
+/// or claims for the leader on a second one (the follower).
 struct PgLane {
     conn: PgConnection,
     claim: String,
@@ -194,6 +264,8 @@ struct PgLane {
     /// The order value of the last row claimed in the open transaction (integer order).
     last_ord: Option<i64>,
     sql: Arc<TableSql>,
+    keys: Arc<LaneKeys>,
+    role: Role,
 }
 
 impl PgLane {
@@ -201,12 +273,84 @@ impl PgLane {
         sqlx::Executor::execute(&mut self.conn, statement).await?;
         Ok(())
     }
+
+    /// Begins a transaction; in a follower, first checks that its leader still holds the
+    /// lane.
+    ///
+    /// A claim transaction is REPEATABLE READ: every chunk of a batch then sees the rows
+    /// the first one saw. Under READ COMMITTED a later chunk (which starts after the last
+    /// row claimed) would see rows committed meanwhile: a row whose id was taken before that
+    /// point and committed late would be left for a later batch, while a later row of its
+    /// key, committed just after it, went out in this one. The lane's rows are changed only
+    /// by the lane's own sessions, so the serialization failures this level can raise do not
+    /// occur unless something else updates or deletes pending rows; the lane then fails and
+    /// is taken again.
+    async fn begin(&mut self, claim: bool) -> Result<(), StoreError> {
+        self.run(if claim {
+            "BEGIN ISOLATION LEVEL REPEATABLE READ"
+        } else {
+            "BEGIN"
+        })
+        .await?;
+        let Role::Follower { leader } = self.role else {
+            return Ok(());
+        };
+        let k = self.keys.clone();
+        let held: bool = sqlx::query_scalar(FOLLOWER_GUARD)
+            .bind(k.claim_class)
+            .bind(k.lane as i32)
+            .bind(i64::from(k.lane_class))
+            .bind(i64::from(k.lane))
+            .bind(leader)
+            .fetch_one(&mut self.conn)
+            .await?;
+        if !held {
+            self.run("ROLLBACK").await?;
+            return Err(StoreError::LaneLost {
+                table: k.table.clone(),
+                lane: k.lane,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this session may claim: always, except for a new leader while a follower
+    /// claim of an earlier owner is still open.
+    async fn fence_open(&mut self) -> Result<bool, StoreError> {
+        let Role::Leader { fence, .. } = &mut self.role else {
+            return Ok(true);
+        };
+        let Fence::Closed { told } = fence else {
+            return Ok(true);
+        };
+        let k = &self.keys;
+        let open: bool = sqlx::query_scalar(LEADER_FENCE)
+            .bind(k.claim_class)
+            .bind(k.lane as i32)
+            .fetch_one(&mut self.conn)
+            .await?;
+        if open {
+            *fence = Fence::Open;
+        } else if !*told {
+            *told = true;
+            tracing::info!(
+                table = %k.table,
+                lane = k.lane,
+                "waiting for the claims of the lane's previous owner to end before claiming"
+            );
+        }
+        Ok(open)
+    }
 }
 
 #[async_trait]
 impl LaneSession for PgLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.run("BEGIN").await?;
+        self.begin(true).await?;
+        if !self.fence_open().await? {
+            self.last_ord = None;
+            return Ok(Vec::new());
+        }
         let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
         self.last_ord = last;
         Ok(rows)
@@ -235,7 +379,7 @@ impl LaneSession for PgLane {
     }
 
     async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.run("BEGIN").await?;
+        self.begin(false).await?;
         let settled = async {
             finish(&mut self.conn, &self.sql, s.finished).await?;
             let counts: HashMap<String, i32> =
@@ -263,6 +407,24 @@ impl LaneSession for PgLane {
                 Err(e)
             }
         }
+    }
+
+    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        let Role::Leader { pid, .. } = self.role else {
+            return Ok(None);
+        };
+        if !self.keys.prefetch {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PgLane {
+            conn: self.keys.opts.connect().await?,
+            claim: self.claim.clone(),
+            claim_after: self.claim_after.clone(),
+            last_ord: None,
+            sql: self.sql.clone(),
+            keys: self.keys.clone(),
+            role: Role::Follower { leader: pid },
+        })))
     }
 }
 
@@ -314,10 +476,10 @@ mod tests {
 
     #[test]
     fn lock_classes_are_stable_and_distinct() {
-        let (a, b) = lock_classes("outbox");
-        assert_eq!((a, b), lock_classes("outbox"));
-        assert_ne!(a, b);
-        assert!(a >= 0 && b >= 0);
+        let (a, b, c) = lock_classes("outbox");
+        assert_eq!((a, b, c), lock_classes("outbox"));
+        assert!(a != b && b != c && a != c);
+        assert!(a >= 0 && b >= 0 && c >= 0);
         assert_ne!(lock_classes("other").0, a);
     }
 }

@@ -1,0 +1,198 @@
+//! The claims of a PostgreSQL lane, through the store interface: a batch claimed in chunks
+//! never takes a row ahead of an earlier row of its key, and the follower session
+//! (`prefetch`) claims the rows after its leader's batch, claims nothing once its leader is
+//! gone, and a new owner of the lane does not claim past a claim the old owner's follower
+//! still holds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outboxd::db::Database;
+use outboxd::relay::store::{self, ClaimedRow, LaneSession, Store, StoreError};
+
+use crate::helpers::{config, count_rows, database_url, db, insert_rows, outbox_table};
+
+/// The store of a fresh outbox table holding rows `0..rows`, with `prefetch` as given.
+async fn table_store(prefix: &str, rows: i64, prefetch: bool) -> (Arc<dyn Store>, String) {
+    let pool = db().await;
+    let table = outbox_table(&pool, prefix).await;
+    insert_rows(&pool, &table, 0, rows, 3).await;
+    let mut cfg = config(&table, "unused:9092");
+    cfg.database.url = Some(database_url());
+    cfg.relay.tables[0].prefetch = prefetch;
+    let database = Database::open(&cfg.database).unwrap();
+    let store = store::open(&database, &cfg.relay.tables[0]).await.unwrap();
+    (store, table)
+}
+
+fn ids(rows: &[ClaimedRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id.parse().unwrap()).collect()
+}
+
+/// Takes lane 0, retrying until the previous holder's lock is gone.
+async fn take_lane(store: &dyn Store) -> Box<dyn LaneSession> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(session) = store.acquire_lane(0).await.unwrap() {
+            return session;
+        }
+        assert!(Instant::now() < deadline, "lane 0 was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Claims with `follower` until it reports the lane lost (its leader's connection closes
+/// asynchronously after the drop); rolls back whatever it claimed meanwhile.
+async fn until_lane_lost(follower: &mut dyn LaneSession) -> StoreError {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match follower.claim(10).await {
+            Err(e) => return e,
+            Ok(_) => follower.rollback().await.unwrap(),
+        }
+        assert!(Instant::now() < deadline, "the follower kept claiming");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Inserts one row of key `key` through `conn`; returns its id.
+async fn insert_one(conn: &mut sqlx::PgConnection, table: &str, key: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('account', $1, '{table}', '{{}}') RETURNING id"
+    ))
+    .bind(key)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Row `a` takes its id, then commits only after the lane claimed the rows after it; the
+/// next row of its key, `b`, commits just after it. A further chunk of the same batch must
+/// not take `b` while `a` is left for a later batch.
+#[tokio::test]
+async fn a_chunk_never_takes_a_row_ahead_of_an_earlier_row_of_its_key() {
+    use sqlx::Connection;
+    let pool = db().await;
+    let (store, table) = table_store("chunks", 0, true).await;
+    let mut writer = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut writer).await.unwrap();
+    let a = insert_one(&mut writer, &table, "late").await;
+    insert_rows(&pool, &table, 0, 20, 3).await;
+
+    let mut lane = store
+        .acquire_lane(0)
+        .await
+        .unwrap()
+        .expect("lane 0 is free");
+    assert!(lane.claims_in_chunks());
+    let first = ids(&lane.claim(10).await.unwrap());
+    assert!(first.iter().all(|id| *id > a), "{a} is not committed yet");
+    sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
+    let b = insert_one(&mut writer, &table, "late").await;
+
+    let more = ids(&lane.claim_more(100).await.unwrap());
+    assert!(
+        !more.contains(&b) || more.contains(&a),
+        "the chunk took {b} while {a} of the same key stays behind: {more:?}"
+    );
+    lane.commit().await.unwrap();
+    let rest = ids(&lane.claim(100).await.unwrap());
+    let position = |id| rest.iter().position(|r| *r == id);
+    if !more.contains(&b) {
+        assert!(
+            position(a) < position(b),
+            "{a} then {b} in the next batch: {rest:?}"
+        );
+    }
+    lane.commit().await.unwrap();
+    assert_eq!(count_rows(&pool, &table).await, 0);
+}
+
+#[tokio::test]
+async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() {
+    let pool = db().await;
+    let (store, table) = table_store("follow", 30, true).await;
+    let mut leader = store
+        .acquire_lane(0)
+        .await
+        .unwrap()
+        .expect("lane 0 is free");
+    let mut follower = leader
+        .follower()
+        .await
+        .unwrap()
+        .expect("prefetch gives a follower");
+    assert!(
+        follower.follower().await.unwrap().is_none(),
+        "a follower has no follower of its own"
+    );
+
+    let first = ids(&leader.claim(10).await.unwrap());
+    let next = ids(&follower.claim(10).await.unwrap());
+    assert_eq!(first.len(), 10);
+    assert_eq!(next.len(), 10);
+    assert!(
+        next.iter().all(|id| id > first.last().unwrap()),
+        "the follower claims the rows after the leader's batch: {first:?} then {next:?}"
+    );
+    leader.commit().await.unwrap();
+    follower.rollback().await.unwrap();
+    assert_eq!(count_rows(&pool, &table).await, 20);
+
+    drop(leader);
+    let error = until_lane_lost(follower.as_mut()).await;
+    assert!(
+        matches!(error, StoreError::LaneLost { lane: 0, .. }),
+        "{error}"
+    );
+    assert_eq!(
+        count_rows(&pool, &table).await,
+        20,
+        "nothing claimed after the leader left"
+    );
+}
+
+#[tokio::test]
+async fn a_new_owner_waits_for_the_claim_of_the_old_owners_follower() {
+    let pool = db().await;
+    let (store, table) = table_store("fence", 30, true).await;
+    let mut leader = store
+        .acquire_lane(0)
+        .await
+        .unwrap()
+        .expect("lane 0 is free");
+    let mut follower = leader.follower().await.unwrap().unwrap();
+    let held = ids(&follower.claim(10).await.unwrap());
+    assert_eq!(held.len(), 10);
+
+    // The old owner's lock-holding connection goes; its follower's claim stays open.
+    drop(leader);
+    let mut newcomer = take_lane(store.as_ref()).await;
+    assert!(
+        newcomer.claim(100).await.unwrap().is_empty(),
+        "a new owner must not claim past rows the old follower holds"
+    );
+    newcomer.commit().await.unwrap();
+
+    // The follower's batch ends (committed, as after Kafka acknowledged it).
+    follower.commit().await.unwrap();
+    let rest = ids(&newcomer.claim(100).await.unwrap());
+    assert_eq!(rest.len(), 20);
+    assert!(
+        rest[0] > *held.last().unwrap(),
+        "the new owner starts after the committed claim"
+    );
+    newcomer.commit().await.unwrap();
+    assert_eq!(count_rows(&pool, &table).await, 0);
+
+    let error = until_lane_lost(follower.as_mut()).await;
+    assert!(matches!(error, StoreError::LaneLost { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn without_prefetch_a_lane_has_no_follower() {
+    let (store, _table) = table_store("noprefetch", 1, false).await;
+    let mut leader = store.acquire_lane(0).await.unwrap().unwrap();
+    assert!(leader.follower().await.unwrap().is_none());
+}
