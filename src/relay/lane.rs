@@ -3,7 +3,7 @@
 //! session, the next batch is claimed while Kafka acknowledges the current one.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,30 +170,53 @@ struct Sessions {
     /// Claims the batch after it while Kafka acknowledges it.
     other: Option<Box<dyn LaneSession>>,
     /// Rows `current` claimed in its open transaction and nothing sent yet.
-    ready: Option<Vec<ClaimedRow>>,
+    ready: Option<Claimed>,
 }
 
 /// Rows a lane claims at a time when its store extends claims: each chunk is enqueued to
 /// the producer while the next one is claimed, so claiming and publishing overlap.
 const CLAIM_CHUNK: u32 = 1000;
 
-/// Claims up to `batch_size` rows and, when given a `publication`, sends them to it: each
-/// chunk is sent while the next one is claimed (the claim is polled first, so its statement
-/// is on its way to the database while this task prepares and enqueues the previous chunk).
+/// Rows claimed in a session's open transaction.
+struct Claimed {
+    rows: Vec<ClaimedRow>,
+    /// Whether the last claim filled its chunk: the claim may go on.
+    more: bool,
+}
+
+/// Claims up to `batch_size` rows, going on from `from` when given (a prefetch), and, when
+/// given a `publication`, sends them to it: each chunk is sent while the next one is
+/// claimed (the claim is polled first, so its statement is on its way to the database
+/// while this task prepares and enqueues the previous chunk). A prefetch stops claiming
+/// further chunks once `until` is set (the batch before it was acknowledged).
 async fn claim(
     session: &mut dyn LaneSession,
     batch_size: u32,
     mut publication: Option<&mut Publication<'_>>,
-) -> Result<Vec<ClaimedRow>, StoreError> {
+    from: Option<Claimed>,
+    until: Option<&AtomicBool>,
+) -> Result<Claimed, StoreError> {
     let chunk = if session.claims_in_chunks() {
         CLAIM_CHUNK.min(batch_size)
     } else {
         batch_size
     };
-    let mut rows = session.claim(chunk).await?;
+    let mut claimed = match from {
+        Some(claimed) => claimed,
+        None => {
+            let rows = session.claim(chunk).await?;
+            Claimed {
+                more: rows.len() as u32 == chunk,
+                rows,
+            }
+        }
+    };
+    let rows = &mut claimed.rows;
     let mut sent = 0;
-    let mut last = rows.len() as u32;
-    while last == chunk && (rows.len() as u32) < batch_size {
+    while claimed.more
+        && (rows.len() as u32) < batch_size
+        && !until.is_some_and(|u| u.load(Ordering::Acquire))
+    {
         let want = chunk.min(batch_size - rows.len() as u32);
         let send = async {
             if let Some(p) = publication.as_deref_mut() {
@@ -203,18 +226,19 @@ async fn claim(
         let (more, ()) = tokio::join!(session.claim_more(want), send);
         let more = more?;
         sent = rows.len();
-        last = if more.len() as u32 == want { chunk } else { 0 };
+        claimed.more = more.len() as u32 == want;
         rows.extend(more);
     }
     if let Some(p) = publication {
         p.send(&rows[sent..]).await;
     }
-    Ok(rows)
+    Ok(claimed)
 }
 
-/// One claim/publish/commit cycle. After a full batch the follower claims the next one
-/// while Kafka acknowledges this one; those rows are sent only once this batch committed,
-/// and rolled back unsent if it failed, so they never overtake it.
+/// One claim/publish/commit cycle. After a full batch the follower claims the next one,
+/// chunk by chunk, until Kafka acknowledged this one; those rows are sent only once this
+/// batch committed (the next cycle goes on claiming the rest of its batch), and rolled
+/// back unsent if this one failed, so they never overtake it.
 async fn batch(
     rt: &TableRuntime,
     sessions: &mut Sessions,
@@ -229,13 +253,15 @@ async fn batch(
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics);
-    let rows = match ready.take() {
-        Some(rows) => {
-            publication.send(&rows).await;
-            rows
-        }
-        None => claim(session, batch_size, Some(&mut publication)).await?,
-    };
+    let rows = claim(
+        session,
+        batch_size,
+        Some(&mut publication),
+        ready.take(),
+        None,
+    )
+    .await?
+    .rows;
     if rows.is_empty() {
         session.commit().await?;
         return Ok(BatchEnd::Empty);
@@ -245,9 +271,15 @@ async fn batch(
     let mut follower = other
         .as_deref_mut()
         .filter(|_| full && !stop.is_cancelled());
+    let acknowledged = AtomicBool::new(false);
+    let finish = async {
+        let outcomes = publication.finish().await;
+        acknowledged.store(true, Ordering::Release);
+        outcomes
+    };
     let prefetch = async {
         match follower.as_deref_mut() {
-            Some(f) => Some(claim(f, batch_size, None).await),
+            Some(f) => Some(claim(f, batch_size, None, None, Some(&acknowledged)).await),
             None => None,
         }
     };
@@ -256,7 +288,7 @@ async fn batch(
         tokio::time::sleep(rt.drain_grace).await;
     };
     let (outcomes, prefetched) = tokio::select! {
-        done = async { tokio::join!(publication.finish(), prefetch) } => done,
+        done = async { tokio::join!(finish, prefetch) } => done,
         () = grace_over => {
             // A prefetch may have been cut off mid-statement: its connection closes, which
             // rolls its claim back.

@@ -1,8 +1,8 @@
-//! The claims of a PostgreSQL lane, through the store interface: a batch claimed in chunks
+//! The claims of a PostgreSQL lane. Through the store interface: a batch claimed in chunks
 //! never takes a row ahead of an earlier row of its key, and the follower session
 //! (`prefetch`) claims the rows after its leader's batch, claims nothing once its leader is
 //! gone, and a new owner of the lane does not claim past a claim the old owner's follower
-//! still holds.
+//! still holds. Through the daemon: prefetched batches arrive once and in key order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use outboxd::db::Database;
 use outboxd::relay::store::{self, ClaimedRow, LaneSession, Store, StoreError};
 
-use crate::helpers::{config, count_rows, database_url, db, insert_rows, outbox_table};
+use crate::helpers::*;
 
 /// The store of a fresh outbox table holding rows `0..rows`, with `prefetch` as given.
 async fn table_store(prefix: &str, rows: i64, prefetch: bool) -> (Arc<dyn Store>, String) {
@@ -195,4 +195,37 @@ async fn without_prefetch_a_lane_has_no_follower() {
     let (store, _table) = table_store("noprefetch", 1, false).await;
     let mut leader = store.acquire_lane(0).await.unwrap().unwrap();
     assert!(leader.follower().await.unwrap().is_none());
+}
+
+/// Batches of 2,500 rows are claimed in chunks of 1,000; the follower claims chunks of
+/// the next batch until Kafka acknowledged the current one, and the next cycle claims the
+/// rest. With a fast broker the prefetch stops after a chunk or two, with a broker 3 ms
+/// away it claims whole batches: every row arrives once, and each key in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_batches_larger_than_a_chunk_arrive_once_and_in_key_order() {
+    for rtt in [Duration::ZERO, Duration::from_millis(3)] {
+        let Relayed {
+            pool,
+            table,
+            topic,
+            cluster,
+        } = relayed("prefetch", 4).await;
+        cluster.broker_round_trip_time(-1, rtt).unwrap();
+        insert_rows(&pool, &table, 0, 20_000, 100).await;
+        let mut cfg = config(&table, &cluster.bootstrap_servers());
+        cfg.relay.tables[0].batch_size = 2500;
+        let daemon = Daemon::start(cfg).await;
+        let received = consume(
+            &cluster.bootstrap_servers(),
+            &topic,
+            20_000,
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_exactly_once(&received, 0, 20_000);
+        assert_first_deliveries_in_key_order(&received);
+        drained(&pool, &table, Duration::from_secs(10)).await;
+        daemon.stop().await.unwrap();
+    }
 }
