@@ -11,6 +11,7 @@
 #   --latency-secs N   length of each latency run (default 30)
 #   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
 #   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)
+#   --broker-rtt-ms N  the mock broker answers each request N ms late (a remote cluster)
 # $BENCH_OUTBOXD_BIN runs another outboxd binary (an older build, for a before/after).
 # PostgreSQL: $DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test.
 set -euo pipefail

@@ -4,7 +4,8 @@
 //! or inside this harness (librdkafka's mock cluster).
 //!
 //! 1. relay drain: N backlog rows (about 200-byte JSON payloads, 1,000 keys), lanes 1 and 4,
-//!    against the raw SQL claim rate on one connection;
+//!    and lanes 1 without `prefetch`, against the raw SQL claim rate on one connection; each
+//!    drain gets a fresh broker (Tansu slows down as its in-memory log grows);
 //! 2. relay latency: rows inserted at 1,000/s and 10,000/s, 1 and 10 rows per
 //!    transaction, with LISTEN and with polling only; p50/p99/max from commit to arrival;
 //! 3. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
@@ -13,7 +14,9 @@
 //!
 //! `--only relay,latency,dispatch` runs a subset; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
-//! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd.
+//! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd;
+//! `--broker-rtt-ms N` makes the mock broker answer each request N ms late, like a remote
+//! cluster.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +29,7 @@ mod processes;
 
 use anyhow::{bail, Context, Result};
 use dispatch::{bare_consumer, dispatch, http_sink, produce};
-use processes::{kafka_section, tansu_binary, Broker, Outboxd};
+use processes::{cpu_seconds, kafka_section, postgres_cpu_seconds, tansu_binary, Broker, Outboxd};
 use sqlx::{PgPool, Row};
 
 struct Args {
@@ -40,6 +43,8 @@ struct Args {
     batch_size: Option<u32>,
     /// Extra `[kafka.options]` of every outboxd started.
     kafka_options: Vec<(String, String)>,
+    /// Delay the mock broker adds to each request (a remote cluster's round trip).
+    broker_rtt: Duration,
 }
 
 impl Args {
@@ -58,6 +63,7 @@ fn args() -> Result<Args> {
         latency_secs: 30,
         batch_size: None,
         kafka_options: Vec::new(),
+        broker_rtt: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(arg) = it.next() {
@@ -80,6 +86,10 @@ fn args() -> Result<Args> {
                 let option = it.next().context("--kafka-option key=value")?;
                 let (key, value) = option.split_once('=').context("--kafka-option key=value")?;
                 a.kafka_options.push((key.to_owned(), value.to_owned()));
+            }
+            "--broker-rtt-ms" => {
+                let ms = it.next().context("--broker-rtt-ms N")?.parse()?;
+                a.broker_rtt = Duration::from_millis(ms);
             }
             other => bail!("unknown argument {other}"),
         }
@@ -132,28 +142,45 @@ async fn raw_claim(pool: &PgPool, table: &str) -> Result<f64> {
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// One relay drain's settings.
+struct Drain {
+    lanes: u32,
+    prefetch: bool,
+    batch_size: Option<u32>,
+}
+
 async fn relay_drain(
     pool: &PgPool,
     broker: &Broker,
     table: &str,
     rows: i64,
-    lanes: u32,
     url: &str,
-    batch_size: Option<u32>,
+    drain: &Drain,
 ) -> Result<(f64, f64)> {
     let mut config = format!(
-        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {lanes}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
-        kafka_section(&broker.bootstrap(), &[])
+        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\nlanes = {}\nprefetch = {}\nnotify_channel = \"\"\npoll_interval = \"50ms\"\n",
+        kafka_section(&broker.bootstrap(), &[]),
+        drain.lanes,
+        drain.prefetch,
     );
-    if let Some(n) = batch_size {
+    if let Some(n) = drain.batch_size {
         config.push_str(&format!("batch_size = {n}\n"));
     }
+    let broker_cpu = || broker.pid().map_or(0.0, cpu_seconds);
+    let (pg_before, broker_before) = (postgres_cpu_seconds(), broker_cpu());
     let mut outboxd = Outboxd::start(&config)?;
     // Read from outboxd's /metrics (polling the table with count(*) would compete with the
     // relay for the database).
     let rate = outboxd
         .rate_until("outboxd_relay_published_total", rows as f64)
         .await?;
+    let per_100k = 100_000.0 / rows as f64;
+    eprintln!(
+        "  CPU s per 100k rows: outboxd {:.2}, broker {:.2}, postgres {:.2}",
+        cpu_seconds(outboxd.pid()) * per_100k,
+        (broker_cpu() - broker_before) * per_100k,
+        (postgres_cpu_seconds() - pg_before) * per_100k,
+    );
     if count(pool, table).await? != 0 {
         bail!("rows left in {table} after the drain");
     }
@@ -173,6 +200,7 @@ struct Line {
 async fn main() -> Result<()> {
     let a = args()?;
     processes::set_kafka_options(a.kafka_options.clone());
+    processes::set_broker_rtt(a.broker_rtt);
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -187,7 +215,7 @@ async fn main() -> Result<()> {
         .messages
         .unwrap_or(if a.broker == "mock" { 100_000 } else { 500_000 });
     let mut lines = Vec::new();
-    let mut rss: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut rss: BTreeMap<String, f64> = BTreeMap::new();
     let table = "bench_outbox";
     broker.create_topic("bench.BenchEvent", 6).await?;
 
@@ -196,30 +224,38 @@ async fn main() -> Result<()> {
     {
         let idle = Outboxd::start(&format!("[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"bench.{{event_type}}\"\n", kafka_section(&broker.bootstrap(), &[])))?;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        rss.insert("idle (relay, empty table)", idle.rss().1);
+        rss.insert("idle (relay, empty table)".into(), idle.rss().1);
         idle.stop();
     }
 
     // 1. Relay drain.
     if a.runs("relay") {
         fill(&pool, table, a.rows).await?;
+        let pg_before = postgres_cpu_seconds();
         let raw = raw_claim(&pool, table).await?;
-        eprintln!("raw claim: {raw:.0} rows/s");
-        for lanes in [1, 4] {
+        eprintln!(
+            "raw claim: {raw:.0} rows/s; postgres CPU s per 100k rows {:.2}",
+            (postgres_cpu_seconds() - pg_before) * 100_000.0 / a.rows as f64
+        );
+        for (lanes, prefetch) in [(1, true), (1, false), (4, true)] {
             fill(&pool, table, a.rows).await?;
+            let drain_broker = Broker::start(&a.broker)?;
+            drain_broker.create_topic("bench.BenchEvent", 6).await?;
+            let drain = Drain {
+                lanes,
+                prefetch,
+                batch_size: a.batch_size,
+            };
             let (rate, peak) =
-                relay_drain(&pool, &broker, table, a.rows, lanes, &url, a.batch_size).await?;
-            eprintln!("relay lanes={lanes}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
-            rss.insert(
-                if lanes == 1 {
-                    "relay drain, lanes = 1 (peak)"
-                } else {
-                    "relay drain, lanes = 4 (peak)"
-                },
-                peak,
+                relay_drain(&pool, &drain_broker, table, a.rows, &url, &drain).await?;
+            let name = format!(
+                "lanes = {lanes}{}",
+                if prefetch { "" } else { ", prefetch off" }
             );
+            eprintln!("relay {name}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
+            rss.insert(format!("relay drain, {name} (peak)"), peak);
             lines.push(Line {
-                scenario: format!("relay drain, {} rows, lanes = {lanes}", a.rows),
+                scenario: format!("relay drain, {} rows, {name}", a.rows),
                 result: format!("{rate:.0} rows/s"),
                 baseline: format!("raw SQL claim {raw:.0} rows/s"),
                 ratio: format!("{:.2}", rate / raw),
@@ -281,7 +317,7 @@ async fn main() -> Result<()> {
     ] {
         let (rate, peak) = dispatch(&broker, &topic, messages, name, &handler, &url).await?;
         eprintln!("dispatch {name}: {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
-        rss.insert(match name { "log" => "dispatch, log (peak)", "http" => "dispatch, http (peak)", _ => "dispatch, sql (peak)" }, peak);
+        rss.insert(format!("dispatch, {name} (peak)"), peak);
         lines.push(Line {
             scenario: format!("consumer dispatch, {messages} msgs / 6 partitions, {name} handler"),
             result: format!("{rate:.0} msgs/s"),

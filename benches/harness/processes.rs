@@ -34,8 +34,16 @@ pub enum Broker {
 
 impl Broker {
     pub fn start(kind: &str) -> Result<Broker> {
+        let rtt = BROKER_RTT.get().copied().unwrap_or_default();
         if kind == "mock" {
-            return Ok(Broker::Mock(rdkafka::mocking::MockCluster::new(1)?));
+            let cluster = rdkafka::mocking::MockCluster::new(1)?;
+            if !rtt.is_zero() {
+                cluster.broker_round_trip_time(-1, rtt)?;
+            }
+            return Ok(Broker::Mock(cluster));
+        }
+        if !rtt.is_zero() {
+            bail!("--broker-rtt-ms needs --broker mock");
         }
         let bin = tansu_binary()
             .context("tansu not installed (cargo install tansu --locked --features dynostore)")?;
@@ -79,6 +87,14 @@ impl Broker {
         }
     }
 
+    /// The broker's process, when it runs as one.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Broker::Tansu { child, .. } => Some(child.id()),
+            Broker::Mock(_) => None,
+        }
+    }
+
     /// librdkafka properties every consumer of this broker gets, the baseline's and
     /// outboxd's alike. Tansu 0.6.0 answers every fetch only after sleeping half of
     /// `fetch.wait.max.ms` (500 ms by default), even when it has data (its fetch service
@@ -119,6 +135,13 @@ impl Drop for Broker {
 
 /// `[kafka.options]` entries every outboxd of this run gets (`--kafka-option key=value`).
 static KAFKA_OPTIONS: OnceLock<Vec<(String, String)>> = OnceLock::new();
+static BROKER_RTT: OnceLock<Duration> = OnceLock::new();
+
+/// Sets the round-trip time every mock broker of the run adds to each request; call once,
+/// before starting any broker.
+pub fn set_broker_rtt(rtt: Duration) {
+    BROKER_RTT.set(rtt).expect("the broker RTT is set once");
+}
 
 /// Sets the run's extra `[kafka.options]`; call once, before starting any outboxd.
 pub fn set_kafka_options(options: Vec<(String, String)>) {
@@ -254,6 +277,10 @@ impl Outboxd {
         Ok((target - at_start) / start.elapsed().as_secs_f64())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -270,4 +297,36 @@ impl Drop for Outboxd {
             let _ = self.child.wait();
         }
     }
+}
+
+/// CPU seconds (user + system) a process has used so far, 0 when it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds used so far by every PostgreSQL server process on this machine.
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
 }
