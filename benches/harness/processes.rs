@@ -317,15 +317,19 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// CPU seconds used so far by every PostgreSQL server process on this machine.
+/// CPU seconds used so far by the PostgreSQL backends serving TCP or socket clients on
+/// this machine (not the checkpointer, WAL writer or autovacuum, whose work after a fill
+/// would blur the comparison). A backend's seconds vanish with it: read before clients go.
 pub fn postgres_cpu_seconds() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "postgres")
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("postgres: ") && (c.contains("127.0.0.1(") || c.contains("[local]"))
+            })
         })
         .map(cpu_seconds)
         .sum()
