@@ -29,6 +29,15 @@ fn ids(rows: &[ClaimedRow]) -> Vec<i64> {
     rows.iter().map(|r| r.id.parse().unwrap()).collect()
 }
 
+/// Takes lane 0, which no one holds.
+async fn free_lane(store: &dyn Store) -> Box<dyn LaneSession> {
+    store
+        .acquire_lane(0)
+        .await
+        .unwrap()
+        .expect("lane 0 is free")
+}
+
 /// Takes lane 0, retrying until the previous holder's lock is gone.
 async fn take_lane(store: &dyn Store) -> Box<dyn LaneSession> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -80,11 +89,7 @@ async fn a_chunk_never_takes_a_row_ahead_of_an_earlier_row_of_its_key() {
     let a = insert_one(&mut writer, &table, "late").await;
     insert_rows(&pool, &table, 0, 20, 3).await;
 
-    let mut lane = store
-        .acquire_lane(0)
-        .await
-        .unwrap()
-        .expect("lane 0 is free");
+    let mut lane = free_lane(store.as_ref()).await;
     assert!(lane.claims_in_chunks());
     let first = ids(&lane.claim(10).await.unwrap());
     assert!(first.iter().all(|id| *id > a), "{a} is not committed yet");
@@ -113,11 +118,7 @@ async fn a_chunk_never_takes_a_row_ahead_of_an_earlier_row_of_its_key() {
 async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() {
     let pool = db().await;
     let (store, table) = table_store("follow", 30, true).await;
-    let mut leader = store
-        .acquire_lane(0)
-        .await
-        .unwrap()
-        .expect("lane 0 is free");
+    let mut leader = free_lane(store.as_ref()).await;
     let mut follower = leader
         .follower()
         .await
@@ -157,11 +158,7 @@ async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() 
 async fn a_new_owner_waits_for_the_claim_of_the_old_owners_follower() {
     let pool = db().await;
     let (store, table) = table_store("fence", 30, true).await;
-    let mut leader = store
-        .acquire_lane(0)
-        .await
-        .unwrap()
-        .expect("lane 0 is free");
+    let mut leader = free_lane(store.as_ref()).await;
     let mut follower = leader.follower().await.unwrap().unwrap();
     let held = ids(&follower.claim(10).await.unwrap());
     assert_eq!(held.len(), 10);
@@ -193,7 +190,7 @@ async fn a_new_owner_waits_for_the_claim_of_the_old_owners_follower() {
 #[tokio::test]
 async fn without_prefetch_a_lane_has_no_follower() {
     let (store, _table) = table_store("noprefetch", 1, false).await;
-    let mut leader = store.acquire_lane(0).await.unwrap().unwrap();
+    let mut leader = free_lane(store.as_ref()).await;
     assert!(leader.follower().await.unwrap().is_none());
 }
 
