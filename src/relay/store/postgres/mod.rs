@@ -249,9 +249,8 @@ enum Role {
 /// Whether a new leader has seen the claims of earlier owners end.
 enum Fence {
     /// Not yet; `told` once the wait was logged.
-    Closed {
-        told: bool,
-    },
+    Closed { told: bool },
+    /// Yes: the leader claims freely from now on.
     Open,
 }
 
