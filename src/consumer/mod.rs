@@ -5,6 +5,7 @@
 //!   rebalances, statistics and errors; starts and retires one worker per assigned
 //!   partition, which reads the partition's own queue);
 //! - `worker`: one partition's in-order processing, retries, offset storing;
+//! - `input`: a worker's batches of waiting messages;
 //! - `routing`, `retry`, `dead_letter`, `context` (rebalance and statistics callbacks).
 //!
 //! Offsets: `enable.auto.offset.store=false`; a worker stores a message's offset only
@@ -13,6 +14,7 @@
 
 mod context;
 mod dead_letter;
+mod input;
 mod retry;
 mod routing;
 mod worker;
@@ -252,7 +254,7 @@ impl Dispatcher {
             .retiring
             .get_mut(topic)
             .and_then(|t| t.remove(&partition));
-        let input = worker::Input {
+        let input = input::Input {
             queue: self.shared.consumer.context().queue(topic, partition),
             strays: receiver,
         };

@@ -26,8 +26,10 @@ pub enum Next {
 }
 
 impl Retrier {
-    /// Starts counting now (the first attempt is about to run).
-    pub fn new(policy: &RetryPolicy) -> Self {
+    /// After a message's first attempt failed, which took `first` (the retry clock counts
+    /// from its start). Made only then, so that a message handled at once pays nothing.
+    pub fn new(policy: &RetryPolicy, first: Duration) -> Self {
+        let now = Instant::now();
         Retrier {
             bounds: ExponentialBuilder::default()
                 .with_min_delay(policy.initial)
@@ -36,12 +38,12 @@ impl Retrier {
                 .without_max_times()
                 .build(),
             policy: policy.clone(),
-            started: Instant::now(),
-            attempts: 0,
+            started: now.checked_sub(first).unwrap_or(now),
+            attempts: 1,
         }
     }
 
-    /// Records an attempt about to run; returns its number (from 1).
+    /// Records a further attempt about to run; returns its number (from 2).
     pub fn attempt(&mut self) -> u32 {
         self.attempts += 1;
         self.attempts
@@ -83,18 +85,17 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn delays_stay_within_growing_bounds_and_attempts_are_limited() {
-        let mut r = Retrier::new(&policy());
+        let mut r = Retrier::new(&policy(), Duration::ZERO);
         let bounds = [100, 200, 400, 800, 1000];
         for bound in bounds {
-            r.attempt();
             match r.next() {
                 Next::RetryAfter(d) => {
                     assert!(d <= Duration::from_millis(bound), "{d:?} > {bound} ms")
                 }
                 Next::GiveUp => panic!("gave up early"),
             }
+            r.attempt();
         }
-        r.attempt();
         assert_eq!(r.attempts(), 6);
         assert_eq!(r.next(), Next::GiveUp, "max_attempts = 6 allows six calls");
     }
@@ -107,11 +108,12 @@ mod tests {
             initial: Duration::from_millis(100),
             ..policy()
         };
-        let mut r = Retrier::new(&p);
+        let mut r = Retrier::new(&p, Duration::ZERO);
         let delays: Vec<Duration> = (0..2000)
             .map(|_| {
+                let next = r.next();
                 r.attempt();
-                match r.next() {
+                match next {
                     Next::RetryAfter(d) => d,
                     Next::GiveUp => panic!("gave up"),
                 }
@@ -135,19 +137,28 @@ mod tests {
             max_attempts: 1000,
             ..policy()
         };
-        let mut r = Retrier::new(&p);
-        let mut slept = Duration::ZERO;
-        loop {
+        let first = Duration::from_secs(1);
+        tokio::time::sleep(first).await;
+        let mut r = Retrier::new(&p, first);
+        let mut slept = first;
+        while let Next::RetryAfter(d) = r.next() {
+            tokio::time::sleep(d).await;
+            slept += d;
             r.attempt();
-            match r.next() {
-                Next::RetryAfter(d) => {
-                    tokio::time::sleep(d).await;
-                    slept += d;
-                }
-                Next::GiveUp => break,
-            }
         }
         assert!(slept <= Duration::from_secs(3), "slept {slept:?}");
         assert!(r.attempts() > 3, "retried until the time was used up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_attempt_that_used_the_time_up_is_not_retried() {
+        let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(3),
+            ..policy()
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut r = Retrier::new(&p, Duration::from_secs(3));
+        assert_eq!(r.next(), Next::GiveUp);
+        assert_eq!(r.attempts(), 1);
     }
 }

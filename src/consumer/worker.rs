@@ -3,19 +3,18 @@
 //! the message's outcome is final.
 
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
-
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::context::{Context, PartitionQueue};
+use super::context::Context;
 use super::dead_letter::{DeadLetters, Failure};
+use super::input::Input;
 use super::retry::{Next, Retrier};
 use super::routing::{Router, TopicRoutes};
 use crate::config::{RetryPolicy, Unrouted};
@@ -48,41 +47,6 @@ pub struct Shared {
     pub permits: Semaphore,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-}
-
-/// Where a worker's messages come from.
-pub struct Input {
-    /// The partition's own queue (None if it could not be split off).
-    pub queue: Option<Arc<PartitionQueue>>,
-    /// Messages of the partition that arrived on the consumer's main queue instead.
-    pub strays: mpsc::Receiver<OwnedMessage>,
-}
-
-impl Input {
-    /// The next message, waiting as long as it takes.
-    async fn next(&mut self) -> OwnedMessage {
-        loop {
-            let received = tokio::select! {
-                biased;
-                Some(m) = self.strays.recv() => return m,
-                m = recv(self.queue.as_deref()) => m,
-            };
-            match received {
-                Ok(m) => return m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka consumer error on a partition queue");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-}
-
-async fn recv(queue: Option<&PartitionQueue>) -> Result<OwnedMessage, rdkafka::error::KafkaError> {
-    match queue {
-        Some(q) => q.recv().await.map(|m| m.detach()),
-        None => std::future::pending().await,
-    }
 }
 
 /// One handler's metrics, as one worker reports them: resolved once, because looking a
@@ -126,6 +90,15 @@ impl Local {
     }
 }
 
+/// Messages a worker takes from its queue at a time (fewer when fewer are waiting). Each
+/// batch costs one wake-up, one `max_in_flight` permit (while its calls follow each other)
+/// and one offset store, instead of one of each per message.
+const BATCH: usize = 64;
+
+/// Within a batch, a handled message's offset is stored at once when the last store is
+/// this old (else at the end of the batch).
+const STORE_EVERY: Duration = Duration::from_millis(100);
+
 /// Runs the worker of `topic`'s partition until `stop` (after the message in flight).
 /// Starts only once `previous` (a retired worker of the same partition) has finished.
 pub async fn run(
@@ -139,84 +112,162 @@ pub async fn run(
         let _ = previous.await;
     }
     let mut local = Local::new(&shared, &topic);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut stored_at = Instant::now();
     loop {
-        let message = tokio::select! {
+        tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            m = input.next() => m,
-        };
-        let event = Event { message };
-        if !process(&shared, &mut local, &event, &stop).await {
+            _ = input.next_batch(&mut batch, BATCH) => {}
+        }
+        let mut turn = Turn::new();
+        // Messages not handled when stopped are dropped unstored: the partition's next
+        // owner, or this worker's successor after a restart, fetches them again.
+        let mut unstored = None;
+        for message in batch.drain(..) {
+            if stop.is_cancelled() {
+                break;
+            }
+            let event = Event { message };
+            if !process(&shared, &mut local, &event, &stop, &mut turn).await {
+                break;
+            }
+            // A batch of slow calls stores as it goes, so that its progress is committed.
+            if turn.since.duration_since(stored_at) >= STORE_EVERY {
+                store_offset(&shared, &event.message);
+                stored_at = turn.since;
+                unstored = None;
+            } else {
+                unstored = Some(event.message);
+            }
+        }
+        drop(turn);
+        if let Some(m) = unstored {
+            store_offset(&shared, &m);
+        }
+        if stop.is_cancelled() {
             return;
         }
-        let m = &event.message;
-        if let Err(e) = shared
-            .consumer
-            .store_offset(m.topic(), m.partition(), m.offset())
-        {
-            // The partition was revoked meanwhile: its new owner handles it again.
-            tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "offset not stored");
+    }
+}
+
+/// Stores `m`'s offset: it and every earlier message of its partition are final.
+fn store_offset(s: &Shared, m: &OwnedMessage) {
+    if let Err(e) = s
+        .consumer
+        .store_offset(m.topic(), m.partition(), m.offset())
+    {
+        // The partition was revoked meanwhile: its new owner handles it again.
+        tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "offset not stored");
+    }
+}
+
+/// A worker's right to call handlers while it works through a batch: the permit is kept
+/// while calls follow each other and given back before any other wait (a retry's pause,
+/// a dead letter's production), and the clock is read once per call: each call's time is
+/// from the end of the previous one (or from taking the permit) to its own end.
+struct Turn<'a> {
+    permit: Option<SemaphorePermit<'a>>,
+    since: Instant,
+}
+
+impl<'a> Turn<'a> {
+    fn new() -> Self {
+        Turn {
+            permit: None,
+            since: Instant::now(),
         }
+    }
+
+    /// Takes a permit unless one is held.
+    async fn begin(&mut self, permits: &'a Semaphore) {
+        if self.permit.is_none() {
+            let permit = permits.acquire().await.expect("semaphore is never closed");
+            self.permit = Some(permit);
+            self.since = Instant::now();
+        }
+    }
+
+    /// The time since the call began; the next call begins now.
+    fn lap(&mut self) -> Duration {
+        let now = Instant::now();
+        let took = now - self.since;
+        self.since = now;
+        took
+    }
+
+    /// Gives the permit back before a wait that is not a handler call.
+    fn pause(&mut self) {
+        self.permit = None;
     }
 }
 
 /// Handles one message to a final outcome. False when stopped before that (the offset
 /// must not move; the message is delivered again later).
-async fn process(s: &Shared, local: &mut Local, event: &Event, stop: &CancellationToken) -> bool {
+async fn process<'a>(
+    s: &'a Shared,
+    local: &mut Local,
+    event: &Event,
+    stop: &CancellationToken,
+    turn: &mut Turn<'a>,
+) -> bool {
     let m = &event.message;
     let Some(slot) = local.routes.route(event.event_type()) else {
+        if s.unrouted != Unrouted::Skip {
+            turn.pause();
+        }
         return unrouted(s, event, stop).await;
     };
     let h = &s.handlers[slot];
     let meters = local.meters(s, slot, m.topic());
-    let policy = h.policy.read().expect("policy lock poisoned").clone();
-    let mut retrier = Retrier::new(&policy);
+    // Made at the first failure: a message handled at once needs no retry state.
+    let mut retrier: Option<Retrier> = None;
     loop {
-        let attempt = retrier.attempt();
-        let outcome = {
-            let _permit = s
-                .permits
-                .acquire()
-                .await
-                .expect("semaphore is never closed");
-            meters.in_flight.inc();
-            let started = Instant::now();
-            let outcome = h.handler.handle(event, attempt).await;
-            meters.in_flight.dec();
-            meters.seconds.observe(started.elapsed().as_secs_f64());
-            outcome
-        };
+        let attempt = retrier.as_mut().map_or(1, Retrier::attempt);
+        turn.begin(&s.permits).await;
+        meters.in_flight.inc();
+        let outcome = h.handler.handle(event, attempt).await;
+        meters.in_flight.dec();
+        let took = turn.lap();
+        meters.seconds.observe(took.as_secs_f64());
         let (class, error) = match outcome {
             Outcome::Done => {
                 meters.done.inc();
                 return true;
             }
             Outcome::DeadLetter(class, error) => (class, error),
-            Outcome::Retry(error) => match retrier.next() {
-                Next::GiveUp => (ErrorClass::RetryableExhausted, error),
-                Next::RetryAfter(pause) => {
-                    tracing::warn!(
-                        topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                        handler = %h.name, attempt, ?pause, %error,
-                        "handler failed; retrying"
-                    );
-                    s.metrics
-                        .consumer_retries_total
-                        .with_label_values(&[&h.name])
-                        .inc();
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = tokio::time::sleep(pause) => continue,
+            Outcome::Retry(error) => {
+                let retrier = retrier.get_or_insert_with(|| {
+                    Retrier::new(&h.policy.read().expect("policy lock poisoned"), took)
+                });
+                match retrier.next() {
+                    Next::GiveUp => (ErrorClass::RetryableExhausted, error),
+                    Next::RetryAfter(pause) => {
+                        tracing::warn!(
+                            topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                            handler = %h.name, attempt, ?pause, %error,
+                            "handler failed; retrying"
+                        );
+                        s.metrics
+                            .consumer_retries_total
+                            .with_label_values(&[&h.name])
+                            .inc();
+                        turn.pause();
+                        tokio::select! {
+                            _ = stop.cancelled() => return false,
+                            _ = tokio::time::sleep(pause) => continue,
+                        }
                     }
                 }
-            },
+            }
         };
         let failure = Failure {
             handler: &h.name,
-            attempts: retrier.attempts(),
+            attempts: retrier.as_ref().map_or(1, Retrier::attempts),
             class,
             message: &error,
         };
+        turn.pause();
         return dead_letter(s, event, &failure, stop).await;
     }
 }

@@ -1,6 +1,7 @@
 //! Consumer backpressure: each partition is read from its own queue, which librdkafka
 //! stops filling while its handler lags. A lagging handler loses, repeats and reorders
-//! nothing; a partition revoked and assigned back is read again from the same queue.
+//! nothing; a partition revoked and assigned back is read again from the same queue; a
+//! batch of slow calls stores its offsets as it goes.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -148,4 +149,38 @@ async fn a_partition_revoked_and_assigned_back_is_read_again() {
     );
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_slow_calls_commits_its_progress_as_it_goes() {
+    let server = TestServer::start(&[], 200).await;
+    server.set_delay(Duration::from_millis(100));
+    let (topic, _cluster, bootstrap) = consuming("slowbatch", 1);
+    let total = 30;
+    produce_events(&bootstrap, &topic, 0, "e", "E", 0..total).await;
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![("web", http_to(&server.url, ""))],
+    );
+    let group = group_of(&cfg);
+    let daemon = Daemon::start(cfg).await;
+    // All 30 wait in the partition's queue, so the worker takes them as one or a few
+    // batches of about three seconds' work; offsets must not wait for a batch's end.
+    eventually("progress committed", Duration::from_secs(20), || async {
+        committed(&bootstrap, &group, &topic, 0).is_some_and(|o| o >= 5)
+    })
+    .await;
+    let handled = server.count();
+    assert!(
+        handled < total as usize,
+        "the offset moved only after all {handled} messages were handled"
+    );
+    eventually("every message handled", Duration::from_secs(20), || async {
+        server.count() >= total as usize
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    println!("offset 5 committed after {handled} of {total} slow calls");
 }
