@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 
-use crate::processes::{kafka_section, Broker, Outboxd};
+use crate::processes::{cpu_seconds, kafka_section, Broker, Outboxd};
 
 /// Tansu 0.6 (memory storage) serves a fetch at an offset inside a multi-record batch from
 /// the next batch on, and reports the last batch's base offset + 1 as the high watermark
@@ -55,7 +55,10 @@ pub async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> 
 }
 
 /// Baseline 2: a bare consumer storing every offset; msgs/s from first to last message.
+/// Prints the CPU seconds per 100k messages of this process (the consumer's poll loop and
+/// librdkafka's threads) and of the broker.
 pub fn bare_consumer(
+    broker_pid: Option<u32>,
     bootstrap: &str,
     options: &[(&str, &str)],
     topic: &str,
@@ -73,6 +76,8 @@ pub fn bare_consumer(
         .set("session.timeout.ms", "6000")
         .create()?;
     consumer.subscribe(&[topic])?;
+    let broker_cpu = || broker_pid.map_or(0.0, cpu_seconds);
+    let (own_before, broker_before) = (cpu_seconds(std::process::id()), broker_cpu());
     let mut seen = 0;
     let mut first = None;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -85,7 +90,14 @@ pub fn bare_consumer(
         }
     }
     let first = first.context("no message consumed")?;
-    Ok(seen as f64 / first.elapsed().as_secs_f64())
+    let rate = seen as f64 / first.elapsed().as_secs_f64();
+    let per_100k = 100_000.0 / seen.max(1) as f64;
+    eprintln!(
+        "  CPU s per 100k msgs: bare consumer {:.2}, broker {:.2}",
+        (cpu_seconds(std::process::id()) - own_before) * per_100k,
+        (broker_cpu() - broker_before) * per_100k,
+    );
+    Ok(rate)
 }
 
 /// outboxd's consumer with one handler; msgs/s from the first handled message to the last.
@@ -106,10 +118,18 @@ pub async fn dispatch(
         ),
         std::process::id()
     );
+    let broker_cpu = || broker.pid().map_or(0.0, cpu_seconds);
+    let broker_before = broker_cpu();
     let mut outboxd = Outboxd::start(&config)?;
     let rate = outboxd
         .rate_until("outboxd_consumer_messages_total", messages as f64)
         .await?;
+    let per_100k = 100_000.0 / messages as f64;
+    eprintln!(
+        "  CPU s per 100k msgs: outboxd {:.2}, broker {:.2}",
+        cpu_seconds(outboxd.pid()) * per_100k,
+        (broker_cpu() - broker_before) * per_100k,
+    );
     let (peak, _) = outboxd.rss();
     outboxd.stop();
     Ok((rate, peak))

@@ -12,7 +12,8 @@
 //!    against a bare rdkafka consumer that stores each offset;
 //! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
 //!
-//! `--only relay,latency,dispatch` runs a subset; `--latency-secs N` (default 30) sets the
+//! `--only relay,latency,dispatch` runs a subset, `--handlers log,http,sql` a subset of the
+//! dispatch handlers; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
 //! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd;
 //! `--broker-rtt-ms N` makes the mock broker answer each request N ms late, like a remote
@@ -38,6 +39,8 @@ struct Args {
     rows: i64,
     messages: Option<i64>,
     only: Vec<String>,
+    /// Handlers of the dispatch scenario to run; empty: all.
+    handlers: Vec<String>,
     latency_secs: u64,
     /// `batch_size` of the relay drains; None: outboxd's default.
     batch_size: Option<u32>,
@@ -51,6 +54,10 @@ impl Args {
     fn runs(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)
     }
+
+    fn runs_handler(&self, handler: &str) -> bool {
+        self.handlers.is_empty() || self.handlers.iter().any(|s| s == handler)
+    }
 }
 
 fn args() -> Result<Args> {
@@ -60,6 +67,7 @@ fn args() -> Result<Args> {
         rows: 300_000,
         messages: None,
         only: Vec::new(),
+        handlers: Vec::new(),
         latency_secs: 30,
         batch_size: None,
         kafka_options: Vec::new(),
@@ -76,6 +84,14 @@ fn args() -> Result<Args> {
                 a.only = it
                     .next()
                     .context("--only relay,latency,dispatch")?
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
+            "--handlers" => {
+                a.handlers = it
+                    .next()
+                    .context("--handlers log,http,sql")?
                     .split(',')
                     .map(str::to_owned)
                     .collect()
@@ -302,9 +318,10 @@ async fn main() -> Result<()> {
         produce(&broker, &topic, messages).await?;
         let bootstrap = broker.bootstrap();
         let (t, m) = (topic.clone(), messages);
-        let options = broker.consumer_options();
-        let bare = tokio::task::spawn_blocking(move || bare_consumer(&bootstrap, options, &t, m))
-            .await??;
+        let (options, pid) = (broker.consumer_options(), broker.pid());
+        let bare =
+            tokio::task::spawn_blocking(move || bare_consumer(pid, &bootstrap, options, &t, m))
+                .await??;
         eprintln!("bare consumer: {bare:.0} msgs/s");
         sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
             .execute(&pool)
@@ -315,6 +332,9 @@ async fn main() -> Result<()> {
         ("http", format!("kind = \"http\"\nurl = \"{sink}\"")),
         ("sql", "kind = \"sql\"\nstatement = \"INSERT INTO bench_effects (n) VALUES ($1)\"\nparams = [\"/n\"]".to_owned()),
     ] {
+        if !a.runs_handler(name) {
+            continue;
+        }
         let (rate, peak) = dispatch(&broker, &topic, messages, name, &handler, &url).await?;
         eprintln!("dispatch {name}: {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
         rss.insert(format!("dispatch, {name} (peak)"), peak);
