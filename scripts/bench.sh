@@ -8,6 +8,7 @@
 #   --messages N       consumer messages (default 500000 with Tansu, 100000 with the mock,
 #                      which keeps only 5 MiB per partition)
 #   --only relay,latency,dispatch   a subset of the scenarios
+#   --handlers log,http,sql   a subset of the dispatch handlers
 #   --latency-secs N   length of each latency run (default 30)
 #   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
 #   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)

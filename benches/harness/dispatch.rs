@@ -54,10 +54,21 @@ pub async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> 
     Ok(())
 }
 
+/// The librdkafka properties outboxd's consumer sets for its per-partition queues (see
+/// `src/consumer/mod.rs`), so that a bare consumer can fetch the way outboxd does.
+pub const OUTBOXD_QUEUES: &[(&str, &str)] = &[
+    ("queued.min.messages", "2000"),
+    ("queued.max.messages.kbytes", "1024"),
+    ("max.partition.fetch.bytes", "262144"),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
 /// Baseline 2: a bare consumer storing every offset; msgs/s from first to last message.
 /// Prints the CPU seconds per 100k messages of this process (the consumer's poll loop and
-/// librdkafka's threads) and of the broker.
+/// librdkafka's threads) and of the broker. `name` tells runs in one process apart (each
+/// has a group of its own).
 pub fn bare_consumer(
+    name: &str,
     broker_pid: Option<u32>,
     bootstrap: &str,
     options: &[(&str, &str)],
@@ -70,7 +81,10 @@ pub fn bare_consumer(
     }
     let consumer: BaseConsumer = config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("bench-bare-{}", std::process::id()))
+        .set(
+            "group.id",
+            format!("bench-bare-{name}-{}", std::process::id()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.offset.store", "false")
         .set("session.timeout.ms", "6000")
@@ -93,7 +107,7 @@ pub fn bare_consumer(
     let rate = seen as f64 / first.elapsed().as_secs_f64();
     let per_100k = 100_000.0 / seen.max(1) as f64;
     eprintln!(
-        "  CPU s per 100k msgs: bare consumer {:.2}, broker {:.2}",
+        "  CPU s per 100k msgs: bare consumer ({name}) {:.2}, broker {:.2}",
         (cpu_seconds(std::process::id()) - own_before) * per_100k,
         (broker_cpu() - broker_before) * per_100k,
     );
