@@ -96,8 +96,9 @@ impl Local {
 const BATCH: usize = 64;
 
 /// Within a batch, a handled message's offset is stored at once when the last store is
-/// this old (else at the end of the batch).
-const STORE_EVERY: Duration = Duration::from_millis(100);
+/// this old (else at the end of the batch). It bounds what a rebalance makes the next
+/// owner handle again beyond the messages in flight.
+const STORE_EVERY: Duration = Duration::from_millis(10);
 
 /// Runs the worker of `topic`'s partition until `stop` (after the message in flight).
 /// Starts only once `previous` (a retired worker of the same partition) has finished.
@@ -141,9 +142,11 @@ pub async fn run(
                 unstored = Some(event.message);
             }
         }
+        let ended = turn.since;
         drop(turn);
         if let Some(m) = unstored {
             store_offset(&shared, &m);
+            stored_at = ended;
         }
         if stop.is_cancelled() {
             return;
