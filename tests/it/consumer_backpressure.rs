@@ -43,12 +43,7 @@ async fn two_partitions(
         )
         .await;
     }
-    let cfg = consumer_config(
-        &bootstrap,
-        &[&topic],
-        &[(&topic, None, "web")],
-        vec![("web", http_to(&server.url, ""))],
-    );
+    let cfg = web_consumer(&bootstrap, &topic, &server.url);
     (topic, cluster, cfg)
 }
 
@@ -158,12 +153,7 @@ async fn a_batch_of_slow_calls_commits_its_progress_as_it_goes() {
     let (topic, _cluster, bootstrap) = consuming("slowbatch", 1);
     let total = 30;
     produce_events(&bootstrap, &topic, 0, "e", "E", 0..total).await;
-    let cfg = consumer_config(
-        &bootstrap,
-        &[&topic],
-        &[(&topic, None, "web")],
-        vec![("web", http_to(&server.url, ""))],
-    );
+    let cfg = web_consumer(&bootstrap, &topic, &server.url);
     let group = group_of(&cfg);
     let daemon = Daemon::start(cfg).await;
     // All 30 wait in the partition's queue, so the worker takes them as one or a few

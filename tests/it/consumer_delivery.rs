@@ -195,12 +195,7 @@ async fn http_400_dead_letters_with_context_headers_in_every_dialect() {
         let cluster = cluster(&topic, 1);
         cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
         let bootstrap = cluster.bootstrap_servers();
-        let mut cfg = consumer_config(
-            &bootstrap,
-            &[&topic],
-            &[(&topic, None, "web")],
-            vec![("web", http_to(&server.url, ""))],
-        );
+        let mut cfg = web_consumer(&bootstrap, &topic, &server.url);
         cfg.consumer.as_mut().unwrap().dead_letter_headers = dialect;
         let group = group_of(&cfg);
         produce(

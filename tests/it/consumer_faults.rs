@@ -14,12 +14,7 @@ use crate::helpers::*;
 async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
     let (topic, cluster, bootstrap) = consuming("dlqdown", 1);
     let server = TestServer::start(&[400], 200).await;
-    let cfg = consumer_config(
-        &bootstrap,
-        &[&topic],
-        &[(&topic, None, "web")],
-        vec![("web", http_to(&server.url, ""))],
-    );
+    let cfg = web_consumer(&bootstrap, &topic, &server.url);
     let group = group_of(&cfg);
     produce(
         &bootstrap,
@@ -168,12 +163,7 @@ async fn a_second_member_joining_mid_stream_loses_nothing() {
     let (topic, _cluster, bootstrap) = consuming("join", 4);
     let server = TestServer::start(&[], 200).await;
     server.set_delay(Duration::from_millis(10));
-    let mut cfg = consumer_config(
-        &bootstrap,
-        &[&topic],
-        &[(&topic, None, "web")],
-        vec![("web", http_to(&server.url, ""))],
-    );
+    let mut cfg = web_consumer(&bootstrap, &topic, &server.url);
     // Members notice the rebalance at their next heartbeat.
     cfg.kafka.options.insert(
         "heartbeat.interval.ms".into(),

@@ -146,6 +146,16 @@ pub fn consumer_config(
     c
 }
 
+/// A consumer of `topic` whose one route goes to an http handler `web` posting to `url`.
+pub fn web_consumer(bootstrap: &str, topic: &str, url: &str) -> Config {
+    consumer_config(
+        bootstrap,
+        &[topic],
+        &[(topic, None, "web")],
+        vec![("web", http_to(url, ""))],
+    )
+}
+
 /// A fresh topic `prefix…` with `partitions` partitions and its `.dlq` topic on a new mock
 /// cluster: `(topic, cluster, bootstrap servers)`.
 pub fn consuming(prefix: &str, partitions: i32) -> (String, crate::helpers::Cluster, String) {

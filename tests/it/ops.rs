@@ -157,12 +157,7 @@ async fn dlq_replay_republishes_dead_letters_once_and_guards_against_loops() {
     let (topic, _cluster, bootstrap) = consuming("replay", 1);
     let dlq = format!("{topic}.dlq");
     let server = TestServer::start(&[], 400).await;
-    let cfg = consumer_config(
-        &bootstrap,
-        &[&topic],
-        &[(&topic, None, "web")],
-        vec![("web", http_to(&server.url, ""))],
-    );
+    let cfg = web_consumer(&bootstrap, &topic, &server.url);
     produce_events(&bootstrap, &topic, 0, &unique("ev"), "DepositMade", 0..3).await;
     let daemon = Daemon::start(cfg.clone()).await;
     consume(&bootstrap, &dlq, 3, Duration::ZERO, Duration::from_secs(30)).await;
