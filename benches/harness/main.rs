@@ -61,6 +61,15 @@ impl Args {
     }
 }
 
+/// A comma-separated option value as its items.
+fn list(value: Option<String>, usage: &'static str) -> Result<Vec<String>> {
+    Ok(value
+        .context(usage)?
+        .split(',')
+        .map(str::to_owned)
+        .collect())
+}
+
 fn args() -> Result<Args> {
     let mut a = Args {
         write: false,
@@ -81,22 +90,8 @@ fn args() -> Result<Args> {
             "--broker" => a.broker = it.next().context("--broker tansu|mock")?,
             "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
             "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
-            "--only" => {
-                a.only = it
-                    .next()
-                    .context("--only relay,latency,dispatch")?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
-            }
-            "--handlers" => {
-                a.handlers = it
-                    .next()
-                    .context("--handlers log,http,sql")?
-                    .split(',')
-                    .map(str::to_owned)
-                    .collect()
-            }
+            "--only" => a.only = list(it.next(), "--only relay,latency,dispatch")?,
+            "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
             "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
             "--batch-size" => a.batch_size = Some(it.next().context("--batch-size N")?.parse()?),
             "--kafka-option" => {
