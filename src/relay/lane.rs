@@ -82,8 +82,9 @@ enum BatchEnd {
     Empty,
     /// Fewer rows than the batch size: the lane is drained for now.
     Partial,
-    /// A full batch: there is probably more, claim again at once.
-    Full,
+    /// A full batch, or one that began in an earlier claim's view of the outbox (a
+    /// prefetch): there is probably more, claim again at once.
+    More,
     /// Kafka failed for reasons unrelated to the rows: back off, then retry.
     KafkaFailed,
     /// Kafka refused rows that are not yet dead: back off a little before retrying them.
@@ -129,7 +130,7 @@ pub async fn run_lane(
             }
         };
         let pause = match end {
-            BatchEnd::Full => {
+            BatchEnd::More => {
                 kafka_backoff = crate::backoff::exponential();
                 refusal_backoff = crate::backoff::exponential();
                 continue;
@@ -184,16 +185,34 @@ struct Claimed {
     more: bool,
 }
 
-/// Claims up to `batch_size` rows, going on from `from` when given (a prefetch), and, when
-/// given a `publication`, sends them to it: each chunk is sent while the next one is
-/// claimed (the claim is polled first, so its statement is on its way to the database
-/// while this task prepares and enqueues the previous chunk). A prefetch stops claiming
-/// further chunks once `until` is set (the batch before it was acknowledged).
+impl Claimed {
+    fn new(rows: Vec<ClaimedRow>, chunk: u32) -> Self {
+        Claimed {
+            more: rows.len() as u32 == chunk,
+            rows,
+        }
+    }
+}
+
+/// Where a claim starts.
+enum Start {
+    /// A new claim.
+    New,
+    /// Rows already claimed in the session's open transaction (none yet after
+    /// [`LaneSession::follow`]).
+    Claimed(Claimed),
+}
+
+/// Claims up to `batch_size` rows from `start`, and, when given a `publication`, sends
+/// them to it: each chunk is sent while the next one is claimed (the claim is polled
+/// first, so its statement is on its way to the database while this task prepares and
+/// enqueues the previous chunk). A prefetch stops claiming further chunks once `until` is
+/// set (the batch before it was acknowledged), but not before its first.
 async fn claim(
     session: &mut dyn LaneSession,
     batch_size: u32,
     mut publication: Option<&mut Publication<'_>>,
-    from: Option<Claimed>,
+    start: Start,
     until: Option<&AtomicBool>,
 ) -> Result<Claimed, StoreError> {
     let chunk = if session.claims_in_chunks() {
@@ -201,21 +220,15 @@ async fn claim(
     } else {
         batch_size
     };
-    let mut claimed = match from {
-        Some(claimed) => claimed,
-        None => {
-            let rows = session.claim(chunk).await?;
-            Claimed {
-                more: rows.len() as u32 == chunk,
-                rows,
-            }
-        }
+    let mut claimed = match start {
+        Start::Claimed(claimed) => claimed,
+        Start::New => Claimed::new(session.claim(chunk).await?, chunk),
     };
     let rows = &mut claimed.rows;
     let mut sent = 0;
     while claimed.more
         && (rows.len() as u32) < batch_size
-        && !until.is_some_and(|u| u.load(Ordering::Acquire))
+        && (rows.is_empty() || !until.is_some_and(|u| u.load(Ordering::Acquire)))
     {
         let want = chunk.min(batch_size - rows.len() as u32);
         let send = async {
@@ -235,10 +248,21 @@ async fn claim(
     Ok(claimed)
 }
 
+/// How the wait for a batch's delivery reports ended.
+enum Acked {
+    /// Kafka acknowledged every row, and the claim was committed (or the commit failed).
+    Committed(Result<Vec<RowOutcome>, StoreError>),
+    /// Some rows were not acknowledged; the claim is still open.
+    Failed(Vec<RowOutcome>),
+    /// Shutting down, and the reports did not come within the grace period.
+    TimedOut,
+}
+
 /// One claim/publish/commit cycle. After a full batch the follower claims the next one,
-/// chunk by chunk, until Kafka acknowledged this one; those rows are sent only once this
-/// batch committed (the next cycle goes on claiming the rest of its batch), and rolled
-/// back unsent if this one failed, so they never overtake it.
+/// chunk by chunk, until Kafka acknowledged this one; this one commits as soon as it is
+/// acknowledged, while the follower may still claim. The follower's rows are sent only
+/// once this batch committed (the next cycle goes on claiming the rest of its batch), and
+/// rolled back unsent if this one failed, so they never overtake it.
 async fn batch(
     rt: &TableRuntime,
     sessions: &mut Sessions,
@@ -253,45 +277,82 @@ async fn batch(
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics);
-    let rows = claim(
-        session,
-        batch_size,
-        Some(&mut publication),
-        ready.take(),
-        None,
-    )
-    .await?
-    .rows;
+    // A prefetched batch saw the outbox as an earlier claim did: what was committed since
+    // is for a fresh claim, at once, even if this batch comes out short.
+    let prefetched = ready.is_some();
+    let start = ready.take().map_or(Start::New, Start::Claimed);
+    let rows = claim(session, batch_size, Some(&mut publication), start, None)
+        .await?
+        .rows;
     if rows.is_empty() {
         session.commit().await?;
-        return Ok(BatchEnd::Empty);
+        return Ok(if prefetched {
+            BatchEnd::More
+        } else {
+            BatchEnd::Empty
+        });
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
     let full = rows.len() as u32 >= batch_size;
+    let done = if full || prefetched {
+        BatchEnd::More
+    } else {
+        BatchEnd::Partial
+    };
     let mut follower = other
         .as_deref_mut()
         .filter(|_| full && !stop.is_cancelled());
+    // The follower starts right after this claim when the store can say where that is.
+    let handoff = match follower {
+        Some(_) => session.handoff().await?,
+        None => None,
+    };
     let acknowledged = AtomicBool::new(false);
-    let finish = async {
-        let outcomes = publication.finish().await;
-        acknowledged.store(true, Ordering::Release);
-        outcomes
-    };
-    let prefetch = async {
-        match follower.as_deref_mut() {
-            Some(f) => Some(claim(f, batch_size, None, None, Some(&acknowledged)).await),
-            None => None,
-        }
-    };
+    // Dropped once the follower took this claim's snapshot, which ends with the commit.
+    let (followed_tx, followed_rx) = tokio::sync::oneshot::channel::<()>();
     let grace_over = async {
         stop.cancelled().await;
         tokio::time::sleep(rt.drain_grace).await;
     };
-    let (outcomes, prefetched) = tokio::select! {
-        done = async { tokio::join!(finish, prefetch) } => done,
-        () = grace_over => {
-            // A prefetch may have been cut off mid-statement: its connection closes, which
-            // rolls its claim back.
+    let finish = async {
+        let outcomes = tokio::select! {
+            outcomes = publication.finish() => Some(outcomes),
+            () = grace_over => None,
+        };
+        acknowledged.store(true, Ordering::Release);
+        match outcomes {
+            None => Acked::TimedOut,
+            Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
+                if handoff.is_some() {
+                    let _ = followed_rx.await;
+                }
+                Acked::Committed(session.commit().await.map(|()| o))
+            }
+            Some(o) => Acked::Failed(o),
+        }
+    };
+    let prefetch = async {
+        let f = follower.as_deref_mut()?;
+        let start = match &handoff {
+            None => Start::New,
+            Some(h) => {
+                let followed = f.follow(h).await;
+                drop(followed_tx);
+                if let Err(e) = followed {
+                    return Some(Err(e));
+                }
+                Start::Claimed(Claimed {
+                    rows: Vec::new(),
+                    more: true,
+                })
+            }
+        };
+        Some(claim(f, batch_size, None, start, Some(&acknowledged)).await)
+    };
+    let (acked, next) = tokio::join!(finish, prefetch);
+    let outcomes = match acked {
+        Acked::TimedOut => {
+            // The follower's connection closes, which rolls its claim back.
             *other = None;
             session.rollback().await?;
             tracing::warn!(
@@ -301,42 +362,29 @@ async fn batch(
             );
             return Ok(BatchEnd::Empty);
         }
-    };
-    let delivered = outcomes
-        .iter()
-        .all(|o| matches!(o, RowOutcome::Delivered { .. }));
-    let next = match prefetched {
-        None => None,
-        Some(Ok(rows)) => Some(rows),
-        // The follower failed: commit what Kafka took if it took everything, then end the
-        // lane; the follower's claim dies with its connection.
-        Some(Err(e)) => {
-            if delivered {
-                session.commit().await?;
-                record_published(rt, rows.iter().zip(&outcomes));
+        // The lane ends; the follower's claim dies with its connection.
+        Acked::Committed(Err(e)) => return Err(e),
+        Acked::Committed(Ok(outcomes)) => {
+            record_published(rt, rows.iter().zip(&outcomes));
+            if let Some(next) = next.transpose()? {
+                if let Some(follower) = other.as_mut() {
+                    *ready = Some(next);
+                    std::mem::swap(current, follower);
+                }
             }
-            return Err(e);
+            return Ok(done);
         }
+        Acked::Failed(outcomes) => outcomes,
     };
-    if delivered {
-        session.commit().await?;
-        record_published(rt, rows.iter().zip(&outcomes));
-        if let (Some(next), Some(follower)) = (next, other.as_mut()) {
-            *ready = Some(next);
-            std::mem::swap(current, follower);
-        }
-        return Ok(if full {
-            BatchEnd::Full
-        } else {
-            BatchEnd::Partial
-        });
-    }
     // Something failed. The prefetched rows were never sent and come after this batch:
-    // they go back first. Undo the claim, then settle in a second transaction: delete what
-    // Kafka acknowledged (unless an earlier row of its key failed), count refusals, move
-    // dead rows. The lane lock keeps every other relay away from these rows meanwhile.
-    if let (Some(_), Some(follower)) = (next, other.as_mut()) {
-        follower.rollback().await?;
+    // they go back first (if the follower itself failed, the lane ends and its claim dies
+    // with its connection). Undo the claim, then settle in a second transaction: delete
+    // what Kafka acknowledged (unless an earlier row of its key failed), count refusals,
+    // move dead rows. The lane lock keeps every other relay away from these rows meanwhile.
+    if next.transpose()?.is_some() {
+        if let Some(follower) = other.as_mut() {
+            follower.rollback().await?;
+        }
     }
     session.rollback().await?;
     rt.producer.renew_if_fatal(&producer);
@@ -392,10 +440,8 @@ async fn batch(
         BatchEnd::KafkaFailed
     } else if still_refused > 0 {
         BatchEnd::Refused
-    } else if full {
-        BatchEnd::Full
     } else {
-        BatchEnd::Partial
+        done
     })
 }
 

@@ -1,8 +1,9 @@
 //! The claims of a PostgreSQL lane. Through the store interface: a batch claimed in chunks
 //! never takes a row ahead of an earlier row of its key, and the follower session
-//! (`prefetch`) claims the rows after its leader's batch, claims nothing once its leader is
-//! gone, and a new owner of the lane does not claim past a claim the old owner's follower
-//! still holds. Through the daemon: prefetched batches arrive once and in key order.
+//! (`prefetch`) claims the rows after its leader's batch (in its leader's snapshot when
+//! handed one), claims nothing once its leader is gone, and a new owner of the lane does
+//! not claim past a claim the old owner's follower still holds. Through the daemon:
+//! prefetched batches arrive once and in key order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,6 +153,53 @@ async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() 
         20,
         "nothing claimed after the leader left"
     );
+}
+
+/// The follower takes its leader's snapshot and goes on right after the leader's claim:
+/// row `a`, committed only after the leader claimed, stays out of the prefetched batch, and
+/// so does `b`, the next row of its key; both come in the next fresh claim, `a` first.
+#[tokio::test]
+async fn a_follower_in_its_leaders_snapshot_leaves_a_late_row_with_the_rest_of_its_key() {
+    use sqlx::Connection;
+    let pool = db().await;
+    let (store, table) = table_store("handoff", 0, true).await;
+    let mut writer = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut writer).await.unwrap();
+    let a = insert_one(&mut writer, &table, "late").await;
+    insert_rows(&pool, &table, 0, 30, 3).await;
+
+    let mut leader = free_lane(store.as_ref()).await;
+    let mut follower = leader.follower().await.unwrap().unwrap();
+    let first = ids(&leader.claim(10).await.unwrap());
+    let handoff = leader
+        .handoff()
+        .await
+        .unwrap()
+        .expect("an integer order column gives a handoff");
+    sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
+    let b = insert_one(&mut writer, &table, "late").await;
+
+    follower.follow(&handoff).await.unwrap();
+    let next = ids(&follower.claim_more(10).await.unwrap());
+    leader.commit().await.unwrap();
+    // The roles swap, and the snapshot is handed on.
+    let handoff = follower.handoff().await.unwrap().unwrap();
+    leader.follow(&handoff).await.unwrap();
+    let last = ids(&leader.claim_more(100).await.unwrap());
+    follower.commit().await.unwrap();
+    leader.commit().await.unwrap();
+    let taken: Vec<i64> = [first, next, last].concat();
+    assert_eq!(taken.len(), 30, "the leader's view, once: {taken:?}");
+    assert!(
+        taken.is_sorted(),
+        "each claim right after the one before: {taken:?}"
+    );
+    assert!(!taken.contains(&a) && !taken.contains(&b), "{taken:?}");
+
+    let rest = ids(&leader.claim(100).await.unwrap());
+    assert_eq!(rest, vec![a, b]);
+    leader.commit().await.unwrap();
+    assert_eq!(count_rows(&pool, &table).await, 0);
 }
 
 #[tokio::test]

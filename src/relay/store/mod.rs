@@ -40,6 +40,17 @@ pub struct ClaimedRow {
     pub topic: Option<String>,
 }
 
+/// What a follower needs to claim the rows after its leader's open claim without passing
+/// over them: the leader's view of the outbox and where its claim ends. Only the store
+/// that made it reads it.
+#[derive(Debug, Clone)]
+pub struct Handoff {
+    /// The leader transaction's snapshot, to be shared by the follower's transaction.
+    snapshot: String,
+    /// The order value of the last row the leader claimed.
+    after: i64,
+}
+
 /// A row to move to the dead-row table.
 #[derive(Debug, Clone)]
 pub struct DeadRow {
@@ -206,6 +217,21 @@ pub trait LaneSession: Send {
 
     /// Settles a partly failed batch in one transaction, after its rollback.
     async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError>;
+
+    /// Where a follower's claim may begin after this session's open claim (see
+    /// [`follow`](Self::follow)); `None` when the store has no such thing, and the
+    /// follower then claims with [`claim`](Self::claim). This session's claim must stay
+    /// open until the follower's `follow` returned.
+    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
+        Ok(None)
+    }
+
+    /// Opens a claim, as the follower of the session that gave `handoff`, that
+    /// [`claim_more`](Self::claim_more) extends with the rows after that session's open
+    /// claim, as that session sees the outbox. Only called with a handoff this store made.
+    async fn follow(&mut self, _handoff: &Handoff) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// A second session of this lane, which claims the next batch while this one's batch
     /// waits for Kafka (`prefetch`). Its claims are taken only while this session still

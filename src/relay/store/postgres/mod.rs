@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TableConfig;
 
 use super::{
-    random_slot, stable_hash, ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent, Settled,
-    Settlement, Store, StoreError,
+    random_slot, stable_hash, ClaimedRow, Handoff, LaneOwner, LaneSession, Membership, NewEvent,
+    Settled, Settlement, Store, StoreError,
 };
 use statements::{
     claim, cleanup_attempts, finish, introspect, move_dead, purge, q, quote_table, record_refusals,
@@ -284,13 +284,22 @@ impl PgLane {
     /// by the lane's own sessions, so the serialization failures this level can raise do not
     /// occur unless something else updates or deletes pending rows; the lane then fails and
     /// is taken again.
-    async fn begin(&mut self, claim: bool) -> Result<(), StoreError> {
-        self.run(if claim {
-            "BEGIN ISOLATION LEVEL REPEATABLE READ"
-        } else {
-            "BEGIN"
-        })
-        .await?;
+    ///
+    /// A follower given a `snapshot` (its leader's, see [`LaneSession::handoff`]) sees the
+    /// outbox as its leader does: rows committed after the leader's snapshot are left for a
+    /// later batch together with every later row of their key, as the leader leaves them.
+    async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
+        match (claim, snapshot) {
+            (false, _) => self.run("BEGIN").await?,
+            (true, None) => self.run("BEGIN ISOLATION LEVEL REPEATABLE READ").await?,
+            // A statement without arguments goes as one simple query: one round trip.
+            (true, Some(snapshot)) => {
+                self.run(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'"
+                ))
+                .await?
+            }
+        }
         let Role::Follower { leader } = self.role else {
             return Ok(());
         };
@@ -345,7 +354,7 @@ impl PgLane {
 #[async_trait]
 impl LaneSession for PgLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.begin(true).await?;
+        self.begin(true, None).await?;
         if !self.fence_open().await? {
             self.last_ord = None;
             return Ok(Vec::new());
@@ -369,6 +378,30 @@ impl LaneSession for PgLane {
         Ok(rows)
     }
 
+    /// The open claim's snapshot (exported until the claim ends) and its last order value,
+    /// so the follower starts right after this claim instead of passing over the index
+    /// entries of every row it holds. Only with an integer order column, and only a
+    /// snapshot name made of the characters PostgreSQL uses (it goes into a statement).
+    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
+        let Some(after) = self.last_ord else {
+            return Ok(None);
+        };
+        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+            .fetch_one(&mut self.conn)
+            .await?;
+        let plain = snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        Ok(plain.then_some(Handoff { snapshot, after }))
+    }
+
+    /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
+    /// rows the leader holds lie before `after`, and every row claimed after it was pending
+    /// in the leader's view.
+    async fn follow(&mut self, handoff: &Handoff) -> Result<(), StoreError> {
+        self.begin(true, Some(&handoff.snapshot)).await?;
+        self.last_ord = Some(handoff.after);
+        Ok(())
+    }
+
     async fn commit(&mut self) -> Result<(), StoreError> {
         self.run("COMMIT").await
     }
@@ -378,7 +411,7 @@ impl LaneSession for PgLane {
     }
 
     async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.begin(false).await?;
+        self.begin(false, None).await?;
         let settled = async {
             finish(&mut self.conn, &self.sql, s.finished).await?;
             let counts: HashMap<String, i32> =
