@@ -206,15 +206,17 @@ enum Start {
 /// Claims up to `batch_size` rows from `start`, and, when given a `publication`, sends
 /// them to it: each chunk is sent while the next one is claimed (the claim is polled
 /// first, so its statement is on its way to the database while this task prepares and
-/// enqueues the previous chunk). A prefetch stops claiming further chunks once `until` is
-/// set (the batch before it was acknowledged), but not before its first.
+/// enqueues the previous chunk). Returns the rows and how many of them were sent: the
+/// rows claimed last are left for the caller to send. A prefetch stops claiming further
+/// chunks once `until` is set (the batch before it was acknowledged), but not before its
+/// first.
 async fn claim(
     session: &mut dyn LaneSession,
     batch_size: u32,
     mut publication: Option<&mut Publication<'_>>,
     start: Start,
     until: Option<&AtomicBool>,
-) -> Result<Claimed, StoreError> {
+) -> Result<(Claimed, usize), StoreError> {
     let chunk = if session.claims_in_chunks() {
         CLAIM_CHUNK.min(batch_size)
     } else {
@@ -225,6 +227,9 @@ async fn claim(
         Start::New => Claimed::new(session.claim(chunk).await?, chunk),
     };
     let rows = &mut claimed.rows;
+    if claimed.more {
+        rows.reserve((batch_size as usize).saturating_sub(rows.len()));
+    }
     let mut sent = 0;
     while claimed.more
         && (rows.len() as u32) < batch_size
@@ -242,10 +247,7 @@ async fn claim(
         claimed.more = more.len() as u32 == want;
         rows.extend(more);
     }
-    if let Some(p) = publication {
-        p.send(&rows[sent..]).await;
-    }
-    Ok(claimed)
+    Ok((claimed, sent))
 }
 
 /// How the wait for a batch's delivery reports ended.
@@ -276,14 +278,13 @@ async fn batch(
     let session = current.as_mut();
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
-    let mut publication = Publication::new(&producer, &rt.topics);
+    let mut publication = Publication::new(&producer, &rt.topics, batch_size as usize);
     // A prefetched batch saw the outbox as an earlier claim did: what was committed since
     // is for a fresh claim, at once, even if this batch comes out short.
     let prefetched = ready.is_some();
     let start = ready.take().map_or(Start::New, Start::Claimed);
-    let rows = claim(session, batch_size, Some(&mut publication), start, None)
-        .await?
-        .rows;
+    let (Claimed { rows, .. }, sent) =
+        claim(session, batch_size, Some(&mut publication), start, None).await?;
     if rows.is_empty() {
         session.commit().await?;
         return Ok(if prefetched {
@@ -302,19 +303,26 @@ async fn batch(
     let mut follower = other
         .as_deref_mut()
         .filter(|_| full && !stop.is_cancelled());
-    // The follower starts right after this claim when the store can say where that is.
-    let handoff = match follower {
-        Some(_) => session.handoff().await?,
-        None => None,
+    // The follower goes on right after this claim when the store can say where that is.
+    // It takes this claim's snapshot before the rows claimed last are sent, so its first
+    // claim is on its way to the database while they are enqueued.
+    let followed = match follower.as_deref_mut() {
+        Some(f) => match session.handoff().await? {
+            Some(handoff) => {
+                f.follow(&handoff).await?;
+                true
+            }
+            None => false,
+        },
+        None => false,
     };
     let acknowledged = AtomicBool::new(false);
-    // Dropped once the follower took this claim's snapshot, which ends with the commit.
-    let (followed_tx, followed_rx) = tokio::sync::oneshot::channel::<()>();
     let grace_over = async {
         stop.cancelled().await;
         tokio::time::sleep(rt.drain_grace).await;
     };
     let finish = async {
+        publication.send(&rows[sent..]).await;
         let outcomes = tokio::select! {
             outcomes = publication.finish() => Some(outcomes),
             () = grace_over => None,
@@ -323,9 +331,6 @@ async fn batch(
         match outcomes {
             None => Acked::TimedOut,
             Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
-                if handoff.is_some() {
-                    let _ = followed_rx.await;
-                }
                 Acked::Committed(session.commit().await.map(|()| o))
             }
             Some(o) => Acked::Failed(o),
@@ -333,23 +338,19 @@ async fn batch(
     };
     let prefetch = async {
         let f = follower.as_deref_mut()?;
-        let start = match &handoff {
-            None => Start::New,
-            Some(h) => {
-                let followed = f.follow(h).await;
-                drop(followed_tx);
-                if let Err(e) = followed {
-                    return Some(Err(e));
-                }
-                Start::Claimed(Claimed {
-                    rows: Vec::new(),
-                    more: true,
-                })
-            }
+        let start = if followed {
+            Start::Claimed(Claimed {
+                rows: Vec::new(),
+                more: true,
+            })
+        } else {
+            Start::New
         };
-        Some(claim(f, batch_size, None, start, Some(&acknowledged)).await)
+        let claimed = claim(f, batch_size, None, start, Some(&acknowledged)).await;
+        Some(claimed.map(|(claimed, _)| claimed))
     };
-    let (acked, next) = tokio::join!(finish, prefetch);
+    // The prefetch is polled first: its statement goes out before the sending starts.
+    let (next, acked) = tokio::join!(prefetch, finish);
     let outcomes = match acked {
         Acked::TimedOut => {
             // The follower's connection closes, which rolls its claim back.

@@ -197,13 +197,13 @@ pub struct Publication<'p> {
 }
 
 impl<'p> Publication<'p> {
-    /// An empty publication on `producer`.
-    pub fn new(producer: &'p FutureProducer, topics: &'p TopicSource) -> Self {
+    /// An empty publication on `producer`, with room for `rows` rows.
+    pub fn new(producer: &'p FutureProducer, topics: &'p TopicSource, rows: usize) -> Self {
         Publication {
             producer,
             topics,
-            outcomes: Vec::new(),
-            pending: Vec::new(),
+            outcomes: Vec::with_capacity(rows),
+            pending: Vec::with_capacity(rows),
         }
     }
 
