@@ -61,8 +61,9 @@ pub struct TableConfig {
     /// column) they are claimed 1,000 at a time, each chunk published while the next is
     /// claimed; the transaction commits once all of them are acknowledged.
     pub batch_size: u32,
-    /// While Kafka acknowledges a full batch, claim the next one on a second connection, so
-    /// the database work of one batch overlaps the wait for the previous one. The next batch
+    /// While a full batch is sent and acknowledged, claim the next one on a second
+    /// connection (in the first one's snapshot, right after its rows), so the database work
+    /// of one batch overlaps the sending of and the wait for the previous one. The next batch
     /// is sent only after the previous one committed, and rolled back if it failed, so order
     /// and the failure handling are as without it. Each lane then uses two connections.
     /// PostgreSQL only: MySQL and SQLite lanes always claim one batch at a time.
