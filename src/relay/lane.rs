@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::plan::Plan;
 use super::publish::{delay_seconds, Publication, RowOutcome, TopicSource};
-use super::store::{ClaimedRow, DeadRow, LaneSession, Settlement, Store, StoreError};
+use super::store::{ClaimedRow, LaneSession, Settlement, Store, StoreError};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
@@ -444,56 +445,6 @@ async fn batch(
     } else {
         done
     })
-}
-
-/// How a partly failed batch is settled.
-struct Plan<'a> {
-    /// Acknowledged rows that may leave the outbox.
-    finished: Vec<&'a str>,
-    /// Rows Kafka refused, with the error.
-    refused: Vec<(&'a str, String)>,
-    /// Errors of rows that failed for reasons unrelated to the row.
-    failed: Vec<String>,
-    /// Rows that cannot become a message.
-    bad: Vec<DeadRow>,
-}
-
-impl<'a> Plan<'a> {
-    /// Once a row of a key failed or was refused, later rows of that key stay in the outbox
-    /// even if Kafka took them: they are published again after the earlier row, so the
-    /// last copy a consumer sees keeps per-key order.
-    fn new(rows: &'a [ClaimedRow], outcomes: &[RowOutcome]) -> Self {
-        let mut plan = Plan {
-            finished: Vec::new(),
-            refused: Vec::new(),
-            failed: Vec::new(),
-            bad: Vec::new(),
-        };
-        let mut blocked: HashSet<&str> = HashSet::new();
-        for (row, outcome) in rows.iter().zip(outcomes) {
-            let key = row.key.as_deref().unwrap_or_default();
-            match outcome {
-                RowOutcome::Delivered { .. } if !blocked.contains(key) => {
-                    plan.finished.push(&row.id)
-                }
-                RowOutcome::Delivered { .. } => {}
-                RowOutcome::Refused(e) => {
-                    blocked.insert(key);
-                    plan.refused.push((&row.id, e.clone()));
-                }
-                RowOutcome::Failed(e) => {
-                    blocked.insert(key);
-                    plan.failed.push(e.clone());
-                }
-                RowOutcome::Bad(reason) => plan.bad.push(DeadRow {
-                    id: row.id.clone(),
-                    reason: reason.clone(),
-                    attempts: 0,
-                }),
-            }
-        }
-        plan
-    }
 }
 
 fn record_published<'r>(

@@ -2,7 +2,7 @@
 //! Kafka and delete (or mark) them in the same transaction once Kafka acknowledged them.
 //!
 //! - `lanes`: lane ownership across replicas (locks the store provides);
-//! - `lane`: one lane's claim/publish/commit loop;
+//! - `lane`: one lane's claim/publish/commit loop; `plan`: settling a partly failed batch;
 //! - `publish`: rows to messages, the shared idempotent producer;
 //! - `notify`: PostgreSQL LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
 //! - `store`: the SQL per backend; `template`: topic templates.
@@ -12,6 +12,7 @@ pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
 pub(crate) mod notify;
+mod plan;
 pub mod publish;
 pub mod store;
 pub mod template;

@@ -1,9 +1,11 @@
 //! PostgreSQL: lanes and members through session-level advisory locks, claims on the
-//! lane's connections (statements in `statements`), wake-up through LISTEN.
+//! lane's connections (sessions in `lane`, statements in `statements`), wake-up through
+//! LISTEN.
 
+mod lane;
 mod statements;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -15,13 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TableConfig;
 
 use super::{
-    random_slot, stable_hash, ClaimedRow, Handoff, LaneOwner, LaneSession, Membership, NewEvent,
-    Settled, Settlement, Store, StoreError,
+    random_slot, stable_hash, LaneOwner, LaneSession, Membership, NewEvent, Store, StoreError,
 };
-use statements::{
-    claim, cleanup_attempts, finish, introspect, move_dead, purge, q, quote_table, record_refusals,
-    stats, TableSql,
-};
+use lane::{LaneKeys, PgLane};
+use statements::{cleanup_attempts, introspect, purge, q, quote_table, stats, TableSql};
 
 /// Tries the session-level advisory lock `(class, object)` on `conn`.
 async fn try_lock(conn: &mut PgConnection, class: i32, object: i32) -> Result<bool, StoreError> {
@@ -41,20 +40,6 @@ fn lock_classes(table: &str) -> (i32, i32, i32) {
         stable_hash(&format!("outboxd:claim:{table}")),
     )
 }
-
-/// A follower's claim transaction begins here: it holds the lane's claim lock (class `$1`,
-/// lane `$2`) in shared mode until it ends, then checks that its leader (backend pid `$5`)
-/// still holds the lane lock (class `$3`, lane `$4`).
-const FOLLOWER_GUARD: &str =
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-     AND objsubid = 2 AND classid = $3::int8::oid AND objid = $4::int8::oid AND pid = $5 \
-     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
-     FROM pg_advisory_xact_lock_shared($1, $2)";
-
-/// A new lane owner's fence: true once no follower claim of an earlier owner is open
-/// (the claim lock `$1`, `$2` can be taken exclusively; it is released at once).
-const LEADER_FENCE: &str =
-    "SELECT CASE WHEN pg_try_advisory_lock($1, $2) THEN pg_advisory_unlock($1, $2) ELSE false END";
 
 /// One outbox table in PostgreSQL.
 pub struct PgStore {
@@ -108,25 +93,20 @@ impl Store for PgStore {
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(&mut conn)
             .await?;
-        Ok(Some(Box::new(PgLane {
+        let keys = LaneKeys {
+            opts: self.opts.clone(),
+            table: self.config.table.clone(),
+            lane,
+            lane_class: self.lane_class,
+            claim_class: self.claim_class,
+            prefetch: self.config.prefetch,
+        };
+        Ok(Some(Box::new(PgLane::leader(
             conn,
-            claim: self.sql.claim_for_lane(lane),
-            claim_after: self.sql.claim_after_for_lane(lane),
-            last_ord: None,
-            sql: self.sql.clone(),
-            keys: Arc::new(LaneKeys {
-                opts: self.opts.clone(),
-                table: self.config.table.clone(),
-                lane,
-                lane_class: self.lane_class,
-                claim_class: self.claim_class,
-                prefetch: self.config.prefetch,
-            }),
-            role: Role::Leader {
-                pid,
-                fence: Fence::Closed { told: false },
-            },
-        })))
+            pid,
+            self.sql.clone(),
+            keys,
+        ))))
     }
 
     async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
@@ -216,247 +196,6 @@ impl Membership for PgMembership {
             .map(|(_, lane)| *lane as u32)
             .collect();
         Ok((members.max(1), taken))
-    }
-}
-
-/// What the sessions of one lane share.
-struct LaneKeys {
-    /// For the follower's connection.
-    opts: PgConnectOptions,
-    table: String,
-    lane: u32,
-    lane_class: i32,
-    claim_class: i32,
-    /// Whether the leader offers a follower.
-    prefetch: bool,
-}
-
-/// A lane session's part in keeping claims of different owners apart.
-///
-/// The leader holds the lane lock on its connection, so its own claims need nothing more.
-/// A follower's claims are safe only while that connection lives: each of its transactions
-/// holds the claim lock in shared mode and checks the leader first. A new owner, before its
-/// first claim, waits until it could take the claim lock exclusively: by then every follower
-/// claim of an earlier owner has ended, and later ones find their leader gone. Without this,
-/// a follower's claim could make a new owner skip its rows and publish later ones first.
-enum Role {
-    /// Holds the lane lock; `pid` is its backend.
-    Leader { pid: i32, fence: Fence },
-    /// Claims for the leader with backend pid `leader`.
-    Follower { leader: i32 },
-}
-
-/// Whether a new leader has seen the claims of earlier owners end.
-enum Fence {
-    /// Not yet; `told` once the wait was logged.
-    Closed { told: bool },
-    /// Yes: the leader claims freely from now on.
-    Open,
-}
-
-/// A lane: its advisory lock and its claim transactions, on one connection (the leader),
-/// or claims for the leader on a second one (the follower).
-struct PgLane {
-    conn: PgConnection,
-    claim: String,
-    claim_after: String,
-    /// The order value of the last row claimed in the open transaction (integer order).
-    last_ord: Option<i64>,
-    sql: Arc<TableSql>,
-    keys: Arc<LaneKeys>,
-    role: Role,
-}
-
-impl PgLane {
-    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
-        sqlx::Executor::execute(&mut self.conn, statement).await?;
-        Ok(())
-    }
-
-    /// Begins a transaction; in a follower, first checks that its leader still holds the
-    /// lane.
-    ///
-    /// A claim transaction is REPEATABLE READ: every chunk of a batch then sees the rows
-    /// the first one saw. Under READ COMMITTED a later chunk (which starts after the last
-    /// row claimed) would see rows committed meanwhile: a row whose id was taken before that
-    /// point and committed late would be left for a later batch, while a later row of its
-    /// key, committed just after it, went out in this one. The lane's rows are changed only
-    /// by the lane's own sessions, so the serialization failures this level can raise do not
-    /// occur unless something else updates or deletes pending rows; the lane then fails and
-    /// is taken again.
-    ///
-    /// A follower given a `snapshot` (its leader's, see [`LaneSession::handoff`]) sees the
-    /// outbox as its leader does: rows committed after the leader's snapshot are left for a
-    /// later batch together with every later row of their key, as the leader leaves them.
-    async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
-        match (claim, snapshot) {
-            (false, _) => self.run("BEGIN").await?,
-            (true, None) => self.run("BEGIN ISOLATION LEVEL REPEATABLE READ").await?,
-            // A statement without arguments goes as one simple query: one round trip.
-            (true, Some(snapshot)) => {
-                self.run(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'"
-                ))
-                .await?
-            }
-        }
-        let Role::Follower { leader } = self.role else {
-            return Ok(());
-        };
-        let k = self.keys.clone();
-        let held: bool = sqlx::query_scalar(FOLLOWER_GUARD)
-            .bind(k.claim_class)
-            .bind(k.lane as i32)
-            .bind(i64::from(k.lane_class))
-            .bind(i64::from(k.lane))
-            .bind(leader)
-            .fetch_one(&mut self.conn)
-            .await?;
-        if !held {
-            self.run("ROLLBACK").await?;
-            return Err(StoreError::LaneLost {
-                table: k.table.clone(),
-                lane: k.lane,
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether this session may claim: always, except for a new leader while a follower
-    /// claim of an earlier owner is still open.
-    async fn fence_open(&mut self) -> Result<bool, StoreError> {
-        let Role::Leader { fence, .. } = &mut self.role else {
-            return Ok(true);
-        };
-        let Fence::Closed { told } = fence else {
-            return Ok(true);
-        };
-        let k = &self.keys;
-        let open: bool = sqlx::query_scalar(LEADER_FENCE)
-            .bind(k.claim_class)
-            .bind(k.lane as i32)
-            .fetch_one(&mut self.conn)
-            .await?;
-        if open {
-            *fence = Fence::Open;
-        } else if !*told {
-            *told = true;
-            tracing::info!(
-                table = %k.table,
-                lane = k.lane,
-                "waiting for the claims of the lane's previous owner to end before claiming"
-            );
-        }
-        Ok(open)
-    }
-}
-
-#[async_trait]
-impl LaneSession for PgLane {
-    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.begin(true, None).await?;
-        if !self.fence_open().await? {
-            self.last_ord = None;
-            return Ok(Vec::new());
-        }
-        let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
-        self.last_ord = last;
-        Ok(rows)
-    }
-
-    fn claims_in_chunks(&self) -> bool {
-        self.sql.ord_is_integer
-    }
-
-    /// The rows after the last one claimed, in the same transaction.
-    async fn claim_more(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        let Some(after) = self.last_ord else {
-            return Ok(Vec::new());
-        };
-        let (rows, last) = claim(&mut self.conn, &self.claim_after, limit, Some(after)).await?;
-        self.last_ord = last.or(self.last_ord);
-        Ok(rows)
-    }
-
-    /// The open claim's snapshot (exported until the claim ends) and its last order value,
-    /// so the follower starts right after this claim instead of passing over the index
-    /// entries of every row it holds. Only with an integer order column, and only a
-    /// snapshot name made of the characters PostgreSQL uses (it goes into a statement).
-    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
-        let Some(after) = self.last_ord else {
-            return Ok(None);
-        };
-        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-            .fetch_one(&mut self.conn)
-            .await?;
-        let plain = snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-        Ok(plain.then_some(Handoff { snapshot, after }))
-    }
-
-    /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
-    /// rows the leader holds lie before `after`, and every row claimed after it was pending
-    /// in the leader's view.
-    async fn follow(&mut self, handoff: &Handoff) -> Result<(), StoreError> {
-        self.begin(true, Some(&handoff.snapshot)).await?;
-        self.last_ord = Some(handoff.after);
-        Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        self.run("COMMIT").await
-    }
-
-    async fn rollback(&mut self) -> Result<(), StoreError> {
-        self.run("ROLLBACK").await
-    }
-
-    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.begin(false, None).await?;
-        let settled = async {
-            finish(&mut self.conn, &self.sql, s.finished).await?;
-            let counts: HashMap<String, i32> =
-                record_refusals(&mut self.conn, &self.sql, s.refused)
-                    .await?
-                    .into_iter()
-                    .collect();
-            let (dead, still_refused) = s.dead_rows(&counts);
-            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
-            Ok::<_, StoreError>(Settled {
-                dead,
-                moved,
-                still_refused,
-            })
-        }
-        .await;
-        match settled {
-            Ok(settled) => {
-                self.run("COMMIT").await?;
-                Ok(settled)
-            }
-            Err(e) => {
-                // The connection may be gone; the lane then ends and its lock with it.
-                let _ = self.run("ROLLBACK").await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
-        let Role::Leader { pid, .. } = self.role else {
-            return Ok(None);
-        };
-        if !self.keys.prefetch {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(PgLane {
-            conn: self.keys.opts.connect().await?,
-            claim: self.claim.clone(),
-            claim_after: self.claim_after.clone(),
-            last_ord: None,
-            sql: self.sql.clone(),
-            keys: self.keys.clone(),
-            role: Role::Follower { leader: pid },
-        })))
     }
 }
 

@@ -1,0 +1,285 @@
+//! A PostgreSQL lane's sessions: the leader, which holds the lane's advisory lock and
+//! claims on that connection, and its follower, which claims the next batch on a second
+//! connection while the leader's batch is sent and acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::ConnectOptions;
+
+use super::statements::{claim, finish, move_dead, record_refusals, TableSql};
+use crate::relay::store::{ClaimedRow, Handoff, LaneSession, Settled, Settlement, StoreError};
+
+/// A follower's claim transaction begins here: it holds the lane's claim lock (class `$1`,
+/// lane `$2`) in shared mode until it ends, then checks that its leader (backend pid `$5`)
+/// still holds the lane lock (class `$3`, lane `$4`).
+const FOLLOWER_GUARD: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+     AND objsubid = 2 AND classid = $3::int8::oid AND objid = $4::int8::oid AND pid = $5 \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+     FROM pg_advisory_xact_lock_shared($1, $2)";
+
+/// A new lane owner's fence: true once no follower claim of an earlier owner is open
+/// (the claim lock `$1`, `$2` can be taken exclusively; it is released at once).
+const LEADER_FENCE: &str =
+    "SELECT CASE WHEN pg_try_advisory_lock($1, $2) THEN pg_advisory_unlock($1, $2) ELSE false END";
+
+/// What the sessions of one lane share.
+pub(super) struct LaneKeys {
+    /// For the follower's connection.
+    pub(super) opts: PgConnectOptions,
+    pub(super) table: String,
+    pub(super) lane: u32,
+    pub(super) lane_class: i32,
+    pub(super) claim_class: i32,
+    /// Whether the leader offers a follower.
+    pub(super) prefetch: bool,
+}
+
+/// A lane session's part in keeping claims of different owners apart.
+///
+/// The leader holds the lane lock on its connection, so its own claims need nothing more.
+/// A follower's claims are safe only while that connection lives: each of its transactions
+/// holds the claim lock in shared mode and checks the leader first. A new owner, before its
+/// first claim, waits until it could take the claim lock exclusively: by then every follower
+/// claim of an earlier owner has ended, and later ones find their leader gone. Without this,
+/// a follower's claim could make a new owner skip its rows and publish later ones first.
+enum Role {
+    /// Holds the lane lock; `pid` is its backend.
+    Leader { pid: i32, fence: Fence },
+    /// Claims for the leader with backend pid `leader`.
+    Follower { leader: i32 },
+}
+
+/// Whether a new leader has seen the claims of earlier owners end.
+enum Fence {
+    /// Not yet; `told` once the wait was logged.
+    Closed { told: bool },
+    /// Yes: the leader claims freely from now on.
+    Open,
+}
+
+/// A lane: its advisory lock and its claim transactions, on one connection (the leader),
+/// or claims for the leader on a second one (the follower).
+pub(super) struct PgLane {
+    conn: PgConnection,
+    claim: String,
+    claim_after: String,
+    /// The order value of the last row claimed in the open transaction (integer order).
+    last_ord: Option<i64>,
+    sql: Arc<TableSql>,
+    keys: Arc<LaneKeys>,
+    role: Role,
+}
+
+impl PgLane {
+    /// The session holding the lane lock on `conn` (backend `pid`); it claims nothing
+    /// until every follower claim of an earlier owner has ended.
+    pub(super) fn leader(conn: PgConnection, pid: i32, sql: Arc<TableSql>, keys: LaneKeys) -> Self {
+        PgLane {
+            conn,
+            claim: sql.claim_for_lane(keys.lane),
+            claim_after: sql.claim_after_for_lane(keys.lane),
+            last_ord: None,
+            sql,
+            keys: Arc::new(keys),
+            role: Role::Leader {
+                pid,
+                fence: Fence::Closed { told: false },
+            },
+        }
+    }
+
+    async fn run(&mut self, statement: &str) -> Result<(), StoreError> {
+        sqlx::Executor::execute(&mut self.conn, statement).await?;
+        Ok(())
+    }
+
+    /// Begins a transaction; in a follower, first checks that its leader still holds the
+    /// lane.
+    ///
+    /// A claim transaction is REPEATABLE READ: every chunk of a batch then sees the rows
+    /// the first one saw. Under READ COMMITTED a later chunk (which starts after the last
+    /// row claimed) would see rows committed meanwhile: a row whose id was taken before that
+    /// point and committed late would be left for a later batch, while a later row of its
+    /// key, committed just after it, went out in this one. The lane's rows are changed only
+    /// by the lane's own sessions, so the serialization failures this level can raise do not
+    /// occur unless something else updates or deletes pending rows; the lane then fails and
+    /// is taken again.
+    ///
+    /// A follower given a `snapshot` (its leader's, see [`LaneSession::handoff`]) sees the
+    /// outbox as its leader does: rows committed after the leader's snapshot are left for a
+    /// later batch together with every later row of their key, as the leader leaves them.
+    async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
+        match (claim, snapshot) {
+            (false, _) => self.run("BEGIN").await?,
+            (true, None) => self.run("BEGIN ISOLATION LEVEL REPEATABLE READ").await?,
+            // A statement without arguments goes as one simple query: one round trip.
+            (true, Some(snapshot)) => {
+                self.run(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'"
+                ))
+                .await?
+            }
+        }
+        let Role::Follower { leader } = self.role else {
+            return Ok(());
+        };
+        let k = self.keys.clone();
+        let held: bool = sqlx::query_scalar(FOLLOWER_GUARD)
+            .bind(k.claim_class)
+            .bind(k.lane as i32)
+            .bind(i64::from(k.lane_class))
+            .bind(i64::from(k.lane))
+            .bind(leader)
+            .fetch_one(&mut self.conn)
+            .await?;
+        if !held {
+            self.run("ROLLBACK").await?;
+            return Err(StoreError::LaneLost {
+                table: k.table.clone(),
+                lane: k.lane,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether this session may claim: always, except for a new leader while a follower
+    /// claim of an earlier owner is still open.
+    async fn fence_open(&mut self) -> Result<bool, StoreError> {
+        let Role::Leader { fence, .. } = &mut self.role else {
+            return Ok(true);
+        };
+        let Fence::Closed { told } = fence else {
+            return Ok(true);
+        };
+        let k = &self.keys;
+        let open: bool = sqlx::query_scalar(LEADER_FENCE)
+            .bind(k.claim_class)
+            .bind(k.lane as i32)
+            .fetch_one(&mut self.conn)
+            .await?;
+        if open {
+            *fence = Fence::Open;
+        } else if !*told {
+            *told = true;
+            tracing::info!(
+                table = %k.table,
+                lane = k.lane,
+                "waiting for the claims of the lane's previous owner to end before claiming"
+            );
+        }
+        Ok(open)
+    }
+}
+
+#[async_trait]
+impl LaneSession for PgLane {
+    async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.begin(true, None).await?;
+        if !self.fence_open().await? {
+            self.last_ord = None;
+            return Ok(Vec::new());
+        }
+        let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
+        self.last_ord = last;
+        Ok(rows)
+    }
+
+    fn claims_in_chunks(&self) -> bool {
+        self.sql.ord_is_integer
+    }
+
+    /// The rows after the last one claimed, in the same transaction.
+    async fn claim_more(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+        let Some(after) = self.last_ord else {
+            return Ok(Vec::new());
+        };
+        let (rows, last) = claim(&mut self.conn, &self.claim_after, limit, Some(after)).await?;
+        self.last_ord = last.or(self.last_ord);
+        Ok(rows)
+    }
+
+    /// The open claim's snapshot (exported until the claim ends) and its last order value,
+    /// so the follower starts right after this claim instead of passing over the index
+    /// entries of every row it holds. Only with an integer order column, and only a
+    /// snapshot name made of the characters PostgreSQL uses (it goes into a statement).
+    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
+        let Some(after) = self.last_ord else {
+            return Ok(None);
+        };
+        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+            .fetch_one(&mut self.conn)
+            .await?;
+        let plain = snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        Ok(plain.then_some(Handoff { snapshot, after }))
+    }
+
+    /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
+    /// rows the leader holds lie before `after`, and every row claimed after it was pending
+    /// in the leader's view.
+    async fn follow(&mut self, handoff: &Handoff) -> Result<(), StoreError> {
+        self.begin(true, Some(&handoff.snapshot)).await?;
+        self.last_ord = Some(handoff.after);
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.run("COMMIT").await
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.run("ROLLBACK").await
+    }
+
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.begin(false, None).await?;
+        let settled = async {
+            finish(&mut self.conn, &self.sql, s.finished).await?;
+            let counts: HashMap<String, i32> =
+                record_refusals(&mut self.conn, &self.sql, s.refused)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let (dead, still_refused) = s.dead_rows(&counts);
+            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
+            Ok::<_, StoreError>(Settled {
+                dead,
+                moved,
+                still_refused,
+            })
+        }
+        .await;
+        match settled {
+            Ok(settled) => {
+                self.run("COMMIT").await?;
+                Ok(settled)
+            }
+            Err(e) => {
+                // The connection may be gone; the lane then ends and its lock with it.
+                let _ = self.run("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+        let Role::Leader { pid, .. } = self.role else {
+            return Ok(None);
+        };
+        if !self.keys.prefetch {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PgLane {
+            conn: self.keys.opts.connect().await?,
+            claim: self.claim.clone(),
+            claim_after: self.claim_after.clone(),
+            last_ord: None,
+            sql: self.sql.clone(),
+            keys: self.keys.clone(),
+            role: Role::Follower { leader: pid },
+        })))
+    }
+}
