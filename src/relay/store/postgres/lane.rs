@@ -220,9 +220,16 @@ impl LaneSession for PgLane {
     /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
     /// rows the leader holds lie before `after`, and every row claimed after it was pending
     /// in the leader's view.
+    ///
+    /// The lane's leader session follows its own follower after they swapped roles; like
+    /// any claim of a leader, it claims nothing before its fence opened (by then it has).
     async fn follow(&mut self, handoff: &Handoff) -> Result<(), StoreError> {
         self.begin(true, Some(&handoff.snapshot)).await?;
-        self.last_ord = Some(handoff.after);
+        self.last_ord = if self.fence_open().await? {
+            Some(handoff.after)
+        } else {
+            None
+        };
         Ok(())
     }
 
