@@ -100,7 +100,11 @@ impl Handle for HttpHandler {
         }
         let response = request.body(event.value().to_vec()).send().await;
         match response {
-            Ok(r) => classify(r.status()),
+            Ok(r) => {
+                let status = r.status();
+                drain(r).await;
+                classify(status)
+            }
             Err(e) if e.is_builder() => Outcome::DeadLetter(
                 ErrorClass::Permanent,
                 format!("cannot build the request: {e}"),
@@ -109,6 +113,24 @@ impl Handle for HttpHandler {
                 Outcome::Retry(format!("no answer within {:?}", settings.timeout))
             }
             Err(e) => Outcome::Retry(format!("request failed: {e}")),
+        }
+    }
+}
+
+/// The most of a response body read (and discarded) so that its connection can carry the
+/// next request; a longer body closes the connection instead.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Reads the rest of the response body. The status has decided the outcome already, so a
+/// body that fails or runs past the timeout only costs the connection: hyper keeps a
+/// connection for the next request only when its last response was read to the end, and
+/// closes it otherwise.
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0;
+    while read <= DRAIN_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(None) | Err(_) => return,
         }
     }
 }
