@@ -1,15 +1,19 @@
 //! Relay latency: a writer inserts rows at a fixed rate (rows per second, rows per
 //! transaction) for a while; a consumer assigned to every partition notes when each row
 //! arrives. Latency is from the writer's COMMIT returning to the consumer receiving the
-//! message, so it includes the consumer's fetch (set to return at once): an upper bound of
-//! commit -> delivery report.
+//! message, so it includes the consumer's fetch (set to return at once). outboxd's own
+//! `outboxd_relay_publish_delay_seconds` histogram gives commit -> delivery report (from the
+//! row's `created_at`, the writer's transaction start: an upper bound). The baseline is a bare
+//! producer in the harness that sends at the same rate to the same broker, read by the same
+//! consumer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sqlx::PgPool;
 
@@ -31,7 +35,19 @@ pub struct Latency {
     pub max: f64,
     pub rows: usize,
     pub achieved: f64,
+    /// Commit -> delivery report: the 99th percentile's histogram bucket (its upper bound,
+    /// in ms) and the share of rows acknowledged within 20 ms. From outboxd's histogram for
+    /// the relay run, from each delivery report for the bare producer.
+    pub ack_p99_at_most: f64,
+    pub ack_within_20ms: f64,
 }
+
+/// The bounds (seconds) the bare producer's acknowledgements are counted in: those of
+/// `outboxd_relay_publish_delay_seconds` up to a minute, so that both read alike.
+const ACK_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
+];
 
 /// Writer connections: transactions in flight at once.
 const WRITERS: usize = 16;
@@ -95,6 +111,12 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().expect("reader thread")?;
+    let scrape = outboxd.scrape().await;
+    let buckets = histogram(
+        &scrape,
+        "outboxd_relay_publish_delay_seconds_bucket",
+        &table,
+    );
     outboxd.stop();
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(pool)
@@ -104,24 +126,167 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     if arrivals.len() < expected {
         bail!("{run}: {} of {expected} rows arrived", arrivals.len());
     }
-    let mut ms: Vec<f64> = commits
+    let (ack_p99_at_most, ack_within_20ms) = ack_summary(&buckets)
+        .with_context(|| format!("{run}: outboxd reported no publish delays"))?;
+    Ok(summary(
+        &commits,
+        &arrivals,
+        achieved,
+        ack_p99_at_most,
+        ack_within_20ms,
+    ))
+}
+
+/// The baseline for `load`: a producer in the harness with outboxd's fixed settings
+/// (acks=all, idempotence, linger.ms 0) sends the same rows at the same rate to a fresh
+/// topic; latency is from each send to its arrival, and to its delivery report.
+pub async fn bare(broker: &Broker, load: &Load) -> Result<Latency> {
+    let topic = format!(
+        "bench.lat_bare_{}_{}.{}",
+        load.rows_per_sec,
+        load.rows_per_txn,
+        std::process::id()
+    );
+    broker.create_topic(&topic, PARTITIONS).await?;
+    let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (bootstrap, topic) = (broker.bootstrap(), topic.clone());
+        let (arrivals, stop) = (arrivals.clone(), stop.clone());
+        std::thread::spawn(move || read(&bootstrap, &topic, &arrivals, &stop))
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()?;
+    // Let the consumer and the producer connect before the first row.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let txns_per_sec = (load.rows_per_sec / load.rows_per_txn).max(1);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(txns_per_sec)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = u64::from(txns_per_sec) * load.secs * u64::from(load.rows_per_txn);
+    let mut sends = Vec::with_capacity(total as usize);
+    let mut reports = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for n in 0..total as i64 {
+        if n % i64::from(load.rows_per_txn) == 0 {
+            tick.tick().await;
+        }
+        let payload = format!("{{\"n\": {n}, \"note\": \"{}\"}}", "x".repeat(150));
+        let key = format!("k{}", n % 1000);
+        let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("bare produce: {e}"))?;
+        let sent = Instant::now();
+        sends.push((n, sent));
+        reports.spawn(async move {
+            let acked = delivery.await.is_ok_and(|r| r.is_ok());
+            (acked, sent.elapsed())
+        });
+    }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
+    let mut buckets = vec![(f64::INFINITY, 0.0); 1];
+    buckets.extend(ACK_BUCKETS.iter().map(|le| (*le, 0.0)));
+    while let Some(report) = reports.join_next().await {
+        let (acked, took) = report?;
+        if !acked {
+            bail!("bare producer: a message was not acknowledged");
+        }
+        for (le, count) in &mut buckets {
+            if took.as_secs_f64() <= *le {
+                *count += 1.0;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while arrivals.lock().unwrap().len() < sends.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().expect("reader thread")?;
+    let arrivals = arrivals.lock().unwrap();
+    if arrivals.len() < sends.len() {
+        bail!(
+            "bare producer: {} of {} arrived",
+            arrivals.len(),
+            sends.len()
+        );
+    }
+    let (ack_p99_at_most, ack_within_20ms) =
+        ack_summary(&buckets).context("bare producer: no reports")?;
+    Ok(summary(
+        &sends,
+        &arrivals,
+        achieved,
+        ack_p99_at_most,
+        ack_within_20ms,
+    ))
+}
+
+/// Percentiles of start -> arrival over `starts`.
+fn summary(
+    starts: &[(i64, Instant)],
+    arrivals: &HashMap<i64, Instant>,
+    achieved: f64,
+    ack_p99_at_most: f64,
+    ack_within_20ms: f64,
+) -> Latency {
+    let mut ms: Vec<f64> = starts
         .iter()
-        .map(|(n, committed)| {
-            arrivals[n]
-                .saturating_duration_since(*committed)
-                .as_secs_f64()
-                * 1000.0
-        })
+        .map(|(n, start)| arrivals[n].saturating_duration_since(*start).as_secs_f64() * 1000.0)
         .collect();
     ms.sort_by(f64::total_cmp);
     let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
-    Ok(Latency {
+    Latency {
         p50: at(0.50),
         p99: at(0.99),
         max: *ms.last().unwrap_or(&0.0),
         rows: ms.len(),
         achieved,
-    })
+        ack_p99_at_most,
+        ack_within_20ms,
+    }
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name` for `table` in a scrape.
+fn histogram(scrape: &str, name: &str, table: &str) -> Vec<(f64, f64)> {
+    let label = format!("table=\"{table}\"");
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(&label))
+        .filter_map(|l| {
+            // `le` comes last (`table="` ends in `le="` too).
+            let le = l.rsplit(",le=\"").next()?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit_once(' ')?.1.parse().ok()?;
+            Some((le, count))
+        })
+        .collect()
+}
+
+/// From cumulative buckets: the upper bound (ms) of the bucket the 99th percentile falls in,
+/// and the share counted within 20 ms. None without observations.
+fn ack_summary(buckets: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let mut buckets = buckets.to_vec();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let p99 = buckets.iter().find(|(_, n)| *n >= 0.99 * total)?.0 * 1000.0;
+    let within = buckets
+        .iter()
+        .find(|(le, _)| (*le - 0.02).abs() < 1e-9)
+        .map_or(f64::NAN, |(_, n)| n / total);
+    Some((p99, within))
 }
 
 /// Inserts `rows_per_txn` rows per transaction at `rows_per_sec` for `secs`, on up to

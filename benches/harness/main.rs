@@ -7,7 +7,9 @@
 //!    and lanes 1 without `prefetch`, against the raw SQL claim rate on one connection; each
 //!    drain gets a fresh broker (Tansu slows down as its in-memory log grows);
 //! 2. relay latency: rows inserted at 1,000/s and 10,000/s, 1 and 10 rows per
-//!    transaction, with LISTEN and with polling only; p50/p99/max from commit to arrival;
+//!    transaction, with LISTEN and with polling only; p50/p99/max from commit to arrival
+//!    at a consumer, and commit to delivery report from outboxd's publish-delay histogram;
+//!    baseline: a bare producer sending at the same rate to the same broker;
 //! 3. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
 //!    against bare rdkafka consumers that store each offset (with librdkafka's default
 //!    queues and with outboxd's queue limits; the faster one is the baseline);
@@ -302,8 +304,16 @@ async fn main() -> Result<()> {
             } else {
                 "polling (poll_interval 500ms)"
             };
-            eprintln!("latency {rows_per_sec}/s, {rows_per_txn}/txn, {how}: p50 {:.1} p99 {:.1} max {:.1} ms ({} rows, written at {:.0}/s)", l.p50, l.p99, l.max, l.rows, l.achieved);
-            latencies.push(format!("| {rows_per_sec} rows/s, {rows_per_txn} per transaction, {how} | {:.0} | {} | {:.1} | {:.1} | {:.1} |\n", l.achieved, l.rows, l.p50, l.p99, l.max));
+            let what = format!("{rows_per_sec} rows/s, {rows_per_txn} per transaction, {how}");
+            latencies.push(latency_line(&what, &l));
+            // The baseline once per rate: a bare producer does not listen or poll.
+            if listen {
+                let b = latency::bare(&latency_broker, &load).await?;
+                let what = format!(
+                    "baseline: bare producer, {rows_per_sec} messages/s, {rows_per_txn} at a time"
+                );
+                latencies.push(latency_line(&what, &b));
+            }
         }
     }
 
@@ -371,7 +381,7 @@ async fn main() -> Result<()> {
     }
     if !latencies.is_empty() {
         table_md.push_str(&format!(
-            "\n| relay latency, commit to arrival at a consumer ({} s each) | written rows/s | rows | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n",
+            "\n| relay latency ({} s each) | written rows/s | rows | to arrival p50 ms | p99 ms | max ms | to delivery report: p99 at most, ms | within 20 ms |\n|---|---|---|---|---|---|---|---|\n",
             a.latency_secs
         ));
         for l in &latencies {
@@ -422,7 +432,7 @@ async fn main() -> Result<()> {
             }
         };
         let doc = format!(
-            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row: an upper bound of commit to delivery report.\n\n{table_md}\n",
+            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency to arrival is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row; latency to the delivery report is outboxd's `outboxd_relay_publish_delay_seconds` histogram (from the row's `created_at`, the writer's transaction start, so an upper bound), given as the bucket the 99th percentile falls in and the share within 20 ms. The latency baseline is a bare producer with outboxd's fixed settings sending at the same rate, timed from each send.\n\n{table_md}\n",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
             env!("CARGO_PKG_VERSION"),
             rustc_version(),
@@ -445,4 +455,22 @@ fn rustc_version() -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// One latency table row, also printed as it is measured.
+fn latency_line(what: &str, l: &latency::Latency) -> String {
+    eprintln!(
+        "latency {what}: arrival p50 {:.1} p99 {:.1} max {:.1} ms; delivery report p99 <= {} ms, {:.2} % within 20 ms ({} rows, written at {:.0}/s)",
+        l.p50, l.p99, l.max, l.ack_p99_at_most, l.ack_within_20ms * 100.0, l.rows, l.achieved
+    );
+    format!(
+        "| {what} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {} | {:.2} % |\n",
+        l.achieved,
+        l.rows,
+        l.p50,
+        l.p99,
+        l.max,
+        l.ack_p99_at_most,
+        l.ack_within_20ms * 100.0
+    )
 }

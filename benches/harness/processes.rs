@@ -240,12 +240,19 @@ impl Outboxd {
         (kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
+    /// The text of outboxd's `/metrics` (empty when it does not answer).
+    pub async fn scrape(&self) -> String {
         let Ok(response) = self.client.get(&self.metrics).send().await else {
-            return 0.0;
+            return String::new();
         };
-        let text = response.text().await.unwrap_or_default();
-        text.lines()
+        response.text().await.unwrap_or_default()
+    }
+
+    /// The sum of every series of metric `name`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        self.scrape()
+            .await
+            .lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
             .sum()
