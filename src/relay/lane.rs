@@ -279,7 +279,7 @@ async fn batch(
     let session = current.as_mut();
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
-    let mut publication = Publication::new(&producer, &rt.topics, batch_size as usize);
+    let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
     // A prefetched batch saw the outbox as an earlier claim did: what was committed since
     // is for a fresh claim, at once, even if this batch comes out short.
     let prefetched = ready.is_some();

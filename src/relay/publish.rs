@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
 
 use super::store::ClaimedRow;
 use super::template::{check_topic, TopicTemplate};
@@ -187,32 +188,53 @@ fn classify(e: &KafkaError) -> RowOutcome {
     }
 }
 
+/// Why a row was not enqueued at shutdown.
+const NOT_SENT: &str = "not sent: shutting down while the producer's local queue was full";
+
 /// A batch being published: rows are enqueued in order as they are claimed (the producer
 /// sends them while the next rows are claimed), then every delivery report is awaited.
 pub struct Publication<'p> {
     producer: &'p FutureProducer,
     topics: &'p TopicSource,
+    /// Shutdown: a row that then finds the producer's local queue full is not enqueued.
+    stop: &'p CancellationToken,
+    /// A row was left unsent at shutdown: every later row is left too, so that none
+    /// overtakes it.
+    abandoned: bool,
     outcomes: Vec<Option<RowOutcome>>,
     pending: Vec<(usize, DeliveryFuture, String)>,
 }
 
 impl<'p> Publication<'p> {
-    /// An empty publication on `producer`, with room for `rows` rows.
-    pub fn new(producer: &'p FutureProducer, topics: &'p TopicSource, rows: usize) -> Self {
+    /// An empty publication on `producer`, with room for `rows` rows; it stops waiting for
+    /// room in the producer's queue once `stop` is cancelled.
+    pub fn new(
+        producer: &'p FutureProducer,
+        topics: &'p TopicSource,
+        stop: &'p CancellationToken,
+        rows: usize,
+    ) -> Self {
         Publication {
             producer,
             topics,
+            stop,
+            abandoned: false,
             outcomes: Vec::with_capacity(rows),
             pending: Vec::with_capacity(rows),
         }
     }
 
     /// Enqueues `rows` after everything enqueued so far; waits only while the producer's
-    /// local queue is full.
+    /// local queue is full, and not once shutting down: that row and every later one then
+    /// fail unsent (they stay in the outbox).
     pub async fn send(&mut self, rows: &[ClaimedRow]) {
         for row in rows {
             let i = self.outcomes.len();
             self.outcomes.push(None);
+            if self.abandoned {
+                self.outcomes[i] = Some(RowOutcome::Failed(NOT_SENT.into()));
+                continue;
+            }
             let prepared = match prepare(row, self.topics) {
                 Ok(p) => p,
                 Err(reason) => {
@@ -237,7 +259,14 @@ impl<'p> Publication<'p> {
                         // The local queue is full: let deliveries drain, then enqueue this
                         // same row again (order is kept: nothing later was enqueued).
                         record = back;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                            () = self.stop.cancelled() => {
+                                self.abandoned = true;
+                                self.outcomes[i] = Some(RowOutcome::Failed(NOT_SENT.into()));
+                                break;
+                            }
+                        }
                     }
                     Err((e, _)) => {
                         self.outcomes[i] = Some(classify(&e));

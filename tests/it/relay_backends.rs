@@ -401,6 +401,51 @@ async fn shutdown_while_kafka_is_down_keeps_the_rows(kind: Kind) {
     );
 }
 
+/// With the producer's local queue full (a small `queue.buffering.max.messages`, the broker
+/// down), the lane waits for room; a shutdown ends that wait at once, and the rows that
+/// were never enqueued stay in the outbox with the rest of the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_the_producer_queue_is_full_keeps_the_rows() {
+    let (db, table, _topic, cluster) = setup(Kind::named("postgres"), "queuefull", 1).await;
+    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
+    cfg.shutdown_timeout = Duration::from_secs(4);
+    for (key, value) in [
+        ("message.timeout.ms", 120_000),
+        ("queue.buffering.max.messages", 10),
+    ] {
+        cfg.kafka
+            .options
+            .insert(key.into(), OptionValue::Int(value));
+    }
+    let daemon = Daemon::start(cfg).await;
+    eventually("lane owned", Duration::from_secs(10), || async {
+        daemon.metric("outboxd_relay_lanes_owned", &[("table", &table)]) == 1.0
+    })
+    .await;
+    db.insert_rows(&table, 0, 1, 1).await;
+    db.drained(&table, Duration::from_secs(10)).await;
+    cluster.broker_down(1).unwrap();
+    db.insert_rows(&table, 1, 100, 5).await;
+    eventually(
+        "a batch is waiting for room in the queue",
+        Duration::from_secs(10),
+        || async { daemon.metric("outboxd_relay_batch_rows_count", &[]) >= 2.0 },
+    )
+    .await;
+    let stopping = std::time::Instant::now();
+    daemon.stop().await.expect("the drain ends in time");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        db.count_rows(&table).await,
+        100,
+        "the batch, enqueued or not, stays in the outbox"
+    );
+}
+
 on_backends!(two_relays_share_lanes_and_the_survivor_takes_all: postgres, mysql);
 async fn two_relays_share_lanes_and_the_survivor_takes_all(kind: Kind) {
     let (db, table, topic, cluster) = setup(kind, "lanes", 4).await;
