@@ -129,6 +129,68 @@ async fn debezium_style_table_is_relayed_through_the_column_mapping() {
     daemon.stop().await.unwrap();
 }
 
+/// A `bytea` payload goes out as its exact bytes (not UTF-8, not hex), a `text` payload as
+/// its UTF-8 bytes, and headers `{}` add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytea_and_text_payloads_are_sent_as_their_bytes() {
+    let pool = db().await;
+    let mut cases = Vec::new();
+    for (kind, ty, value, expected) in [
+        (
+            "bytea",
+            "bytea",
+            "'\\x00ff80c328'::bytea",
+            &b"\x00\xff\x80\xc3\x28"[..],
+        ),
+        (
+            "text",
+            "text",
+            "'caf\u{e9} \"x\"'",
+            "caf\u{e9} \"x\"".as_bytes(),
+        ),
+    ] {
+        let table = unique(kind);
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, aggregate_id text NOT NULL,
+                 payload {ty} NOT NULL, headers jsonb NOT NULL DEFAULT '{{}}');
+             INSERT INTO {table} (aggregate_id, payload) VALUES ('k', {value});"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        cases.push((table, expected));
+    }
+    for (table, expected) in cases {
+        let topic = topic_of(&table);
+        let cluster = cluster(&topic, 1);
+        let mut cfg = config(&table, &cluster.bootstrap_servers());
+        let t = &mut cfg.relay.tables[0];
+        t.topic = Some(topic.clone());
+        t.event_type_column = String::new();
+        t.aggregate_type_column = String::new();
+        t.event_id_column = String::new();
+        t.created_at_column = String::new();
+        t.notify_channel = String::new();
+        let daemon = Daemon::start(cfg).await;
+        let received = consume(
+            &cluster.bootstrap_servers(),
+            &topic,
+            1,
+            Duration::from_millis(200),
+            Duration::from_secs(30),
+        )
+        .await;
+        daemon.stop().await.unwrap();
+        assert_eq!(received.len(), 1, "{table}");
+        assert_eq!(received[0].payload, expected, "{table}");
+        assert_eq!(
+            received[0].headers.keys().collect::<Vec<_>>(),
+            ["event-id"],
+            "{table}: only the event id (the row id) as a header"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoint_serves_metrics_health_and_readiness() {
     let Relayed {

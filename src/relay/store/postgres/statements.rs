@@ -1,6 +1,7 @@
 //! The SQL of one PostgreSQL outbox table (claim, finish, attempts, dead rows, purge,
 //! stats), rendered once from the column mapping, and the functions that run it.
 
+use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
@@ -262,34 +263,41 @@ pub(super) async fn claim(
     if let Some(after) = after {
         query = query.bind(after);
     }
-    let rows = query.fetch_all(&mut *conn).await?;
-    let mut decoded = rows
-        .iter()
-        .map(|r| Ok((r.try_get::<Option<i64>, _>(9)?, decode(r)?)))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    if !decoded.is_sorted_by_key(|(ord, _)| *ord) {
-        decoded.sort_by_key(|(ord, _)| *ord);
+    // Each row is decoded as it arrives and its buffer freed, rather than collected first.
+    let mut stream = query.fetch(&mut *conn);
+    let mut rows = Vec::with_capacity(limit as usize);
+    let mut ords = Vec::with_capacity(limit as usize);
+    while let Some(r) = stream.try_next().await? {
+        ords.push(r.try_get_unchecked::<Option<i64>, _>(9)?);
+        rows.push(decode(&r)?);
     }
-    let last = decoded.last().and_then(|(ord, _)| *ord);
-    Ok((decoded.into_iter().map(|(_, row)| row).collect(), last))
+    drop(stream);
+    if !ords.is_sorted() {
+        let mut pairs: Vec<_> = ords.into_iter().zip(rows).collect();
+        pairs.sort_by_key(|(ord, _)| *ord);
+        (ords, rows) = pairs.into_iter().unzip();
+    }
+    Ok((rows, ords.last().copied().flatten()))
 }
 
+/// One claimed row. The claim statement fixes every column's type (text, float8, int8;
+/// the payload is text or bytea, both read as their bytes), so the per-row type checks of
+/// `try_get` are skipped; decoding still checks NULLs and UTF-8. Headers `{}` read as none.
 fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
-    let payload = match r.try_get::<Option<String>, _>(2) {
-        Ok(text) => text.map(String::into_bytes),
-        Err(sqlx::Error::ColumnDecode { .. }) => r.try_get(2)?,
-        Err(e) => return Err(e.into()),
-    };
     Ok(ClaimedRow {
-        id: r.try_get(0)?,
-        key: r.try_get(1)?,
-        payload,
-        headers: r.try_get(3)?,
-        event_id: r.try_get(4)?,
-        event_type: r.try_get(5)?,
-        aggregate_type: r.try_get(6)?,
-        created_at: r.try_get(7)?,
-        topic: r.try_get(8)?,
+        id: r.try_get_unchecked(0)?,
+        key: r.try_get_unchecked(1)?,
+        payload: r.try_get_unchecked(2)?,
+        // `{}` (the reference table's default) adds no headers, as NULL does.
+        headers: r
+            .try_get_unchecked::<Option<&str>, _>(3)?
+            .filter(|h| *h != "{}")
+            .map(str::to_owned),
+        event_id: r.try_get_unchecked(4)?,
+        event_type: r.try_get_unchecked(5)?,
+        aggregate_type: r.try_get_unchecked(6)?,
+        created_at: r.try_get_unchecked(7)?,
+        topic: r.try_get_unchecked(8)?,
     })
 }
 
