@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{Config, OnPublished, TableConfig};
 use crate::db::Backend;
-use crate::relay::template::TopicTemplate;
+use crate::relay::template::{check_topic, TopicTemplate};
 
 /// All problems of `config`; empty when it is usable.
 pub fn validate(config: &Config) -> Vec<String> {
@@ -137,11 +137,16 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
         (None, None) => p.push(format!(
             "{at}.topic: missing; set topic (a template) or topic_column"
         )),
-        (Some(template), None) => {
-            if let Err(e) = TopicTemplate::parse(template, &t.mapped_columns()) {
-                p.push(format!("{at}.topic: {e}"));
+        (Some(template), None) => match TopicTemplate::parse(template, &t.mapped_columns()) {
+            Err(e) => p.push(format!("{at}.topic: {e}")),
+            // Without columns it is the topic of every row: check it here, not per row.
+            Ok(parsed) if parsed.columns().next().is_none() => {
+                if let Err(e) = check_topic(template) {
+                    p.push(format!("{at}.topic: {e}"));
+                }
             }
-        }
+            Ok(_) => {}
+        },
         (None, Some(c)) if c.is_empty() => p.push(format!("{at}.topic_column: must not be empty")),
         (None, Some(_)) => {}
     }

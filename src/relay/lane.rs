@@ -464,7 +464,7 @@ fn record_published<'r>(
         if let Some(created) = row.created_at {
             delay.observe(delay_seconds(created, *at));
         }
-        match per_topic.iter_mut().find(|(t, _)| t == topic) {
+        match per_topic.iter_mut().find(|(t, _)| *t == &**topic) {
             Some((_, n)) => *n += 1,
             None => per_topic.push((topic, 1)),
         }

@@ -3,6 +3,7 @@
 //! rows of the batch), then every delivery report is awaited. Each row ends with exactly
 //! one outcome.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -22,7 +23,7 @@ pub enum RowOutcome {
         /// When the delivery report arrived.
         at: SystemTime,
         /// The topic it went to.
-        topic: String,
+        topic: Arc<str>,
     },
     /// Kafka refused this message for good (too large, invalid or unknown topic).
     Refused(String),
@@ -50,6 +51,8 @@ pub enum Field {
 /// Where a row's topic comes from.
 #[derive(Debug)]
 pub enum TopicSource {
+    /// One topic for every row (a template without columns), checked once.
+    Fixed(Arc<str>),
     /// A template over mapped columns.
     Template(TopicTemplate, Vec<(String, Field)>),
     /// The `topic_column` value.
@@ -64,6 +67,14 @@ impl TopicSource {
         };
         let template =
             TopicTemplate::parse(template, &t.mapped_columns()).map_err(|e| e.to_string())?;
+        if template.columns().next().is_none() {
+            let mut topic = String::new();
+            template
+                .render_into(&mut topic, |_| None)
+                .map_err(|c| format!("topic template column `{c}`"))?;
+            check_topic(&topic)?;
+            return Ok(TopicSource::Fixed(topic.into()));
+        }
         let fields = [
             (&t.id_column, Field::Id),
             (&t.key_column, Field::Key),
@@ -78,8 +89,11 @@ impl TopicSource {
         Ok(TopicSource::Template(template, fields))
     }
 
-    fn topic_of(&self, row: &ClaimedRow, out: &mut String) -> Result<(), String> {
+    /// Row `row`'s topic; `scratch` is reused to render it.
+    fn topic_of(&self, row: &ClaimedRow, scratch: &mut String) -> Result<Arc<str>, String> {
+        let out = scratch;
         match self {
+            TopicSource::Fixed(topic) => return Ok(topic.clone()),
             TopicSource::Column => {
                 out.clear();
                 out.push_str(row.topic.as_deref().ok_or("topic column is NULL")?);
@@ -100,25 +114,29 @@ impl TopicSource {
                     .map_err(|c| format!("topic template column `{c}` is NULL"))?;
             }
         }
-        check_topic(out)
+        check_topic(out)?;
+        Ok(Arc::from(out.as_str()))
     }
 }
 
 /// A row ready to send.
 struct Prepared {
-    topic: String,
+    topic: Arc<str>,
     headers: OwnedHeaders,
 }
 
-fn prepare(row: &ClaimedRow, topics: &TopicSource) -> Result<Prepared, String> {
+fn prepare(
+    row: &ClaimedRow,
+    topics: &TopicSource,
+    scratch: &mut String,
+) -> Result<Prepared, String> {
     if row.key.is_none() {
         return Err("key column is NULL".into());
     }
     if row.payload.is_none() {
         return Err("payload column is NULL".into());
     }
-    let mut topic = String::new();
-    topics.topic_of(row, &mut topic)?;
+    let topic = topics.topic_of(row, scratch)?;
     let extra = match row.headers.as_deref() {
         None => serde_json::Map::new(),
         Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
@@ -202,7 +220,9 @@ pub struct Publication<'p> {
     /// overtakes it.
     abandoned: bool,
     outcomes: Vec<Option<RowOutcome>>,
-    pending: Vec<(usize, DeliveryFuture, String)>,
+    pending: Vec<(usize, DeliveryFuture, Arc<str>)>,
+    /// Reused to render each row's topic.
+    scratch: String,
 }
 
 impl<'p> Publication<'p> {
@@ -221,6 +241,7 @@ impl<'p> Publication<'p> {
             abandoned: false,
             outcomes: Vec::with_capacity(rows),
             pending: Vec::with_capacity(rows),
+            scratch: String::new(),
         }
     }
 
@@ -235,7 +256,7 @@ impl<'p> Publication<'p> {
                 self.outcomes[i] = Some(RowOutcome::Failed(NOT_SENT.into()));
                 continue;
             }
-            let prepared = match prepare(row, self.topics) {
+            let prepared = match prepare(row, self.topics, &mut self.scratch) {
                 Ok(p) => p,
                 Err(reason) => {
                     self.outcomes[i] = Some(RowOutcome::Bad(reason));
@@ -333,12 +354,28 @@ mod tests {
         TopicSource::new(&t).unwrap()
     }
 
+    #[test]
+    fn a_template_without_columns_is_one_topic_checked_once() {
+        let t = |topic: &str| TableConfig {
+            table: "outbox".into(),
+            topic: Some(topic.into()),
+            ..TableConfig::default()
+        };
+        let fixed = TopicSource::new(&t("orders.events")).unwrap();
+        assert!(matches!(&fixed, TopicSource::Fixed(name) if &**name == "orders.events"));
+        let p = prepare(&row(None, Some("k".into())), &fixed, &mut String::new()).unwrap();
+        assert_eq!(&*p.topic, "orders.events");
+        let long = "x".repeat(250);
+        let err = TopicSource::new(&t(&long)).unwrap_err();
+        assert!(err.contains("249"), "{err}");
+    }
+
     proptest! {
         /// Any text in the headers column becomes headers or a clear reason, never a panic.
         #[test]
         fn any_headers_text_is_decoded_or_refused(text in ".*") {
-            match prepare(&row(Some(text), Some("k".into())), &topics()) {
-                Ok(p) => prop_assert_eq!(p.topic, "events.E"),
+            match prepare(&row(Some(text), Some("k".into())), &topics(), &mut String::new()) {
+                Ok(p) => prop_assert_eq!(&*p.topic, "events.E"),
                 Err(reason) => prop_assert!(reason.contains("headers column"), "{}", reason),
             }
         }
@@ -349,7 +386,8 @@ mod tests {
             entries in proptest::collection::btree_map("[a-z-]{1,12}", any::<i64>(), 0..8)
         ) {
             let json = serde_json::to_string(&entries).unwrap();
-            let prepared = prepare(&row(Some(json), Some("k".into())), &topics()).unwrap();
+            let prepared =
+                prepare(&row(Some(json), Some("k".into())), &topics(), &mut String::new()).unwrap();
             use rdkafka::message::Headers;
             // event-id and event-type come first.
             prop_assert_eq!(prepared.headers.count(), 2 + entries.len());

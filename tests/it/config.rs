@@ -95,6 +95,14 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "kafka.brokers",
         ),
         (
+            "fixed topic Kafka rejects",
+            format!(
+                "{base}[[relay.tables]]\ntable = \"outbox\"\ntopic = \"{}\"\n",
+                "e".repeat(250)
+            ),
+            "relay.tables[0].topic",
+        ),
+        (
             "zero lanes",
             format!("{base}{table}lanes = 0\n"),
             "relay.tables[0].lanes",
