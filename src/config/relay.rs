@@ -23,6 +23,8 @@ pub struct TableConfig {
     pub table: String,
     /// Topic template over column names of this mapping, e.g. `"events.{event_type}"` or
     /// `"{aggregate_type}.events"`. Exactly one of `topic` and `topic_column` must be set.
+    /// A template without columns is one topic for every row, checked against Kafka's
+    /// topic name rules at start-up.
     pub topic: Option<String>,
     /// A column whose value is the topic name. Exactly one of `topic` and `topic_column`.
     pub topic_column: Option<String>,
