@@ -8,6 +8,7 @@
 //! consumer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,13 +87,7 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (bootstrap, topic) = (broker.bootstrap(), topic.clone());
-        let (arrivals, stop) = (arrivals.clone(), stop.clone());
-        std::thread::spawn(move || read(&bootstrap, &topic, &arrivals, &stop))
-    };
+    let reader = Reader::start(&broker.bootstrap(), &topic);
     // Let the consumer connect before the first row.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -104,13 +99,7 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     let commits = write(&writers, &table, load).await?;
     let achieved = commits.len() as f64 / started.elapsed().as_secs_f64();
     writers.close().await;
-    let expected = commits.len();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while arrivals.lock().unwrap().len() < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader.join().expect("reader thread")?;
+    let arrivals = reader.finish(commits.len()).await;
     let scrape = outboxd.scrape().await;
     let buckets = histogram(
         &scrape,
@@ -122,10 +111,7 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         .execute(pool)
         .await?;
 
-    let arrivals = arrivals.lock().unwrap();
-    if arrivals.len() < expected {
-        bail!("{run}: {} of {expected} rows arrived", arrivals.len());
-    }
+    let arrivals = arrivals.with_context(|| run.clone())?;
     let (ack_p99_at_most, ack_within_20ms) = ack_summary(&buckets)
         .with_context(|| format!("{run}: outboxd reported no publish delays"))?;
     Ok(summary(
@@ -148,13 +134,7 @@ pub async fn bare(broker: &Broker, load: &Load) -> Result<Latency> {
         std::process::id()
     );
     broker.create_topic(&topic, PARTITIONS).await?;
-    let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (bootstrap, topic) = (broker.bootstrap(), topic.clone());
-        let (arrivals, stop) = (arrivals.clone(), stop.clone());
-        std::thread::spawn(move || read(&bootstrap, &topic, &arrivals, &stop))
-    };
+    let reader = Reader::start(&broker.bootstrap(), &topic);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("enable.idempotence", "true")
@@ -202,20 +182,7 @@ pub async fn bare(broker: &Broker, load: &Load) -> Result<Latency> {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while arrivals.lock().unwrap().len() < sends.len() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    reader.join().expect("reader thread")?;
-    let arrivals = arrivals.lock().unwrap();
-    if arrivals.len() < sends.len() {
-        bail!(
-            "bare producer: {} of {} arrived",
-            arrivals.len(),
-            sends.len()
-        );
-    }
+    let arrivals = reader.finish(sends.len()).await.context("bare producer")?;
     let (ack_p99_at_most, ack_within_20ms) =
         ack_summary(&buckets).context("bare producer: no reports")?;
     Ok(summary(
@@ -339,12 +306,52 @@ async fn write(pool: &PgPool, table: &str, load: &Load) -> Result<Vec<(i64, Inst
     Ok(commits)
 }
 
-/// Reads `topic` from its end on every partition until `stop`, noting each row's arrival.
+/// A consumer on a thread of its own, noting when each row (`n` in the payload) arrives.
+struct Reader {
+    arrivals: Arc<Mutex<HashMap<i64, Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Reader {
+    fn start(bootstrap: &str, topic: &str) -> Reader {
+        let arrivals: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+            let (arrivals, stop) = (arrivals.clone(), stop.clone());
+            std::thread::spawn(move || read(&bootstrap, &topic, &arrivals, &stop))
+        };
+        Reader {
+            arrivals,
+            stop,
+            thread,
+        }
+    }
+
+    /// Waits up to 30 s for `expected` arrivals, stops the consumer and returns them; fails
+    /// when fewer arrived.
+    async fn finish(self, expected: usize) -> Result<HashMap<i64, Instant>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.arrivals.lock().unwrap().len() < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("reader thread")?;
+        let arrivals = std::mem::take(&mut *self.arrivals.lock().unwrap());
+        if arrivals.len() < expected {
+            bail!("{} of {expected} rows arrived", arrivals.len());
+        }
+        Ok(arrivals)
+    }
+}
+
+/// Reads `topic` from the beginning on every partition until `stop`, noting each row's arrival.
 fn read(
     bootstrap: &str,
     topic: &str,
     arrivals: &Mutex<HashMap<i64, Instant>>,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
 ) -> Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -358,7 +365,7 @@ fn read(
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) {
         let Some(message) = consumer.poll(Duration::from_millis(20)) else {
             continue;
         };

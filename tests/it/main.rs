@@ -22,3 +22,4 @@ mod relay_backends;
 mod relay_claims;
 mod relay_delivery;
 mod relay_faults;
+mod relay_shutdown;

@@ -1,7 +1,7 @@
 //! The relay suite every backend must pass (PostgreSQL, MySQL/MariaDB, SQLite): delivery
 //! in key order, a batch failing part-way, broker down, rows that cannot become messages,
-//! a row Kafka refuses, mark mode, shutdown while Kafka is down; lanes > 1 where a backend
-//! has them.
+//! a row Kafka refuses, mark mode; lanes > 1 where a backend has them. Shutdown while
+//! Kafka is down is in `relay_shutdown.rs`.
 
 use std::time::Duration;
 
@@ -12,7 +12,11 @@ use crate::backends::{on_backends, Kind, TestDb};
 use crate::helpers::*;
 
 /// A migrated database of `kind`, a fresh outbox table, its topic and a mock cluster.
-async fn setup(kind: Kind, prefix: &str, partitions: i32) -> (TestDb, String, String, Cluster) {
+pub(crate) async fn setup(
+    kind: Kind,
+    prefix: &str,
+    partitions: i32,
+) -> (TestDb, String, String, Cluster) {
     let db = TestDb::new(kind).await;
     let table = db.outbox_table(prefix).await;
     let topic = topic_of(&table);
@@ -361,89 +365,6 @@ async fn mark_mode_marks_rows_and_purges_them_after_retention(kind: Kind) {
     );
     db.drained(&table, Duration::from_secs(15)).await;
     daemon.stop().await.unwrap();
-}
-
-on_backends!(shutdown_while_kafka_is_down_keeps_the_rows: postgres, mysql, sqlite);
-async fn shutdown_while_kafka_is_down_keeps_the_rows(kind: Kind) {
-    let (db, table, _topic, cluster) = setup(kind, "downstop", 1).await;
-    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
-    cfg.shutdown_timeout = Duration::from_secs(4);
-    cfg.kafka
-        .options
-        .insert("message.timeout.ms".into(), OptionValue::Int(120_000));
-    let daemon = Daemon::start(cfg).await;
-    eventually("lane owned", Duration::from_secs(10), || async {
-        daemon.metric("outboxd_relay_lanes_owned", &[("table", &table)]) == 1.0
-    })
-    .await;
-    // Let the producer learn the topic's leader, then take the broker away.
-    db.insert_rows(&table, 0, 1, 1).await;
-    db.drained(&table, Duration::from_secs(10)).await;
-    cluster.broker_down(1).unwrap();
-    db.insert_rows(&table, 1, 100, 5).await;
-    eventually(
-        "a batch is waiting for Kafka",
-        Duration::from_secs(10),
-        || async { daemon.metric("outboxd_relay_batch_rows_count", &[]) >= 2.0 },
-    )
-    .await;
-    let stopping = std::time::Instant::now();
-    daemon.stop().await.expect("the drain ends in time");
-    assert!(
-        stopping.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        stopping.elapsed()
-    );
-    assert_eq!(
-        db.count_rows(&table).await,
-        100,
-        "the unacknowledged batch stays in the outbox"
-    );
-}
-
-/// With the producer's local queue full (a small `queue.buffering.max.messages`, the broker
-/// down), the lane waits for room; a shutdown ends that wait at once, and the rows that
-/// were never enqueued stay in the outbox with the rest of the batch.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_while_the_producer_queue_is_full_keeps_the_rows() {
-    let (db, table, _topic, cluster) = setup(Kind::named("postgres"), "queuefull", 1).await;
-    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
-    cfg.shutdown_timeout = Duration::from_secs(4);
-    for (key, value) in [
-        ("message.timeout.ms", 120_000),
-        ("queue.buffering.max.messages", 10),
-    ] {
-        cfg.kafka
-            .options
-            .insert(key.into(), OptionValue::Int(value));
-    }
-    let daemon = Daemon::start(cfg).await;
-    eventually("lane owned", Duration::from_secs(10), || async {
-        daemon.metric("outboxd_relay_lanes_owned", &[("table", &table)]) == 1.0
-    })
-    .await;
-    db.insert_rows(&table, 0, 1, 1).await;
-    db.drained(&table, Duration::from_secs(10)).await;
-    cluster.broker_down(1).unwrap();
-    db.insert_rows(&table, 1, 100, 5).await;
-    eventually(
-        "a batch is waiting for room in the queue",
-        Duration::from_secs(10),
-        || async { daemon.metric("outboxd_relay_batch_rows_count", &[]) >= 2.0 },
-    )
-    .await;
-    let stopping = std::time::Instant::now();
-    daemon.stop().await.expect("the drain ends in time");
-    assert!(
-        stopping.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        stopping.elapsed()
-    );
-    assert_eq!(
-        db.count_rows(&table).await,
-        100,
-        "the batch, enqueued or not, stays in the outbox"
-    );
 }
 
 on_backends!(two_relays_share_lanes_and_the_survivor_takes_all: postgres, mysql);
