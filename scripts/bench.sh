@@ -9,10 +9,14 @@
 #                      which keeps only 5 MiB per partition)
 #   --only relay,latency,dispatch   a subset of the scenarios
 #   --handlers log,http,sql   a subset of the dispatch handlers
+#   --drains 1,1-noprefetch,4   a subset of the relay drains (lanes 1, lanes 1 without
+#                      prefetch, lanes 4)
 #   --latency-secs N   length of each latency run (default 30)
 #   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
 #   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)
 #   --broker-rtt-ms N  the mock broker answers each request N ms late (a remote cluster)
+#   --db-rtt-ms N      the relay drains and their raw claims reach PostgreSQL through a
+#                      proxy that holds each request N ms (a database on another host)
 # $BENCH_OUTBOXD_BIN runs another outboxd binary (an older build, for a before/after).
 # PostgreSQL: $DATABASE_URL, default postgres://postgres@127.0.0.1:5432/test.
 set -euo pipefail

@@ -4,8 +4,9 @@
 //! or inside this harness (librdkafka's mock cluster).
 //!
 //! 1. relay drain: N backlog rows (about 200-byte JSON payloads, 1,000 keys), lanes 1 and 4,
-//!    and lanes 1 without `prefetch`, against the raw SQL claim rate on one connection; each
-//!    drain gets a fresh broker (Tansu slows down as its in-memory log grows);
+//!    and lanes 1 without `prefetch`, each against the raw SQL claim rate on one connection
+//!    measured just before it; each drain gets a fresh broker (Tansu slows down as its
+//!    in-memory log grows);
 //! 2. relay latency: rows inserted at 1,000/s and 10,000/s, 1 and 10 rows per
 //!    transaction, with LISTEN and with polling only; p50/p99/max from commit to arrival
 //!    at a consumer, and commit to delivery report from outboxd's publish-delay histogram;
@@ -15,18 +16,21 @@
 //!    queues and with outboxd's queue limits; the faster one is the baseline);
 //! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
 //!
-//! `--only relay,latency,dispatch` runs a subset, `--handlers log,http,sql` a subset of the
-//! dispatch handlers; `--latency-secs N` (default 30) sets the
+//! `--only relay,latency,dispatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
+//! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
 //! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd;
 //! `--broker-rtt-ms N` makes the mock broker answer each request N ms late, like a remote
-//! cluster.
+//! cluster; `--db-rtt-ms N` puts a proxy that holds every request N ms (rounded up to
+//! tokio's millisecond timer) between the relay drains (and their raw claims) and
+//! PostgreSQL, like a database on another host.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod delay;
 mod dispatch;
 mod latency;
 mod processes;
@@ -44,6 +48,8 @@ struct Args {
     only: Vec<String>,
     /// Handlers of the dispatch scenario to run; empty: all.
     handlers: Vec<String>,
+    /// Relay drains to run (`1`, `1-noprefetch`, `4`); empty: all.
+    drains: Vec<String>,
     latency_secs: u64,
     /// `batch_size` of the relay drains; None: outboxd's default.
     batch_size: Option<u32>,
@@ -51,11 +57,23 @@ struct Args {
     kafka_options: Vec<(String, String)>,
     /// Delay the mock broker adds to each request (a remote cluster's round trip).
     broker_rtt: Duration,
+    /// Delay added to every request to the database in the relay drains and their raw
+    /// claims (a database on another host).
+    db_rtt: Duration,
 }
 
 impl Args {
     fn runs(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+
+    /// Whether the drain named `name` ("lanes = 1", "lanes = 1, prefetch off", "lanes = 4")
+    /// runs: `--drains 1,1-noprefetch,4` picks some.
+    fn runs_drain(&self, name: &str) -> bool {
+        let short = name
+            .trim_start_matches("lanes = ")
+            .replace(", prefetch off", "-noprefetch");
+        self.drains.is_empty() || self.drains.contains(&short)
     }
 
     fn runs_handler(&self, handler: &str) -> bool {
@@ -80,10 +98,12 @@ fn args() -> Result<Args> {
         messages: None,
         only: Vec::new(),
         handlers: Vec::new(),
+        drains: Vec::new(),
         latency_secs: 30,
         batch_size: None,
         kafka_options: Vec::new(),
         broker_rtt: Duration::ZERO,
+        db_rtt: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(arg) = it.next() {
@@ -94,12 +114,17 @@ fn args() -> Result<Args> {
             "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
             "--only" => a.only = list(it.next(), "--only relay,latency,dispatch")?,
             "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
+            "--drains" => a.drains = list(it.next(), "--drains 1,1-noprefetch,4")?,
             "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
             "--batch-size" => a.batch_size = Some(it.next().context("--batch-size N")?.parse()?),
             "--kafka-option" => {
                 let option = it.next().context("--kafka-option key=value")?;
                 let (key, value) = option.split_once('=').context("--kafka-option key=value")?;
                 a.kafka_options.push((key.to_owned(), value.to_owned()));
+            }
+            "--db-rtt-ms" => {
+                let ms = it.next().context("--db-rtt-ms N")?.parse()?;
+                a.db_rtt = Duration::from_millis(ms);
             }
             "--broker-rtt-ms" => {
                 let ms = it.next().context("--broker-rtt-ms N")?.parse()?;
@@ -242,16 +267,44 @@ async fn main() -> Result<()> {
         idle.stop();
     }
 
-    // 1. Relay drain.
+    // 1. Relay drain. Each drain gets its own raw claim just before it, on a table filled
+    // the same way, so a drift of the machine between them moves both.
     if a.runs("relay") {
-        fill(&pool, table, a.rows).await?;
-        let pg_before = postgres_cpu_seconds();
-        let raw = raw_claim(&pool, table).await?;
-        eprintln!(
-            "raw claim: {raw:.0} rows/s; postgres CPU s per 100k rows {:.2}",
-            (postgres_cpu_seconds() - pg_before) * 100_000.0 / a.rows as f64
-        );
+        let (claim_url, claim_pool) = if a.db_rtt.is_zero() {
+            (url.clone(), pool.clone())
+        } else {
+            let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+            let direct = format!("{}:{}", options.get_host(), options.get_port());
+            if !url.contains(&direct) {
+                bail!("--db-rtt-ms needs DATABASE_URL with host:port, got {url}");
+            }
+            let target = tokio::net::lookup_host(&direct)
+                .await?
+                .next()
+                .context("database host")?;
+            let proxy = delay::proxy(target, a.db_rtt).await?;
+            let claim_url = url.replacen(&direct, &proxy.to_string(), 1);
+            let claim_pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&claim_url)
+                .await?;
+            (claim_url, claim_pool)
+        };
         for (lanes, prefetch) in [(1, true), (1, false), (4, true)] {
+            let name = format!(
+                "lanes = {lanes}{}",
+                if prefetch { "" } else { ", prefetch off" }
+            );
+            if !a.runs_drain(&name) {
+                continue;
+            }
+            fill(&pool, table, a.rows).await?;
+            let pg_before = postgres_cpu_seconds();
+            let raw = raw_claim(&claim_pool, table).await?;
+            eprintln!(
+                "raw claim: {raw:.0} rows/s; postgres CPU s per 100k rows {:.2}",
+                (postgres_cpu_seconds() - pg_before) * 100_000.0 / a.rows as f64
+            );
             fill(&pool, table, a.rows).await?;
             let drain_broker = Broker::start(&a.broker)?;
             drain_broker.create_topic("bench.BenchEvent", 6).await?;
@@ -261,11 +314,7 @@ async fn main() -> Result<()> {
                 batch_size: a.batch_size,
             };
             let (rate, peak) =
-                relay_drain(&pool, &drain_broker, table, a.rows, &url, &drain).await?;
-            let name = format!(
-                "lanes = {lanes}{}",
-                if prefetch { "" } else { ", prefetch off" }
-            );
+                relay_drain(&pool, &drain_broker, table, a.rows, &claim_url, &drain).await?;
             eprintln!("relay {name}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
             rss.insert(format!("relay drain, {name} (peak)"), peak);
             lines.push(Line {
@@ -432,7 +481,7 @@ async fn main() -> Result<()> {
             }
         };
         let doc = format!(
-            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run; compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency to arrival is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row; latency to the delivery report is outboxd's `outboxd_relay_publish_delay_seconds` histogram (from the row's `created_at`, the writer's transaction start, so an upper bound), given as the bucket the 99th percentile falls in and the share within 20 ms. The latency baseline is a bare producer with outboxd's fixed settings sending at the same rate, timed from each send.\n\n{table_md}\n",
+            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run (each relay drain right after a raw claim of its own); compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency to arrival is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row; latency to the delivery report is outboxd's `outboxd_relay_publish_delay_seconds` histogram (from the row's `created_at`, the writer's transaction start, so an upper bound), given as the bucket the 99th percentile falls in and the share within 20 ms. The latency baseline is a bare producer with outboxd's fixed settings sending at the same rate, timed from each send.\n\n{table_md}\n",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
             env!("CARGO_PKG_VERSION"),
             rustc_version(),
