@@ -7,24 +7,21 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Row};
 
 use super::statements::{claim, finish, move_dead, record_refusals, TableSql};
 use crate::relay::store::{ClaimedRow, Handoff, LaneSession, Settled, Settlement, StoreError};
-
-/// A follower's claim transaction begins here: it holds the lane's claim lock (class `$1`,
-/// lane `$2`) in shared mode until it ends, then checks that its leader (backend pid `$5`)
-/// still holds the lane lock (class `$3`, lane `$4`).
-const FOLLOWER_GUARD: &str =
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-     AND objsubid = 2 AND classid = $3::int8::oid AND objid = $4::int8::oid AND pid = $5 \
-     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
-     FROM pg_advisory_xact_lock_shared($1, $2)";
 
 /// A new lane owner's fence: true once no follower claim of an earlier owner is open
 /// (the claim lock `$1`, `$2` can be taken exclusively; it is released at once).
 const LEADER_FENCE: &str =
     "SELECT CASE WHEN pg_try_advisory_lock($1, $2) THEN pg_advisory_unlock($1, $2) ELSE false END";
+
+/// Whether `snapshot` is a snapshot name as PostgreSQL makes them (hex digits and
+/// dashes), safe to write into a statement.
+fn plain_snapshot(snapshot: &str) -> bool {
+    !snapshot.is_empty() && snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
 
 /// What the sessions of one lane share.
 pub(super) struct LaneKeys {
@@ -69,6 +66,9 @@ pub(super) struct PgLane {
     claim_after: String,
     /// The order value of the last row claimed in the open transaction (integer order).
     last_ord: Option<i64>,
+    /// The snapshot the open transaction exported when it began in a handed-over one, for
+    /// the next hand-over.
+    exported: Option<String>,
     sql: Arc<TableSql>,
     keys: Arc<LaneKeys>,
     role: Role,
@@ -83,6 +83,7 @@ impl PgLane {
             claim: sql.claim_for_lane(keys.lane),
             claim_after: sql.claim_after_for_lane(keys.lane),
             last_ord: None,
+            exported: None,
             sql,
             keys: Arc::new(keys),
             role: Role::Leader {
@@ -109,40 +110,69 @@ impl PgLane {
     /// occur unless something else updates or deletes pending rows; the lane then fails and
     /// is taken again.
     ///
-    /// A follower given a `snapshot` (its leader's, see [`LaneSession::handoff`]) sees the
+    /// A follower's claim transaction holds the lane's claim lock in shared mode until it
+    /// ends, then checks that its leader still holds the lane lock.
+    ///
+    /// A session given a `snapshot` (its leader's, see [`LaneSession::handoff`]) sees the
     /// outbox as its leader does: rows committed after the leader's snapshot are left for a
     /// later batch together with every later row of their key, as the leader leaves them.
+    /// It exports that snapshot again at once, for the hand-over after its own claim (the
+    /// leader's export ends with the leader's transaction).
+    ///
+    /// Beginning, importing, checking and exporting go as one simple query: one round trip,
+    /// which lies on the lane's critical path. Every value written into it is an integer or
+    /// a snapshot name checked by [`plain_snapshot`].
     async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
-        match (claim, snapshot) {
-            (false, _) => self.run("BEGIN").await?,
-            (true, None) => self.run("BEGIN ISOLATION LEVEL REPEATABLE READ").await?,
-            // A statement without arguments goes as one simple query: one round trip.
-            (true, Some(snapshot)) => {
-                self.run(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{snapshot}'"
-                ))
-                .await?
-            }
+        self.exported = None;
+        if !claim {
+            return self.run("BEGIN").await;
         }
-        let Role::Follower { leader } = self.role else {
-            return Ok(());
+        let leader = match self.role {
+            Role::Follower { leader } => Some(leader),
+            Role::Leader { .. } => None,
         };
+        if leader.is_none() && snapshot.is_none() {
+            return self.run("BEGIN ISOLATION LEVEL REPEATABLE READ").await;
+        }
+        let mut statement = String::from("BEGIN ISOLATION LEVEL REPEATABLE READ; ");
+        if let Some(snapshot) = snapshot {
+            statement.push_str(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'; "));
+        }
         let k = self.keys.clone();
-        let held: bool = sqlx::query_scalar(FOLLOWER_GUARD)
-            .bind(k.claim_class)
-            .bind(k.lane as i32)
-            .bind(i64::from(k.lane_class))
-            .bind(i64::from(k.lane))
-            .bind(leader)
-            .fetch_one(&mut self.conn)
-            .await?;
-        if !held {
+        let (held, from) = match leader {
+            Some(pid) => (
+                format!(
+                    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND objsubid = 2 AND classid = {}::int8::oid AND objid = {}::int8::oid \
+                     AND pid = {pid} \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+                    k.lane_class, k.lane
+                ),
+                format!(
+                    " FROM pg_advisory_xact_lock_shared({}, {})",
+                    k.claim_class, k.lane as i32
+                ),
+            ),
+            None => ("true".to_owned(), String::new()),
+        };
+        let export = if snapshot.is_some() {
+            "pg_export_snapshot()"
+        } else {
+            "NULL::text"
+        };
+        statement.push_str(&format!("SELECT {held}, {export}{from}"));
+        // Without arguments, sqlx sends a statement as a simple query.
+        let row = sqlx::Executor::fetch_one(&mut self.conn, statement.as_str()).await?;
+        if !row.try_get::<bool, _>(0)? {
             self.run("ROLLBACK").await?;
             return Err(StoreError::LaneLost {
                 table: k.table.clone(),
                 lane: k.lane,
             });
         }
+        self.exported = row
+            .try_get::<Option<String>, _>(1)?
+            .filter(|s| plain_snapshot(s));
         Ok(())
     }
 
@@ -205,16 +235,21 @@ impl LaneSession for PgLane {
     /// The open claim's snapshot (exported until the claim ends) and its last order value,
     /// so the follower starts right after this claim instead of passing over the index
     /// entries of every row it holds. Only with an integer order column, and only a
-    /// snapshot name made of the characters PostgreSQL uses (it goes into a statement).
+    /// snapshot name made of the characters PostgreSQL uses (it goes into a statement). A
+    /// claim that began in a handed-over snapshot exported it already.
     async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
         let Some(after) = self.last_ord else {
             return Ok(None);
         };
-        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-            .fetch_one(&mut self.conn)
-            .await?;
-        let plain = snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-        Ok(plain.then_some(Handoff { snapshot, after }))
+        let snapshot = match self.exported.take() {
+            Some(snapshot) => snapshot,
+            None => {
+                sqlx::query_scalar("SELECT pg_export_snapshot()")
+                    .fetch_one(&mut self.conn)
+                    .await?
+            }
+        };
+        Ok(plain_snapshot(&snapshot).then_some(Handoff { snapshot, after }))
     }
 
     /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
@@ -234,10 +269,12 @@ impl LaneSession for PgLane {
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
+        self.exported = None;
         self.run("COMMIT").await
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.exported = None;
         self.run("ROLLBACK").await
     }
 
@@ -284,6 +321,7 @@ impl LaneSession for PgLane {
             claim: self.claim.clone(),
             claim_after: self.claim_after.clone(),
             last_ord: None,
+            exported: None,
             sql: self.sql.clone(),
             keys: self.keys.clone(),
             role: Role::Follower { leader: pid },
