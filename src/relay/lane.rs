@@ -286,6 +286,15 @@ async fn batch(
     let start = ready.take().map_or(Start::New, Start::Claimed);
     let (Claimed { rows, .. }, sent) =
         claim(session, batch_size, Some(&mut publication), start, None).await?;
+    let full = rows.len() as u32 >= batch_size;
+    let use_follower = full && !stop.is_cancelled();
+    if !use_follower {
+        // A transaction prepared for a follow that will not come ends now, not after the
+        // wait for more rows.
+        if let Some(other) = other.as_deref_mut() {
+            other.release().await?;
+        }
+    }
     if rows.is_empty() {
         session.commit().await?;
         return Ok(if prefetched {
@@ -295,27 +304,22 @@ async fn batch(
         });
     }
     rt.metrics.relay_batch_rows.observe(rows.len() as f64);
-    let full = rows.len() as u32 >= batch_size;
     let done = if full || prefetched {
         BatchEnd::More
     } else {
         BatchEnd::Partial
     };
-    let mut follower = other
-        .as_deref_mut()
-        .filter(|_| full && !stop.is_cancelled());
+    let mut follower = other.as_deref_mut().filter(|_| use_follower);
     // The follower goes on right after this claim when the store can say where that is.
     // It takes this claim's snapshot before the rows claimed last are sent, so its first
-    // claim is on its way to the database while they are enqueued.
-    let followed = match follower.as_deref_mut() {
+    // claim is on its way to the database while they are enqueued. The snapshot it
+    // exports in turn lets this session prepare the next follow once it committed.
+    let (followed, next_snapshot) = match follower.as_deref_mut() {
         Some(f) => match session.handoff().await? {
-            Some(handoff) => {
-                f.follow(&handoff).await?;
-                true
-            }
-            None => false,
+            Some(handoff) => (true, f.follow(&handoff).await?),
+            None => (false, None),
         },
-        None => false,
+        None => (false, None),
     };
     let acknowledged = AtomicBool::new(false);
     let grace_over = async {
@@ -332,7 +336,13 @@ async fn batch(
         match outcomes {
             None => Acked::TimedOut,
             Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
-                Acked::Committed(session.commit().await.map(|()| o))
+                let committed = session.commit().await;
+                if let (Ok(()), Some(snapshot)) = (&committed, &next_snapshot) {
+                    // While the follower still claims: its rows come next, and this
+                    // session will follow them.
+                    session.prepare_follow(snapshot).await;
+                }
+                Acked::Committed(committed.map(|()| o))
             }
             Some(o) => Acked::Failed(o),
         }

@@ -2,7 +2,8 @@
 //! never takes a row ahead of an earlier row of its key, and the follower session
 //! (`prefetch`) claims the rows after its leader's batch (in its leader's snapshot when
 //! handed one), claims nothing once its leader is gone, and a new owner of the lane does
-//! not claim past a claim the old owner's follower still holds. Through the daemon:
+//! not claim past a claim the old owner's follower still holds; a follow prepared ahead of
+//! time sees the same rows, and one that is not used ends. Through the daemon:
 //! prefetched batches arrive once and in key order, and rows committed during a prefetched
 //! drain are claimed right after it, without a poll.
 
@@ -156,14 +157,38 @@ async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() 
     );
 }
 
+/// The start of the open transaction that imported `snapshot` (as text), if one is open
+/// and idle.
+async fn transaction_in(pool: &sqlx::PgPool, snapshot: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT xact_start::text FROM pg_stat_activity WHERE state = 'idle in transaction' \
+         AND position($1 IN query) > 0 AND query LIKE '%SET TRANSACTION SNAPSHOT%'",
+    )
+    .bind(snapshot)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
 /// The follower takes its leader's snapshot and goes on right after the leader's claim:
 /// row `a`, committed only after the leader claimed, stays out of the prefetched batch, and
 /// so does `b`, the next row of its key; both come in the next fresh claim, `a` first.
 #[tokio::test]
 async fn a_follower_in_its_leaders_snapshot_leaves_a_late_row_with_the_rest_of_its_key() {
+    handed_over_twice("handoff", false).await;
+}
+
+/// As above, with the second follow's transaction begun ahead of time (after the leader
+/// committed, while the follower claims), as the lane does: the follow uses it.
+#[tokio::test]
+async fn a_follow_prepared_ahead_of_time_sees_the_same_rows() {
+    handed_over_twice("prepared", true).await;
+}
+
+async fn handed_over_twice(prefix: &str, prepare: bool) {
     use sqlx::Connection;
     let pool = db().await;
-    let (store, table) = table_store("handoff", 0, true).await;
+    let (store, table) = table_store(prefix, 0, true).await;
     let mut writer = sqlx::PgConnection::connect(&database_url()).await.unwrap();
     sqlx::raw_sql("BEGIN").execute(&mut writer).await.unwrap();
     let a = insert_one(&mut writer, &table, "late").await;
@@ -180,12 +205,28 @@ async fn a_follower_in_its_leaders_snapshot_leaves_a_late_row_with_the_rest_of_i
     sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
     let b = insert_one(&mut writer, &table, "late").await;
 
-    follower.follow(&handoff).await.unwrap();
+    let exported = follower.follow(&handoff).await.unwrap();
     let next = ids(&follower.claim_more(10).await.unwrap());
     leader.commit().await.unwrap();
+    let snapshot = exported.expect("a follow exports its snapshot for the next one");
+    let prepared = if prepare {
+        leader.prepare_follow(&snapshot).await;
+        let started = transaction_in(&pool, &snapshot).await;
+        assert!(started.is_some(), "prepare_follow opened a transaction");
+        started
+    } else {
+        None
+    };
     // The roles swap, and the snapshot is handed on.
     let handoff = follower.handoff().await.unwrap().unwrap();
     leader.follow(&handoff).await.unwrap();
+    if prepare {
+        assert_eq!(
+            transaction_in(&pool, &snapshot).await,
+            prepared,
+            "the follow went on in the prepared transaction"
+        );
+    }
     let last = ids(&leader.claim_more(100).await.unwrap());
     follower.commit().await.unwrap();
     leader.commit().await.unwrap();
@@ -201,6 +242,32 @@ async fn a_follower_in_its_leaders_snapshot_leaves_a_late_row_with_the_rest_of_i
     assert_eq!(rest, vec![a, b]);
     leader.commit().await.unwrap();
     assert_eq!(count_rows(&pool, &table).await, 0);
+}
+
+/// A follow prepared for a batch that turns out to have no follower ends at once.
+#[tokio::test]
+async fn a_prepared_follow_that_is_not_used_is_released() {
+    let pool = db().await;
+    let (store, _table) = table_store("release", 30, true).await;
+    let mut leader = free_lane(store.as_ref()).await;
+    let mut follower = leader.follower().await.unwrap().unwrap();
+    leader.claim(10).await.unwrap();
+    let handoff = leader.handoff().await.unwrap().unwrap();
+    let snapshot = follower.follow(&handoff).await.unwrap().unwrap();
+    assert_eq!(follower.claim_more(10).await.unwrap().len(), 10);
+    leader.commit().await.unwrap();
+    leader.prepare_follow(&snapshot).await;
+    assert!(transaction_in(&pool, &snapshot).await.is_some());
+    leader.release().await.unwrap();
+    assert_eq!(
+        transaction_in(&pool, &snapshot).await,
+        None,
+        "the prepared transaction ended"
+    );
+    follower.commit().await.unwrap();
+    // The session claims as usual afterwards.
+    assert_eq!(leader.claim(100).await.unwrap().len(), 10);
+    leader.rollback().await.unwrap();
 }
 
 #[tokio::test]
@@ -246,7 +313,8 @@ async fn without_prefetch_a_lane_has_no_follower() {
 /// Batches of 2,500 rows are claimed in chunks of 1,000; the follower claims chunks of
 /// the next batch until Kafka acknowledged the current one, and the next cycle claims the
 /// rest. With a fast broker the prefetch stops after a chunk or two, with a broker 3 ms
-/// away it claims whole batches: every row arrives once, and each key in order.
+/// away it claims whole batches: every row arrives once, and each key in order, and no
+/// transaction stays open once the lanes idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetched_batches_larger_than_a_chunk_arrive_once_and_in_key_order() {
     for rtt in [Duration::ZERO, Duration::from_millis(3)] {
@@ -260,6 +328,7 @@ async fn prefetched_batches_larger_than_a_chunk_arrive_once_and_in_key_order() {
         insert_rows(&pool, &table, 0, 20_000, 100).await;
         let mut cfg = config(&table, &cluster.bootstrap_servers());
         cfg.relay.tables[0].batch_size = 2500;
+        cfg.database.url = Some(format!("{}?application_name={table}", database_url()));
         let daemon = Daemon::start(cfg).await;
         let received = consume(
             &cluster.bootstrap_servers(),
@@ -272,6 +341,23 @@ async fn prefetched_batches_larger_than_a_chunk_arrive_once_and_in_key_order() {
         assert_exactly_once(&received, 0, 20_000);
         assert_first_deliveries_in_key_order(&received);
         drained(&pool, &table, Duration::from_secs(10)).await;
+        // No transaction begun ahead of time for a follow stays open while lanes idle.
+        let open = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' \
+             AND state = 'idle in transaction'"
+        );
+        eventually(
+            "no transaction left open",
+            Duration::from_secs(5),
+            || async {
+                sqlx::query_scalar::<_, i64>(&open)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    == 0
+            },
+        )
+        .await;
         daemon.stop().await.unwrap();
     }
 }

@@ -229,7 +229,22 @@ pub trait LaneSession: Send {
     /// Opens a claim, as the follower of the session that gave `handoff`, that
     /// [`claim_more`](Self::claim_more) extends with the rows after that session's open
     /// claim, as that session sees the outbox. Only called with a handoff this store made.
-    async fn follow(&mut self, _handoff: &Handoff) -> Result<(), StoreError> {
+    /// Returns the snapshot the next hand-over from this session will carry, when it is
+    /// known already (see [`prepare_follow`](Self::prepare_follow)).
+    async fn follow(&mut self, _handoff: &Handoff) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Between batches (nothing claimed, the last claim committed): begins ahead of time
+    /// the transaction in which a later [`follow`](Self::follow) with a handoff carrying
+    /// `snapshot` goes on, so that `follow` costs no round trip then. Best effort: when it
+    /// fails, `follow` begins as usual. Any other use of the session first ends it, and
+    /// [`release`](Self::release) ends it when no follow comes.
+    async fn prepare_follow(&mut self, _snapshot: &str) {}
+
+    /// Ends a transaction begun by [`prepare_follow`](Self::prepare_follow) that no
+    /// follow will use, so that it does not stay open while the lane waits for rows.
+    async fn release(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -69,6 +69,9 @@ pub(super) struct PgLane {
     /// The snapshot the open transaction exported when it began in a handed-over one, for
     /// the next hand-over.
     exported: Option<String>,
+    /// The handed-over snapshot of a transaction begun by `prepare_follow` and not yet
+    /// used by `follow`.
+    prepared: Option<String>,
     sql: Arc<TableSql>,
     keys: Arc<LaneKeys>,
     role: Role,
@@ -84,6 +87,7 @@ impl PgLane {
             claim_after: sql.claim_after_for_lane(keys.lane),
             last_ord: None,
             exported: None,
+            prepared: None,
             sql,
             keys: Arc::new(keys),
             role: Role::Leader {
@@ -123,6 +127,7 @@ impl PgLane {
     /// which lies on the lane's critical path. Every value written into it is an integer or
     /// a snapshot name checked by [`plain_snapshot`].
     async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
+        self.release().await?;
         self.exported = None;
         if !claim {
             return self.run("BEGIN").await;
@@ -254,27 +259,58 @@ impl LaneSession for PgLane {
 
     /// Opens a claim in the leader's snapshot that goes on after the leader's claim: the
     /// rows the leader holds lie before `after`, and every row claimed after it was pending
-    /// in the leader's view.
+    /// in the leader's view. A transaction prepared in that snapshot is used as it is.
     ///
     /// The lane's leader session follows its own follower after they swapped roles; like
     /// any claim of a leader, it claims nothing before its fence opened (by then it has).
-    async fn follow(&mut self, handoff: &Handoff) -> Result<(), StoreError> {
-        self.begin(true, Some(&handoff.snapshot)).await?;
+    async fn follow(&mut self, handoff: &Handoff) -> Result<Option<String>, StoreError> {
+        if self.prepared.as_deref() == Some(handoff.snapshot.as_str()) {
+            self.prepared = None;
+        } else {
+            self.begin(true, Some(&handoff.snapshot)).await?;
+        }
         self.last_ord = if self.fence_open().await? {
             Some(handoff.after)
         } else {
             None
         };
+        Ok(self.exported.clone())
+    }
+
+    /// Begins the next follow's transaction in `snapshot` (the current follower's, exported
+    /// while it claims), off the lane's critical path. On failure the transaction is rolled
+    /// back, and `follow` begins its own.
+    async fn prepare_follow(&mut self, snapshot: &str) {
+        if !plain_snapshot(snapshot) {
+            return;
+        }
+        match self.begin(true, Some(snapshot)).await {
+            Ok(()) => self.prepared = Some(snapshot.to_owned()),
+            Err(e) => {
+                tracing::debug!(table = %self.keys.table, lane = self.keys.lane, error = %e, "could not prepare the next follow; it will begin its own transaction");
+                self.exported = None;
+                let _ = self.run("ROLLBACK").await;
+            }
+        }
+    }
+
+    async fn release(&mut self) -> Result<(), StoreError> {
+        if self.prepared.take().is_some() {
+            self.exported = None;
+            self.run("ROLLBACK").await?;
+        }
         Ok(())
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
         self.exported = None;
+        self.prepared = None;
         self.run("COMMIT").await
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
         self.exported = None;
+        self.prepared = None;
         self.run("ROLLBACK").await
     }
 
@@ -322,6 +358,7 @@ impl LaneSession for PgLane {
             claim_after: self.claim_after.clone(),
             last_ord: None,
             exported: None,
+            prepared: None,
             sql: self.sql.clone(),
             keys: self.keys.clone(),
             role: Role::Follower { leader: pid },
