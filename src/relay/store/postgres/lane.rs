@@ -123,9 +123,9 @@ impl PgLane {
     /// It exports that snapshot again at once, for the hand-over after its own claim (the
     /// leader's export ends with the leader's transaction).
     ///
-    /// Beginning, importing, checking and exporting go as one simple query: one round trip,
-    /// which lies on the lane's critical path. Every value written into it is an integer or
-    /// a snapshot name checked by [`plain_snapshot`].
+    /// Beginning, importing, checking and exporting go as one simple query: one round trip
+    /// (which `prepare_follow` takes off the lane's critical path). Every value written into
+    /// it is an integer or a snapshot name checked by [`plain_snapshot`].
     async fn begin(&mut self, claim: bool, snapshot: Option<&str>) -> Result<(), StoreError> {
         self.release().await?;
         self.exported = None;
@@ -287,7 +287,12 @@ impl LaneSession for PgLane {
         match self.begin(true, Some(snapshot)).await {
             Ok(()) => self.prepared = Some(snapshot.to_owned()),
             Err(e) => {
-                tracing::debug!(table = %self.keys.table, lane = self.keys.lane, error = %e, "could not prepare the next follow; it will begin its own transaction");
+                tracing::debug!(
+                    table = %self.keys.table,
+                    lane = self.keys.lane,
+                    error = %e,
+                    "could not prepare the next follow; it will begin its own transaction"
+                );
                 self.exported = None;
                 let _ = self.run("ROLLBACK").await;
             }
