@@ -128,7 +128,7 @@ pub async fn dispatch(
          [consumer]\ngroup_id = \"bench-{name}-{}\"\ntopics = [\"{topic}\"]\n[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"h\"\n[handlers.h]\n{handler}\n",
         kafka_section(
             &broker.bootstrap(),
-            &[&[("session.timeout.ms", "6000")], broker.consumer_options()].concat()
+            &[&[("session.timeout.ms", "6000")], &broker.consumer_options()[..]].concat()
         ),
         std::process::id()
     );

@@ -62,6 +62,8 @@ struct Args {
     /// Delay added to every request to the database in the relay drains and their raw
     /// claims (a database on another host).
     db_rtt: Duration,
+    /// `fetch.wait.max.ms` of every consumer of Tansu, the baselines' and outboxd's.
+    fetch_wait_ms: u32,
 }
 
 impl Args {
@@ -106,6 +108,7 @@ fn args() -> Result<Args> {
         kafka_options: Vec::new(),
         broker_rtt: Duration::ZERO,
         db_rtt: Duration::ZERO,
+        fetch_wait_ms: 10,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(arg) = it.next() {
@@ -127,6 +130,9 @@ fn args() -> Result<Args> {
             "--db-rtt-ms" => {
                 let ms = it.next().context("--db-rtt-ms N")?.parse()?;
                 a.db_rtt = Duration::from_millis(ms);
+            }
+            "--fetch-wait-ms" => {
+                a.fetch_wait_ms = it.next().context("--fetch-wait-ms N")?.parse()?;
             }
             "--broker-rtt-ms" => {
                 let ms = it.next().context("--broker-rtt-ms N")?.parse()?;
@@ -157,6 +163,7 @@ async fn main() -> Result<()> {
     let a = args()?;
     processes::set_kafka_options(a.kafka_options.clone());
     processes::set_broker_rtt(a.broker_rtt);
+    processes::set_fetch_wait(a.fetch_wait_ms);
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -294,7 +301,7 @@ async fn main() -> Result<()> {
         let mut bares = Vec::new();
         for (name, queues) in [("defaults", &[][..]), ("outboxd-queues", OUTBOXD_QUEUES)] {
             let (bootstrap, t, m) = (broker.bootstrap(), topic.clone(), messages);
-            let options = [broker.consumer_options(), queues].concat();
+            let options = [&broker.consumer_options()[..], queues].concat();
             let pid = broker.pid();
             let rate = tokio::task::spawn_blocking(move || {
                 bare_consumer(name, pid, &bootstrap, &options, &t, m)
@@ -392,7 +399,11 @@ async fn main() -> Result<()> {
                 .unwrap_or_default()
         );
         let broker_desc = match &broker {
-            Broker::Tansu { .. } => "Tansu (separate process, memory storage)".to_owned(),
+            Broker::Tansu { .. } => format!(
+                "Tansu (separate process, memory storage; every consumer of it, baselines and \
+                 outboxd alike, with `fetch.wait.max.ms = {}`)",
+                a.fetch_wait_ms
+            ),
             Broker::Mock(_) => {
                 "librdkafka mock cluster (in the harness process; outboxd is separate)".to_owned()
             }

@@ -101,10 +101,14 @@ impl Broker {
     /// sleeps after each pass over the partitions, before checking whether it found
     /// enough): a consumer's rate then follows how much it asks for per fetch, not how
     /// fast it handles messages. Kafka answers as soon as `fetch.min.bytes` are there.
-    pub fn consumer_options(&self) -> &'static [(&'static str, &'static str)] {
+    /// `--fetch-wait-ms N` sets the value (default 10).
+    pub fn consumer_options(&self) -> Vec<(&'static str, &'static str)> {
         match self {
-            Broker::Tansu { .. } => &[("fetch.wait.max.ms", "10")],
-            Broker::Mock(_) => &[],
+            Broker::Tansu { .. } => vec![(
+                "fetch.wait.max.ms",
+                FETCH_WAIT.get().copied().unwrap_or("10"),
+            )],
+            Broker::Mock(_) => Vec::new(),
         }
     }
 
@@ -136,6 +140,14 @@ impl Drop for Broker {
 /// `[kafka.options]` entries every outboxd of this run gets (`--kafka-option key=value`).
 static KAFKA_OPTIONS: OnceLock<Vec<(String, String)>> = OnceLock::new();
 static BROKER_RTT: OnceLock<Duration> = OnceLock::new();
+static FETCH_WAIT: OnceLock<&'static str> = OnceLock::new();
+
+/// Sets `fetch.wait.max.ms` for every consumer of Tansu in the run; call once, before
+/// starting any consumer.
+pub fn set_fetch_wait(ms: u32) {
+    let ms: &'static str = ms.to_string().leak();
+    FETCH_WAIT.set(ms).expect("the fetch wait is set once");
+}
 
 /// Sets the round-trip time every mock broker of the run adds to each request; call once,
 /// before starting any broker.
