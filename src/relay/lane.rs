@@ -417,7 +417,7 @@ async fn batch(
         rt,
         rows.iter()
             .zip(&outcomes)
-            .filter(|(r, _)| finished.contains(r.id.as_str())),
+            .filter(|(r, _)| finished.contains(r.id())),
     );
     let errors = &rt.metrics.relay_publish_errors_total;
     errors

@@ -31,22 +31,22 @@ impl<'a> Plan<'a> {
         };
         let mut blocked: HashSet<&str> = HashSet::new();
         for (row, outcome) in rows.iter().zip(outcomes) {
-            let key = row.key.as_deref().unwrap_or_default();
+            let key = row.key().unwrap_or_default();
             match outcome {
                 RowOutcome::Delivered { .. } if !blocked.contains(key) => {
-                    plan.finished.push(&row.id)
+                    plan.finished.push(row.id())
                 }
                 RowOutcome::Delivered { .. } => {}
                 RowOutcome::Refused(e) => {
                     blocked.insert(key);
-                    plan.refused.push((&row.id, e.clone()));
+                    plan.refused.push((row.id(), e.clone()));
                 }
                 RowOutcome::Failed(e) => {
                     blocked.insert(key);
                     plan.failed.push(e.clone());
                 }
                 RowOutcome::Bad(reason) => plan.bad.push(DeadRow {
-                    id: row.id.clone(),
+                    id: row.id().to_owned(),
                     reason: reason.clone(),
                     attempts: 0,
                 }),

@@ -89,24 +89,31 @@ impl TopicSource {
         Ok(TopicSource::Template(template, fields))
     }
 
-    /// Row `row`'s topic; `scratch` is reused to render it.
-    fn topic_of(&self, row: &ClaimedRow, scratch: &mut String) -> Result<Arc<str>, String> {
+    /// Row `row`'s topic; `scratch` is reused to render it. A rendered topic equal to
+    /// the `last` one shares it, checked once: the rows of a batch mostly go to a few
+    /// topics.
+    fn topic_of(
+        &self,
+        row: &ClaimedRow,
+        scratch: &mut String,
+        last: &mut Option<Arc<str>>,
+    ) -> Result<Arc<str>, String> {
         let out = scratch;
         match self {
             TopicSource::Fixed(topic) => return Ok(topic.clone()),
             TopicSource::Column => {
                 out.clear();
-                out.push_str(row.topic.as_deref().ok_or("topic column is NULL")?);
+                out.push_str(row.topic().ok_or("topic column is NULL")?);
             }
             TopicSource::Template(template, fields) => {
                 let value = |column: &str| {
                     let field = fields.iter().find(|(c, _)| c == column)?.1;
                     match field {
-                        Field::Id => Some(row.id.as_str()),
-                        Field::Key => row.key.as_deref(),
-                        Field::EventId => row.event_id.as_deref(),
-                        Field::EventType => row.event_type.as_deref(),
-                        Field::AggregateType => row.aggregate_type.as_deref(),
+                        Field::Id => Some(row.id()),
+                        Field::Key => row.key(),
+                        Field::EventId => row.event_id(),
+                        Field::EventType => row.event_type(),
+                        Field::AggregateType => row.aggregate_type(),
                     }
                 };
                 template
@@ -114,8 +121,13 @@ impl TopicSource {
                     .map_err(|c| format!("topic template column `{c}` is NULL"))?;
             }
         }
+        if let Some(topic) = last.as_ref().filter(|t| ***t == **out) {
+            return Ok(topic.clone());
+        }
         check_topic(out)?;
-        Ok(Arc::from(out.as_str()))
+        let topic: Arc<str> = Arc::from(out.as_str());
+        *last = Some(topic.clone());
+        Ok(topic)
     }
 }
 
@@ -129,15 +141,16 @@ fn prepare(
     row: &ClaimedRow,
     topics: &TopicSource,
     scratch: &mut String,
+    last_topic: &mut Option<Arc<str>>,
 ) -> Result<Prepared, String> {
-    if row.key.is_none() {
+    if row.key().is_none() {
         return Err("key column is NULL".into());
     }
     if row.payload.is_none() {
         return Err("payload column is NULL".into());
     }
-    let topic = topics.topic_of(row, scratch)?;
-    let extra = match row.headers.as_deref() {
+    let topic = topics.topic_of(row, scratch, last_topic)?;
+    let extra = match row.headers() {
         None => serde_json::Map::new(),
         Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
             Ok(serde_json::Value::Object(map)) => map,
@@ -147,18 +160,18 @@ fn prepare(
         },
     };
     let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len());
-    let event_id = row.event_id.as_deref().unwrap_or(&row.id);
+    let event_id = row.event_id().unwrap_or(row.id());
     headers = headers.insert(Header {
         key: "event-id",
         value: Some(event_id.as_bytes()),
     });
-    if let Some(t) = &row.event_type {
+    if let Some(t) = row.event_type() {
         headers = headers.insert(Header {
             key: "event-type",
             value: Some(t.as_bytes()),
         });
     }
-    if let Some(t) = &row.aggregate_type {
+    if let Some(t) = row.aggregate_type() {
         headers = headers.insert(Header {
             key: "aggregate-type",
             value: Some(t.as_bytes()),
@@ -223,6 +236,8 @@ pub struct Publication<'p> {
     pending: Vec<(usize, DeliveryFuture, Arc<str>)>,
     /// Reused to render each row's topic.
     scratch: String,
+    /// The topic rendered last, checked.
+    last_topic: Option<Arc<str>>,
 }
 
 impl<'p> Publication<'p> {
@@ -242,6 +257,7 @@ impl<'p> Publication<'p> {
             outcomes: Vec::with_capacity(rows),
             pending: Vec::with_capacity(rows),
             scratch: String::new(),
+            last_topic: None,
         }
     }
 
@@ -256,14 +272,15 @@ impl<'p> Publication<'p> {
                 self.outcomes[i] = Some(RowOutcome::Failed(NOT_SENT.into()));
                 continue;
             }
-            let prepared = match prepare(row, self.topics, &mut self.scratch) {
+            let prepared = match prepare(row, self.topics, &mut self.scratch, &mut self.last_topic)
+            {
                 Ok(p) => p,
                 Err(reason) => {
                     self.outcomes[i] = Some(RowOutcome::Bad(reason));
                     continue;
                 }
             };
-            let key = row.key.as_deref().unwrap_or_default();
+            let key = row.key().unwrap_or_default();
             let payload = row.payload.as_deref().unwrap_or_default();
             let topic = prepared.topic;
             let mut record = FutureRecord::to(&topic)
@@ -329,20 +346,43 @@ pub fn delay_seconds(created_at: f64, at: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::store::Columns;
     use proptest::prelude::*;
 
+    fn typed(event_type: &str) -> ClaimedRow {
+        ClaimedRow::new(&Columns {
+            id: "1",
+            key: Some("k"),
+            payload: Some(b"{}"),
+            event_type: Some(event_type),
+            ..Columns::default()
+        })
+    }
+
     fn row(headers: Option<String>, key: Option<String>) -> ClaimedRow {
-        ClaimedRow {
-            id: "1".into(),
-            key,
-            payload: Some(b"{}".to_vec()),
-            headers,
-            event_id: None,
-            event_type: Some("E".into()),
-            aggregate_type: None,
-            created_at: None,
-            topic: None,
-        }
+        ClaimedRow::new(&Columns {
+            id: "1",
+            key: key.as_deref(),
+            payload: Some(b"{}"),
+            headers: headers.as_deref(),
+            event_type: Some("E"),
+            ..Columns::default()
+        })
+    }
+
+    #[test]
+    fn rows_rendering_the_same_topic_share_it_and_every_new_one_is_checked() {
+        let (topics, mut scratch, mut last) = (topics(), String::new(), None);
+        let mut topic_of = |event_type: &str| {
+            prepare(&typed(event_type), &topics, &mut scratch, &mut last).map(|p| p.topic)
+        };
+        let first = topic_of("A").unwrap();
+        let again = topic_of("A").unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the same topic is shared");
+        assert_eq!(&*topic_of("B").unwrap(), "events.B");
+        let err = topic_of("no spaces").unwrap_err();
+        assert!(err.contains("topic"), "{err}");
+        assert_eq!(&*topic_of("A").unwrap(), "events.A");
     }
 
     fn topics() -> TopicSource {
@@ -363,7 +403,13 @@ mod tests {
         };
         let fixed = TopicSource::new(&t("orders.events")).unwrap();
         assert!(matches!(&fixed, TopicSource::Fixed(name) if &**name == "orders.events"));
-        let p = prepare(&row(None, Some("k".into())), &fixed, &mut String::new()).unwrap();
+        let p = prepare(
+            &row(None, Some("k".into())),
+            &fixed,
+            &mut String::new(),
+            &mut None,
+        )
+        .unwrap();
         assert_eq!(&*p.topic, "orders.events");
         let long = "x".repeat(250);
         let err = TopicSource::new(&t(&long)).unwrap_err();
@@ -374,7 +420,7 @@ mod tests {
         /// Any text in the headers column becomes headers or a clear reason, never a panic.
         #[test]
         fn any_headers_text_is_decoded_or_refused(text in ".*") {
-            match prepare(&row(Some(text), Some("k".into())), &topics(), &mut String::new()) {
+            match prepare(&row(Some(text), Some("k".into())), &topics(), &mut String::new(), &mut None) {
                 Ok(p) => prop_assert_eq!(&*p.topic, "events.E"),
                 Err(reason) => prop_assert!(reason.contains("headers column"), "{}", reason),
             }
@@ -387,7 +433,7 @@ mod tests {
         ) {
             let json = serde_json::to_string(&entries).unwrap();
             let prepared =
-                prepare(&row(Some(json), Some("k".into())), &topics(), &mut String::new()).unwrap();
+                prepare(&row(Some(json), Some("k".into())), &topics(), &mut String::new(), &mut None).unwrap();
             use rdkafka::message::Headers;
             // event-id and event-type come first.
             prop_assert_eq!(prepared.headers.count(), 2 + entries.len());

@@ -29,7 +29,7 @@ async fn table_store(prefix: &str, rows: i64, prefetch: bool) -> (Arc<dyn Store>
 }
 
 fn ids(rows: &[ClaimedRow]) -> Vec<i64> {
-    rows.iter().map(|r| r.id.parse().unwrap()).collect()
+    rows.iter().map(|r| r.id().parse().unwrap()).collect()
 }
 
 /// Takes lane 0, which no one holds.

@@ -15,8 +15,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::{OnPublished, TableConfig};
 
 use super::{
-    check_columns, purge_in_batches, ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent,
-    Settled, Settlement, Store, StoreError, PURGE_BATCH,
+    check_columns, purge_in_batches, ClaimedRow, Columns, LaneOwner, LaneSession, Membership,
+    NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
 /// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
@@ -155,7 +155,7 @@ impl TableSql {
 }
 
 fn decode(r: &SqliteRow) -> Result<ClaimedRow, StoreError> {
-    Ok(ClaimedRow {
+    Ok(ClaimedRow::new(&Columns {
         id: r.try_get(0)?,
         key: r.try_get(1)?,
         payload: r.try_get(2)?,
@@ -165,7 +165,7 @@ fn decode(r: &SqliteRow) -> Result<ClaimedRow, StoreError> {
         aggregate_type: r.try_get(6)?,
         created_at: r.try_get(7)?,
         topic: r.try_get(8)?,
-    })
+    }))
 }
 
 /// One outbox table in SQLite.
@@ -404,7 +404,7 @@ impl LaneSession for SqliteLane {
             .fetch_all(&mut self.conn)
             .await?;
         let rows = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-        self.claimed = rows.iter().map(|r| r.id.clone()).collect();
+        self.claimed = rows.iter().map(|r| r.id().to_owned()).collect();
         Ok(rows)
     }
 

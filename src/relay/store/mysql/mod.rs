@@ -348,7 +348,7 @@ impl LaneSession for MySqlLane {
             .iter()
             .map(|r| self.sql.decode(r))
             .collect::<Result<Vec<_>, _>>()?;
-        self.claimed = rows.iter().map(|r| r.id.clone()).collect();
+        self.claimed = rows.iter().map(|r| r.id().to_owned()).collect();
         Ok(rows)
     }
 

@@ -5,7 +5,7 @@ use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
-use crate::relay::store::{ClaimedRow, StoreError, PURGE_BATCH};
+use crate::relay::store::{ClaimedRow, Columns, StoreError, PURGE_BATCH};
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
 pub(super) fn q(ident: &str) -> String {
@@ -235,11 +235,11 @@ impl TableSql {
 
     pub(super) fn decode(&self, r: &MySqlRow) -> Result<ClaimedRow, StoreError> {
         let payload = if self.payload_is_binary {
-            r.try_get::<Option<Vec<u8>>, _>(2)?
+            r.try_get::<Option<&[u8]>, _>(2)?
         } else {
-            r.try_get::<Option<String>, _>(2)?.map(String::into_bytes)
+            r.try_get::<Option<&str>, _>(2)?.map(str::as_bytes)
         };
-        Ok(ClaimedRow {
+        Ok(ClaimedRow::new(&Columns {
             id: r.try_get(0)?,
             key: r.try_get(1)?,
             payload,
@@ -249,7 +249,7 @@ impl TableSql {
             aggregate_type: r.try_get(6)?,
             created_at: r.try_get(7)?,
             topic: r.try_get(8)?,
-        })
+        }))
     }
 }
 

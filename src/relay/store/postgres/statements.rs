@@ -7,7 +7,7 @@ use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
 use crate::relay::store::{
-    check_columns, purge_in_batches, ClaimedRow, DeadRow, StoreError, PURGE_BATCH,
+    check_columns, purge_in_batches, ClaimedRow, Columns, DeadRow, StoreError, PURGE_BATCH,
 };
 
 /// Everything the relay runs against one table, rendered once at start-up.
@@ -284,21 +284,20 @@ pub(super) async fn claim(
 /// the payload is text or bytea, both read as their bytes), so the per-row type checks of
 /// `try_get` are skipped; decoding still checks NULLs and UTF-8. Headers `{}` read as none.
 fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
-    Ok(ClaimedRow {
+    Ok(ClaimedRow::new(&Columns {
         id: r.try_get_unchecked(0)?,
         key: r.try_get_unchecked(1)?,
         payload: r.try_get_unchecked(2)?,
         // `{}` (the reference table's default) adds no headers, as NULL does.
         headers: r
             .try_get_unchecked::<Option<&str>, _>(3)?
-            .filter(|h| *h != "{}")
-            .map(str::to_owned),
+            .filter(|h| *h != "{}"),
         event_id: r.try_get_unchecked(4)?,
         event_type: r.try_get_unchecked(5)?,
         aggregate_type: r.try_get_unchecked(6)?,
         created_at: r.try_get_unchecked(7)?,
         topic: r.try_get_unchecked(8)?,
-    })
+    }))
 }
 
 /// Deletes (or marks) the rows Kafka acknowledged.
