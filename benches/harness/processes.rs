@@ -96,11 +96,12 @@ impl Broker {
     }
 
     /// librdkafka properties every consumer of this broker gets, the baseline's and
-    /// outboxd's alike. Tansu 0.6.0 answers every fetch only after sleeping half of
-    /// `fetch.wait.max.ms` (500 ms by default), even when it has data (its fetch service
-    /// sleeps after each pass over the partitions, before checking whether it found
-    /// enough): a consumer's rate then follows how much it asks for per fetch, not how
-    /// fast it handles messages. Kafka answers as soon as `fetch.min.bytes` are there.
+    /// outboxd's alike. Tansu 0.6.0 answers every fetch only after sleeping, even when it
+    /// has data: all of `fetch.wait.max.ms` below 250 ms, half of it from there (250 ms of
+    /// the default 500; its fetch service sleeps after each pass over the partitions,
+    /// before checking whether it found enough): a consumer's rate then follows how much
+    /// it asks for per fetch, not how fast it handles messages. Kafka answers as soon as
+    /// `fetch.min.bytes` are there.
     /// `--fetch-wait-ms N` sets the value (default 10).
     pub fn consumer_options(&self) -> Vec<(&'static str, &'static str)> {
         match self {

@@ -187,9 +187,9 @@ async fn answer_slow_body(
     Body::from_stream(parts)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_handler_keeps_its_connection_when_responses_have_bodies() {
-    let (topic, _cluster, bootstrap) = consuming("keepalive", 1);
+/// An endpoint answering with [`answer_slow_body`]: its URL, and the client address of
+/// every request so far.
+async fn endpoint_noting_peers() -> (String, Arc<Mutex<Vec<SocketAddr>>>) {
     let peers: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
@@ -204,20 +204,64 @@ async fn http_handler_keeps_its_connection_when_responses_have_bodies() {
         .await
         .unwrap()
     });
-    produce_events(&bootstrap, &topic, 0, "ka", "Any", 0..10).await;
-    let daemon = Daemon::start(web_consumer(&bootstrap, &topic, &url)).await;
-    eventually("ten requests", Duration::from_secs(30), || async {
-        peers.lock().unwrap().len() == 10
+    (url, peers)
+}
+
+/// Runs `config` until `peers` counts `requests`; returns how many connections they took.
+async fn connections_for(
+    config: outboxd::config::Config,
+    peers: &Mutex<Vec<SocketAddr>>,
+    requests: usize,
+) -> usize {
+    let daemon = Daemon::start(config).await;
+    eventually("every request", Duration::from_secs(30), || async {
+        peers.lock().unwrap().len() == requests
     })
     .await;
     daemon.stop().await.unwrap();
     let connections: HashSet<SocketAddr> = peers.lock().unwrap().iter().copied().collect();
+    connections.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handler_keeps_its_connection_when_responses_have_bodies() {
+    let (topic, _cluster, bootstrap) = consuming("keepalive", 1);
+    let (url, peers) = endpoint_noting_peers().await;
+    produce_events(&bootstrap, &topic, 0, "ka", "Any", 0..10).await;
+    let connections = connections_for(web_consumer(&bootstrap, &topic, &url), &peers, 10).await;
     // hyper's pool returns a connection from a task of its own, so the second request may
     // find none idle yet and open a second one; after that one of the two is always idle.
     // A connection closed after each response would make ten.
     assert!(
-        connections.len() <= 2,
-        "ten requests in a row took {} connections",
-        connections.len()
+        connections <= 2,
+        "ten requests in a row took {connections} connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handlers_of_one_endpoint_share_its_connections() {
+    let (topic, _cluster, bootstrap) = consuming("shared", 1);
+    let (url, peers) = endpoint_noting_peers().await;
+    let types = ["A", "B", "C", "D"];
+    // One partition: the events are handled one after the other, by four handlers in turn.
+    for (i, event_type) in (0..12).zip(types.iter().cycle()) {
+        produce_events(&bootstrap, &topic, 0, "sh", event_type, i..i + 1).await;
+    }
+    let names: Vec<String> = types.iter().map(|t| t.to_lowercase()).collect();
+    let routes: Vec<(&str, Option<&str>, &str)> = types
+        .iter()
+        .zip(&names)
+        .map(|(t, name)| (topic.as_str(), Some(*t), name.as_str()))
+        .collect();
+    let handlers = names
+        .iter()
+        .map(|name| (name.as_str(), http_to(&url, "")))
+        .collect();
+    let config = consumer_config(&bootstrap, &[&topic], &routes, handlers);
+    let connections = connections_for(config, &peers, 12).await;
+    // A client per handler would keep a connection per handler: four.
+    assert!(
+        connections <= 2,
+        "twelve requests by four handlers took {connections} connections"
     );
 }
