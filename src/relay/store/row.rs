@@ -66,23 +66,21 @@ impl ClaimedRow {
             c.topic,
         ];
         let mut text = String::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
-        let mut put = |t: Option<&str>| {
-            t.map(|t| {
-                let start = text.len();
-                text.push_str(t);
-                Span {
-                    start,
-                    end: text.len(),
-                }
-            })
+        let mut put = |t: &str| {
+            let start = text.len();
+            text.push_str(t);
+            Span {
+                start,
+                end: text.len(),
+            }
         };
-        let id = put(Some(c.id)).unwrap_or(Span { start: 0, end: 0 });
-        let key = put(c.key);
-        let headers = put(c.headers);
-        let event_id = put(c.event_id);
-        let event_type = put(c.event_type);
-        let aggregate_type = put(c.aggregate_type);
-        let topic = put(c.topic);
+        let id = put(c.id);
+        let key = c.key.map(&mut put);
+        let headers = c.headers.map(&mut put);
+        let event_id = c.event_id.map(&mut put);
+        let event_type = c.event_type.map(&mut put);
+        let aggregate_type = c.aggregate_type.map(&mut put);
+        let topic = c.topic.map(&mut put);
         ClaimedRow {
             text,
             id,
