@@ -189,6 +189,19 @@ pub trait LaneSession: Send {
         Ok(Vec::new())
     }
 
+    /// Claims, like [`claim`](Self::claim), up to `limit` pending rows of the lane whose
+    /// key is none of `keys` (a NULL key counts as the empty one). Rows of those keys are
+    /// left for a later claim, together with every later row of their keys, so that a
+    /// batch of other keys can be sent while theirs still waits for Kafka. A store that
+    /// cannot leave keys out claims nothing (the default).
+    async fn claim_around(
+        &mut self,
+        _limit: u32,
+        _keys: &[&str],
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// The claimed rows leave the outbox (deleted, or marked published).
     async fn commit(&mut self) -> Result<(), StoreError>;
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Row};
 
-use super::statements::{claim, finish, move_dead, record_refusals, TableSql};
+use super::statements::{claim, finish, move_dead, record_refusals, Bound, TableSql};
 use crate::relay::store::{ClaimedRow, Handoff, LaneSession, Settled, Settlement, StoreError};
 
 /// A new lane owner's fence: true once no follower claim of an earlier owner is open
@@ -64,6 +64,7 @@ pub(super) struct PgLane {
     conn: PgConnection,
     claim: String,
     claim_after: String,
+    claim_around: String,
     /// The order value of the last row claimed in the open transaction (integer order).
     last_ord: Option<i64>,
     /// The snapshot the open transaction exported when it began in a handed-over one, for
@@ -85,6 +86,7 @@ impl PgLane {
             conn,
             claim: sql.claim_for_lane(keys.lane),
             claim_after: sql.claim_after_for_lane(keys.lane),
+            claim_around: sql.claim_around_for_lane(keys.lane),
             last_ord: None,
             exported: None,
             prepared: None,
@@ -181,6 +183,27 @@ impl PgLane {
         Ok(())
     }
 
+    /// A new claim: begins a claim transaction and claims, unless the fence is closed.
+    async fn claim_within(
+        &mut self,
+        limit: u32,
+        bound: Bound<'_>,
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.begin(true, None).await?;
+        if !self.fence_open().await? {
+            self.last_ord = None;
+            return Ok(Vec::new());
+        }
+        let statement = match bound {
+            Bound::None => &self.claim,
+            Bound::After(_) => &self.claim_after,
+            Bound::Around(_) => &self.claim_around,
+        };
+        let (rows, last) = claim(&mut self.conn, statement, limit, bound).await?;
+        self.last_ord = last;
+        Ok(rows)
+    }
+
     /// Whether this session may claim: always, except for a new leader while a follower
     /// claim of an earlier owner is still open.
     async fn fence_open(&mut self) -> Result<bool, StoreError> {
@@ -213,14 +236,18 @@ impl PgLane {
 #[async_trait]
 impl LaneSession for PgLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.begin(true, None).await?;
-        if !self.fence_open().await? {
-            self.last_ord = None;
-            return Ok(Vec::new());
-        }
-        let (rows, last) = claim(&mut self.conn, &self.claim, limit, None).await?;
-        self.last_ord = last;
-        Ok(rows)
+        self.claim_within(limit, Bound::None).await
+    }
+
+    /// The lane's first rows of other keys than `keys`. The rows of `keys` a batch in
+    /// flight holds are filtered out before they are locked, so this claim never meets
+    /// them, however that batch ends meanwhile.
+    async fn claim_around(
+        &mut self,
+        limit: u32,
+        keys: &[&str],
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.claim_within(limit, Bound::Around(keys)).await
     }
 
     fn claims_in_chunks(&self) -> bool {
@@ -232,7 +259,13 @@ impl LaneSession for PgLane {
         let Some(after) = self.last_ord else {
             return Ok(Vec::new());
         };
-        let (rows, last) = claim(&mut self.conn, &self.claim_after, limit, Some(after)).await?;
+        let (rows, last) = claim(
+            &mut self.conn,
+            &self.claim_after,
+            limit,
+            Bound::After(after),
+        )
+        .await?;
         self.last_ord = last.or(self.last_ord);
         Ok(rows)
     }
@@ -361,6 +394,7 @@ impl LaneSession for PgLane {
             conn: self.keys.opts.connect().await?,
             claim: self.claim.clone(),
             claim_after: self.claim_after.clone(),
+            claim_around: self.claim_around.clone(),
             last_ord: None,
             exported: None,
             prepared: None,

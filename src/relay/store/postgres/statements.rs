@@ -236,6 +236,15 @@ impl TableSql {
         self.claim_with(lane, &format!(" AND o.{} > $2", self.ord))
     }
 
+    /// The claim of the rows whose key (NULL counting as '') is none of `$2`: the keys of
+    /// a batch still waiting for Kafka.
+    pub fn claim_around_for_lane(&self, lane: u32) -> String {
+        self.claim_with(
+            lane,
+            &format!(" AND coalesce(o.{}::text, '') <> ALL($2::text[])", self.key),
+        )
+    }
+
     fn claim_with(&self, lane: u32, bound: &str) -> String {
         if self.lanes <= 1 {
             format!("{}{bound}{}", self.claim_head, self.claim_tail)
@@ -251,18 +260,30 @@ impl TableSql {
     }
 }
 
-/// Claims (deletes or marks) up to `limit` rows of the lane, in publication order, after
-/// the order value `after` when given; returns them and the last one's integer order value.
+/// What a claim statement's second parameter bounds.
+pub(super) enum Bound<'a> {
+    /// Nothing: the statement has no second parameter.
+    None,
+    /// The rows after this integer order value.
+    After(i64),
+    /// The rows of keys other than these.
+    Around(&'a [&'a str]),
+}
+
+/// Claims (deletes or marks) up to `limit` rows of the lane, in publication order, within
+/// `bound`; returns them and the last one's integer order value.
 pub(super) async fn claim(
     conn: &mut PgConnection,
     claim: &str,
     limit: u32,
-    after: Option<i64>,
+    bound: Bound<'_>,
 ) -> Result<(Vec<ClaimedRow>, Option<i64>), StoreError> {
-    let mut query = sqlx::query(claim).bind(i64::from(limit));
-    if let Some(after) = after {
-        query = query.bind(after);
-    }
+    let query = sqlx::query(claim).bind(i64::from(limit));
+    let query = match bound {
+        Bound::None => query,
+        Bound::After(after) => query.bind(after),
+        Bound::Around(keys) => query.bind(keys),
+    };
     // Each row is decoded as it arrives and its buffer freed, rather than collected first.
     let mut stream = query.fetch(&mut *conn);
     let mut rows = Vec::with_capacity(limit as usize);
