@@ -67,8 +67,12 @@ pub struct TableConfig {
     /// connection (in the first one's snapshot, right after its rows), so the database work
     /// of one batch overlaps the sending of and the wait for the previous one. The next batch
     /// is sent only after the previous one committed, and rolled back if it failed, so order
-    /// and the failure handling are as without it. Each lane then uses two connections.
-    /// PostgreSQL only: MySQL and SQLite lanes always claim one batch at a time.
+    /// and the failure handling are as without it. While a batch that did not fill waits
+    /// for Kafka, the same connection claims the rows committed meanwhile whose keys that
+    /// batch does not hold, up to the rest of `batch_size`, and sends them at once: a row
+    /// then waits for its own acknowledgement, not also for the batch before it. Each lane
+    /// then uses two connections. PostgreSQL only: MySQL and SQLite lanes always claim one
+    /// batch at a time.
     pub prefetch: bool,
     /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
     /// while the LISTEN connection is down, and tables without the trigger never send one).

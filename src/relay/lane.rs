@@ -1,18 +1,20 @@
 //! One lane's claim loop, on the session that holds the lane: claim a batch, publish it,
 //! commit; on any failure roll back and settle the batch row by row. With a follower
-//! session, the next batch is claimed while Kafka acknowledges the current one.
+//! session, the next batch is claimed while Kafka acknowledges a full one, and rows of
+//! other keys are sent while a short one waits (see [`pipeline`]).
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::plan::Plan;
-use super::publish::{delay_seconds, Publication, RowOutcome, TopicSource};
-use super::store::{ClaimedRow, LaneSession, Settlement, Store, StoreError};
+use super::pipeline;
+use super::publish::{Publication, RowOutcome, TopicSource};
+use super::settle::{failed_batch, record_published};
+use super::store::{ClaimedRow, LaneSession, Store, StoreError};
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
@@ -47,7 +49,7 @@ impl TableTunables {
         self.changed.notify_waiters();
     }
 
-    fn batch_size(&self) -> u32 {
+    pub(super) fn batch_size(&self) -> u32 {
         self.batch_size.load(Ordering::Relaxed)
     }
 
@@ -78,7 +80,7 @@ pub struct TableRuntime {
 
 /// How a batch ended, which decides what the lane does next.
 #[derive(Debug, PartialEq, Eq)]
-enum BatchEnd {
+pub(super) enum BatchEnd {
     /// Nothing to claim: wait for a notification or the poll interval.
     Empty,
     /// Fewer rows than the batch size: the lane is drained for now.
@@ -117,10 +119,18 @@ pub async fn run_lane(
         prefetch = sessions.other.is_some(),
         "lane acquired"
     );
+    let grace = Grace::new(rt.drain_grace);
     while !stop.is_cancelled() {
         heartbeat.beat();
         wake.borrow_and_update();
-        let end = match batch(&rt, &mut sessions, &stop).await {
+        let mut cycle = Cycle {
+            rt: &rt,
+            stop: &stop,
+            wake: &mut wake,
+            heartbeat: &heartbeat,
+            grace: &grace,
+        };
+        let end = match batch(&mut cycle, &mut sessions).await {
             Ok(end) => end,
             Err(e) => {
                 rt.metrics
@@ -252,7 +262,7 @@ async fn claim(
 }
 
 /// How the wait for a batch's delivery reports ended.
-enum Acked {
+pub(super) enum Acked {
     /// Kafka acknowledged every row, and the claim was committed (or the commit failed).
     Committed(Result<Vec<RowOutcome>, StoreError>),
     /// Some rows were not acknowledged; the claim is still open.
@@ -261,22 +271,95 @@ enum Acked {
     TimedOut,
 }
 
+/// How long a stopped lane still waits for its batches in flight: one period from the
+/// first wait after the stop, shared by every batch of the lane.
+pub(super) struct Grace {
+    period: Duration,
+    ends: OnceLock<Instant>,
+}
+
+impl Grace {
+    fn new(period: Duration) -> Self {
+        Grace {
+            period,
+            ends: OnceLock::new(),
+        }
+    }
+
+    /// Returns once `stop` was cancelled and the grace period is over.
+    async fn over(&self, stop: &CancellationToken) {
+        stop.cancelled().await;
+        let ends = *self.ends.get_or_init(|| Instant::now() + self.period);
+        tokio::time::sleep_until(ends).await;
+    }
+}
+
+/// What a lane's cycle works with besides its sessions.
+pub(super) struct Cycle<'a> {
+    pub(super) rt: &'a TableRuntime,
+    pub(super) stop: &'a CancellationToken,
+    /// Changes when rows were committed to the table (LISTEN).
+    pub(super) wake: &'a mut watch::Receiver<()>,
+    pub(super) heartbeat: &'a Heartbeat,
+    pub(super) grace: &'a Grace,
+}
+
+/// Awaits the delivery reports of the rows `publication` sent, until the grace period
+/// once stopped, and sets `acknowledged` when they are in. Commits `session`'s claim when
+/// Kafka acknowledged every row, then begins the follow after `next_snapshot` on it.
+pub(super) async fn conclude(
+    session: &mut dyn LaneSession,
+    publication: Publication<'_>,
+    stopping: (&CancellationToken, &Grace),
+    acknowledged: Option<&AtomicBool>,
+    next_snapshot: Option<&str>,
+) -> Acked {
+    let (stop, grace) = stopping;
+    let outcomes = tokio::select! {
+        outcomes = publication.finish() => Some(outcomes),
+        () = grace.over(stop) => None,
+    };
+    if let Some(acknowledged) = acknowledged {
+        acknowledged.store(true, Ordering::Release);
+    }
+    match outcomes {
+        None => Acked::TimedOut,
+        Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
+            let committed = session.commit().await;
+            if let (Ok(()), Some(snapshot)) = (&committed, next_snapshot) {
+                // While the follower still claims: its rows come next, and this session
+                // will follow them.
+                session.prepare_follow(snapshot).await;
+            }
+            Acked::Committed(committed.map(|()| o))
+        }
+        Some(o) => Acked::Failed(o),
+    }
+}
+
+/// Logs a batch left in the outbox at shutdown.
+pub(super) fn timed_out(rt: &TableRuntime, rows: usize) {
+    tracing::warn!(
+        table = %rt.config.table,
+        rows,
+        "shutting down: Kafka did not acknowledge the batch in time; rolled back, its rows stay in the outbox"
+    );
+}
+
 /// One claim/publish/commit cycle. After a full batch the follower claims the next one,
 /// chunk by chunk, until Kafka acknowledged this one; this one commits as soon as it is
 /// acknowledged, while the follower may still claim. The follower's rows are sent only
 /// once this batch committed (the next cycle goes on claiming the rest of its batch), and
-/// rolled back unsent if this one failed, so they never overtake it.
-async fn batch(
-    rt: &TableRuntime,
-    sessions: &mut Sessions,
-    stop: &CancellationToken,
-) -> Result<BatchEnd, StoreError> {
+/// rolled back unsent if this one failed, so they never overtake it. A batch that did not
+/// fill goes on in [`pipeline::run`]: the rows committed while it waits are claimed around
+/// its keys and sent at once.
+async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEnd, StoreError> {
+    let (rt, stop) = (cycle.rt, cycle.stop);
     let Sessions {
         current,
         other,
         ready,
     } = sessions;
-    let session = current.as_mut();
     let batch_size = rt.tunables.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
@@ -284,8 +367,14 @@ async fn batch(
     // is for a fresh claim, at once, even if this batch comes out short.
     let prefetched = ready.is_some();
     let start = ready.take().map_or(Start::New, Start::Claimed);
-    let (Claimed { rows, .. }, sent) =
-        claim(session, batch_size, Some(&mut publication), start, None).await?;
+    let (Claimed { rows, .. }, sent) = claim(
+        current.as_mut(),
+        batch_size,
+        Some(&mut publication),
+        start,
+        None,
+    )
+    .await?;
     let full = rows.len() as u32 >= batch_size;
     let use_follower = full && !stop.is_cancelled();
     if !use_follower {
@@ -296,7 +385,7 @@ async fn batch(
         }
     }
     if rows.is_empty() {
-        session.commit().await?;
+        current.commit().await?;
         return Ok(if prefetched {
             BatchEnd::More
         } else {
@@ -309,7 +398,13 @@ async fn batch(
     } else {
         BatchEnd::Partial
     };
-    let mut follower = other.as_deref_mut().filter(|_| use_follower);
+    if !use_follower {
+        publication.send(&rows[sent..]).await;
+        let flight = pipeline::Flight { rows, publication };
+        return pipeline::run(cycle, current, other, &producer, flight, done).await;
+    }
+    let session = current.as_mut();
+    let mut follower = other.as_deref_mut();
     // The follower goes on right after this claim when the store can say where that is.
     // It takes this claim's snapshot before the rows claimed last are sent, so its first
     // claim is on its way to the database while they are enqueued. The snapshot it
@@ -322,30 +417,16 @@ async fn batch(
         None => (false, None),
     };
     let acknowledged = AtomicBool::new(false);
-    let grace_over = async {
-        stop.cancelled().await;
-        tokio::time::sleep(rt.drain_grace).await;
-    };
     let finish = async {
         publication.send(&rows[sent..]).await;
-        let outcomes = tokio::select! {
-            outcomes = publication.finish() => Some(outcomes),
-            () = grace_over => None,
-        };
-        acknowledged.store(true, Ordering::Release);
-        match outcomes {
-            None => Acked::TimedOut,
-            Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
-                let committed = session.commit().await;
-                if let (Ok(()), Some(snapshot)) = (&committed, &next_snapshot) {
-                    // While the follower still claims: its rows come next, and this
-                    // session will follow them.
-                    session.prepare_follow(snapshot).await;
-                }
-                Acked::Committed(committed.map(|()| o))
-            }
-            Some(o) => Acked::Failed(o),
-        }
+        conclude(
+            session,
+            publication,
+            (stop, cycle.grace),
+            Some(&acknowledged),
+            next_snapshot.as_deref(),
+        )
+        .await
     };
     let prefetch = async {
         let f = follower.as_deref_mut()?;
@@ -366,12 +447,8 @@ async fn batch(
         Acked::TimedOut => {
             // The follower's connection closes, which rolls its claim back.
             *other = None;
-            session.rollback().await?;
-            tracing::warn!(
-                table = %rt.config.table,
-                rows = rows.len(),
-                "shutting down: Kafka did not acknowledge the batch in time; rolled back, its rows stay in the outbox"
-            );
+            current.rollback().await?;
+            timed_out(rt, rows.len());
             return Ok(BatchEnd::Empty);
         }
         // The lane ends; the follower's claim dies with its connection.
@@ -390,103 +467,11 @@ async fn batch(
     };
     // Something failed. The prefetched rows were never sent and come after this batch:
     // they go back first (if the follower itself failed, the lane ends and its claim dies
-    // with its connection). Undo the claim, then settle in a second transaction: delete
-    // what Kafka acknowledged (unless an earlier row of its key failed), count refusals,
-    // move dead rows. The lane lock keeps every other relay away from these rows meanwhile.
+    // with its connection).
     if next.transpose()?.is_some() {
         if let Some(follower) = other.as_mut() {
             follower.rollback().await?;
         }
     }
-    session.rollback().await?;
-    rt.producer.renew_if_fatal(&producer);
-    let plan = Plan::new(&rows, &outcomes);
-    let settled = session
-        .settle(&Settlement {
-            finished: &plan.finished,
-            refused: &plan.refused,
-            bad: &plan.bad,
-            max_attempts: rt.config.max_attempts,
-        })
-        .await?;
-    let (dead, moved, still_refused) = (settled.dead, settled.moved, settled.still_refused);
-
-    let table = rt.config.table.as_str();
-    let finished: HashSet<&str> = plan.finished.iter().copied().collect();
-    record_published(
-        rt,
-        rows.iter()
-            .zip(&outcomes)
-            .filter(|(r, _)| finished.contains(r.id())),
-    );
-    let errors = &rt.metrics.relay_publish_errors_total;
-    errors
-        .with_label_values(&[table, "kafka"])
-        .inc_by(plan.failed.len() as u64);
-    errors
-        .with_label_values(&[table, "refused"])
-        .inc_by(plan.refused.len() as u64);
-    errors
-        .with_label_values(&[table, "bad_row"])
-        .inc_by(dead.iter().filter(|d| d.attempts == 0).count() as u64);
-    rt.metrics
-        .relay_dead_rows_total
-        .with_label_values(&[table])
-        .inc_by(moved);
-    if let Some(first) = plan.failed.first() {
-        tracing::warn!(
-            table,
-            failed = plan.failed.len(),
-            published = plan.finished.len(),
-            error = %first,
-            "kafka did not acknowledge part of a batch; those rows stay in the outbox and are retried"
-        );
-    }
-    for (id, error) in &plan.refused {
-        tracing::warn!(table, row_id = id, %error, "kafka refused a row");
-    }
-    for d in &dead {
-        tracing::error!(table, row_id = %d.id, reason = %d.reason, "row moved to outboxd_dead_rows");
-    }
-    Ok(if !plan.failed.is_empty() {
-        BatchEnd::KafkaFailed
-    } else if still_refused > 0 {
-        BatchEnd::Refused
-    } else {
-        done
-    })
-}
-
-fn record_published<'r>(
-    rt: &TableRuntime,
-    rows: impl Iterator<Item = (&'r ClaimedRow, &'r RowOutcome)>,
-) {
-    let table = rt.config.table.as_str();
-    let delay = rt
-        .metrics
-        .relay_publish_delay_seconds
-        .with_label_values(&[table]);
-    let mut per_topic: Vec<(&str, u64)> = Vec::new();
-    for (row, outcome) in rows {
-        let RowOutcome::Delivered { at, topic } = outcome else {
-            continue;
-        };
-        if let Some(created) = row.created_at {
-            delay.observe(delay_seconds(created, *at));
-        }
-        match per_topic.iter_mut().find(|(t, _)| *t == &**topic) {
-            Some((_, n)) => *n += 1,
-            None => per_topic.push((topic, 1)),
-        }
-    }
-    rt.published.fetch_add(
-        per_topic.iter().map(|(_, n)| n).sum::<u64>(),
-        Ordering::Relaxed,
-    );
-    for (topic, n) in per_topic {
-        rt.metrics
-            .relay_published_total
-            .with_label_values(&[table, topic])
-            .inc_by(n);
-    }
+    failed_batch(rt, current.as_mut(), &producer, &rows, &outcomes, done).await
 }

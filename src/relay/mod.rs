@@ -12,8 +12,10 @@ pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
 pub(crate) mod notify;
+mod pipeline;
 mod plan;
 pub mod publish;
+mod settle;
 pub mod store;
 pub mod template;
 

@@ -22,4 +22,5 @@ mod relay_backends;
 mod relay_claims;
 mod relay_delivery;
 mod relay_faults;
+mod relay_pipeline;
 mod relay_shutdown;
