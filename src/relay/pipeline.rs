@@ -30,9 +30,10 @@ pub(super) struct Flight<'p> {
 /// Concludes `flight` on `current`. While it waits, when rows were committed and `other`
 /// is there, claims up to the rest of the batch size around the flight's keys on `other`
 /// and sends them; once `flight` concluded, that batch is the next flight, and the
-/// sessions swap. Returns once no batch is in flight: `done` unless a batch failed, or
-/// `More` when an early claim filled its limit (more rows are waiting: the next cycle
-/// claims a whole batch).
+/// sessions swap. Returns once no batch is in flight: a failure if a batch failed, else
+/// `More` when rows were committed meanwhile (some may have been left out for their key,
+/// or an early claim filled its limit and more are waiting: the next cycle claims a whole
+/// batch at once), else `done`.
 pub(super) async fn run(
     cycle: &mut Cycle<'_>,
     current: &mut Box<dyn LaneSession>,
@@ -106,14 +107,18 @@ pub(super) async fn run(
                 end = worse(end, settled);
             }
         }
-        let next = match next.transpose()?.flatten() {
-            Some(next) => next,
-            None => return Ok(end),
+        let Some(next) = next.transpose()? else {
+            return Ok(end);
+        };
+        // The claim left out the rows of the keys in flight that were committed: the lane
+        // claims again once the batches in flight are done, rather than at the next poll.
+        end = worse(end, BatchEnd::More);
+        let Some(next) = next else {
+            return Ok(end);
         };
         if next.rows.len() as u32 >= limit {
             // The rows came in faster than the batches went out: back to whole batches.
             early = false;
-            end = worse(end, BatchEnd::More);
         }
         if let Some(other) = other.as_mut() {
             std::mem::swap(current, other);

@@ -42,6 +42,9 @@ async fn claims(pool: &sqlx::PgPool, table: &str) -> HashMap<i64, i64> {
 async fn slowed_relay(r: &Relayed, batch_size: u32, rtt: Duration) -> Daemon {
     let mut cfg = config(&r.table, &r.cluster.bootstrap_servers());
     cfg.relay.tables[0].batch_size = batch_size;
+    // No row waits for a poll: each is claimed upon its notification or right after the
+    // batches in flight.
+    cfg.relay.tables[0].poll_interval = Duration::from_secs(120);
     let daemon = Daemon::start(cfg).await;
     insert_keyed(&r.pool, &r.table, &[(0, "warm-up")]).await;
     drained(&r.pool, &r.table, Duration::from_secs(20)).await;
@@ -92,7 +95,7 @@ async fn all_arrive(r: &Relayed, count: i64) {
 
 /// Row 1 (key `a`) waits for a slow broker. Rows 2 (key `b`) and 3 (key `a`), committed
 /// meanwhile: 2 is claimed by another transaction before 1 is acknowledged, 3 is not
-/// claimed until 1 is, and 3 arrives after 1.
+/// claimed until 1 is, and 3 arrives after 1, without waiting for a poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_of_other_keys_go_out_while_a_batch_waits_for_kafka() {
     let r = relayed("pipeline", 1).await;
@@ -111,7 +114,7 @@ async fn rows_of_other_keys_go_out_while_a_batch_waits_for_kafka() {
 }
 
 /// Batches of 4: one row in flight leaves room for 3. Of 6 rows of new keys committed
-/// meanwhile, the early batch takes the first 3 and leaves the rest.
+/// meanwhile, the early batch takes the first 3 and leaves the rest to the next claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_batch_takes_no_more_than_the_rest_of_the_batch_size() {
     let r = relayed("pipelimit", 1).await;
