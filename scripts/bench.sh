@@ -11,6 +11,8 @@
 #   --handlers log,http,sql   a subset of the dispatch handlers
 #   --drains 1,1-noprefetch,4   a subset of the relay drains (lanes 1, lanes 1 without
 #                      prefetch, lanes 4)
+#   --loads 1000x1,1000x10,10000x1-poll   a subset of the latency loads (rows/s x rows
+#                      per transaction, `-poll` without LISTEN)
 #   --latency-secs N   length of each latency run (default 30)
 #   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
 #   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)

@@ -17,7 +17,8 @@
 //! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
 //!
 //! `--only relay,latency,dispatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
-//! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers; `--latency-secs N` (default 30) sets the
+//! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers, `--loads
+//! 1000x1,1000x10-poll` a subset of the latency loads; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
 //! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd;
 //! `--broker-rtt-ms N` makes the mock broker answer each request N ms late, like a remote
@@ -53,6 +54,8 @@ struct Args {
     /// Relay drains to run (`1`, `1-noprefetch`, `4`); empty: all.
     drains: Vec<String>,
     latency_secs: u64,
+    /// Latency loads to run (`1000x1`, `1000x10-poll`, ...); empty: all.
+    loads: Vec<String>,
     /// `batch_size` of the relay drains; None: outboxd's default.
     batch_size: Option<u32>,
     /// Extra `[kafka.options]` of every outboxd started.
@@ -80,6 +83,13 @@ impl Args {
         self.drains.is_empty() || self.drains.contains(&short)
     }
 
+    /// Whether the latency load of `rate` rows/s, `per_txn` per transaction, runs:
+    /// `--loads 1000x1,10000x10-poll` picks some.
+    fn runs_load(&self, rate: u32, per_txn: u32, listen: bool) -> bool {
+        let short = format!("{rate}x{per_txn}{}", if listen { "" } else { "-poll" });
+        self.loads.is_empty() || self.loads.contains(&short)
+    }
+
     fn runs_handler(&self, handler: &str) -> bool {
         self.handlers.is_empty() || self.handlers.iter().any(|s| s == handler)
     }
@@ -104,6 +114,7 @@ fn args() -> Result<Args> {
         handlers: Vec::new(),
         drains: Vec::new(),
         latency_secs: 30,
+        loads: Vec::new(),
         batch_size: None,
         kafka_options: Vec::new(),
         broker_rtt: Duration::ZERO,
@@ -120,6 +131,7 @@ fn args() -> Result<Args> {
             "--only" => a.only = list(it.next(), "--only relay,latency,dispatch")?,
             "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
             "--drains" => a.drains = list(it.next(), "--drains 1,1-noprefetch,4")?,
+            "--loads" => a.loads = list(it.next(), "--loads 1000x1,1000x10-poll,...")?,
             "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
             "--batch-size" => a.batch_size = Some(it.next().context("--batch-size N")?.parse()?),
             "--kafka-option" => {
@@ -265,6 +277,9 @@ async fn main() -> Result<()> {
             (10_000, 1, false),
             (10_000, 10, false),
         ] {
+            if !a.runs_load(rows_per_sec, rows_per_txn, listen) {
+                continue;
+            }
             let load = latency::Load {
                 rows_per_sec,
                 rows_per_txn,
