@@ -67,10 +67,11 @@ pub struct TableConfig {
     /// connection (in the first one's snapshot, right after its rows), so the database work
     /// of one batch overlaps the sending of and the wait for the previous one. The next batch
     /// is sent only after the previous one committed, and rolled back if it failed, so order
-    /// and the failure handling are as without it. While a batch that did not fill waits
-    /// for Kafka, the same connection claims the rows committed meanwhile whose keys that
-    /// batch does not hold, up to the rest of `batch_size`, and sends them at once: a row
-    /// then waits for its own acknowledgement, not also for the batch before it. Each lane
+    /// and the failure handling are as without it. When a batch that did not fill waits
+    /// for Kafka twice as long as such batches usually take, the same connection claims
+    /// the rows committed meanwhile whose keys that batch does not hold, up to the rest of
+    /// `batch_size`, and sends them at once: a slow acknowledgement then no longer holds
+    /// up every row committed while it is awaited. Each lane
     /// then uses two connections. PostgreSQL only: MySQL and SQLite lanes always claim one
     /// batch at a time.
     pub prefetch: bool,

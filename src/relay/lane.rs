@@ -120,6 +120,7 @@ pub async fn run_lane(
         "lane acquired"
     );
     let grace = Grace::new(rt.drain_grace);
+    let mut acks = pipeline::AckWait::default();
     while !stop.is_cancelled() {
         heartbeat.beat();
         wake.borrow_and_update();
@@ -129,6 +130,7 @@ pub async fn run_lane(
             wake: &mut wake,
             heartbeat: &heartbeat,
             grace: &grace,
+            acks: &mut acks,
         };
         let end = match batch(&mut cycle, &mut sessions).await {
             Ok(end) => end,
@@ -302,6 +304,8 @@ pub(super) struct Cycle<'a> {
     pub(super) wake: &'a mut watch::Receiver<()>,
     pub(super) heartbeat: &'a Heartbeat,
     pub(super) grace: &'a Grace,
+    /// How long short batches usually wait for Kafka.
+    pub(super) acks: &'a mut pipeline::AckWait,
 }
 
 /// Awaits the delivery reports of the rows `publication` sent, until the grace period
@@ -400,7 +404,11 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     };
     if !use_follower {
         publication.send(&rows[sent..]).await;
-        let flight = pipeline::Flight { rows, publication };
+        let flight = pipeline::Flight {
+            rows,
+            publication,
+            sent: Instant::now(),
+        };
         return pipeline::run(cycle, current, other, &producer, flight, done).await;
     }
     let session = current.as_mut();

@@ -1,8 +1,10 @@
-//! Batches that overlap: while a batch that did not fill waits for Kafka, the rows
-//! committed meanwhile are claimed on the lane's second session, around the keys that
-//! batch holds, and sent at once. Each batch then commits, or settles, on its own.
+//! Batches that overlap: while a batch that did not fill waits for Kafka longer than
+//! usual, the rows committed meanwhile are claimed on the lane's second session, around
+//! the keys that batch holds, and sent at once. Each batch then commits, or settles, on
+//! its own.
 //!
-//! A row therefore waits for its own acknowledgement, not also for the batch before it.
+//! A row therefore waits for a slow acknowledgement only for as long as a usual one
+//! takes, not also for the slow one's end, its commit and a claim of its own.
 //! What holds as with one batch at a time:
 //! - per-key order: a batch never holds a key that the batch in flight holds, so a row
 //!   that fails is never overtaken by a later row of its key;
@@ -10,9 +12,12 @@
 //!   duplicates a crash can cause as before;
 //! - after a failure, nothing more is claimed early: the lane backs off as usual.
 
-use rdkafka::producer::FutureProducer;
 use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle};
 use super::publish::Publication;
@@ -25,10 +30,40 @@ pub(super) struct Flight<'p> {
     pub(super) rows: Vec<ClaimedRow>,
     /// Every one of them sent.
     pub(super) publication: Publication<'p>,
+    /// When the last of them was sent.
+    pub(super) sent: Instant,
 }
 
-/// Concludes `flight` on `current`. While it waits, when rows were committed and `other`
-/// is there, claims up to the rest of the batch size around the flight's keys on `other`
+/// How much longer than usual a batch waits for Kafka before the rows committed meanwhile
+/// are claimed early.
+const SLOW: u32 = 2;
+
+/// How long a short batch usually takes from its sending to its commit (a moving
+/// average), so that only a slow acknowledgement makes the lane claim early, as a hedged
+/// request goes out only once the first one is late. A usual one then costs no extra
+/// transaction: under a steady high rate, whole batches are cheaper per row than pairs of
+/// overlapping ones.
+#[derive(Debug, Default)]
+pub(super) struct AckWait {
+    usual: Option<Duration>,
+}
+
+impl AckWait {
+    fn record(&mut self, waited: Duration) {
+        self.usual = Some(match self.usual {
+            None => waited,
+            Some(usual) => usual.mul_f64(0.875) + waited.mul_f64(0.125),
+        });
+    }
+
+    /// How long after its sending a batch is slow.
+    fn slow_after(&self) -> Duration {
+        self.usual.unwrap_or_default() * SLOW
+    }
+}
+
+/// Concludes `flight` on `current`. While it waits, when rows were committed, the flight
+/// is slow (see [`AckWait`]) and `other` is there, claims up to the rest of the batch size around the flight's keys on `other`
 /// and sends them; once `flight` concluded, that batch is the next flight, and the
 /// sessions swap. Returns once no batch is in flight: a failure if a batch failed, else
 /// `More` when rows were committed meanwhile (some may have been left out for their key,
@@ -48,11 +83,13 @@ pub(super) async fn run(
         wake,
         heartbeat,
         grace,
+        acks,
     } = cycle;
     let (rt, stop, grace) = (*rt, *stop, *grace);
     let Flight {
         mut rows,
         mut publication,
+        mut sent,
     } = flight;
     let mut end = done;
     let mut early = other.is_some();
@@ -66,25 +103,39 @@ pub(super) async fn run(
         let limit = rt.tunables.batch_size().saturating_sub(rows.len() as u32);
         let rows_ref = &rows;
         let wake = &mut **wake;
+        let slow = sent + acks.slow_after();
         let next = async {
-            let session = other.as_deref_mut().filter(|_| early && limit > 0)?;
-            tokio::select! {
+            let Some(session) = other.as_deref_mut().filter(|_| early && limit > 0) else {
+                return Early::Idle;
+            };
+            let mut woken = false;
+            let slow_with_rows = async {
+                if wake.changed().await.is_err() {
+                    return false;
+                }
+                woken = true;
+                tokio::time::sleep_until(slow).await;
+                true
+            };
+            let claim = tokio::select! {
                 biased;
-                () = concluded.notified() => return None,
-                changed = wake.changed() => changed.ok()?,
-            }
-            if stop.is_cancelled() {
-                return None;
+                () = concluded.notified() => false,
+                slow = slow_with_rows => slow,
+            };
+            match (claim && !stop.is_cancelled(), woken) {
+                (true, _) => {}
+                (false, true) => return Early::Woken,
+                (false, false) => return Early::Idle,
             }
             let keys: Vec<&str> = rows_ref.iter().map(|r| r.key().unwrap_or("")).collect();
-            Some(claim_around(session, limit, &keys, producer, rt, stop).await)
+            Early::Claimed(claim_around(session, limit, &keys, producer, rt, stop).await)
         };
         let (acked, next) = tokio::join!(finish, next);
         match acked {
             Acked::TimedOut => {
                 current.rollback().await?;
                 timed_out(rt, rows.len());
-                if let (Some(Ok(Some(next))), Some(other)) = (next, other.as_mut()) {
+                if let (Early::Claimed(Ok(Some(next))), Some(other)) = (next, other.as_mut()) {
                     other.rollback().await?;
                     timed_out(rt, next.rows.len());
                 }
@@ -92,7 +143,10 @@ pub(super) async fn run(
             }
             // The lane ends; a claim on the other session dies with its connection.
             Acked::Committed(Err(e)) => return Err(e),
-            Acked::Committed(Ok(outcomes)) => record_published(rt, rows.iter().zip(&outcomes)),
+            Acked::Committed(Ok(outcomes)) => {
+                acks.record(sent.elapsed());
+                record_published(rt, rows.iter().zip(&outcomes));
+            }
             Acked::Failed(outcomes) => {
                 early = false;
                 let settled = failed_batch(
@@ -107,14 +161,19 @@ pub(super) async fn run(
                 end = worse(end, settled);
             }
         }
-        let Some(next) = next.transpose()? else {
-            return Ok(end);
-        };
-        // The claim left out the rows of the keys in flight that were committed: the lane
-        // claims again once the batches in flight are done, rather than at the next poll.
-        end = worse(end, BatchEnd::More);
-        let Some(next) = next else {
-            return Ok(end);
+        let next = match next {
+            Early::Idle => return Ok(end),
+            // Rows were committed meanwhile, and an early claim, if there was one, left out
+            // those of the keys in flight: the lane claims again once the batches in flight
+            // are done, rather than at the next poll.
+            Early::Woken => return Ok(worse(end, BatchEnd::More)),
+            Early::Claimed(claimed) => {
+                end = worse(end, BatchEnd::More);
+                match claimed? {
+                    Some(next) => next,
+                    None => return Ok(end),
+                }
+            }
         };
         if next.rows.len() as u32 >= limit {
             // The rows came in faster than the batches went out: back to whole batches.
@@ -125,8 +184,23 @@ pub(super) async fn run(
         }
         rt.metrics.relay_batch_rows.observe(next.rows.len() as f64);
         heartbeat.beat();
-        Flight { rows, publication } = next;
+        Flight {
+            rows,
+            publication,
+            sent,
+        } = next;
     }
+}
+
+/// What happened on the other session while a batch was in flight.
+enum Early<'p> {
+    /// Nothing: no rows were committed meanwhile, or no early claim is allowed.
+    Idle,
+    /// Rows were committed, but the batch concluded before it was slow.
+    Woken,
+    /// The batch was slow: the rows committed meanwhile were claimed around its keys
+    /// (`None`: there were none) and sent.
+    Claimed(Result<Option<Flight<'p>>, StoreError>),
 }
 
 /// Claims up to `limit` rows of keys other than `keys` on `session` and sends them; `None`
@@ -146,7 +220,11 @@ async fn claim_around<'p>(
     }
     let mut publication = Publication::new(producer, &rt.topics, stop, rows.len());
     publication.send(&rows).await;
-    Ok(Some(Flight { rows, publication }))
+    Ok(Some(Flight {
+        rows,
+        publication,
+        sent: Instant::now(),
+    }))
 }
 
 /// The end of a cycle of several batches: a Kafka failure over a refusal over the rest,
@@ -163,5 +241,21 @@ fn worse(a: BatchEnd, b: BatchEnd) -> BatchEnd {
         b
     } else {
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_is_slow_after_twice_the_usual_wait_and_the_first_at_once() {
+        let mut acks = AckWait::default();
+        assert_eq!(acks.slow_after(), Duration::ZERO, "nothing usual yet");
+        acks.record(Duration::from_millis(8));
+        assert_eq!(acks.slow_after(), Duration::from_millis(16));
+        acks.record(Duration::from_millis(16));
+        // An eighth of the way to the new wait.
+        assert_eq!(acks.slow_after(), Duration::from_millis(18));
     }
 }

@@ -1,7 +1,8 @@
 //! Batches that overlap: while a batch that did not fill waits for Kafka, rows of other
 //! keys committed meanwhile are claimed on the lane's second session and sent at once;
 //! rows of the keys in flight wait, and the early batch takes no more than the rest of
-//! the batch size. The broker is slowed down so that a batch visibly waits; which rows
+//! the batch size, and only a batch that waits longer than usual gets one. The broker is
+//! slowed down so that a batch visibly waits; which rows
 //! are claimed, and by which transaction, is read from each row's `xmax` (set by the
 //! claim's uncommitted delete), without locking anything the relay might skip.
 
@@ -75,6 +76,18 @@ async fn while_in_flight(
     }
 }
 
+/// A daemon relaying `table`, its broker answering every request `rtt` late from the
+/// start, after its first row went through.
+async fn slow_relay(r: &Relayed, rtt: Duration) -> Daemon {
+    r.cluster.broker_round_trip_time(-1, rtt).unwrap();
+    let mut cfg = config(&r.table, &r.cluster.bootstrap_servers());
+    cfg.relay.tables[0].poll_interval = Duration::from_secs(120);
+    let daemon = Daemon::start(cfg).await;
+    insert_keyed(&r.pool, &r.table, &[(0, "warm-up")]).await;
+    drained(&r.pool, &r.table, Duration::from_secs(30)).await;
+    daemon
+}
+
 /// Reads the rows `0..count` back: each once, each key in order.
 async fn all_arrive(r: &Relayed, count: i64) {
     r.cluster
@@ -132,5 +145,30 @@ async fn an_early_batch_takes_no_more_than_the_rest_of_the_batch_size() {
     assert_eq!(early, [2, 3, 4], "{claims:?}");
     assert!((3..5).all(|n| claims[&n] == claims[&2]), "{claims:?}");
     all_arrive(&r, 8).await;
+    daemon.stop().await.unwrap();
+}
+
+/// With a broker that is always as slow (every batch waits as long as the first), a row
+/// committed while a batch waits is not claimed until that batch is acknowledged (only a
+/// slower acknowledgement than usual is worth a transaction of its own), and then at once,
+/// without waiting for a poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_as_slow_as_usual_claims_nothing_early() {
+    let r = relayed("pipeusual", 1).await;
+    let daemon = slow_relay(&r, Duration::from_millis(500)).await;
+    insert_keyed(&r.pool, &r.table, &[(1, "a")]).await;
+    while_in_flight(&r, 1, "row 1 was claimed", |c| c[&1] != 0).await;
+    insert_keyed(&r.pool, &r.table, &[(2, "b")]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let claims = claims(&r.pool, &r.table).await;
+        if !claims.contains_key(&1) {
+            break;
+        }
+        assert_eq!(claims[&2], 0, "row 2 was claimed early: {claims:?}");
+        assert!(Instant::now() < deadline, "row 1 never went: {claims:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    all_arrive(&r, 3).await;
     daemon.stop().await.unwrap();
 }
