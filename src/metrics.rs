@@ -27,6 +27,8 @@ pub struct Metrics {
     pub relay_lanes_owned: IntGaugeVec,
     /// Rows moved to `outboxd_dead_rows`, by table.
     pub relay_dead_rows_total: IntCounterVec,
+    /// Batches claimed and sent while a slow short batch still waited for Kafka, by table.
+    pub relay_early_batches_total: IntCounterVec,
     /// Consumed messages by topic, handler and final outcome (`done`, `dead_letter`,
     /// `skipped`).
     pub consumer_messages_total: IntCounterVec,
@@ -109,6 +111,14 @@ impl Metrics {
                 &["table"],
             )
             .unwrap(),
+            relay_early_batches_total: IntCounterVec::new(
+                Opts::new(
+                    "relay_early_batches_total",
+                    "Batches sent while a slow short batch still waited for Kafka",
+                ),
+                &["table"],
+            )
+            .unwrap(),
             consumer_messages_total: IntCounterVec::new(
                 Opts::new(
                     "consumer_messages_total",
@@ -172,6 +182,7 @@ impl Metrics {
             Box::new(m.relay_oldest_pending_seconds.clone()),
             Box::new(m.relay_lanes_owned.clone()),
             Box::new(m.relay_dead_rows_total.clone()),
+            Box::new(m.relay_early_batches_total.clone()),
             Box::new(m.consumer_messages_total.clone()),
             Box::new(m.consumer_handler_seconds.clone()),
             Box::new(m.consumer_retries_total.clone()),

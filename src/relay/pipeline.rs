@@ -183,6 +183,10 @@ pub(super) async fn run(
             std::mem::swap(current, other);
         }
         rt.metrics.relay_batch_rows.observe(next.rows.len() as f64);
+        rt.metrics
+            .relay_early_batches_total
+            .with_label_values(&[rt.config.table.as_str()])
+            .inc();
         heartbeat.beat();
         Flight {
             rows,

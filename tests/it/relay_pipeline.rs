@@ -88,6 +88,11 @@ async fn slow_relay(r: &Relayed, rtt: Duration) -> Daemon {
     daemon
 }
 
+/// `outboxd_relay_early_batches_total` of the table.
+fn early_batches(daemon: &Daemon, r: &Relayed) -> f64 {
+    daemon.metric("outboxd_relay_early_batches_total", &[("table", &r.table)])
+}
+
 /// Reads the rows `0..count` back: each once, each key in order.
 async fn all_arrive(r: &Relayed, count: i64) {
     r.cluster
@@ -123,6 +128,7 @@ async fn rows_of_other_keys_go_out_while_a_batch_waits_for_kafka() {
         "row 3 waits for row 1 of its key: {claims:?}"
     );
     all_arrive(&r, 4).await;
+    assert_eq!(early_batches(&daemon, &r), 1.0);
     daemon.stop().await.unwrap();
 }
 
@@ -170,5 +176,6 @@ async fn an_acknowledgement_as_slow_as_usual_claims_nothing_early() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     all_arrive(&r, 3).await;
+    assert_eq!(early_batches(&daemon, &r), 0.0);
     daemon.stop().await.unwrap();
 }
