@@ -187,8 +187,8 @@ pub async fn start(
 }
 
 impl Running {
-    /// Waits for `shutdown`, then drains: lanes finish their batch in flight, committing
-    /// it, or rolling it back if Kafka has not acknowledged it within half the timeout.
+    /// Waits for `shutdown`, then drains: lanes finish their batches in flight, committing
+    /// each, or rolling it back if Kafka has not acknowledged it within half the timeout.
     /// Fails if the lanes take longer than `shutdown_timeout`.
     pub async fn wait(self) -> Result<(), RunError> {
         self.shutdown.cancelled().await;

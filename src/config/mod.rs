@@ -33,8 +33,8 @@ pub use relay::{OnPublished, RelayConfig, TableConfig};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// How long a SIGTERM/SIGINT drain may take: claiming stops at once and each lane's
-    /// batch in flight commits once Kafka acknowledged it, or rolls back (its rows stay) if
-    /// that has not happened within half of this. Past the deadline outboxd exits with
+    /// batches in flight (one, or two overlapping ones) commit once Kafka acknowledged them,
+    /// or roll back (their rows stay) if that has not happened within half of this. Past the deadline outboxd exits with
     /// status 1 and any open transaction is rolled back by the database (rows stay).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,

@@ -30,7 +30,7 @@ use crate::Services;
 
 /// Starts one lane manager per table, returning their tasks and their reloadable settings
 /// (in table order). Each task returns once `shutdown` is cancelled and its
-/// lanes have finished their batch in flight. A batch Kafka has not acknowledged within
+/// lanes have finished their batches in flight. A batch Kafka has not acknowledged within
 /// `drain_grace` after `shutdown` is rolled back (its rows stay in the outbox).
 pub fn start(
     relay: &RelayConfig,
