@@ -3,9 +3,9 @@
 //! the keys that batch holds, and sent at once. Each batch then commits, or settles, on
 //! its own.
 //!
-//! A row therefore waits for a slow acknowledgement only for as long as a usual one
-//! takes, not also for the slow one's end, its commit and a claim of its own.
-//! What holds as with one batch at a time:
+//! A row committed while a batch is slow is claimed once the batch has waited twice as
+//! long as usual, rather than after the slow batch's end, its commit and a claim of its
+//! own. What holds as with one batch at a time:
 //! - per-key order: a batch never holds a key that the batch in flight holds, so a row
 //!   that fails is never overtaken by a later row of its key;
 //! - at most `batch_size` rows are sent and not yet committed, which bounds the
@@ -63,9 +63,9 @@ impl AckWait {
 }
 
 /// Concludes `flight` on `current`. While it waits, when rows were committed, the flight
-/// is slow (see [`AckWait`]) and `other` is there, claims up to the rest of the batch size around the flight's keys on `other`
-/// and sends them; once `flight` concluded, that batch is the next flight, and the
-/// sessions swap. Returns once no batch is in flight: a failure if a batch failed, else
+/// is slow (see [`AckWait`]) and `other` is there, claims up to the rest of the batch
+/// size around the flight's keys on `other` and sends them; once `flight` concluded, that
+/// batch is the next flight, and the sessions swap. Returns once no batch is in flight: a failure if a batch failed, else
 /// `More` when rows were committed meanwhile (some may have been left out for their key,
 /// or an early claim filled its limit and more are waiting: the next cycle claims a whole
 /// batch at once), else `done`.
