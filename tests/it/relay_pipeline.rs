@@ -99,16 +99,8 @@ async fn all_arrive(r: &Relayed, count: i64) {
         .broker_round_trip_time(-1, Duration::ZERO)
         .unwrap();
     drained(&r.pool, &r.table, Duration::from_secs(20)).await;
-    let received = consume(
-        &r.cluster.bootstrap_servers(),
-        &r.topic,
-        count as usize,
-        Duration::from_millis(300),
-        Duration::from_secs(30),
-    )
-    .await;
+    let received = consume_all_in_order(&r.cluster.bootstrap_servers(), &r.topic, count).await;
     assert_exactly_once(&received, 0, count);
-    assert_first_deliveries_in_key_order(&received);
 }
 
 /// Row 1 (key `a`) waits for a slow broker. Rows 2 (key `b`) and 3 (key `a`), committed
