@@ -29,6 +29,10 @@ pub struct Metrics {
     pub relay_dead_rows_total: IntCounterVec,
     /// Batches claimed and sent while a slow short batch still waited for Kafka, by table.
     pub relay_early_batches_total: IntCounterVec,
+    /// Seconds a batch spends in each phase of its cycle, by table and phase: `claim`
+    /// (the claim statements, from the first to the last chunk), `kafka` (from its last
+    /// row sent to every delivery report in) and `commit`.
+    pub relay_batch_phase_seconds: HistogramVec,
     /// Consumed messages by topic, handler and final outcome (`done`, `dead_letter`,
     /// `skipped`).
     pub consumer_messages_total: IntCounterVec,
@@ -119,6 +123,18 @@ impl Metrics {
                 &["table"],
             )
             .unwrap(),
+            relay_batch_phase_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "relay_batch_phase_seconds",
+                    "Seconds a relay batch spends claiming, waiting for Kafka and committing",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["table", "phase"],
+            )
+            .unwrap(),
             consumer_messages_total: IntCounterVec::new(
                 Opts::new(
                     "consumer_messages_total",
@@ -183,6 +199,7 @@ impl Metrics {
             Box::new(m.relay_lanes_owned.clone()),
             Box::new(m.relay_dead_rows_total.clone()),
             Box::new(m.relay_early_batches_total.clone()),
+            Box::new(m.relay_batch_phase_seconds.clone()),
             Box::new(m.consumer_messages_total.clone()),
             Box::new(m.consumer_handler_seconds.clone()),
             Box::new(m.consumer_retries_total.clone()),

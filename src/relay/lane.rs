@@ -78,6 +78,38 @@ pub struct TableRuntime {
     pub tunables: Arc<TableTunables>,
 }
 
+impl TableRuntime {
+    /// Counts the time since `since` as a batch's time in `phase`
+    /// (`outboxd_relay_batch_phase_seconds`).
+    pub(super) fn phase(&self, phase: Phase, since: Instant) {
+        self.metrics
+            .relay_batch_phase_seconds
+            .with_label_values(&[self.config.table.as_str(), phase.label()])
+            .observe(since.elapsed().as_secs_f64());
+    }
+}
+
+/// A phase of a batch's cycle.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Phase {
+    /// Its claim statements.
+    Claim,
+    /// From its last row sent to every delivery report in.
+    Kafka,
+    /// Its commit.
+    Commit,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Claim => "claim",
+            Phase::Kafka => "kafka",
+            Phase::Commit => "commit",
+        }
+    }
+}
+
 /// How a batch ended, which decides what the lane does next.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum BatchEnd {
@@ -310,8 +342,10 @@ pub(super) struct Cycle<'a> {
 
 /// Awaits the delivery reports of the rows `publication` sent, until the grace period
 /// once stopped, and sets `acknowledged` when they are in. Commits `session`'s claim when
-/// Kafka acknowledged every row, then begins the follow after `next_snapshot` on it.
+/// Kafka acknowledged every row, then begins the follow after `next_snapshot` on it. The
+/// wait and the commit count as the batch's `kafka` and `commit` phases in `rt`.
 pub(super) async fn conclude(
+    rt: &TableRuntime,
     session: &mut dyn LaneSession,
     publication: Publication<'_>,
     stopping: (&CancellationToken, &Grace),
@@ -319,6 +353,7 @@ pub(super) async fn conclude(
     next_snapshot: Option<&str>,
 ) -> Acked {
     let (stop, grace) = stopping;
+    let waiting = Instant::now();
     let outcomes = tokio::select! {
         outcomes = publication.finish() => Some(outcomes),
         () = grace.over(stop) => None,
@@ -326,10 +361,15 @@ pub(super) async fn conclude(
     if let Some(acknowledged) = acknowledged {
         acknowledged.store(true, Ordering::Release);
     }
+    if outcomes.is_some() {
+        rt.phase(Phase::Kafka, waiting);
+    }
     match outcomes {
         None => Acked::TimedOut,
         Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
+            let committing = Instant::now();
             let committed = session.commit().await;
+            rt.phase(Phase::Commit, committing);
             if let (Ok(()), Some(snapshot)) = (&committed, next_snapshot) {
                 // While the follower still claims: its rows come next, and this session
                 // will follow them.
@@ -371,6 +411,7 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     // is for a fresh claim, at once, even if this batch comes out short.
     let prefetched = ready.is_some();
     let start = ready.take().map_or(Start::New, Start::Claimed);
+    let claiming = Instant::now();
     let (Claimed { rows, .. }, sent) = claim(
         current.as_mut(),
         batch_size,
@@ -379,6 +420,9 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
         None,
     )
     .await?;
+    if !rows.is_empty() {
+        rt.phase(Phase::Claim, claiming);
+    }
     let full = rows.len() as u32 >= batch_size;
     let use_follower = full && !stop.is_cancelled();
     if !use_follower {
@@ -428,6 +472,7 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     let finish = async {
         publication.send(&rows[sent..]).await;
         conclude(
+            rt,
             session,
             publication,
             (stop, cycle.grace),

@@ -19,7 +19,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle};
+use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle, Phase};
 use super::publish::Publication;
 use super::settle::{failed_batch, record_published};
 use super::store::{ClaimedRow, LaneSession, StoreError};
@@ -96,7 +96,8 @@ pub(super) async fn run(
     loop {
         let concluded = Notify::new();
         let finish = async {
-            let acked = conclude(current.as_mut(), publication, (stop, grace), None, None).await;
+            let acked =
+                conclude(rt, current.as_mut(), publication, (stop, grace), None, None).await;
             concluded.notify_one();
             acked
         };
@@ -217,11 +218,13 @@ async fn claim_around<'p>(
     rt: &'p super::lane::TableRuntime,
     stop: &'p tokio_util::sync::CancellationToken,
 ) -> Result<Option<Flight<'p>>, StoreError> {
+    let claiming = Instant::now();
     let rows = session.claim_around(limit, keys).await?;
     if rows.is_empty() {
         session.rollback().await?;
         return Ok(None);
     }
+    rt.phase(Phase::Claim, claiming);
     let mut publication = Publication::new(producer, &rt.topics, stop, rows.len());
     publication.send(&rows).await;
     Ok(Some(Flight {

@@ -71,6 +71,20 @@ async fn delivery_in_key_order(kind: Kind) {
         ),
         10_000.0
     );
+    // Every batch counted its claim, its wait for Kafka and its commit, once each.
+    let phase = |phase: &str| {
+        daemon.metric(
+            "outboxd_relay_batch_phase_seconds_count",
+            &[("table", &table), ("phase", phase)],
+        )
+    };
+    let claims = phase("claim");
+    assert!(
+        claims >= 10.0,
+        "10,000 rows in batches of at most 1,000: {claims}"
+    );
+    assert_eq!(phase("kafka"), claims);
+    assert_eq!(phase("commit"), claims);
     daemon.stop().await.unwrap();
 }
 

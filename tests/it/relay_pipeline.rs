@@ -93,6 +93,14 @@ fn early_batches(daemon: &Daemon, r: &Relayed) -> f64 {
     daemon.metric("outboxd_relay_early_batches_total", &[("table", &r.table)])
 }
 
+/// How many batches of the table `outboxd_relay_batch_phase_seconds` counted in `phase`.
+fn phase(daemon: &Daemon, r: &Relayed, phase: &str) -> f64 {
+    daemon.metric(
+        "outboxd_relay_batch_phase_seconds_count",
+        &[("table", &r.table), ("phase", phase)],
+    )
+}
+
 /// Reads the rows `0..count` back: each once, each key in order.
 async fn all_arrive(r: &Relayed, count: i64) {
     r.cluster
@@ -121,6 +129,16 @@ async fn rows_of_other_keys_go_out_while_a_batch_waits_for_kafka() {
     );
     all_arrive(&r, 4).await;
     assert_eq!(early_batches(&daemon, &r), 1.0);
+    // Four batches (the warm-up, rows 1, 2 and 3), the early one among them, each counted
+    // once in every phase.
+    eventually(
+        "every batch's commit is counted",
+        Duration::from_secs(5),
+        || async { phase(&daemon, &r, "commit") == 4.0 },
+    )
+    .await;
+    assert_eq!(phase(&daemon, &r, "claim"), 4.0);
+    assert_eq!(phase(&daemon, &r, "kafka"), 4.0);
     daemon.stop().await.unwrap();
 }
 
