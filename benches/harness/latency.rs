@@ -47,6 +47,9 @@ pub struct Latency {
     /// INSERT (which sets `created_at`) to its COMMIT returning, by which the delivery
     /// report's latency may be overstated.
     pub slack_p99: Option<f64>,
+    /// The relay runs: the bucket (upper bound, ms) the 99th percentile of each phase of a
+    /// batch falls in (`outboxd_relay_batch_phase_seconds`), by phase.
+    pub phases_p99: Vec<(&'static str, f64)>,
 }
 
 /// The bounds (seconds) the bare producer's acknowledgements are counted in: those of
@@ -107,11 +110,24 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     writers.close().await;
     let arrivals = reader.finish(commits.len()).await;
     let scrape = outboxd.scrape().await;
+    let table_label = format!("table=\"{table}\"");
     let buckets = histogram(
         &scrape,
         "outboxd_relay_publish_delay_seconds_bucket",
-        &table,
+        &[&table_label],
     );
+    let phases_p99 = ["claim", "kafka", "commit"]
+        .into_iter()
+        .filter_map(|phase| {
+            let phase_label = format!("phase=\"{phase}\"");
+            let buckets = histogram(
+                &scrape,
+                "outboxd_relay_batch_phase_seconds_bucket",
+                &[&table_label, &phase_label],
+            );
+            Some((phase, ack_summary(&buckets)?.0))
+        })
+        .collect();
     outboxd.stop();
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(pool)
@@ -128,6 +144,7 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         ack_within_20ms,
     );
     latency.slack_p99 = Some(percentile_ms(slack, 0.99));
+    latency.phases_p99 = phases_p99;
     Ok(latency)
 }
 
@@ -225,6 +242,7 @@ fn summary(
         ack_p99_at_most,
         ack_within_20ms,
         slack_p99: None,
+        phases_p99: Vec::new(),
     }
 }
 
@@ -240,12 +258,12 @@ fn percentile_ms(times: Vec<Duration>, q: f64) -> f64 {
     at(&ms, q)
 }
 
-/// The cumulative buckets `(le, count)` of histogram `name` for `table` in a scrape.
-fn histogram(scrape: &str, name: &str, table: &str) -> Vec<(f64, f64)> {
-    let label = format!("table=\"{table}\"");
+/// The cumulative buckets `(le, count)` of histogram `name` in a scrape, on the lines that
+/// carry every one of `labels` (`name="value"`).
+fn histogram(scrape: &str, name: &str, labels: &[&str]) -> Vec<(f64, f64)> {
     scrape
         .lines()
-        .filter(|l| l.starts_with(name) && l.contains(&label))
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| {
             // `le` comes last (`table="` ends in `le="` too).
             let le = l.rsplit(",le=\"").next()?.split('"').next()?;

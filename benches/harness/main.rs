@@ -463,6 +463,11 @@ fn latency_line(what: &str, l: &latency::Latency) -> String {
         l.slack_p99
             .map(|s| format!("; writer INSERT to COMMIT p99 {s:.1} ms"))
             .unwrap_or_default()
+            + &l
+                .phases_p99
+                .iter()
+                .map(|(phase, ms)| format!("; batch {phase} p99 <= {ms} ms"))
+                .collect::<String>()
     );
     format!(
         "| {what} | {:.0} | {} | {:.1} | {:.1} | {:.1} | {} | {:.2} % | {} |\n",
