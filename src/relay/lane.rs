@@ -11,6 +11,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::phase::Phase;
 use super::pipeline;
 use super::publish::{Publication, RowOutcome, TopicSource};
 use super::settle::{failed_batch, record_published};
@@ -76,38 +77,6 @@ pub struct TableRuntime {
     pub drain_grace: Duration,
     /// Batch size and poll interval, reloadable.
     pub tunables: Arc<TableTunables>,
-}
-
-impl TableRuntime {
-    /// Counts the time since `since` as a batch's time in `phase`
-    /// (`outboxd_relay_batch_phase_seconds`).
-    pub(super) fn phase(&self, phase: Phase, since: Instant) {
-        self.metrics
-            .relay_batch_phase_seconds
-            .with_label_values(&[self.config.table.as_str(), phase.label()])
-            .observe(since.elapsed().as_secs_f64());
-    }
-}
-
-/// A phase of a batch's cycle.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Phase {
-    /// Its claim statements.
-    Claim,
-    /// From its last row sent to every delivery report in.
-    Kafka,
-    /// Its commit.
-    Commit,
-}
-
-impl Phase {
-    fn label(self) -> &'static str {
-        match self {
-            Phase::Claim => "claim",
-            Phase::Kafka => "kafka",
-            Phase::Commit => "commit",
-        }
-    }
 }
 
 /// How a batch ended, which decides what the lane does next.

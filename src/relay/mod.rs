@@ -3,6 +3,7 @@
 //!
 //! - `lanes`: lane ownership across replicas (locks the store provides);
 //! - `lane`: one lane's claim/publish/commit loop; `plan`: settling a partly failed batch;
+//!   `phase`: where a batch's time goes (a metric);
 //! - `publish`: rows to messages, the shared idempotent producer;
 //! - `notify`: PostgreSQL LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
 //! - `store`: the SQL per backend; `template`: topic templates.
@@ -12,6 +13,7 @@ pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
 pub(crate) mod notify;
+mod phase;
 mod pipeline;
 mod plan;
 pub mod publish;

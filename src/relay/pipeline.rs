@@ -19,7 +19,8 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle, Phase};
+use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle};
+use super::phase::Phase;
 use super::publish::Publication;
 use super::settle::{failed_batch, record_published};
 use super::store::{ClaimedRow, LaneSession, StoreError};
