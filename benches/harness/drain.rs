@@ -18,9 +18,11 @@ pub async fn fill(pool: &PgPool, table: &str, rows: i64) -> Result<()> {
     .bind(rows)
     .execute(pool)
     .await?;
-    sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
-        .execute(pool)
-        .await?;
+    // Each measured drain starts right after a checkpoint: otherwise one triggered by the
+    // fills' WAL (every `max_wal_size`) lands in whichever drain, raw or relay, is running.
+    for statement in [&format!("VACUUM ANALYZE {table}"), "CHECKPOINT"] {
+        sqlx::raw_sql(statement).execute(pool).await?;
+    }
     Ok(())
 }
 
@@ -85,10 +87,35 @@ pub async fn relay_drain(
         (broker_cpu() - broker_before) * per_100k,
         (postgres_cpu_seconds() - pg_before) * per_100k,
     );
+    eprintln!(
+        "  batch phases, mean: {}",
+        phase_means(&outboxd.scrape().await)
+    );
     if count(pool, table).await? != 0 {
         bail!("rows left in {table} after the drain");
     }
     let (peak, _) = outboxd.rss();
     outboxd.stop();
     Ok((rate, peak))
+}
+
+/// Each batch phase's mean (ms) and count from a scrape of
+/// `outboxd_relay_batch_phase_seconds`: what a drain's batch spent where. The claims
+/// that overlap an acknowledgement (prefetches) are not among them.
+fn phase_means(scrape: &str) -> String {
+    let total = |name: &str, phase: &str| -> f64 {
+        let label = format!("phase=\"{phase}\"");
+        scrape
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(&label))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    ["claim", "kafka", "commit"]
+        .map(|phase| {
+            let n = total("outboxd_relay_batch_phase_seconds_count", phase);
+            let sum = total("outboxd_relay_batch_phase_seconds_sum", phase);
+            format!("{phase} {:.2} ms x {n}", sum * 1000.0 / n.max(1.0))
+        })
+        .join(", ")
 }
