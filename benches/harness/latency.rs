@@ -19,8 +19,9 @@ use anyhow::{bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::PgPool;
+use sqlx::{ConnectOptions, Connection};
 
 use crate::processes::{kafka_section, Broker, Outboxd};
 
@@ -105,17 +106,13 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     // The application's choice, not the relay's: without `synchronous_commit = off`, one
     // disk flush per commit caps the writer far below 10,000 transactions per second.
     let writer_options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
-    let writers = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(WRITERS as u32)
-        .min_connections(WRITERS as u32)
-        // No ping before each transaction: the writer's database does not restart.
-        .test_before_acquire(false)
-        .connect_with(writer_options)
-        .await?;
+    let mut writers = Vec::with_capacity(WRITERS);
+    for _ in 0..WRITERS {
+        writers.push(writer_options.connect().await?);
+    }
     let started = Instant::now();
-    let (commits, slack) = write(&writers, &table, load).await?;
+    let (commits, slack) = write(writers, &table, load).await?;
     let achieved = commits.len() as f64 / started.elapsed().as_secs_f64();
-    writers.close().await;
     let arrivals = reader.finish(commits.len()).await;
     let scrape = outboxd.scrape().await;
     let table_label = format!("table=\"{table}\"");
@@ -303,20 +300,25 @@ fn ack_summary(buckets: &[(f64, f64)]) -> Option<(f64, f64)> {
     Some((p99, within))
 }
 
-/// Inserts `rows_per_txn` rows per transaction at `rows_per_sec` for `secs`, on up to
-/// `WRITERS` connections at once (commits need not wait for each other; when all are busy
-/// the writer waits, and the achieved rate shows it); returns each row's commit time, and
-/// for each transaction the time from sending its INSERT to its COMMIT returning.
+/// A transaction's first row, its row count, when its COMMIT returned and how long after
+/// sending its INSERT.
+type Committed = (i64, i64, Instant, Duration);
+
+/// Inserts `rows_per_txn` rows per transaction at `rows_per_sec` for `secs`, on
+/// `connections` (commits need not wait for each other; when all are busy the writer
+/// waits, and the achieved rate shows it); returns each row's commit time, and for each
+/// transaction the time from sending its INSERT to its COMMIT returning.
 ///
 /// Each transaction is one statement on its own (autocommit): one round trip, as an
-/// application that writes only the outbox row would do. An explicit transaction took
-/// five (the pool's ping, `BEGIN`, `SET LOCAL`, the `INSERT`, `COMMIT`), and on a busy
-/// 2-core machine the time from its INSERT to its COMMIT returning (p99 3.6-17 ms) was
-/// counted by the delivery report's latency although the row was not yet committed. Each row's `created_at` is the
-/// time its INSERT ran (`clock_timestamp()`), not the statement's start (`now()`, the
-/// column's default).
+/// application that writes only the outbox row would do. An explicit transaction from a
+/// sqlx pool took six (the pool's pings when a connection is taken and given back,
+/// `BEGIN`, `SET LOCAL`, the `INSERT`, `COMMIT`), all of them load on the database the
+/// relay shares, and on a busy 2-core machine the time from its INSERT to its COMMIT
+/// returning (p99 3.6-17 ms) was counted by the delivery report's latency although the
+/// row was not yet committed. Each row's `created_at` is the time its INSERT ran
+/// (`clock_timestamp()`), not the statement's start (`now()`, the column's default).
 async fn write(
-    pool: &PgPool,
+    connections: Vec<PgConnection>,
     table: &str,
     load: &Load,
 ) -> Result<(Vec<(i64, Instant)>, Vec<Duration>)> {
@@ -331,35 +333,56 @@ async fn write(
          FROM generate_series($1::int8, $1::int8 + $2::int8 - 1) g"
     );
     let mut tasks = tokio::task::JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(WRITERS));
+    // The idle connections: a transaction takes one and gives it back when it committed.
+    let (idle, mut next_idle) = tokio::sync::mpsc::unbounded_channel();
+    for connection in connections {
+        idle.send(connection)?;
+    }
     let mut commits = Vec::with_capacity((total_txns * u64::from(load.rows_per_txn)) as usize);
     let mut slack = Vec::with_capacity(total_txns as usize);
+    let mut record = |done: Result<Result<Committed, sqlx::Error>, tokio::task::JoinError>| {
+        let (first, rows, at, took) = done??;
+        commits.extend((first..first + rows).map(|n| (n, at)));
+        slack.push(took);
+        Ok::<_, anyhow::Error>(())
+    };
     for t in 0..total_txns {
         tick.tick().await;
-        let slot = slots.clone().acquire_owned().await?;
+        // When every connection is busy, the next transaction to end gives its one back.
+        let mut connection = loop {
+            if let Ok(connection) = next_idle.try_recv() {
+                break connection;
+            }
+            let done = tasks
+                .join_next()
+                .await
+                .context("no writer connection left")?;
+            record(done)?;
+        };
         let first = (t * u64::from(load.rows_per_txn)) as i64;
-        let (pool, sql, rows) = (pool.clone(), sql.clone(), i64::from(load.rows_per_txn));
+        let (idle, sql, rows) = (idle.clone(), sql.clone(), i64::from(load.rows_per_txn));
         tasks.spawn(async move {
-            let _slot = slot;
             let inserting = Instant::now();
             sqlx::query(&sql)
                 .bind(first)
                 .bind(rows)
-                .execute(&pool)
+                .execute(&mut connection)
                 .await?;
             let at = Instant::now();
-            Ok::<_, sqlx::Error>((first, rows, at, at - inserting))
+            // The receiver lives until every transaction is joined.
+            let _ = idle.send(connection);
+            Ok((first, rows, at, at - inserting))
         });
         while let Some(done) = tasks.try_join_next() {
-            let (first, rows, at, took) = done??;
-            commits.extend((first..first + rows).map(|n| (n, at)));
-            slack.push(took);
+            record(done)?;
         }
     }
     while let Some(done) = tasks.join_next().await {
-        let (first, rows, at, took) = done??;
-        commits.extend((first..first + rows).map(|n| (n, at)));
-        slack.push(took);
+        record(done)?;
+    }
+    drop(idle);
+    while let Some(connection) = next_idle.recv().await {
+        connection.close().await?;
     }
     Ok((commits, slack))
 }
