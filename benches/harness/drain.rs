@@ -18,10 +18,14 @@ pub async fn fill(pool: &PgPool, table: &str, rows: i64) -> Result<()> {
     .bind(rows)
     .execute(pool)
     .await?;
+    sqlx::raw_sql(&format!("VACUUM ANALYZE {table}"))
+        .execute(pool)
+        .await?;
     // Each measured drain starts right after a checkpoint: otherwise one triggered by the
     // fills' WAL (every `max_wal_size`) lands in whichever drain, raw or relay, is running.
-    for statement in [&format!("VACUUM ANALYZE {table}"), "CHECKPOINT"] {
-        sqlx::raw_sql(statement).execute(pool).await?;
+    // It takes a superuser (or the `pg_checkpoint` role); without one the drains still run.
+    if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(pool).await {
+        eprintln!("  no checkpoint before the drain ({e}): one may land in a measured drain");
     }
     Ok(())
 }
