@@ -94,11 +94,17 @@ pub fn bare_consumer(
     let (own_before, broker_before) = (cpu_seconds(std::process::id()), broker_cpu());
     let mut seen = 0;
     let mut first = None;
+    let (mut last, mut longest_gap) = (Instant::now(), Duration::ZERO);
     let deadline = Instant::now() + Duration::from_secs(600);
     while seen < messages && Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m?;
-            first.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            if first.is_some() {
+                longest_gap = longest_gap.max(now - last);
+            }
+            last = now;
+            first.get_or_insert(now);
             consumer.store_offset(m.topic(), m.partition(), m.offset())?;
             seen += 1;
         }
@@ -107,9 +113,10 @@ pub fn bare_consumer(
     let rate = seen as f64 / first.elapsed().as_secs_f64();
     let per_100k = 100_000.0 / seen.max(1) as f64;
     eprintln!(
-        "  CPU s per 100k msgs: bare consumer ({name}) {:.2}, broker {:.2}",
+        "  CPU s per 100k msgs: bare consumer ({name}) {:.2}, broker {:.2}; longest wait between two messages {:.0} ms",
         (cpu_seconds(std::process::id()) - own_before) * per_100k,
         (broker_cpu() - broker_before) * per_100k,
+        longest_gap.as_secs_f64() * 1000.0,
     );
     Ok(rate)
 }
