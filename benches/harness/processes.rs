@@ -101,13 +101,15 @@ impl Broker {
     /// the default 500; its fetch service sleeps after each pass over the partitions,
     /// before checking whether it found enough): a consumer's rate then follows how much
     /// it asks for per fetch, not how fast it handles messages. Kafka answers as soon as
-    /// `fetch.min.bytes` are there.
-    /// `--fetch-wait-ms N` sets the value (default 10).
+    /// `fetch.min.bytes` are there. The default, 1 ms, comes closest to that: at 10 ms,
+    /// outboxd's 1 MiB fetches each paid the sleep, and its `log` handler read half the rate
+    /// of a bare consumer fetching up to 64 MiB at a time (BENCHMARKS.md, fourteenth
+    /// session). `--fetch-wait-ms N` sets the value.
     pub fn consumer_options(&self) -> Vec<(&'static str, &'static str)> {
         match self {
             Broker::Tansu { .. } => vec![(
                 "fetch.wait.max.ms",
-                FETCH_WAIT.get().copied().unwrap_or("10"),
+                FETCH_WAIT.get().copied().unwrap_or("1"),
             )],
             Broker::Mock(_) => Vec::new(),
         }
