@@ -183,6 +183,7 @@ impl CliError {
 /// Runs the chosen subcommand to completion.
 pub fn execute(cli: Cli) -> Result<(), CliError> {
     let config = config::load(&cli.config)?;
+    crate::secrets::learn(&config);
     check_kafka_options(&config, &cli.config)?;
     match cli.command {
         Command::CheckConfig => {
@@ -337,6 +338,7 @@ fn reload(reloader: &crate::reload::Reloader, path: &std::path::Path) {
             return;
         }
     };
+    crate::secrets::learn(&new);
     match reloader.apply(&new) {
         Ok(r) => {
             if !r.needs_restart.is_empty() {
@@ -352,14 +354,24 @@ fn reload(reloader: &crate::reload::Reloader, path: &std::path::Path) {
 
 /// librdkafka knows its properties: ask it, without creating a client.
 fn check_kafka_options(config: &Config, file: &std::path::Path) -> Result<(), ConfigError> {
-    let cfg = kafka::producer_config(&config.kafka, "127.0.0.1:9092");
-    match cfg.create_native_config() {
-        Ok(_) => Ok(()),
-        Err(e) => Err(ConfigError::Invalid {
-            file: file.to_owned(),
-            problems: vec![format!("kafka.options: librdkafka rejected them: {e}")],
-        }),
+    let producer = kafka::producer_config(&config.kafka, "127.0.0.1:9092");
+    let mut consumer = rdkafka::ClientConfig::new();
+    for (key, value) in config.kafka.consumer_properties() {
+        consumer.set(key, value.to_string());
     }
+    let checks = [
+        ("kafka.options or kafka.producer_options", producer),
+        ("kafka.options or kafka.consumer_options", consumer),
+    ];
+    for (keys, cfg) in checks {
+        if let Err(e) = cfg.create_native_config() {
+            return Err(ConfigError::Invalid {
+                file: file.to_owned(),
+                problems: vec![format!("{keys}: librdkafka rejected them: {e}")],
+            });
+        }
+    }
+    Ok(())
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -387,7 +399,7 @@ pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
     );
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(crate::secrets::ScrubbedStderr);
     let registry = tracing_subscriber::registry().with(filter_layer);
     let installed = match log.format {
         LogFormat::Text => registry.with(fmt).try_init(),

@@ -121,20 +121,17 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, names: &[&str]) -> Option<&'a str> {
 pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, String> {
     let timeout = Duration::from_secs(10);
     let mut client = ClientConfig::new();
-    for (k, v) in &config.kafka.options {
+    for (k, v) in config.kafka.consumer_properties() {
         client.set(k, v.to_string());
     }
-    client.set("bootstrap.servers", bootstrap);
     let consumer: BaseConsumer = client
-        .clone()
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", &r.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .create()
         .map_err(|e| format!("kafka consumer: {e}"))?;
-    let producer: FutureProducer = client
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
+    let producer: FutureProducer = crate::kafka::producer_config(&config.kafka, bootstrap)
         .create()
         .map_err(|e| format!("kafka producer: {e}"))?;
 

@@ -11,7 +11,7 @@
 //! - [`handlers`]: where consumed messages go (http, command, sql, kafka, log);
 //! - [`backoff`]: the shared reconnect/retry backoff; [`reload`]: SIGHUP reloads;
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
-//! - [`metrics`]: every Prometheus metric;
+//! - [`metrics`]: every Prometheus metric; [`secrets`]: scrubs secrets from outgoing text;
 //! - [`shutdown`]: signals -> cancellation token;
 //! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
 //! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`.
@@ -31,6 +31,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod relay;
 pub mod reload;
+pub mod secrets;
 pub mod shutdown;
 pub mod status;
 pub mod systemd;
@@ -106,6 +107,7 @@ pub async fn start(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<Running, RunError> {
+    secrets::learn(&config);
     let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())?;
     let producer_config = kafka::producer_config(&config.kafka, &brokers.bootstrap);
     let producer = Arc::new(

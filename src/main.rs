@@ -27,7 +27,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("outboxd: {:#}", anyhow::Error::new(e));
+            let text = format!("outboxd: {:#}", anyhow::Error::new(e));
+            eprintln!("{}", outboxd::secrets::scrub(&text));
             ExitCode::from(code)
         }
     }

@@ -76,11 +76,11 @@ pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> 
     }
     let consumer = match &config.consumer {
         Some(c) => {
-            let (bootstrap, options) = (bootstrap.to_owned(), config.kafka.options.clone());
+            let (bootstrap, kafka) = (bootstrap.to_owned(), config.kafka.clone());
             let (group, topics) = (c.group_id.clone(), c.topics.clone());
             Some(
                 tokio::task::spawn_blocking(move || {
-                    group_status(&bootstrap, &options, &group, &topics)
+                    group_status(&bootstrap, &kafka, &group, &topics)
                 })
                 .await
                 .map_err(|e| e.to_string())??,
@@ -114,13 +114,13 @@ async fn table_status(
 
 fn group_status(
     bootstrap: &str,
-    options: &std::collections::BTreeMap<String, crate::config::OptionValue>,
+    kafka: &crate::config::KafkaConfig,
     group: &str,
     topics: &[String],
 ) -> Result<GroupStatus, String> {
     let timeout = Duration::from_secs(10);
     let mut cfg = ClientConfig::new();
-    for (k, v) in options {
+    for (k, v) in kafka.consumer_properties() {
         cfg.set(k, v.to_string());
     }
     let consumer: BaseConsumer = cfg

@@ -63,8 +63,33 @@ fn default_http_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
+/// The variables that describe the event to a `command` handler's child. A configuration
+/// loaded from the environment ignores them, so an `outboxd` started by a handler does not
+/// read them as its own keys.
+pub mod event_vars {
+    /// The message's topic.
+    pub const TOPIC: &str = "OUTBOXD_TOPIC";
+    /// Its partition.
+    pub const PARTITION: &str = "OUTBOXD_PARTITION";
+    /// Its offset.
+    pub const OFFSET: &str = "OUTBOXD_OFFSET";
+    /// Its key (lossy UTF-8).
+    pub const KEY: &str = "OUTBOXD_KEY";
+    /// The `event-id` header, else `topic/partition/offset`.
+    pub const EVENT_ID: &str = "OUTBOXD_EVENT_ID";
+    /// The `event-type` header, or empty.
+    pub const EVENT_TYPE: &str = "OUTBOXD_EVENT_TYPE";
+    /// This call's attempt number, from 1.
+    pub const ATTEMPT: &str = "OUTBOXD_ATTEMPT";
+    /// All of them.
+    pub const ALL: &[&str] = &[TOPIC, PARTITION, OFFSET, KEY, EVENT_ID, EVENT_TYPE, ATTEMPT];
+}
+
 /// `kind = "command"`: exit 0 is done, an exit code in `retry_exit_codes` (or death by a
-/// signal, or a timeout) is retried, any other code dead-letters the message.
+/// signal, or a timeout) is retried, any other code dead-letters the message. The child
+/// starts in a process group of its own with a clean environment: `PATH`, the variables
+/// `inherit_env` names, `env`, and the event variables; nothing else of outboxd's
+/// environment (such as `OUTBOXD_DATABASE__URL`) reaches it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandHandlerConfig {
@@ -81,6 +106,14 @@ pub struct CommandHandlerConfig {
     /// Exit codes meaning "try again later" (e.g. 75, EX_TEMPFAIL).
     #[serde(default)]
     pub retry_exit_codes: Vec<i32>,
+    /// Variables set in the child's environment, e.g. `env = { LANG = "C.UTF-8" }`; a
+    /// `PATH` here replaces outboxd's. Names starting with `OUTBOXD_` are reserved.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Names of outboxd's own environment variables passed on to the child when set, e.g.
+    /// `["HOME", "TZ"]`. Only `PATH` passes without being named here.
+    #[serde(default)]
+    pub inherit_env: Vec<String>,
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,

@@ -42,9 +42,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     if !path.exists() {
         return Err(ConfigError::NotFound(path.to_owned()));
     }
-    let figment = Figment::new()
-        .merge(Toml::file_exact(path))
-        .merge(Env::prefixed(ENV_PREFIX).split("__"));
+    let figment = Figment::new().merge(Toml::file_exact(path)).merge(
+        Env::prefixed(ENV_PREFIX)
+            .filter(|key| !is_event_variable(key.as_str()))
+            .split("__"),
+    );
     let mut config: Config = figment.extract().map_err(|err| ConfigError::Schema {
         file: path.to_owned(),
         problems: describe(err),
@@ -60,6 +62,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             problems,
         })
     }
+}
+
+/// Whether `key` (without the prefix) is one of the variables a `command` handler sets
+/// for its child: an `outboxd` run by a handler inherits them and must not read them.
+fn is_event_variable(key: &str) -> bool {
+    super::event_vars::ALL
+        .iter()
+        .any(|var| var[ENV_PREFIX.len()..].eq_ignore_ascii_case(key))
 }
 
 /// One line per figment error: what is wrong, the key, and where the value came from.

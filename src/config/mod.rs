@@ -22,10 +22,11 @@ pub use consumer::{
     ConsumerConfig, DeadLetterDialect, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
 };
 pub use handlers::{
-    CommandHandlerConfig, HandlerConfig, HttpHandlerConfig, KafkaHandlerConfig, LogHandlerConfig,
-    SqlHandlerConfig,
+    event_vars, CommandHandlerConfig, HandlerConfig, HttpHandlerConfig, KafkaHandlerConfig,
+    LogHandlerConfig, SqlHandlerConfig,
 };
 pub use load::{load, ConfigError};
+pub use redact::{is_secret_name, redact_url, REDACTED};
 pub use relay::{OnPublished, RelayConfig, TableConfig};
 
 /// The whole configuration file.
@@ -120,6 +121,26 @@ pub struct KafkaConfig {
     /// strings, numbers or booleans. `enable.idempotence` and `acks` are fixed by outboxd
     /// (true, all) because the ordering and delivery guarantees rest on them.
     pub options: BTreeMap<String, OptionValue>,
+    /// librdkafka properties for producers only (the relay, dead letters, `kafka`
+    /// handlers, `dlq replay`), on top of `options`: `linger.ms`, `compression.type`,
+    /// `message.timeout.ms`, ...
+    pub producer_options: BTreeMap<String, OptionValue>,
+    /// librdkafka properties for consumers only (the consumer half, `dlq replay`,
+    /// `status`), on top of `options`: `session.timeout.ms`, `fetch.max.bytes`, ...
+    /// Consumer properties in the shared table make the producer log a warning.
+    pub consumer_options: BTreeMap<String, OptionValue>,
+}
+
+impl KafkaConfig {
+    /// The properties for a producer: `options`, then `producer_options`.
+    pub fn producer_properties(&self) -> impl Iterator<Item = (&String, &OptionValue)> {
+        self.options.iter().chain(&self.producer_options)
+    }
+
+    /// The properties for a consumer: `options`, then `consumer_options`.
+    pub fn consumer_properties(&self) -> impl Iterator<Item = (&String, &OptionValue)> {
+        self.options.iter().chain(&self.consumer_options)
+    }
 }
 
 /// A librdkafka property value; TOML numbers and booleans are accepted and passed on as text.
@@ -218,5 +239,11 @@ impl Config {
     /// The configuration with every secret replaced by `"<redacted>"`, for printing and logs.
     pub fn redacted(&self) -> Config {
         redact::redacted(self)
+    }
+
+    /// The secret values in the configuration (passwords, tokens, secret options, headers
+    /// and variables), for scrubbing text that leaves the process.
+    pub fn secret_values(&self) -> Vec<String> {
+        redact::secret_values(self)
     }
 }

@@ -74,7 +74,16 @@ fn validate_kafka(config: &Config, p: &mut Vec<String>) {
         }
         Some(_) => {}
     }
-    for (key, value) in &config.kafka.options {
+    let k = &config.kafka;
+    let tables = [
+        ("options", &k.options),
+        ("producer_options", &k.producer_options),
+        ("consumer_options", &k.consumer_options),
+    ];
+    for (table, key, value) in tables
+        .iter()
+        .flat_map(|(table, options)| options.iter().map(move |(k, v)| (table, k, v)))
+    {
         let value = value.to_string();
         let bad = match key.as_str() {
             "enable.idempotence" => value != "true",
@@ -84,7 +93,7 @@ fn validate_kafka(config: &Config, p: &mut Vec<String>) {
         };
         if bad {
             p.push(format!(
-                "kafka.options.\"{key}\": outboxd fixes this property (enable.idempotence=true, acks=all, bootstrap.servers from kafka.brokers); remove it"
+                "kafka.{table}.\"{key}\": outboxd fixes this property (enable.idempotence=true, acks=all, bootstrap.servers from kafka.brokers); remove it"
             ));
         }
     }

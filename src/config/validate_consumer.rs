@@ -72,6 +72,21 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
                     p.push(format!("{at}.program: must not be empty"));
                 }
                 positive(p, &format!("{at}.timeout"), h.timeout);
+                let names = h
+                    .env
+                    .keys()
+                    .map(|k| ("env", k))
+                    .chain(h.inherit_env.iter().map(|k| ("inherit_env", k)));
+                for (key, name) in names {
+                    if let Err(why) = env_name(name) {
+                        p.push(format!("{at}.{key}: `{name}` {why}"));
+                    }
+                }
+                for (name, value) in &h.env {
+                    if value.contains('\0') {
+                        p.push(format!("{at}.env.{name}: a value cannot hold a NUL byte"));
+                    }
+                }
             }
             HandlerConfig::Sql(h) => {
                 if h.statement.trim().is_empty() {
@@ -107,6 +122,20 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
                 "handlers.{name}: names use letters, digits, '_' and '-'"
             ));
         }
+    }
+}
+
+/// Whether `name` may be set in a child's environment by the configuration.
+fn env_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        Err("is not a variable name")
+    } else if name
+        .to_ascii_uppercase()
+        .starts_with(super::load::ENV_PREFIX)
+    {
+        Err("is reserved: outboxd sets the OUTBOXD_* variables of the event")
+    } else {
+        Ok(())
     }
 }
 

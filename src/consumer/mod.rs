@@ -91,7 +91,7 @@ pub fn start(
         // A full queue postpones its partition's next fetch by this much; librdkafka's 1 s
         // would leave a fast handler idle once it emptied a queue this small.
         .set("fetch.queue.backoff.ms", "10");
-    for (key, value) in &config.kafka.options {
+    for (key, value) in config.kafka.consumer_properties() {
         client.set(key, value.to_string());
     }
     client

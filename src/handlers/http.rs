@@ -19,6 +19,8 @@ pub struct HttpHandler {
     /// The shared client.
     client: reqwest::Client,
     url: reqwest::Url,
+    /// The URL as error texts show it: without credentials, query or fragment.
+    shown: String,
     /// Headers and timeout; a reload replaces them.
     settings: RwLock<Arc<Settings>>,
 }
@@ -68,6 +70,7 @@ impl HttpHandler {
         let settings = RwLock::new(Arc::new(settings(c)?));
         Ok(HttpHandler {
             client: shared_client()?,
+            shown: shown(&url),
             url,
             settings,
         })
@@ -120,14 +123,42 @@ impl Handle for HttpHandler {
             }
             Err(e) if e.is_builder() => Outcome::DeadLetter(
                 ErrorClass::Permanent,
-                format!("cannot build the request: {e}"),
+                format!("cannot build the request to {}: {}", self.shown, chain(e)),
             ),
-            Err(e) if e.is_timeout() => {
-                Outcome::Retry(format!("no answer within {:?}", settings.timeout))
-            }
-            Err(e) => Outcome::Retry(format!("request failed: {e}")),
+            Err(e) if e.is_timeout() => Outcome::Retry(format!(
+                "no answer from {} within {:?}",
+                self.shown, settings.timeout
+            )),
+            Err(e) => Outcome::Retry(format!("POST {} failed: {}", self.shown, chain(e))),
         }
     }
+}
+
+/// `url` without what may hold a secret: user name, password, query and fragment.
+fn shown(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    // Fails only for URLs without a host, which validation refused.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
+}
+
+/// The error and its causes, `a: b: c`, without the URL reqwest puts in its own text
+/// (which holds the query). hyper's chain names the reason, such as "Connection refused".
+fn chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut parts = vec![e.to_string()];
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
 }
 
 /// The most of a response body read (and discarded) so that its connection can carry the
@@ -162,6 +193,13 @@ fn classify(status: reqwest::StatusCode) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_hold_no_credentials_or_query() {
+        let url =
+            reqwest::Url::parse("https://bot:pa55@hooks.example:8443/in/x?token=t#f").unwrap();
+        assert_eq!(shown(&url), "https://hooks.example:8443/in/x");
+    }
 
     #[test]
     fn statuses_are_classified() {

@@ -171,3 +171,52 @@ async fn healthcheck_follows_readiness() {
     let (code, _, _) = run_with(&["healthcheck"], &toml, &[]);
     assert_eq!(code, 1, "nothing listens any more");
 }
+
+/// Runs a consumer on the embedded broker with `kafka` as its `[kafka]` tables until its
+/// partition is assigned; returns what it logged.
+async fn consumer_run_log(kafka: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = \"embedded\"\n{kafka}\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
+             [[consumer.routes]]\ntopic = \"events\"\nhandler = \"log\"\n[handlers.log]\nkind = \"log\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the partition is assigned",
+        Duration::from_secs(30),
+        || async { std::fs::read_to_string(&log).is_ok_and(|s| s.contains("partition assigned")) },
+    )
+    .await;
+    let (code, _) = terminate(&mut child, Duration::from_secs(15)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(0), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_options_reach_only_the_consumer() {
+    let warning = "consumer property and will be ignored";
+    let shared = consumer_run_log("[kafka.options]\n\"session.timeout.ms\" = 6000").await;
+    assert!(
+        shared.contains(warning),
+        "a consumer property in the shared table warns in the producer:\n{shared}"
+    );
+    let own = consumer_run_log(
+        "[kafka.consumer_options]\n\"session.timeout.ms\" = 6000\n[kafka.producer_options]\n\"linger.ms\" = 1",
+    )
+    .await;
+    assert!(!own.contains(warning), "{own}");
+    assert!(!own.contains("CONFWARN"), "{own}");
+}

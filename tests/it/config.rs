@@ -49,6 +49,24 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn an_outboxd_started_by_a_command_handler_ignores_the_event_variables() {
+    let env = [
+        ("OUTBOXD_TOPIC", "orders"),
+        ("OUTBOXD_PARTITION", "0"),
+        ("OUTBOXD_OFFSET", "7"),
+        ("OUTBOXD_KEY", "k"),
+        ("OUTBOXD_EVENT_ID", "e-1"),
+        ("OUTBOXD_EVENT_TYPE", "OrderPlaced"),
+        ("OUTBOXD_ATTEMPT", "1"),
+        ("OUTBOXD_SHUTDOWN_TIMEOUT", "7s"),
+    ];
+    let (code, out, err) = run_with(&["check-config"], GOOD, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("shutdown_timeout = \"7s\""), "{out}");
+    assert!(!out.contains("OrderPlaced"), "{out}");
+}
+
+#[test]
 fn bad_configurations_exit_78_and_name_the_key() {
     let table = "[[relay.tables]]\ntable = \"outbox\"\ntopic = \"events.{event_type}\"\n";
     let base =
@@ -179,6 +197,8 @@ fn bad_configurations_exit_78_and_name_the_key() {
         ("no topics", "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = []\n".to_string(), "consumer.topics"),
         ("bad unrouted", format!("{consumer}unrouted = \"drop\"\n"), "unrouted"),
         ("bad dialect", format!("{consumer}dead_letter_headers = \"camel\"\n"), "dead_letter_headers"),
+        ("reserved child variable", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\nenv = {{ OUTBOXD_KEY = \"x\" }}\n"), "handlers.h.env"),
+        ("bad inherited name", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\ninherit_env = [\"A=B\"]\n"), "handlers.h.inherit_env"),
     ];
     for (what, toml, key) in cases.into_iter().chain(consumer_cases) {
         let (code, _, err) = run_with(&["check-config"], &toml, &[]);

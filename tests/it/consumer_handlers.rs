@@ -265,3 +265,41 @@ async fn http_handlers_of_one_endpoint_share_its_connections() {
         "twelve requests by four handlers took {connections} connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_name_the_cause_but_not_the_query_or_credentials() {
+    let (topic, _cluster, bootstrap) = consuming("httpleak", 1);
+    // A port nothing listens on: bind one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://bot:pa55-word@127.0.0.1:{port}/hook?token=tok-sekrit&x=1");
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![("web", http_to(&url, "[retry]\nmax_attempts = 1"))],
+    );
+    produce_events(&bootstrap, &topic, 0, "leak", "Any", 0..1).await;
+    let daemon = Daemon::start(cfg).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    )
+    .await;
+    daemon.stop().await.unwrap();
+    let message = &dead[0].headers["outboxd-dlt-error-message"];
+    assert!(
+        message.contains(&format!("http://127.0.0.1:{port}/hook")),
+        "{message}"
+    );
+    assert!(message.contains("refused"), "the cause is named: {message}");
+    for secret in ["tok-sekrit", "token", "pa55-word", "bot"] {
+        assert!(!message.contains(secret), "`{secret}` in {message}");
+    }
+}

@@ -10,6 +10,7 @@ mod cli;
 mod cli_backends;
 mod config;
 mod consumer_backpressure;
+mod consumer_command;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
