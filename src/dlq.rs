@@ -12,11 +12,9 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::Config;
 
-/// Header counting how often a message was replayed.
-pub const REPLAY_COUNT: &str = "outboxd-replay-count";
+use crate::reserved_headers::is_reserved;
+pub use crate::reserved_headers::REPLAY_COUNT;
 
-/// Header prefixes of dead-letter context, in every dialect; stripped on replay.
-const CONTEXT_PREFIXES: &[&str] = &["outboxd-dlt-", "kafka_dlt-", "__connect.errors."];
 const ORIGINAL_TOPIC: &[&str] = &[
     "outboxd-dlt-original-topic",
     "kafka_dlt-original-topic",
@@ -66,6 +64,9 @@ pub struct Report {
     pub refused: u64,
     /// Messages without an original-topic header (with `--to ORIGINAL`).
     pub no_origin: u64,
+    /// Messages whose original topic this dead-letter topic does not belong to (with
+    /// `--to ORIGINAL`; see [`may_return_to`]).
+    pub not_allowed: u64,
     /// Dry run: counts by (error class, event type).
     pub by_class: BTreeMap<(String, String), u64>,
 }
@@ -74,8 +75,8 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "read {}, replayed {}, filtered out {}, refused by the loop guard {}, without original topic {}",
-            self.read, self.replayed, self.filtered, self.refused, self.no_origin
+            "read {}, replayed {}, filtered out {}, refused by the loop guard {}, without original topic {}, original topic not allowed {}",
+            self.read, self.replayed, self.filtered, self.refused, self.no_origin, self.not_allowed
         )?;
         if !self.by_class.is_empty() {
             writeln!(
@@ -107,14 +108,36 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The last header of the first name present: a dead letter's context comes after the
+/// message's own headers, so the last is the dead-letter writer's.
 fn header<'a>(m: &'a BorrowedMessage<'_>, names: &[&str]) -> Option<&'a str> {
     let headers = m.headers()?;
     names.iter().find_map(|name| {
         headers
             .iter()
-            .find(|h| h.key == *name)
+            .filter(|h| h.key == *name)
+            .last()
             .and_then(|h| std::str::from_utf8(h.value?).ok())
     })
+}
+
+/// Whether a dead letter on `dead_letter_topic` may go back to `original`, the topic its
+/// header names: `consumer.dead_letter_topic` (default `{topic}.dlq`) must map `original`
+/// to this dead-letter topic; a template without `{topic}` allows the topics of
+/// `consumer.topics`. Anything else needs `--to`.
+pub fn may_return_to(config: &Config, dead_letter_topic: &str, original: &str) -> bool {
+    let template = config
+        .consumer
+        .as_ref()
+        .map_or("{topic}.dlq", |c| c.dead_letter_topic.as_str());
+    if template.contains("{topic}") {
+        template.replace("{topic}", original) == dead_letter_topic
+    } else {
+        config
+            .consumer
+            .as_ref()
+            .is_some_and(|c| c.topics.iter().any(|t| t == original))
+    }
 }
 
 /// Runs a replay (blocking: call from a blocking thread).
@@ -201,7 +224,7 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
             continue;
         }
         report.read += 1;
-        if let Some(delivery) = replay_one(&producer, &m, r, &mut report)? {
+        if let Some(delivery) = replay_one(config, &producer, &m, r, &mut report)? {
             deliveries.push(delivery);
         }
         progress
@@ -240,6 +263,7 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
 
 /// Replays one message unless it is filtered out or refused; returns its delivery.
 fn replay_one(
+    config: &Config,
     producer: &FutureProducer,
     m: &BorrowedMessage<'_>,
     r: &Replay,
@@ -269,7 +293,16 @@ fn replay_one(
     }
     let target = match (&r.to, header(m, ORIGINAL_TOPIC)) {
         (Some(to), _) => to.clone(),
-        (None, Some(original)) => original.to_owned(),
+        (None, Some(original)) if may_return_to(config, &r.topic, original) => original.to_owned(),
+        (None, Some(original)) => {
+            tracing::warn!(
+                original,
+                offset = m.offset(),
+                "dead letter names an original topic that does not belong to this dead-letter topic; not replayed (use --to)"
+            );
+            report.not_allowed += 1;
+            return Ok(None);
+        }
         (None, None) => {
             report.no_origin += 1;
             return Ok(None);
@@ -285,8 +318,7 @@ fn replay_one(
     let mut headers = OwnedHeaders::new();
     if let Some(original) = m.headers() {
         for h in original.iter() {
-            let context = CONTEXT_PREFIXES.iter().any(|p| h.key.starts_with(p));
-            if !context && h.key != REPLAY_COUNT {
+            if !is_reserved(h.key) {
                 headers = headers.insert(Header {
                     key: h.key,
                     value: h.value,

@@ -5,7 +5,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, Producer};
 
@@ -43,6 +43,50 @@ pub fn producer_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     cfg.set("enable.idempotence", "true");
     cfg.set("acks", "all");
     cfg
+}
+
+/// Whether Kafka refused a message for what it is (too large, an invalid topic name or
+/// record, a broker policy): sending the same message again cannot succeed.
+pub fn is_refusal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::PolicyViolation
+        )
+    )
+}
+
+/// Whether the brokers answer: a metadata request for the topics this producer already
+/// knows (the ones it has produced to; none at first), which proves a broker answers
+/// without listing every topic of the cluster or creating one.
+pub fn answers(producer: &FutureProducer, timeout: std::time::Duration) -> Result<(), KafkaError> {
+    let mut metadata: *const rdkafka::bindings::rd_kafka_metadata_t = std::ptr::null();
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the client pointer is valid while `producer` lives; `all_topics = 0` with no
+    // topic asks for the locally known topics; on success librdkafka hands over
+    // `metadata`, which is freed here and read by nothing.
+    let code = unsafe {
+        rdkafka::bindings::rd_kafka_metadata(
+            producer.client().native_ptr(),
+            0,
+            std::ptr::null_mut(),
+            &mut metadata,
+            timeout_ms,
+        )
+    };
+    if !metadata.is_null() {
+        // SAFETY: `metadata` came from rd_kafka_metadata and is freed once.
+        unsafe { rdkafka::bindings::rd_kafka_metadata_destroy(metadata) };
+    }
+    match RDKafkaErrorCode::from(code) {
+        RDKafkaErrorCode::NoError => Ok(()),
+        code => Err(KafkaError::MetadataFetch(code)),
+    }
 }
 
 /// The shared idempotent producer; replaced when librdkafka reports a fatal error (after

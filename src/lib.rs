@@ -14,7 +14,8 @@
 //! - [`metrics`]: every Prometheus metric; [`secrets`]: scrubs secrets from outgoing text;
 //! - [`shutdown`]: signals -> cancellation token;
 //! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
-//! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`.
+//! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`;
+//! - [`reserved_headers`]: the header names only outboxd may write; [`glob`]: topic globs.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
@@ -25,12 +26,14 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod dlq;
+pub mod glob;
 pub mod handlers;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod relay;
 pub mod reload;
+pub mod reserved_headers;
 pub mod secrets;
 pub mod shutdown;
 pub mod status;
@@ -135,6 +138,7 @@ pub async fn start(
         metrics: metrics.clone(),
         database: database.clone(),
         producer: producer.clone(),
+        last_probe: Default::default(),
     };
     let (http_addr, http) = http::serve(config.http.listen, state, http_stop.clone())
         .await

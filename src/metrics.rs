@@ -49,6 +49,9 @@ pub struct Metrics {
     pub consumer_in_flight: IntGaugeVec,
     /// Times a partition was paused because its handler fell behind, by topic.
     pub consumer_paused_total: IntCounterVec,
+    /// 1 while a partition is stopped until outboxd restarts (a dead letter Kafka refuses
+    /// even stripped, or an unrouted message with `unrouted = "fail"`).
+    pub consumer_partition_stopped: IntGaugeVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
     /// 1 while the daemon runs.
@@ -181,6 +184,14 @@ impl Metrics {
                 &["topic"],
             )
             .unwrap(),
+            consumer_partition_stopped: IntGaugeVec::new(
+                Opts::new(
+                    "consumer_partition_stopped",
+                    "1 while a partition is stopped until outboxd restarts",
+                ),
+                &["topic", "partition"],
+            )
+            .unwrap(),
             build_info: IntGaugeVec::new(
                 Opts::new("build_info", "Build information"),
                 &["version"],
@@ -207,6 +218,7 @@ impl Metrics {
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_in_flight.clone()),
             Box::new(m.consumer_paused_total.clone()),
+            Box::new(m.consumer_partition_stopped.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),
         ];

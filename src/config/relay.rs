@@ -28,6 +28,13 @@ pub struct TableConfig {
     pub topic: Option<String>,
     /// A column whose value is the topic name. Exactly one of `topic` and `topic_column`.
     pub topic_column: Option<String>,
+    /// Globs (`*` any run, `?` one character) the topic a row renders must match, else
+    /// the row goes to the dead rows with the reason: rows name topics, and must not reach
+    /// a consumer's dead-letter topic or another service's. Required with `topic_column`
+    /// and with a template that starts with a column (`"{aggregate_type}.events"`); a
+    /// template with a literal start (`"events.{event_type}"`) defaults to that start
+    /// followed by `*` (`["events.*"]`).
+    pub allowed_topics: Vec<String>,
     /// The column used as the Kafka message key: the aggregate id. Kafka sends equal keys to
     /// one partition, which is what keeps events of one aggregate in order. A row whose key
     /// is NULL is moved to the dead-row table.
@@ -119,6 +126,7 @@ impl Default for TableConfig {
             table: String::new(),
             topic: None,
             topic_column: None,
+            allowed_topics: Vec::new(),
             key_column: "aggregate_id".into(),
             id_column: "id".into(),
             order_column: None,

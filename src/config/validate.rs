@@ -99,6 +99,48 @@ fn validate_kafka(config: &Config, p: &mut Vec<String>) {
     }
 }
 
+/// `allowed_topics`: well-formed globs, present whenever a row's own data starts its topic,
+/// and covering a fixed topic.
+fn validate_allowed_topics(t: &TableConfig, at: &str, p: &mut Vec<String>) {
+    for (i, glob) in t.allowed_topics.iter().enumerate() {
+        let ok = !glob.is_empty()
+            && glob
+                .chars()
+                .all(|c| c == '*' || c == '?' || c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok {
+            p.push(format!(
+                "{at}.allowed_topics[{i}]: `{glob}` is not a topic glob (letters, digits, '.', '_', '-', '*', '?')"
+            ));
+        }
+    }
+    let parsed = t
+        .topic
+        .as_deref()
+        .and_then(|template| TopicTemplate::parse(template, &t.mapped_columns()).ok());
+    let rows_choose = match &parsed {
+        None => t.topic_column.is_some(),
+        Some(template) => {
+            template.columns().next().is_some() && template.literal_prefix().is_none()
+        }
+    };
+    if rows_choose && t.allowed_topics.is_empty() {
+        p.push(format!(
+            "{at}.allowed_topics: required when a row's data starts its topic (topic_column, or a template that starts with a column): list the topics or globs rows may publish to, e.g. [\"orders.*\"]"
+        ));
+    }
+    if let (Some(template), Some(fixed)) = (&parsed, &t.topic) {
+        let allowed = &t.allowed_topics;
+        if template.columns().next().is_none()
+            && !allowed.is_empty()
+            && !allowed.iter().any(|g| crate::glob::glob_match(g, fixed))
+        {
+            p.push(format!(
+                "{at}.allowed_topics: does not allow the table's own topic `{fixed}`"
+            ));
+        }
+    }
+}
+
 fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
     if t.table.is_empty() {
         p.push(format!("{at}.table: missing"));
@@ -159,6 +201,7 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
         (None, Some(c)) if c.is_empty() => p.push(format!("{at}.topic_column: must not be empty")),
         (None, Some(_)) => {}
     }
+    validate_allowed_topics(t, at, p);
     if t.batch_size == 0 {
         p.push(format!("{at}.batch_size: must be at least 1"));
     }

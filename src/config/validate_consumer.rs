@@ -27,6 +27,16 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
         p.push("consumer.dead_letter_topic: the only placeholder is {topic}".into());
     } else if let Err(e) = check_topic(&c.dead_letter_topic.replace("{topic}", "t")) {
         p.push(format!("consumer.dead_letter_topic: {e}"));
+    } else {
+        // Checked for every topic now, so that no dead letter fails on its topic's name.
+        for topic in &c.topics {
+            let dead = c.dead_letter_topic.replace("{topic}", topic);
+            if let Err(e) = check_topic(&dead) {
+                p.push(format!(
+                    "consumer.dead_letter_topic: for topic `{topic}` it is `{dead}`: {e}"
+                ));
+            }
+        }
     }
     if c.max_in_flight == 0 {
         p.push("consumer.max_in_flight: must be at least 1".into());

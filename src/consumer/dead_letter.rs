@@ -1,17 +1,26 @@
 //! Dead letters: the original key, value and headers, plus context headers named in the
 //! configured dialect, produced to the dead-letter topic and acknowledged before the
-//! original offset moves on.
+//! original offset moves on. Headers the message brought in the reserved namespaces are
+//! dropped first, so only outboxd's context steers `dlq replay`; the error text is scrubbed
+//! of secrets and bounded.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 
 use crate::config::DeadLetterDialect;
 use crate::handlers::ErrorClass;
 use crate::kafka::ProducerSlot;
+use crate::reserved_headers::{is_reserved, REPLAY_COUNT};
+
+/// The most of an error text a dead letter carries, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+/// Header of a dead letter sent without the original value and headers, naming why.
+pub const STRIPPED: &str = "outboxd-dlt-stripped";
 
 /// Why and where a message failed.
 pub struct Failure<'a> {
@@ -54,11 +63,22 @@ impl DeadLetters {
         self.topic_template.replace("{topic}", topic)
     }
 
-    /// Produces the dead letter of `m` and waits for Kafka's acknowledgement.
-    pub async fn send(&self, m: &OwnedMessage, failure: &Failure<'_>) -> Result<(), KafkaError> {
+    /// Produces the dead letter of `m` and waits for Kafka's acknowledgement. With
+    /// `stripped`, the original value and headers are left out and the header
+    /// [`STRIPPED`] says why (Kafka refused the whole dead letter).
+    pub async fn send(
+        &self,
+        m: &OwnedMessage,
+        failure: &Failure<'_>,
+        stripped: Option<&str>,
+    ) -> Result<(), KafkaError> {
         let topic = self.topic_for(m.topic());
-        let mut headers = m.headers().cloned().unwrap_or_else(OwnedHeaders::new);
-        for (name, value) in self.context(m, failure) {
+        let mut headers = OwnedHeaders::new();
+        if stripped.is_none() {
+            headers = original_headers(m);
+        }
+        let note = stripped.map(|why| (STRIPPED, bounded(why).into_bytes()));
+        for (name, value) in self.context(m, failure).into_iter().chain(note) {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(&value),
@@ -68,7 +88,7 @@ impl DeadLetters {
         if let Some(key) = m.key() {
             record = record.key(key);
         }
-        if let Some(value) = m.payload() {
+        if let Some(value) = m.payload().filter(|_| stripped.is_none()) {
             record = record.payload(value);
         }
         let producer = self.producer.get();
@@ -98,7 +118,8 @@ impl DeadLetters {
             text(&m.partition().to_string()),
             text(&m.offset().to_string()),
         );
-        let (group, handler, message) = (text(&self.group_id), text(f.handler), text(f.message));
+        let message = bounded(f.message).into_bytes();
+        let (group, handler) = (text(&self.group_id), text(f.handler));
         let (ts, attempts) = (text(&timestamp.to_string()), text(&f.attempts.to_string()));
         match self.dialect {
             DeadLetterDialect::Outboxd => vec![
@@ -148,5 +169,60 @@ impl DeadLetters {
                 ("outboxd-dlt-failed-at", text(&failed_at)),
             ],
         }
+    }
+}
+
+/// The message's own headers without the reserved ones; a replay count it carried (a
+/// replayed message that failed again) is kept as a number, so the loop guard goes on
+/// counting.
+fn original_headers(m: &OwnedMessage) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    let mut replays = None;
+    for h in m.headers().iter().flat_map(|h| h.iter()) {
+        if h.key == REPLAY_COUNT {
+            replays = h
+                .value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.trim().parse::<u32>().ok());
+        } else if !is_reserved(h.key) {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    if let Some(n) = replays {
+        headers = headers.insert(Header {
+            key: REPLAY_COUNT,
+            value: Some(n.to_string().as_bytes()),
+        });
+    }
+    headers
+}
+
+/// An error text fit for a header: secrets scrubbed, at most [`MAX_ERROR_MESSAGE`] bytes
+/// (cut at a character boundary, marked with `...`).
+fn bounded(text: &str) -> String {
+    let text = crate::secrets::scrub(text);
+    if text.len() <= MAX_ERROR_MESSAGE {
+        return text.into_owned();
+    }
+    let mut end = MAX_ERROR_MESSAGE - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_texts_are_bounded_at_a_character_boundary() {
+        let long = "é".repeat(MAX_ERROR_MESSAGE);
+        let cut = bounded(&long);
+        assert!(cut.len() <= MAX_ERROR_MESSAGE && cut.ends_with("..."));
+        assert_eq!(bounded("short"), "short");
     }
 }

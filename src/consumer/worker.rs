@@ -307,14 +307,28 @@ async fn unrouted(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
                 event_type = event.event_type().unwrap_or_default(),
                 "no route matches and consumer.unrouted = \"fail\": this partition stops here until outboxd restarts with a route for it"
             );
-            stop.cancelled().await;
+            stopped(s, m, stop).await;
             false
         }
     }
 }
 
+/// Holds the partition at `m` until the worker stops, with the stopped gauge at 1
+/// meanwhile. `m`'s offset is not stored: after a restart it is handled again.
+async fn stopped(s: &Shared, m: &OwnedMessage, stop: &CancellationToken) {
+    let gauge = s
+        .metrics
+        .consumer_partition_stopped
+        .with_label_values(&[m.topic(), &m.partition().to_string()]);
+    gauge.set(1);
+    stop.cancelled().await;
+    gauge.set(0);
+}
+
 /// Produces the dead letter, retrying with backoff until Kafka acknowledges it; the
-/// partition waits meanwhile. False if stopped first.
+/// partition waits meanwhile. A dead letter Kafka refuses for what it is (too large with
+/// its context, say) is sent once more without the original value and headers; if Kafka
+/// refuses that too, the partition stops until outboxd restarts. False if stopped first.
 async fn dead_letter(
     s: &Shared,
     event: &Event,
@@ -323,14 +337,16 @@ async fn dead_letter(
 ) -> bool {
     let m = &event.message;
     let mut retry = crate::backoff::exponential();
+    let mut stripped: Option<String> = None;
     loop {
-        match s.dead_letters.send(m, failure).await {
+        match s.dead_letters.send(m, failure, stripped.as_deref()).await {
             Ok(()) => {
                 tracing::warn!(
                     topic = m.topic(), partition = m.partition(), offset = m.offset(),
                     handler = failure.handler, attempts = failure.attempts,
                     class = failure.class.as_str(), error = failure.message,
                     dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
+                    stripped = stripped.is_some(),
                     "message dead-lettered"
                 );
                 s.metrics
@@ -342,6 +358,25 @@ async fn dead_letter(
                     .with_label_values(&[m.topic(), failure.handler, "dead_letter"])
                     .inc();
                 return true;
+            }
+            Err(e) if crate::kafka::is_refusal(&e) && stripped.is_none() => {
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e,
+                    "Kafka refuses the dead letter; sending it without the original value and headers"
+                );
+                stripped = Some(format!(
+                    "the original value and headers were left out: Kafka refused them ({e})"
+                ));
+            }
+            Err(e) if crate::kafka::is_refusal(&e) => {
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e, dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
+                    "Kafka refuses even the stripped dead letter: this partition stops here until outboxd restarts; the message stays on its topic, uncommitted"
+                );
+                stopped(s, m, stop).await;
+                return false;
             }
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 
@@ -49,17 +48,13 @@ impl Handle for KafkaHandler {
             Err((e, _)) => e,
         };
         self.producer.renew_if_fatal(&producer);
-        match sent.rdkafka_error_code() {
-            Some(
-                RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::PolicyViolation,
-            ) => Outcome::DeadLetter(
+        if crate::kafka::is_refusal(&sent) {
+            Outcome::DeadLetter(
                 ErrorClass::Permanent,
                 format!("kafka refused it for {}: {sent}", self.topic),
-            ),
-            _ => Outcome::Retry(format!("producing to {}: {sent}", self.topic)),
+            )
+        } else {
+            Outcome::Retry(format!("producing to {}: {sent}", self.topic))
         }
     }
 }

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::store::ClaimedRow;
 use super::template::{check_topic, TopicTemplate};
 use crate::config::TableConfig;
+use crate::glob::glob_match;
+use crate::reserved_headers::is_reserved;
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,17 +55,17 @@ pub enum Field {
 pub enum TopicSource {
     /// One topic for every row (a template without columns), checked once.
     Fixed(Arc<str>),
-    /// A template over mapped columns.
-    Template(TopicTemplate, Vec<(String, Field)>),
-    /// The `topic_column` value.
-    Column,
+    /// A template over mapped columns, and the globs its result must match.
+    Template(TopicTemplate, Vec<(String, Field)>, Vec<String>),
+    /// The `topic_column` value, and the globs it must match.
+    Column(Vec<String>),
 }
 
 impl TopicSource {
     /// The topic source of table `t` (validated config: template parses).
     pub fn new(t: &TableConfig) -> Result<Self, String> {
         let Some(template) = &t.topic else {
-            return Ok(TopicSource::Column);
+            return Ok(TopicSource::Column(t.allowed_topics.clone()));
         };
         let template =
             TopicTemplate::parse(template, &t.mapped_columns()).map_err(|e| e.to_string())?;
@@ -86,7 +88,12 @@ impl TopicSource {
         .filter(|(c, _)| !c.is_empty())
         .map(|(c, f)| (c.clone(), f))
         .collect();
-        Ok(TopicSource::Template(template, fields))
+        let allowed = match template.literal_prefix() {
+            _ if !t.allowed_topics.is_empty() => t.allowed_topics.clone(),
+            Some(prefix) => vec![format!("{prefix}*")],
+            None => return Err("allowed_topics: required for this topic template".into()),
+        };
+        Ok(TopicSource::Template(template, fields, allowed))
     }
 
     /// Row `row`'s topic; `scratch` is reused to render it. A rendered topic equal to
@@ -99,13 +106,14 @@ impl TopicSource {
         last: &mut Option<Arc<str>>,
     ) -> Result<Arc<str>, String> {
         let out = scratch;
-        match self {
+        let allowed = match self {
             TopicSource::Fixed(topic) => return Ok(topic.clone()),
-            TopicSource::Column => {
+            TopicSource::Column(allowed) => {
                 out.clear();
                 out.push_str(row.topic().ok_or("topic column is NULL")?);
+                allowed
             }
-            TopicSource::Template(template, fields) => {
+            TopicSource::Template(template, fields, allowed) => {
                 let value = |column: &str| {
                     let field = fields.iter().find(|(c, _)| c == column)?.1;
                     match field {
@@ -119,12 +127,19 @@ impl TopicSource {
                 template
                     .render_into(out, value)
                     .map_err(|c| format!("topic template column `{c}` is NULL"))?;
+                allowed
             }
-        }
+        };
         if let Some(topic) = last.as_ref().filter(|t| ***t == **out) {
             return Ok(topic.clone());
         }
         check_topic(out)?;
+        if !allowed.iter().any(|glob| glob_match(glob, out)) {
+            return Err(format!(
+                "topic `{out}` is not in allowed_topics ({})",
+                allowed.join(", ")
+            ));
+        }
         let topic: Arc<str> = Arc::from(out.as_str());
         *last = Some(topic.clone());
         Ok(topic)
@@ -177,6 +192,11 @@ fn prepare(
             value: Some(t.as_bytes()),
         });
     }
+    if let Some(key) = extra.keys().find(|k| is_reserved(k)) {
+        return Err(format!(
+            "headers column sets `{key}`, a header only outboxd writes (dead-letter context, replay count)"
+        ));
+    }
     for (key, value) in &extra {
         let text;
         let bytes = match value {
@@ -194,21 +214,14 @@ fn prepare(
     Ok(Prepared { topic, headers })
 }
 
-/// Whether Kafka refused this message for a reason that retrying will not change.
+/// Whether Kafka refused this message for a reason that retrying will not change: what
+/// [`crate::kafka::is_refusal`] says, or a topic that does not exist (a row named it).
 fn is_refusal(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::MessageBatchTooLarge
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::PolicyViolation
+    crate::kafka::is_refusal(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
         )
-    )
 }
 
 fn classify(e: &KafkaError) -> RowOutcome {

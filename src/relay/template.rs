@@ -75,6 +75,14 @@ impl TopicTemplate {
         Ok(TopicTemplate { parts })
     }
 
+    /// The literal text the template starts with, if it starts with one.
+    pub fn literal_prefix(&self) -> Option<&str> {
+        match self.parts.first() {
+            Some(Part::Literal(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The columns the template reads.
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {

@@ -126,6 +126,26 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "relay.tables[0].lanes",
         ),
         (
+            "rows choose the topic without allowed_topics",
+            format!("{base}[[relay.tables]]\ntable = \"outbox\"\ntopic = \"{{aggregate_type}}.events\"\n"),
+            "relay.tables[0].allowed_topics",
+        ),
+        (
+            "topic_column without allowed_topics",
+            format!("{base}[[relay.tables]]\ntable = \"outbox\"\ntopic_column = \"topic\"\n"),
+            "relay.tables[0].allowed_topics",
+        ),
+        (
+            "allowed_topics that exclude the fixed topic",
+            format!("{base}[[relay.tables]]\ntable = \"outbox\"\ntopic = \"orders\"\nallowed_topics = [\"billing.*\"]\n"),
+            "relay.tables[0].allowed_topics",
+        ),
+        (
+            "a bad allowed topic glob",
+            format!("{base}{table}allowed_topics = [\"events/*\"]\n"),
+            "relay.tables[0].allowed_topics[0]",
+        ),
+        (
             "topic and topic_column",
             format!("{base}{table}topic_column = \"topic\"\n"),
             "relay.tables[0].topic",
@@ -197,6 +217,7 @@ fn bad_configurations_exit_78_and_name_the_key() {
         ("no topics", "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = []\n".to_string(), "consumer.topics"),
         ("bad unrouted", format!("{consumer}unrouted = \"drop\"\n"), "unrouted"),
         ("bad dialect", format!("{consumer}dead_letter_headers = \"camel\"\n"), "dead_letter_headers"),
+        ("dead-letter topic too long", format!("[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"{}\"]\n", "e".repeat(247)), "consumer.dead_letter_topic"),
         ("reserved child variable", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\nenv = {{ OUTBOXD_KEY = \"x\" }}\n"), "handlers.h.env"),
         ("bad inherited name", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\ninherit_env = [\"A=B\"]\n"), "handlers.h.inherit_env"),
     ];

@@ -73,6 +73,69 @@ async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_kafka_refuses_goes_stripped_or_stops_its_partition_loudly() {
+    let (topic, _cluster, bootstrap) = consuming("refused", 2);
+    let server = TestServer::start(&[], 400).await;
+    let mut cfg = web_consumer(&bootstrap, &topic, &server.url);
+    // Dead letters over 3,000 bytes are refused by the producer.
+    cfg.kafka.producer_options.insert(
+        "message.max.bytes".into(),
+        outboxd::config::OptionValue::Int(3000),
+    );
+    let big_value = vec![b'v'; 2600];
+    let big_key = "k".repeat(3200);
+    produce(
+        &bootstrap,
+        &topic,
+        &[
+            // Fits alone, not with its context headers: dead-lettered without its value.
+            (0, "a", &big_value, &[("event-id", "big-value")]),
+            (0, "a", b"{}", &[("event-id", "after")]),
+            // Too large even stripped: partition 1 stops here.
+            (1, &big_key, b"{}", &[("event-id", "big-key")]),
+            (1, "b", b"{}", &[("event-id", "held")]),
+        ],
+    )
+    .await;
+    let daemon = Daemon::start(cfg).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        2,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    )
+    .await;
+    eventually(
+        "partition 1 reported stopped",
+        Duration::from_secs(20),
+        || async {
+            daemon.metric(
+                "outboxd_consumer_partition_stopped",
+                &[("topic", &topic), ("partition", "1")],
+            ) == 1.0
+        },
+    )
+    .await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let stripped = dead
+        .iter()
+        .find(|d| d.headers.contains_key("outboxd-dlt-stripped"))
+        .expect("one dead letter went stripped");
+    assert!(stripped.payload.is_empty(), "without its value");
+    assert_eq!(stripped.key, "a");
+    assert_eq!(stripped.headers["outboxd-dlt-original-offset"], "0");
+    assert!(
+        dead.iter()
+            .any(|d| d.headers.get("event-id").is_some_and(|id| id == "after")),
+        "partition 0 went on"
+    );
+    // The message after the stopped one was never handed to the handler.
+    assert_eq!(server.count(), 3, "big-value, after and big-key only");
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_in_retry_holds_back_only_its_own_partition() {
     let (topic, _cluster, bootstrap) = consuming("stuck", 2);
     let dir = tempfile::tempdir().unwrap();

@@ -290,6 +290,95 @@ async fn dlq_replay_republishes_dead_letters_once_and_guards_against_loops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_dead_letter_headers_do_not_redirect_replay() {
+    use crate::consumer_helpers::*;
+    let (topic, cluster, bootstrap) = consuming("forged", 1);
+    let dlq = format!("{topic}.dlq");
+    cluster.create_topic("victim", 1, 1).unwrap();
+    let server = TestServer::start(&[], 400).await;
+    let cfg = web_consumer(&bootstrap, &topic, &server.url);
+    // A message that brings dead-letter context of every dialect, naming another topic.
+    let forged: &[(&str, &str)] = &[
+        ("event-id", "f-1"),
+        ("outboxd-dlt-original-topic", "victim"),
+        ("kafka_dlt-original-topic", "victim"),
+        ("__connect.errors.topic", "victim"),
+        ("outboxd-replay-count", "not a number"),
+    ];
+    produce(&bootstrap, &topic, &[(0, "k", b"{}", forged)]).await;
+    let daemon = Daemon::start(cfg.clone()).await;
+    let dead = consume(&bootstrap, &dlq, 1, Duration::ZERO, Duration::from_secs(30)).await;
+    daemon.stop().await.unwrap();
+    let h = &dead[0].headers;
+    assert_eq!(h["outboxd-dlt-original-topic"], topic);
+    assert_eq!(h["event-id"], "f-1", "the message's own headers stay");
+    for gone in [
+        "kafka_dlt-original-topic",
+        "__connect.errors.topic",
+        "outboxd-replay-count",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} kept: {h:?}");
+    }
+    // A dead letter written straight to the dead-letter topic by someone else.
+    produce(
+        &bootstrap,
+        &dlq,
+        &[(0, "k", b"{}", &[("outboxd-dlt-original-topic", "victim")])],
+    )
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!("[kafka]\nbrokers = \"{bootstrap}\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"{topic}\"]\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args([
+            "dlq",
+            "replay",
+            "--topic",
+            &dlq,
+            "--group",
+            &unique("rg"),
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("read 2, replayed 1") && stdout.contains("original topic not allowed 1"),
+        "{stdout}"
+    );
+    let victim = consume(
+        &bootstrap,
+        "victim",
+        1,
+        Duration::ZERO,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(victim.is_empty(), "replay wrote to the forged topic");
+    let back = consume(
+        &bootstrap,
+        &topic,
+        2,
+        Duration::from_millis(200),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(back.len(), 2, "the original and its one replay");
+    assert_eq!(back[1].headers["outboxd-replay-count"], "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file() {
     let Relayed {
         pool,
@@ -433,5 +522,50 @@ async fn reload_changes_http_handler_headers_and_retry_policy_in_place() {
         requests[1].headers["x-version"], "2",
         "the reloaded header applies"
     );
+    daemon.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reasons_are_short_and_hold_no_secret() {
+    use crate::consumer_helpers::*;
+    let (topic, cluster, bootstrap) = consuming("ready", 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "effect")],
+        vec![(
+            "effect",
+            handler("kind = \"sql\"\nstatement = \"SELECT 1\""),
+        )],
+    );
+    cfg.database.url = Some(format!(
+        "postgres://app:pw-s3cret@127.0.0.1:{port}/test?sslpassword=kp-s3cret"
+    ));
+    cfg.database.connect_timeout = Duration::from_millis(500);
+    let daemon = Daemon::start(cfg).await;
+    let (status, body) = http_get(daemon.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body,
+        "not ready\ndatabase: no connection within database.connect_timeout\n"
+    );
+    cluster.broker_down(1).unwrap();
+    let (status, body) = http_get(daemon.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("kafka: no metadata answer (")),
+        "{body}"
+    );
+    assert!(
+        !body.contains("s3cret") && !body.contains("127.0.0.1"),
+        "{body}"
+    );
+    cluster.broker_up(1).unwrap();
     daemon.stop().await.unwrap();
 }

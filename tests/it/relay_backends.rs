@@ -247,6 +247,88 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
     daemon.stop().await.unwrap();
 }
 
+on_backends!(rows_may_not_steer_outboxd_with_their_topic_or_headers: postgres, mysql, sqlite);
+async fn rows_may_not_steer_outboxd_with_their_topic_or_headers(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let table = unique("steer");
+    let id = db.pick(
+        "bigserial PRIMARY KEY",
+        "BIGINT AUTO_INCREMENT PRIMARY KEY",
+        "INTEGER PRIMARY KEY AUTOINCREMENT",
+    );
+    db.exec(&format!(
+        "CREATE TABLE {table} (id {id}, aggregate_id text, event_type text, payload text, headers text)"
+    ))
+    .await;
+    let topic = format!("{table}.ok");
+    db.exec(&format!(
+        "INSERT INTO {table} (aggregate_id, event_type, payload, headers) VALUES
+             ('k1', '{topic}', '{{\"n\": 0}}', NULL),
+             ('k2', 'victim', '{{\"n\": 1}}', NULL),
+             ('k3', '{topic}', '{{\"n\": 2}}', '{{\"outboxd-dlt-original-topic\": \"victim\"}}'),
+             ('k4', '{topic}', '{{\"n\": 3}}', '{{\"outboxd-replay-count\": \"0\"}}'),
+             ('k5', '{topic}', '{{\"n\": 4}}', '{{\"tenant\": \"a\"}}')"
+    ))
+    .await;
+    let cluster = cluster(&topic, 1);
+    cluster.create_topic("victim", 1, 1).unwrap();
+    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
+    let t = &mut cfg.relay.tables[0];
+    // The row's event type is its whole topic.
+    t.topic = Some("{event_type}".into());
+    t.allowed_topics = vec![format!("{table}.o?")];
+    t.aggregate_type_column = String::new();
+    t.event_id_column = String::new();
+    t.created_at_column = String::new();
+    t.notify_channel = String::new();
+    let daemon = Daemon::start(cfg).await;
+    db.drained(&table, Duration::from_secs(15)).await;
+    daemon.stop().await.unwrap();
+    let as_int = db.pick(
+        "row_id::int8",
+        "CAST(row_id AS SIGNED)",
+        "CAST(row_id AS INTEGER)",
+    );
+    let dead = db
+        .pairs(&format!(
+            "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}' ORDER BY {as_int}"
+        ))
+        .await;
+    let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
+    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert!(
+        reasons[0].contains("topic `victim` is not in allowed_topics"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("`outboxd-dlt-original-topic`"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].contains("`outboxd-replay-count`"), "{reasons:?}");
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        2,
+        Duration::from_millis(300),
+        Duration::from_secs(10),
+    )
+    .await;
+    let ns: Vec<i64> = received.iter().map(|r| r.n).collect();
+    assert_eq!(ns, vec![0, 4]);
+    let victim = consume(
+        &cluster.bootstrap_servers(),
+        "victim",
+        1,
+        Duration::from_millis(300),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        victim.is_empty(),
+        "a row reached a topic it may not: {victim:?}"
+    );
+}
+
 on_backends!(refused_row_moves_to_dead_rows_while_other_keys_flow: postgres, mysql, sqlite);
 async fn refused_row_moves_to_dead_rows_while_other_keys_flow(kind: Kind) {
     let (db, table, topic, cluster) = setup(kind, "poison", 2).await;
