@@ -126,8 +126,8 @@ impl Handle for HttpHandler {
                 format!("cannot build the request to {}: {}", self.shown, chain(e)),
             ),
             Err(e) if e.is_timeout() => Outcome::Retry(format!(
-                "no answer from {} within {:?}",
-                self.shown, settings.timeout
+                "no answer within {:?} from {}",
+                settings.timeout, self.shown
             )),
             Err(e) => Outcome::Retry(format!("POST {} failed: {}", self.shown, chain(e))),
         }

@@ -214,7 +214,10 @@ impl Handle for SqlHandler {
                 self.apply_pg(pool, event, args).await
             }
             Database::MySql { pool, .. } => {
-                let inbox = "INSERT IGNORE INTO outboxd_inbox (handler, event_id) VALUES (?, ?)";
+                // Keyed by the SHA-256 of the whole id, compared byte for byte: ids that
+                // differ only in case or past their first 255 characters are distinct.
+                let inbox = "INSERT IGNORE INTO outboxd_inbox (handler, event_id, event_hash) \
+                             SELECT ?, e.id, UNHEX(SHA2(e.id, 256)) FROM (SELECT ? AS id) e";
                 apply_dynamic!(self, pool, inbox, event, self.values(&payload))
             }
             Database::Sqlite { pool, .. } => {

@@ -40,16 +40,25 @@ pub struct TableContext {
 }
 
 /// Relays one table until `shutdown`; database failures restart the manager after a
-/// backoff, never the process.
+/// backoff, never the process. A table that does not fit its mapping (a missing column, a
+/// column of an unusable type) is reported once and checked again after each backoff, so
+/// that fixing the table is enough.
 pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
     let mut retry = crate::backoff::exponential();
     let table = ctx.config.table.clone();
+    let mut reported: Option<String> = None;
     while !shutdown.is_cancelled() {
         match manage(&ctx, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();
-                tracing::error!(%table, error = %e, ?pause, "relay for table stopped; restarting");
+                let text = e.to_string();
+                if matches!(e, StoreError::Schema(_)) && reported.as_deref() == Some(&text) {
+                    tracing::debug!(%table, error = %e, ?pause, "table still does not fit its mapping");
+                } else {
+                    tracing::error!(%table, error = %e, ?pause, "relay for table stopped; restarting");
+                }
+                reported = Some(text);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}

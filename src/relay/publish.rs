@@ -158,6 +158,9 @@ fn prepare(
     scratch: &mut String,
     last_topic: &mut Option<Arc<str>>,
 ) -> Result<Prepared, String> {
+    if let Some(problem) = &row.unreadable {
+        return Err(problem.clone());
+    }
     if row.key().is_none() {
         return Err("key column is NULL".into());
     }

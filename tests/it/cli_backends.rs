@@ -80,3 +80,58 @@ async fn emit_and_status_work_on_every_backend(kind: Kind) {
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_inbox_migration_keeps_the_events_it_recorded() {
+    use sqlx::Connection;
+    let name = unique("mig");
+    let server = crate::backends::mysql_url();
+    let base = server.rsplit_once('/').unwrap().0.to_owned();
+    let url = format!("{base}/{name}");
+    let mut admin = sqlx::MySqlConnection::connect(&server).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let toml = format!(
+        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"embedded\"\n[[relay.tables]]\ntable = \"outbox\"\ntopic = \"e.{{event_type}}\"\n"
+    );
+    let (code, _, err) = run_with(&["migrate"], &toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    // Back to the inbox as the previous version left it, with one event recorded.
+    let mut conn = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    let old = include_str!("../../migrations/mysql/20261126000003_inbox.sql")
+        .trim()
+        .trim_end_matches(';');
+    sqlx::raw_sql(&format!(
+        "DROP TABLE outboxd_inbox; {old}; \
+         INSERT INTO outboxd_inbox (handler, event_id) VALUES ('h', 'Old-Event'); \
+         DELETE FROM _sqlx_migrations WHERE version = 20261202000004"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let (code, _, err) = run_with(&["migrate"], &toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    let recorded: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT CAST(handler AS CHAR), CAST(event_id AS CHAR), event_hash = UNHEX(SHA2('Old-Event', 256)) FROM outboxd_inbox",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(recorded, [("h".into(), "Old-Event".into(), true)]);
+    // The same id in other case is another event now.
+    let inserted = sqlx::query(
+        "INSERT IGNORE INTO outboxd_inbox (handler, event_id, event_hash) VALUES ('h', 'old-event', UNHEX(SHA2('old-event', 256)))",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(inserted, 1);
+    conn.close().await.unwrap();
+    sqlx::query(&format!("DROP DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -115,3 +115,57 @@ async fn sql_handler_applies_each_event_once_and_dead_letters_bad_payloads(kind:
     assert_eq!(inbox, 2);
     daemon.stop().await.unwrap();
 }
+
+on_backends!(inbox_ids_compare_exactly: postgres, mysql, sqlite);
+async fn inbox_ids_compare_exactly(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let effects = unique("effects");
+    db.exec(&format!(
+        "CREATE TABLE {effects} (event_id {} NOT NULL)",
+        db.pick("text", "TEXT", "TEXT")
+    ))
+    .await;
+    let p1 = db.pick("$1", "?", "?");
+    let (topic, _cluster, bootstrap) = consuming("inboxids", 1);
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "record")],
+        vec![(
+            "record",
+            handler(&format!(
+                "kind = \"sql\"\nstatement = \"INSERT INTO {effects} (event_id) VALUES ({p1})\"\nparams = [\"/id\"]"
+            )),
+        )],
+    );
+    cfg.database.url = Some(db.url.clone());
+    // Ids unique to this run that differ only in case, or only after 255 characters.
+    let base = unique("Ev");
+    let long = format!("{base}{}", "x".repeat(300));
+    let ids = [
+        base.clone(),
+        base.to_lowercase(),
+        format!("{long}-a"),
+        format!("{long}-b"),
+    ];
+    let bodies: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{{\"id\": \"{id}\"}}"))
+        .collect();
+    let headers: Vec<[(&str, &str); 1]> =
+        ids.iter().map(|id| [("event-id", id.as_str())]).collect();
+    let messages: Vec<Msg<'_>> = bodies
+        .iter()
+        .zip(&headers)
+        .map(|(b, h)| (0, "k", b.as_bytes(), &h[..]))
+        .collect();
+    produce(&bootstrap, &topic, &messages).await;
+    let daemon = Daemon::start(cfg).await;
+    eventually("every event handled", Duration::from_secs(30), || async {
+        daemon.metric("outboxd_consumer_messages_total", &[("outcome", "done")]) == 4.0
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    let applied = db.scalar(&format!("SELECT count(*) FROM {effects}")).await;
+    assert_eq!(applied, 4, "each distinct id had its effect");
+}

@@ -247,6 +247,60 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
     daemon.stop().await.unwrap();
 }
 
+on_backends!(a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow: mysql, sqlite);
+async fn a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let table = unique("unreadable");
+    let (id, key_type) = db.pick(
+        ("bigserial PRIMARY KEY", "bytea"),
+        ("BIGINT AUTO_INCREMENT PRIMARY KEY", "VARBINARY(64)"),
+        ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
+    );
+    db.exec(&format!(
+        "CREATE TABLE {table} (id {id}, aggregate_id {key_type}, event_type text, payload text)"
+    ))
+    .await;
+    // A key that is not UTF-8 between rows of other keys.
+    let bad_key = db.pick("'\\xff00'::bytea", "X'FF00'", "X'FF00'");
+    db.exec(&format!(
+        "INSERT INTO {table} (aggregate_id, event_type, payload) VALUES ('k1', 'ok', '{{\"n\": 0}}');
+         INSERT INTO {table} (aggregate_id, event_type, payload) VALUES ({bad_key}, 'ok', '{{\"n\": 1}}');
+         INSERT INTO {table} (aggregate_id, event_type, payload) VALUES ('k2', 'ok', '{{\"n\": 2}}')"
+    ))
+    .await;
+    let topic = format!("{table}.ok");
+    let cluster = cluster(&topic, 1);
+    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
+    let t = &mut cfg.relay.tables[0];
+    t.topic = Some(format!("{table}.{{event_type}}"));
+    t.aggregate_type_column = String::new();
+    t.event_id_column = String::new();
+    t.headers_column = String::new();
+    t.created_at_column = String::new();
+    t.notify_channel = String::new();
+    let daemon = Daemon::start(cfg).await;
+    db.drained(&table, Duration::from_secs(15)).await;
+    daemon.stop().await.unwrap();
+    let dead = db
+        .pairs(&format!(
+            "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}'"
+        ))
+        .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "2");
+    assert!(dead[0].1.contains("key_column cannot be read"), "{dead:?}");
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        2,
+        Duration::from_millis(300),
+        Duration::from_secs(10),
+    )
+    .await;
+    let ns: Vec<i64> = received.iter().map(|r| r.n).collect();
+    assert_eq!(ns, vec![0, 2]);
+}
+
 on_backends!(rows_may_not_steer_outboxd_with_their_topic_or_headers: postgres, mysql, sqlite);
 async fn rows_may_not_steer_outboxd_with_their_topic_or_headers(kind: Kind) {
     let db = TestDb::new(kind).await;
@@ -554,4 +608,61 @@ async fn sqlite_second_relay_waits_for_the_lane_and_takes_over() {
     .await;
     assert_exactly_once(&received, 0, 1000);
     b.stop().await.unwrap();
+}
+
+on_backends!(time_columns_of_an_unusable_type_are_named_at_start: postgres, mysql);
+async fn time_columns_of_an_unusable_type_are_named_at_start(kind: Kind) {
+    use outboxd::relay::store;
+    let db = TestDb::new(kind).await;
+    let table = unique("epoch");
+    let (id, number, flag) = db.pick(
+        ("bigserial PRIMARY KEY", "double precision", "boolean"),
+        ("BIGINT AUTO_INCREMENT PRIMARY KEY", "DOUBLE", "BOOLEAN"),
+        ("", "", ""),
+    );
+    db.exec(&format!(
+        "CREATE TABLE {table} (id {id}, aggregate_id text, event_type text, payload text, \
+         created_at {number}, published {flag})"
+    ))
+    .await;
+    let mut cfg = db.config(&table, "127.0.0.1:9");
+    let t = &mut cfg.relay.tables[0];
+    t.aggregate_type_column = String::new();
+    t.event_id_column = String::new();
+    t.headers_column = String::new();
+    let database = outboxd::db::Database::open(&cfg.database).unwrap();
+    let open = |t: outboxd::config::TableConfig| {
+        let database = database.clone();
+        async move {
+            store::open(&database, &t)
+                .await
+                .err()
+                .map(|e| e.to_string())
+        }
+    };
+    let why = open(cfg.relay.tables[0].clone()).await.expect("refused");
+    let (shown, wanted) = db.pick(
+        ("double precision", "timestamptz"),
+        ("double", "DATETIME"),
+        ("", ""),
+    );
+    for part in [
+        format!("table `{table}`"),
+        "column `created_at` (relay.tables.created_at_column)".to_owned(),
+        format!("type {shown}"),
+        wanted.to_owned(),
+        "created_at_column = \"\"".to_owned(),
+    ] {
+        assert!(why.contains(&part), "`{part}` not in: {why}");
+    }
+    let t = &mut cfg.relay.tables[0];
+    t.created_at_column = String::new();
+    assert_eq!(open(t.clone()).await, None, "usable without created_at");
+    t.on_published = OnPublished::Mark;
+    t.published_at_column = "published".into();
+    let why = open(t.clone()).await.expect("refused in mark mode");
+    assert!(
+        why.contains("column `published` (relay.tables.published_at_column)"),
+        "{why}"
+    );
 }

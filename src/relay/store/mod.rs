@@ -8,7 +8,7 @@ pub mod postgres;
 mod row;
 pub mod sqlite;
 
-pub use row::{ClaimedRow, Columns};
+pub use row::{ClaimedRow, Columns, Lenient};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -348,6 +348,42 @@ pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreErr
                 "table `{}` has no column `{column}` (relay.tables.{key}); columns: {}",
                 t.table,
                 columns.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the time columns the relay uses have a type it can use: `created_at_column`
+/// (read for the delay and age metrics) and, in mark mode, `published_at_column` (set to
+/// the current time). `type_of` gives a column's type as the database names it, `is_time`
+/// says whether that is a time type, and `time_types` names them for the message.
+pub fn check_time_columns<'a>(
+    t: &TableConfig,
+    type_of: impl Fn(&str) -> Option<&'a str>,
+    is_time: impl Fn(&str) -> bool,
+    time_types: &str,
+) -> Result<(), StoreError> {
+    let mut used = vec![(
+        "created_at_column",
+        t.created_at_column.as_str(),
+        "or set created_at_column = \"\" to do without the delay and age metrics",
+    )];
+    if t.on_published == crate::config::OnPublished::Mark {
+        used.push((
+            "published_at_column",
+            t.published_at_column.as_str(),
+            "or use on_published = \"delete\"",
+        ));
+    }
+    for (key, column, alternative) in used {
+        if column.is_empty() {
+            continue;
+        }
+        if let Some(ty) = type_of(column).filter(|ty| !is_time(ty)) {
+            return Err(StoreError::Schema(format!(
+                "table `{}`: column `{column}` (relay.tables.{key}) is of type {ty}, which outboxd cannot use as a time; it needs {time_types}: change the column's type, {alternative}",
+                t.table
             )));
         }
     }

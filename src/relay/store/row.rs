@@ -21,6 +21,9 @@ pub struct ClaimedRow {
     pub payload: Option<Vec<u8>>,
     /// Creation time as Unix seconds.
     pub created_at: Option<f64>,
+    /// Why a column of this row could not be read (not UTF-8, an unexpected type): the row
+    /// becomes a dead row with this reason.
+    pub unreadable: Option<String>,
 }
 
 /// Where a text column lies in [`ClaimedRow`]'s buffer.
@@ -92,6 +95,7 @@ impl ClaimedRow {
             topic,
             payload: c.payload.map(<[u8]>::to_vec),
             created_at: c.created_at,
+            unreadable: None,
         }
     }
 
@@ -132,6 +136,78 @@ impl ClaimedRow {
     /// The topic, when it comes from `topic_column`.
     pub fn topic(&self) -> Option<&str> {
         self.get(self.topic)
+    }
+}
+
+/// Reads a claimed row's columns one by one. A column that cannot be decoded (not
+/// UTF-8, an unexpected type) reads as NULL and the first such problem is kept, so that the
+/// row becomes a dead row instead of failing its whole batch, and the rows after it flow.
+pub struct Lenient<'r, R> {
+    row: &'r R,
+    problem: Option<String>,
+}
+
+impl<'r, R: sqlx::Row> Lenient<'r, R>
+where
+    usize: sqlx::ColumnIndex<R>,
+{
+    /// Reads `row`.
+    pub fn new(row: &'r R) -> Self {
+        Lenient { row, problem: None }
+    }
+
+    /// Column `index` (`what` names it in the reason), type-checked.
+    pub fn get<T>(&mut self, index: usize, what: &str) -> T
+    where
+        T: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database> + Default,
+    {
+        let read = self.row.try_get(index);
+        self.keep(read, what)
+    }
+
+    /// Column `index`, decoded without checking the declared type (the statement casts it).
+    pub fn get_unchecked<T>(&mut self, index: usize, what: &str) -> T
+    where
+        T: sqlx::Decode<'r, R::Database> + Default,
+    {
+        let read = self.row.try_get_unchecked(index);
+        self.keep(read, what)
+    }
+
+    /// A text column; with `as_bytes`, one the database hands over as bytes (a binary
+    /// column, which a cast to text would change without a word), checked for UTF-8 here.
+    pub fn get_text(&mut self, index: usize, as_bytes: bool, what: &str) -> Option<&'r str>
+    where
+        Option<&'r str>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Option<&'r [u8]>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        if !as_bytes {
+            return self.get(index, what);
+        }
+        let bytes: Option<&'r [u8]> = self.get(index, what);
+        match bytes.map(std::str::from_utf8) {
+            Some(Ok(text)) => Some(text),
+            Some(Err(e)) => {
+                let read = Err(sqlx::Error::Decode(Box::new(e)));
+                self.keep::<Option<&str>>(read, what)
+            }
+            None => None,
+        }
+    }
+
+    fn keep<T: Default>(&mut self, read: Result<T, sqlx::Error>, what: &str) -> T {
+        read.unwrap_or_else(|e| {
+            if self.problem.is_none() {
+                self.problem = Some(format!("{what} cannot be read: {e}"));
+            }
+            T::default()
+        })
+    }
+
+    /// `row` with the problem found, if any.
+    pub fn finish(self, mut row: ClaimedRow) -> ClaimedRow {
+        row.unreadable = self.problem;
+        row
     }
 }
 

@@ -15,8 +15,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::{OnPublished, TableConfig};
 
 use super::{
-    check_columns, purge_in_batches, ClaimedRow, Columns, LaneOwner, LaneSession, Membership,
-    NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
+    check_columns, purge_in_batches, ClaimedRow, Columns, LaneOwner, LaneSession, Lenient,
+    Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
 /// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
@@ -100,11 +100,18 @@ impl TableSql {
         } else {
             epoch(&format!("o.{}", q(&t.created_at_column)))
         };
+        // JSON holds no blobs: a blob value is kept as `\x` and its bytes in hex, as
+        // PostgreSQL prints bytea.
         let row_json = format!(
             "json_object({})",
             columns
                 .iter()
-                .map(|c| format!("'{c}', o.{}", q(c)))
+                .map(|c| {
+                    let v = format!("o.{}", q(c));
+                    format!(
+                        "'{c}', CASE WHEN typeof({v}) = 'blob' THEN '\\x' || hex({v}) ELSE {v} END"
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -154,18 +161,22 @@ impl TableSql {
     }
 }
 
+/// A claimed row; only an id that cannot be read fails the claim (the row could not even
+/// be named), any other unreadable column makes the row a dead row.
 fn decode(r: &SqliteRow) -> Result<ClaimedRow, StoreError> {
-    Ok(ClaimedRow::new(&Columns {
+    let mut c = Lenient::new(r);
+    let row = ClaimedRow::new(&Columns {
         id: r.try_get(0)?,
-        key: r.try_get(1)?,
-        payload: r.try_get(2)?,
-        headers: r.try_get(3)?,
-        event_id: r.try_get(4)?,
-        event_type: r.try_get(5)?,
-        aggregate_type: r.try_get(6)?,
-        created_at: r.try_get(7)?,
-        topic: r.try_get(8)?,
-    }))
+        key: c.get(1, "key_column"),
+        payload: c.get(2, "payload_column"),
+        headers: c.get(3, "headers_column"),
+        event_id: c.get(4, "event_id_column"),
+        event_type: c.get(5, "event_type_column"),
+        aggregate_type: c.get(6, "aggregate_type_column"),
+        created_at: c.get(7, "created_at_column"),
+        topic: c.get(8, "topic_column"),
+    });
+    Ok(c.finish(row))
 }
 
 /// One outbox table in SQLite.

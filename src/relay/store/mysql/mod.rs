@@ -16,8 +16,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, purge_in_batches, random_slot, stable_hash, ClaimedRow, LaneOwner, LaneSession,
-    Membership, NewEvent, Settled, Settlement, Store, StoreError,
+    check_columns, check_time_columns, purge_in_batches, random_slot, stable_hash, ClaimedRow,
+    LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
 use statements::{columns, index_on, placeholders, q, quote_table, TableSql};
 
@@ -81,6 +81,17 @@ impl MySqlStore {
         let columns = columns(&mut conn, &t.table).await?;
         let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
         check_columns(t, &names)?;
+        check_time_columns(
+            t,
+            |name| {
+                columns
+                    .iter()
+                    .find(|(c, _)| c == name)
+                    .map(|(_, ty)| ty.as_str())
+            },
+            |ty| matches!(ty, "datetime" | "timestamp" | "date"),
+            "DATETIME, TIMESTAMP or DATE",
+        )?;
         let id_index = index_on(&mut conn, &t.table, &t.id_column).await?;
         if id_index.is_none() {
             tracing::warn!(table = %t.table, column = %t.id_column, "the id column has no index: every claim and delete scans the table");

@@ -5,7 +5,7 @@ use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
-use crate::relay::store::{ClaimedRow, Columns, StoreError, PURGE_BATCH};
+use crate::relay::store::{ClaimedRow, Columns, Lenient, StoreError, PURGE_BATCH};
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
 pub(super) fn q(ident: &str) -> String {
@@ -85,6 +85,11 @@ pub(super) struct TableSql {
     pub(super) purge: Option<String>,
     pub(super) cleanup_attempts: String,
     pub(super) payload_is_binary: bool,
+    /// Which of key, headers, event id, event type and aggregate type are binary columns
+    /// (read as bytes, checked for UTF-8).
+    pub(super) binary_text: [bool; 5],
+    /// Whether `topic_column` is a binary column.
+    pub(super) binary_topic: bool,
     /// Ids are bound as integers when the id column is one: compared with strings, MySQL
     /// cannot use the primary key and scans (and locks) other lanes' rows.
     pub(super) id_is_integer: bool,
@@ -105,13 +110,32 @@ impl TableSql {
             Some(index) => format!("{table} o FORCE INDEX ({})", q(index)),
             None => format!("{table} o"),
         };
+        let is_binary = |col: &str| {
+            columns
+                .iter()
+                .find(|(c, _)| c == col)
+                .is_some_and(|(_, ty)| ty.contains("blob") || ty.contains("binary"))
+        };
+        // A binary column is read as its bytes and checked for UTF-8 by outboxd: MySQL's
+        // cast would turn bytes that are not UTF-8 into `?` with only a warning.
         let text = |col: &str| {
             if col.is_empty() {
                 "CAST(NULL AS CHAR)".to_owned()
+            } else if is_binary(col) {
+                format!("o.{}", q(col))
             } else {
                 format!("CAST(o.{} AS CHAR)", q(col))
             }
         };
+        let binary_text = [
+            &t.key_column,
+            &t.headers_column,
+            &t.event_id_column,
+            &t.event_type_column,
+            &t.aggregate_type_column,
+        ]
+        .map(|c| is_binary(c));
+        let binary_topic = t.topic_column.as_deref().is_some_and(is_binary);
         let payload_type = columns
             .iter()
             .find(|(c, _)| *c == t.payload_column)
@@ -152,11 +176,16 @@ impl TableSql {
                 q(&t.published_at_column)
             ),
         };
+        // JSON holds no binary strings: a binary column's value is kept as `\x` and its
+        // bytes in hex, as PostgreSQL prints bytea.
         let row_json = format!(
             "JSON_OBJECT({})",
             columns
                 .iter()
-                .map(|(c, _)| format!("'{c}', o.{}", q(c)))
+                .map(|(c, _)| match is_binary(c) {
+                    true => format!("'{c}', CONCAT('\\\\x', HEX(o.{}))", q(c)),
+                    false => format!("'{c}', o.{}", q(c)),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -201,6 +230,8 @@ impl TableSql {
                  (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
             ),
             payload_is_binary,
+            binary_text,
+            binary_topic,
             id_is_integer,
         }
     }
@@ -234,22 +265,26 @@ impl TableSql {
     }
 
     pub(super) fn decode(&self, r: &MySqlRow) -> Result<ClaimedRow, StoreError> {
+        let mut c = Lenient::new(r);
         let payload = if self.payload_is_binary {
-            r.try_get::<Option<&[u8]>, _>(2)?
+            c.get::<Option<&[u8]>>(2, "payload_column")
         } else {
-            r.try_get::<Option<&str>, _>(2)?.map(str::as_bytes)
+            c.get::<Option<&str>>(2, "payload_column")
+                .map(str::as_bytes)
         };
-        Ok(ClaimedRow::new(&Columns {
+        let [key, headers, event_id, event_type, aggregate_type] = self.binary_text;
+        let row = ClaimedRow::new(&Columns {
             id: r.try_get(0)?,
-            key: r.try_get(1)?,
+            key: c.get_text(1, key, "key_column"),
             payload,
-            headers: r.try_get(3)?,
-            event_id: r.try_get(4)?,
-            event_type: r.try_get(5)?,
-            aggregate_type: r.try_get(6)?,
-            created_at: r.try_get(7)?,
-            topic: r.try_get(8)?,
-        }))
+            headers: c.get_text(3, headers, "headers_column"),
+            event_id: c.get_text(4, event_id, "event_id_column"),
+            event_type: c.get_text(5, event_type, "event_type_column"),
+            aggregate_type: c.get_text(6, aggregate_type, "aggregate_type_column"),
+            created_at: c.get(7, "created_at_column"),
+            topic: c.get_text(8, self.binary_topic, "topic_column"),
+        });
+        Ok(c.finish(row))
     }
 }
 

@@ -7,7 +7,8 @@ use sqlx::Row;
 
 use crate::config::{OnPublished, TableConfig};
 use crate::relay::store::{
-    check_columns, purge_in_batches, ClaimedRow, Columns, DeadRow, StoreError, PURGE_BATCH,
+    check_columns, check_time_columns, purge_in_batches, ClaimedRow, Columns, DeadRow, Lenient,
+    StoreError, PURGE_BATCH,
 };
 
 /// Everything the relay runs against one table, rendered once at start-up.
@@ -83,6 +84,17 @@ pub(super) async fn introspect(
             .find(|(c, _)| c == name)
             .map(|(_, ty)| ty.clone())
     };
+    check_time_columns(
+        t,
+        |name| {
+            columns
+                .iter()
+                .find(|(c, _)| c == name)
+                .map(|(_, ty)| ty.as_str())
+        },
+        |ty| ty.starts_with("timestamp") || ty == "date",
+        "timestamptz, timestamp or date",
+    )?;
     Ok(TableShape {
         id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
         payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
@@ -304,21 +316,25 @@ pub(super) async fn claim(
 /// One claimed row. The claim statement fixes every column's type (text, float8, int8;
 /// the payload is text or bytea, both read as their bytes), so the per-row type checks of
 /// `try_get` are skipped; decoding still checks NULLs and UTF-8. Headers `{}` read as none.
+/// A claimed row; only an id that cannot be read fails the claim (the row could not even
+/// be named), any other unreadable column makes the row a dead row.
 fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
-    Ok(ClaimedRow::new(&Columns {
+    let mut c = Lenient::new(r);
+    let row = ClaimedRow::new(&Columns {
         id: r.try_get_unchecked(0)?,
-        key: r.try_get_unchecked(1)?,
-        payload: r.try_get_unchecked(2)?,
+        key: c.get_unchecked(1, "key_column"),
+        payload: c.get_unchecked(2, "payload_column"),
         // `{}` (the reference table's default) adds no headers, as NULL does.
-        headers: r
-            .try_get_unchecked::<Option<&str>, _>(3)?
+        headers: c
+            .get_unchecked::<Option<&str>>(3, "headers_column")
             .filter(|h| *h != "{}"),
-        event_id: r.try_get_unchecked(4)?,
-        event_type: r.try_get_unchecked(5)?,
-        aggregate_type: r.try_get_unchecked(6)?,
-        created_at: r.try_get_unchecked(7)?,
-        topic: r.try_get_unchecked(8)?,
-    }))
+        event_id: c.get_unchecked(4, "event_id_column"),
+        event_type: c.get_unchecked(5, "event_type_column"),
+        aggregate_type: c.get_unchecked(6, "aggregate_type_column"),
+        created_at: c.get_unchecked(7, "created_at_column"),
+        topic: c.get_unchecked(8, "topic_column"),
+    });
+    Ok(c.finish(row))
 }
 
 /// Deletes (or marks) the rows Kafka acknowledged.
