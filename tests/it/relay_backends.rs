@@ -666,3 +666,37 @@ async fn time_columns_of_an_unusable_type_are_named_at_start(kind: Kind) {
         "{why}"
     );
 }
+
+on_backends!(key_order_holds_while_maintenance_purges_and_cleans_up: mysql);
+async fn key_order_holds_while_maintenance_purges_and_cleans_up(kind: Kind) {
+    let (db, table, topic, cluster) = setup(kind, "maint", 2).await;
+    db.exec(&format!(
+        "ALTER TABLE {table} ADD COLUMN published_at TIMESTAMP(6) NULL"
+    ))
+    .await;
+    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
+    let t = &mut cfg.relay.tables[0];
+    t.on_published = OnPublished::Mark;
+    // Maintenance all the time: purges of rows marked a moment ago, counter cleanups.
+    t.retention = Duration::from_millis(1);
+    t.maintenance_interval = Duration::from_millis(10);
+    t.lanes = 2;
+    t.batch_size = 50;
+    t.poll_interval = Duration::from_millis(20);
+    let daemon = Daemon::start(cfg).await;
+    let total = 6000;
+    for first in (0..total).step_by(100) {
+        db.insert_rows(&table, first, 100, 7).await;
+    }
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        total as usize,
+        Duration::from_millis(500),
+        Duration::from_secs(60),
+    )
+    .await;
+    daemon.stop().await.unwrap();
+    assert_at_least_once(&received, 0, total);
+    assert_first_deliveries_in_key_order(&received);
+}

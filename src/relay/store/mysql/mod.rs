@@ -146,27 +146,56 @@ impl Store for MySqlStore {
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 
+    /// Finds marked rows past retention with a plain read, then deletes them by primary
+    /// key at READ COMMITTED: no pending row is ever locked, so a claim's `SKIP LOCKED`
+    /// never passes over one (which could send a later row of its key first).
     async fn purge(&self, retention_secs: f64) -> Result<u64, StoreError> {
         let Some(purge) = &self.sql.purge else {
             return Ok(0);
         };
         let micros = (retention_secs * 1e6) as i64;
         purge_in_batches(|| async {
-            Ok(sqlx::query(purge)
+            let mut conn = self.pool.acquire().await?;
+            let ids: Vec<String> = sqlx::query_scalar(purge)
                 .bind(micros)
-                .execute(&self.pool)
+                .fetch_all(&mut *conn)
+                .await?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let sql = format!("{}{}", self.sql.purge_head, placeholders(ids.len()));
+            conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await?;
+            Ok(self
+                .sql
+                .bind_ids(sqlx::query(&sql), &ids)
+                .execute(&mut *conn)
                 .await?
                 .rows_affected())
         })
         .await
     }
 
+    /// Finds counters of rows that are no longer pending with a plain read, then deletes
+    /// those counters at READ COMMITTED: the outbox itself is never locked.
     async fn cleanup_attempts(&self) -> Result<u64, StoreError> {
-        Ok(sqlx::query(&self.sql.cleanup_attempts)
+        let mut conn = self.pool.acquire().await?;
+        let stale: Vec<String> = sqlx::query_scalar(&self.sql.stale_attempts)
             .bind(&self.sql.table)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+            .fetch_all(&mut *conn)
+            .await?;
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!("{}{}", self.sql.cleanup_head, placeholders(stale.len()));
+        let mut query = sqlx::query(&sql).bind(&self.sql.table);
+        for id in &stale {
+            query = query.bind(id);
+        }
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await?;
+        Ok(query.execute(&mut *conn).await?.rows_affected())
     }
 
     async fn dead_rows(&self) -> Result<i64, StoreError> {

@@ -82,8 +82,16 @@ pub(super) struct TableSql {
     pub(super) row_json: String,
     pub(super) id: String,
     pub(super) stats: String,
+    /// Mark mode: `SELECT id` of marked rows past retention (`?` = microseconds), a
+    /// plain read that locks nothing; `purge_head` deletes them by id.
     pub(super) purge: Option<String>,
-    pub(super) cleanup_attempts: String,
+    /// Followed by `(?, ?, ...)` of ids: deletes marked rows by primary key.
+    pub(super) purge_head: String,
+    /// `SELECT row_id` of attempt counters whose row is no longer pending (`?` = table),
+    /// a plain read of the outbox that locks nothing.
+    pub(super) stale_attempts: String,
+    /// Followed by `(?, ?, ...)` of row ids (after `?` = table): deletes their counters.
+    pub(super) cleanup_head: String,
     pub(super) payload_is_binary: bool,
     /// Which of key, headers, event id, event type and aggregate type are binary columns
     /// (read as bytes, checked for UTF-8).
@@ -221,14 +229,21 @@ impl TableSql {
             ),
             purge: (t.on_published == OnPublished::Mark).then(|| {
                 format!(
-                    "DELETE FROM {table} WHERE {} < NOW(6) - INTERVAL ? MICROSECOND LIMIT {PURGE_BATCH}",
-                    q(&t.published_at_column)
+                    "SELECT CAST(o.{id} AS CHAR) FROM {table} o WHERE o.{published} IS NOT NULL \
+                     AND o.{published} < NOW(6) - INTERVAL ? MICROSECOND LIMIT {PURGE_BATCH}",
+                    published = q(&t.published_at_column)
                 )
             }),
-            cleanup_attempts: format!(
-                "DELETE FROM outboxd_relay_attempts WHERE source_table = ? AND NOT EXISTS \
-                 (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
+            purge_head: format!(
+                "DELETE o FROM {by_id} WHERE o.{} IS NOT NULL AND o.{id} IN ",
+                q(&t.published_at_column)
             ),
+            stale_attempts: format!(
+                "SELECT a.row_id FROM outboxd_relay_attempts a WHERE a.source_table = ? AND NOT EXISTS \
+                 (SELECT 1 FROM {table} o WHERE o.{id} = a.row_id AND {pending})"
+            ),
+            cleanup_head: "DELETE FROM outboxd_relay_attempts WHERE source_table = ? AND row_id IN "
+                .to_owned(),
             payload_is_binary,
             binary_text,
             binary_topic,
