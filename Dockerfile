@@ -13,8 +13,10 @@ RUN cargo build --release --locked \
 FROM debian:bookworm-slim
 # The binary links libc, libgcc_s, libssl3/libcrypto and zlib, nothing else
 # (scripts/check-ops.sh checks this with ldd).
+# tini runs as PID 1: it reaps the orphans a command handler's children leave (a process
+# reparented to PID 1 is otherwise never waited for) and passes signals on to outboxd.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g \
+ && apt-get install -y --no-install-recommends ca-certificates libssl3 zlib1g tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin outboxd
 COPY --from=build /src/target/release/outboxd /usr/local/bin/outboxd
@@ -26,5 +28,5 @@ EXPOSE 9464
 HEALTHCHECK --interval=15s --timeout=6s --start-period=20s --retries=3 \
   CMD ["/usr/local/bin/outboxd", "healthcheck"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/local/bin/outboxd"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/outboxd"]
 CMD ["run"]

@@ -38,8 +38,8 @@ impl HandlerConfig {
     }
 }
 
-/// `kind = "http"`: 2xx is done; 408, 429, 5xx and timeouts are retried; other statuses
-/// dead-letter the message.
+/// `kind = "http"`: 2xx is done; 408, 429, 5xx, the `retry_statuses` and timeouts are
+/// retried; other statuses dead-letter the message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpHandlerConfig {
@@ -54,6 +54,11 @@ pub struct HttpHandlerConfig {
     /// redacted by check-config.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Statuses retried on top of 408, 429 and 5xx, e.g. `[401, 403]` while a token
+    /// rotates or `[409]` for an endpoint that answers conflicts until an earlier event
+    /// arrived; other 4xx (and 3xx) dead-letter at once.
+    #[serde(default)]
+    pub retry_statuses: Vec<u16>,
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,

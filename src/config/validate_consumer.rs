@@ -69,6 +69,13 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
                     p.push(format!("{at}.url: must start with http:// or https://"));
                 }
                 positive(p, &format!("{at}.timeout"), h.timeout);
+                for (i, status) in h.retry_statuses.iter().enumerate() {
+                    if !(300..=599).contains(status) {
+                        p.push(format!(
+                            "{at}.retry_statuses[{i}]: {status} is not a failure status (300-599)"
+                        ));
+                    }
+                }
                 for header in h.headers.keys() {
                     if header.is_empty()
                         || !header.bytes().all(|b| b.is_ascii_graphic() && b != b':')

@@ -21,6 +21,8 @@ pub struct HttpHandler {
     url: reqwest::Url,
     /// The URL as error texts show it: without credentials, query or fragment.
     shown: String,
+    /// Statuses retried on top of 408, 429 and 5xx.
+    retry_statuses: Vec<u16>,
     /// Headers and timeout; a reload replaces them.
     settings: RwLock<Arc<Settings>>,
 }
@@ -71,6 +73,7 @@ impl HttpHandler {
         Ok(HttpHandler {
             client: shared_client()?,
             shown: shown(&url),
+            retry_statuses: c.retry_statuses.clone(),
             url,
             settings,
         })
@@ -119,7 +122,7 @@ impl Handle for HttpHandler {
             Ok(r) => {
                 let status = r.status();
                 drain(r).await;
-                classify(status)
+                classify(status, &self.retry_statuses)
             }
             Err(e) if e.is_builder() => Outcome::DeadLetter(
                 ErrorClass::Permanent,
@@ -179,11 +182,15 @@ async fn drain(mut response: reqwest::Response) {
     }
 }
 
-fn classify(status: reqwest::StatusCode) -> Outcome {
+fn classify(status: reqwest::StatusCode, retry_statuses: &[u16]) -> Outcome {
     let code = status.as_u16();
     if status.is_success() {
         Outcome::Done
-    } else if code == 408 || code == 429 || status.is_server_error() {
+    } else if code == 408
+        || code == 429
+        || status.is_server_error()
+        || retry_statuses.contains(&code)
+    {
         Outcome::Retry(format!("HTTP {status}"))
     } else {
         Outcome::DeadLetter(ErrorClass::Permanent, format!("HTTP {status}"))
@@ -203,7 +210,7 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        let c = |code| classify(reqwest::StatusCode::from_u16(code).unwrap());
+        let c = |code| classify(reqwest::StatusCode::from_u16(code).unwrap(), &[]);
         assert_eq!(c(200), Outcome::Done);
         assert_eq!(c(204), Outcome::Done);
         assert!(matches!(c(408), Outcome::Retry(_)));
@@ -219,6 +226,14 @@ mod tests {
         ));
         assert!(matches!(
             c(301),
+            Outcome::DeadLetter(ErrorClass::Permanent, _)
+        ));
+        let with = |code| classify(reqwest::StatusCode::from_u16(code).unwrap(), &[401, 409]);
+        assert!(matches!(with(401), Outcome::Retry(_)));
+        assert!(matches!(with(409), Outcome::Retry(_)));
+        assert!(matches!(with(503), Outcome::Retry(_)));
+        assert!(matches!(
+            with(403),
             Outcome::DeadLetter(ErrorClass::Permanent, _)
         ));
     }

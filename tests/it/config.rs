@@ -218,6 +218,7 @@ fn bad_configurations_exit_78_and_name_the_key() {
         ("bad unrouted", format!("{consumer}unrouted = \"drop\"\n"), "unrouted"),
         ("bad dialect", format!("{consumer}dead_letter_headers = \"camel\"\n"), "dead_letter_headers"),
         ("dead-letter topic too long", format!("[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"{}\"]\n", "e".repeat(247)), "consumer.dead_letter_topic"),
+        ("a success status to retry", format!("{consumer}{route}[handlers.h]\nkind = \"http\"\nurl = \"http://x\"\nretry_statuses = [200]\n"), "handlers.h.retry_statuses[0]"),
         ("reserved child variable", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\nenv = {{ OUTBOXD_KEY = \"x\" }}\n"), "handlers.h.env"),
         ("bad inherited name", format!("{consumer}{route}[handlers.h]\nkind = \"command\"\nprogram = \"/bin/true\"\ninherit_env = [\"A=B\"]\n"), "handlers.h.inherit_env"),
     ];

@@ -303,3 +303,42 @@ async fn http_errors_name_the_cause_but_not_the_query_or_credentials() {
         assert!(!message.contains(secret), "`{secret}` in {message}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_statuses_are_retried_while_others_dead_letter() {
+    let (topic, _cluster, bootstrap) = consuming("retrystatus", 1);
+    // 401 twice (a token rotating), then accepted; a 403 later stays permanent.
+    let server = TestServer::start(&[401, 401, 200, 403], 200).await;
+    let cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "web")],
+        vec![(
+            "web",
+            http_to(
+                &server.url,
+                "retry_statuses = [401]\n[retry]\nmax_attempts = 5",
+            ),
+        )],
+    );
+    produce_events(&bootstrap, &topic, 0, "rs", "Any", 0..2).await;
+    let daemon = Daemon::start(cfg).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    )
+    .await;
+    daemon.stop().await.unwrap();
+    assert_eq!(
+        server.count(),
+        4,
+        "three calls for the first event, one for the second"
+    );
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id(), "rs-1");
+    assert_eq!(dead[0].headers["outboxd-dlt-error-class"], "permanent");
+    assert!(dead[0].headers["outboxd-dlt-error-message"].contains("403"));
+}
