@@ -95,8 +95,8 @@ pub struct TableConfig {
     /// `CRC32(key)` on MySQL). Each lane is owned by exactly one running outboxd (an advisory
     /// lock on PostgreSQL, `GET_LOCK` on MySQL), so `lanes = 1` is leader election with hot
     /// standbys and more lanes spread one table over replicas while keeping per-key order.
-    /// SQLite has one writer: `lanes` must be 1, owned through a lock on the file
-    /// `DATABASE.outboxd-lock`.
+    /// SQLite has one writer: `lanes` must be 1, owned through a lock on the database file
+    /// itself (one lock byte per table), which every path to the file meets.
     pub lanes: u32,
     /// How often lane ownership is reconsidered: free lanes are taken, and a replica holding
     /// more than its fair share hands the surplus back when others have joined.

@@ -567,6 +567,68 @@ async fn two_relays_share_lanes_and_the_survivor_takes_all(kind: Kind) {
     b.stop().await.unwrap();
 }
 
+/// The SQLite lane lock belongs to the database file: a relay in another process that
+/// reaches the file through a symlink keeps this one out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lane_lock_holds_across_paths_and_processes() {
+    let (db, table, topic, cluster) = setup(Kind::Sqlite, "paths", 1).await;
+    let file = db
+        .url
+        .trim_start_matches("sqlite://")
+        .trim_end_matches("?mode=rwc")
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("same.db");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let toml = format!(
+        "[database]\nurl = \"sqlite://{}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\npoll_interval = \"100ms\"\n\
+         notify_channel = \"\"\nrebalance_interval = \"300ms\"\n",
+        link.display(),
+        cluster.bootstrap_servers()
+    );
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let mut other = std::process::Command::new(crate::cli::BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the other process owns the lane",
+        Duration::from_secs(20),
+        || async {
+            let (code, out, _) = crate::cli::run_with(&["status", "--json"], &toml, &[]);
+            code == 0
+                && serde_json::from_str::<serde_json::Value>(&out).unwrap()["relay"][0]["owners"]
+                    .as_array()
+                    .is_some_and(|o| o.len() == 1)
+        },
+    )
+    .await;
+    let here = Daemon::start(db.config(&table, &cluster.bootstrap_servers())).await;
+    db.insert_rows(&table, 0, 300, 10).await;
+    db.drained(&table, Duration::from_secs(20)).await;
+    let owned = here.metric("outboxd_relay_lanes_owned", &[("table", &table)]);
+    let (code, _) = terminate(&mut other, Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        owned, 0.0,
+        "the relay reaching the file by its own path stayed out"
+    );
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        300,
+        Duration::from_millis(300),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_exactly_once(&received, 0, 300);
+    here.stop().await.unwrap();
+}
+
 /// SQLite has one writer: a second relay on the same file waits for the lane lock and
 /// takes over when the first stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,11 +646,7 @@ async fn sqlite_second_relay_waits_for_the_lane_and_takes_over() {
     let b = Daemon::start(cfg).await;
     db.insert_rows(&table, 0, 500, 10).await;
     db.drained(&table, Duration::from_secs(20)).await;
-    assert_eq!(
-        owned(&b),
-        0.0,
-        "the lane lock file keeps the second relay out"
-    );
+    assert_eq!(owned(&b), 0.0, "the lane lock keeps the second relay out");
     a.stop().await.unwrap();
     eventually(
         "standby takes the lane",

@@ -7,6 +7,7 @@ pub mod mysql;
 pub mod postgres;
 mod row;
 pub mod sqlite;
+mod sqlite_lock;
 
 pub use row::{ClaimedRow, Columns, Lenient};
 
@@ -120,10 +121,10 @@ pub enum StoreError {
         /// The lane.
         lane: u32,
     },
-    /// The lane lock file of a SQLite database cannot be used.
-    #[error("lane lock file {path}: {source}")]
+    /// The lane lock of a SQLite database file cannot be used.
+    #[error("lane lock on {path}: {source}")]
     LockFile {
-        /// The lock file.
+        /// The database file.
         path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,

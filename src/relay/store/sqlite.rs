@@ -1,10 +1,9 @@
-//! SQLite: one lane, held as an exclusive lock on the file `DATABASE.outboxd-lock`, so one
-//! relay at a time reads the outbox. A claim is a plain read; the rows leave the outbox in
+//! SQLite: one lane per table, held as a lock on a byte of the database file itself (see
+//! `sqlite_lock`), so one relay at a time reads the outbox. A claim is a plain read; the rows leave the outbox in
 //! a short `BEGIN IMMEDIATE` transaction once Kafka acknowledged them, so SQLite's single
 //! write lock is never held while waiting for Kafka. No notifications: the lane polls.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use sqlx::{ConnectOptions, Executor, Row};
 
 use crate::config::{OnPublished, TableConfig};
 
+use super::sqlite_lock::{self, LaneLock};
 use super::{
     check_columns, purge_in_batches, ClaimedRow, Columns, LaneOwner, LaneSession, Lenient,
     Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
@@ -185,8 +185,9 @@ pub struct SqliteStore {
     sql: Arc<TableSql>,
     opts: SqliteConnectOptions,
     pool: SqlitePool,
-    /// The lane lock file; `None` for an in-memory database (one process by nature).
-    lock_path: Option<PathBuf>,
+    /// The database file, whose lock byte for this table is the lane lock; `None` for an
+    /// in-memory database (one process by nature).
+    database_file: Option<PathBuf>,
 }
 
 impl SqliteStore {
@@ -199,38 +200,22 @@ impl SqliteStore {
         let mut conn = pool.acquire().await?;
         let columns = columns(&mut conn, &t.table).await?;
         check_columns(t, &columns)?;
-        let file = opts.get_filename();
-        let lock_path = (!file.as_os_str().is_empty() && file.to_str() != Some(":memory:"))
-            .then(|| PathBuf::from(format!("{}.outboxd-lock", file.display())));
+        let database_file = sqlite_lock::database_file(opts.get_filename());
         Ok(SqliteStore {
             config: t.clone(),
             sql: Arc::new(TableSql::new(t, &columns)),
             opts,
             pool,
-            lock_path,
+            database_file,
         })
     }
 
-    /// Takes the lane lock file, or `None` when another relay holds it.
-    fn lock_file(&self) -> Result<Option<Option<File>>, StoreError> {
-        let Some(path) = &self.lock_path else {
+    /// Takes the lane lock, or `None` when another relay holds it.
+    fn lock(&self) -> Result<Option<Option<LaneLock>>, StoreError> {
+        let Some(path) = &self.database_file else {
             return Ok(Some(None));
         };
-        let failed = |source| StoreError::LockFile {
-            path: path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(failed)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(Some(file))),
-            Err(TryLockError::WouldBlock) => Ok(None),
-            Err(TryLockError::Error(e)) => Err(failed(e)),
-        }
+        Ok(sqlite_lock::try_lock(path, &self.config.table)?.map(Some))
     }
 }
 
@@ -241,7 +226,7 @@ impl Store for SqliteStore {
     }
 
     async fn acquire_lane(&self, _lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
-        let Some(lock) = self.lock_file()? else {
+        let Some(lock) = self.lock()? else {
             return Ok(None);
         };
         let conn = self.opts.connect().await?;
@@ -290,8 +275,8 @@ impl Store for SqliteStore {
     }
 
     async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError> {
-        // Holding the lock file for a moment tells whether someone else holds it.
-        let held_elsewhere = self.lock_path.is_some() && self.lock_file()?.is_none();
+        // Holding the lock for a moment tells whether someone else holds it.
+        let held_elsewhere = self.database_file.is_some() && self.lock()?.is_none();
         Ok(held_elsewhere
             .then_some(LaneOwner {
                 lane: 0,
@@ -304,7 +289,7 @@ impl Store for SqliteStore {
     }
 }
 
-/// SQLite has one lane; whoever holds the lock file owns it.
+/// SQLite has one lane; whoever holds the table's lock byte of the database file owns it.
 struct SingleLane;
 
 #[async_trait]
@@ -314,10 +299,10 @@ impl Membership for SingleLane {
     }
 }
 
-/// The lane: the lock file and a dedicated connection.
+/// The lane: its lock and a dedicated connection.
 struct SqliteLane {
     conn: SqliteConnection,
-    _lock: Option<File>,
+    _lock: Option<LaneLock>,
     sql: Arc<TableSql>,
     /// Ids of the rows claimed and not yet committed or released.
     claimed: Vec<String>,
