@@ -47,6 +47,9 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Handler calls running now.
     pub consumer_in_flight: IntGaugeVec,
+    /// 1 while this relay sees another relay of the table with a different `lanes` and so
+    /// holds no lane.
+    pub relay_lanes_conflict: IntGaugeVec,
     /// Times a partition was paused because its handler fell behind, by topic.
     pub consumer_paused_total: IntCounterVec,
     /// 1 while a partition is stopped until outboxd restarts (a dead letter Kafka refuses
@@ -184,6 +187,14 @@ impl Metrics {
                 &["topic"],
             )
             .unwrap(),
+            relay_lanes_conflict: IntGaugeVec::new(
+                Opts::new(
+                    "relay_lanes_conflict",
+                    "1 while another relay of the table runs with a different lanes setting",
+                ),
+                &["table"],
+            )
+            .unwrap(),
             consumer_partition_stopped: IntGaugeVec::new(
                 Opts::new(
                     "consumer_partition_stopped",
@@ -219,6 +230,7 @@ impl Metrics {
             Box::new(m.consumer_in_flight.clone()),
             Box::new(m.consumer_paused_total.clone()),
             Box::new(m.consumer_partition_stopped.clone()),
+            Box::new(m.relay_lanes_conflict.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),
         ];

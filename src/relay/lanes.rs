@@ -147,7 +147,29 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
 impl Manager<'_> {
     async fn rebalance(&mut self) -> Result<(), StoreError> {
         let lanes = self.ctx.config.lanes;
-        let (members, taken) = self.membership.census(lanes).await?;
+        let census = self.membership.census(lanes).await?;
+        let conflict = self
+            .rt
+            .metrics
+            .relay_lanes_conflict
+            .with_label_values(&[&self.ctx.config.table]);
+        if let Some(other) = &census.other_lanes {
+            if conflict.get() == 0 {
+                tracing::error!(
+                    table = %self.ctx.config.table, lanes, other = %other,
+                    "another relay of this table runs with a different lanes setting, which cuts the keys differently: this relay holds no lane and claims nothing until one setting is left"
+                );
+            }
+            conflict.set(1);
+            self.release_all().await;
+            self.publish_gauge();
+            return Ok(());
+        }
+        if conflict.get() == 1 {
+            tracing::warn!(table = %self.ctx.config.table, lanes, "one lanes setting is left; taking lanes again");
+            conflict.set(0);
+        }
+        let (members, taken) = (census.members, census.taken);
         let share = lanes.div_ceil(members);
         while self.owned.len() as u32 > share {
             let (lane, owned) = self.owned.pop_last().expect("owned is not empty");

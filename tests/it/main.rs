@@ -23,5 +23,6 @@ mod relay_backends;
 mod relay_claims;
 mod relay_delivery;
 mod relay_faults;
+mod relay_lane_identity;
 mod relay_pipeline;
 mod relay_shutdown;

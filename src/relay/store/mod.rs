@@ -162,12 +162,24 @@ pub trait Store: Send + Sync {
     async fn listen(&self, _wake: watch::Sender<()>, _stop: CancellationToken) {}
 }
 
-/// This process's registration among the relays of one table.
+/// What a relay sees of the relays serving a table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Relays serving the table, this one included (at least 1).
+    pub members: u32,
+    /// Lanes any relay holds.
+    pub taken: HashSet<u32>,
+    /// Set when another relay runs with a different `lanes` setting (saying which, where
+    /// the backend can tell): its lanes cut the keys differently, so claiming beside it
+    /// would break per-key order.
+    pub other_lanes: Option<String>,
+}
+
+/// This process's registration among the relays of one table, with its `lanes` setting.
 #[async_trait]
 pub trait Membership: Send {
-    /// How many relays (this one included) serve the table, and which of its `lanes`
-    /// any of them holds.
-    async fn census(&mut self, lanes: u32) -> Result<(u32, HashSet<u32>), StoreError>;
+    /// Who serves the table now.
+    async fn census(&mut self, lanes: u32) -> Result<Census, StoreError>;
 }
 
 /// One held lane: its claim cycle.

@@ -3,7 +3,7 @@
 //! a short `BEGIN IMMEDIATE` transaction once Kafka acknowledged them, so SQLite's single
 //! write lock is never held while waiting for Kafka. No notifications: the lane polls.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::config::{OnPublished, TableConfig};
 
 use super::sqlite_lock::{self, LaneLock};
 use super::{
-    check_columns, purge_in_batches, ClaimedRow, Columns, LaneOwner, LaneSession, Lenient,
+    check_columns, purge_in_batches, Census, ClaimedRow, Columns, LaneOwner, LaneSession, Lenient,
     Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
@@ -294,8 +294,11 @@ struct SingleLane;
 
 #[async_trait]
 impl Membership for SingleLane {
-    async fn census(&mut self, _lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
-        Ok((1, HashSet::new()))
+    async fn census(&mut self, _lanes: u32) -> Result<Census, StoreError> {
+        Ok(Census {
+            members: 1,
+            ..Census::default()
+        })
     }
 }
 

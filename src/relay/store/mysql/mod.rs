@@ -16,8 +16,9 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, check_time_columns, purge_in_batches, random_slot, stable_hash, ClaimedRow,
-    LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement, Store, StoreError,
+    check_columns, check_time_columns, purge_in_batches, random_slot, stable_hash, Census,
+    ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement, Store,
+    StoreError,
 };
 use statements::{columns, index_on, placeholders, q, quote_table, TableSql};
 
@@ -41,8 +42,10 @@ fn is_lock_conflict(e: &StoreError) -> bool {
 struct LockNames(String);
 
 impl LockNames {
-    fn new(table: &str) -> Self {
-        LockNames(format!("outboxd:{:08x}", stable_hash(table)))
+    /// The names of table `identity` (`database.table`): `GET_LOCK` names are server-wide,
+    /// so the database is part of them.
+    fn new(identity: &str) -> Self {
+        LockNames(format!("outboxd:{:08x}", stable_hash(identity)))
     }
     fn lane(&self, lane: u32) -> String {
         format!("{}:lane:{lane}", self.0)
@@ -50,6 +53,32 @@ impl LockNames {
     fn member(&self, slot: u32) -> String {
         format!("{}:member:{slot}", self.0)
     }
+    /// Held by the member in `slot` that runs with `lanes`; a member slot in use without
+    /// it belongs to a relay with another lane count.
+    fn lanes(&self, lanes: u32, slot: u32) -> String {
+        format!("{}:lanes:{lanes}:{slot}", self.0)
+    }
+}
+
+/// The table's one name on the server: `database.table`, the database being the one
+/// the table names or the connection's.
+async fn identity(conn: &mut MySqlConnection, table: &str) -> Result<String, StoreError> {
+    if table.contains('.') {
+        return Ok(table.to_owned());
+    }
+    let database: Option<String> = sqlx::query_scalar("SELECT CAST(DATABASE() AS CHAR)")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(format!("{}.{table}", database.unwrap_or_default()))
+}
+
+/// Releases `name` on `conn`.
+async fn release_lock(conn: &mut MySqlConnection, name: &str) -> Result<(), StoreError> {
+    sqlx::query("DO RELEASE_LOCK(?)")
+        .bind(name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Takes `name` on `conn` without waiting; held until released or the connection ends.
@@ -101,7 +130,7 @@ impl MySqlStore {
             sql: Arc::new(TableSql::new(t, &columns, id_index.as_deref())),
             opts,
             pool,
-            locks: LockNames::new(&t.table),
+            locks: LockNames::new(&identity(&mut conn, &t.table).await?),
         })
     }
 }
@@ -111,13 +140,21 @@ impl Store for MySqlStore {
     async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
         let mut conn = self.opts.connect().await?;
         let first = random_slot() as u32;
+        let lanes = self.config.lanes;
         for i in 0..MEMBER_SLOTS {
-            if get_lock(&mut conn, &self.locks.member((first + i) % MEMBER_SLOTS)).await? {
+            let slot = (first + i) % MEMBER_SLOTS;
+            // The lane-count lock first: a member slot seen in use always has its own.
+            let count = self.locks.lanes(lanes, slot);
+            if !get_lock(&mut conn, &count).await? {
+                continue;
+            }
+            if get_lock(&mut conn, &self.locks.member(slot)).await? {
                 return Ok(Box::new(MySqlMembership {
                     conn,
                     locks: self.locks.clone(),
                 }));
             }
+            release_lock(&mut conn, &count).await?;
         }
         Err(StoreError::Schema(format!(
             "table `{}`: all {MEMBER_SLOTS} relay member slots are taken; at most {MEMBER_SLOTS} relays can serve one MySQL table",
@@ -238,10 +275,11 @@ struct MySqlMembership {
 
 #[async_trait]
 impl Membership for MySqlMembership {
-    async fn census(&mut self, lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
+    async fn census(&mut self, lanes: u32) -> Result<Census, StoreError> {
         let names: Vec<String> = (0..MEMBER_SLOTS)
             .map(|s| self.locks.member(s))
             .chain((0..lanes).map(|l| self.locks.lane(l)))
+            .chain((0..MEMBER_SLOTS).map(|s| self.locks.lanes(lanes, s)))
             .collect();
         let sql = format!(
             "SELECT {}",
@@ -253,17 +291,27 @@ impl Membership for MySqlMembership {
         }
         let row = query.fetch_one(&mut self.conn).await?;
         let used = |i: usize| row.try_get::<i64, _>(i).map(|v| v == 1);
-        let mut members = 0;
-        for i in 0..MEMBER_SLOTS as usize {
-            members += u32::from(used(i)?);
+        let slots = MEMBER_SLOTS as usize;
+        let (mut members, mut strangers) = (0, 0);
+        for i in 0..slots {
+            let member = used(i)?;
+            members += u32::from(member);
+            let same_count = used(slots + lanes as usize + i)?;
+            strangers += u32::from(member && !same_count);
         }
         let mut taken = HashSet::new();
         for lane in 0..lanes {
-            if used(MEMBER_SLOTS as usize + lane as usize)? {
+            if used(slots + lane as usize)? {
                 taken.insert(lane);
             }
         }
-        Ok((members.max(1), taken))
+        Ok(Census {
+            members: members.max(1),
+            taken,
+            other_lanes: (strangers > 0).then(|| {
+                format!("{strangers} relay(s) with another lanes setting (or from an outboxd without lane-count locks)")
+            }),
+        })
     }
 }
 

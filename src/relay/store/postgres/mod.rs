@@ -5,7 +5,6 @@
 mod lane;
 mod statements;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -17,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TableConfig;
 
 use super::{
-    random_slot, stable_hash, LaneOwner, LaneSession, Membership, NewEvent, Store, StoreError,
+    random_slot, stable_hash, Census, LaneOwner, LaneSession, Membership, NewEvent, Store,
+    StoreError,
 };
 use lane::{LaneKeys, PgLane};
 use statements::{cleanup_attempts, introspect, purge, q, quote_table, stats, TableSql};
@@ -31,14 +31,29 @@ async fn try_lock(conn: &mut PgConnection, class: i32, object: i32) -> Result<bo
         .await?)
 }
 
-/// Advisory lock classes (first key) of a table: its lanes, its members, and the claims of
-/// lane followers.
-fn lock_classes(table: &str) -> (i32, i32, i32) {
-    (
-        stable_hash(&format!("outboxd:lane:{table}")),
-        stable_hash(&format!("outboxd:member:{table}")),
-        stable_hash(&format!("outboxd:claim:{table}")),
-    )
+/// Advisory lock classes (first key) of a table, by its identity (see `TableShape`): its
+/// lanes, its members, the claims of lane followers, and the lane counts its members run
+/// with.
+fn lock_classes(table: &str) -> LockClasses {
+    LockClasses {
+        lane: stable_hash(&format!("outboxd:lane:{table}")),
+        member: stable_hash(&format!("outboxd:member:{table}")),
+        claim: stable_hash(&format!("outboxd:claim:{table}")),
+        lanes: stable_hash(&format!("outboxd:lanes:{table}")),
+    }
+}
+
+/// The first keys of a table's advisory locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LockClasses {
+    /// `(lane, lane number)`: the lane's owner.
+    lane: i32,
+    /// `(member, random slot)`: one per running relay.
+    member: i32,
+    /// `(claim, lane number)`: a lane follower's claim.
+    claim: i32,
+    /// `(lanes, lane count)`, shared: each relay's `lanes` setting.
+    lanes: i32,
 }
 
 /// One outbox table in PostgreSQL.
@@ -50,6 +65,7 @@ pub struct PgStore {
     lane_class: i32,
     member_class: i32,
     claim_class: i32,
+    lanes_class: i32,
 }
 
 impl PgStore {
@@ -61,15 +77,16 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let mut conn = pool.acquire().await?;
         let shape = introspect(&mut conn, t).await?;
-        let (lane_class, member_class, claim_class) = lock_classes(&t.table);
+        let classes = lock_classes(&shape.identity);
         Ok(PgStore {
             config: t.clone(),
             sql: Arc::new(TableSql::new(t, &shape)),
             opts,
             pool,
-            lane_class,
-            member_class,
-            claim_class,
+            lane_class: classes.lane,
+            member_class: classes.member,
+            claim_class: classes.claim,
+            lanes_class: classes.lanes,
         })
     }
 }
@@ -78,10 +95,16 @@ impl PgStore {
 impl Store for PgStore {
     async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
         let mut conn = self.opts.connect().await?;
+        // Shared: every relay with this lane count holds it; census looks for other counts.
+        sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
+            .bind(self.lanes_class)
+            .bind(self.config.lanes as i32)
+            .execute(&mut conn)
+            .await?;
         while !try_lock(&mut conn, self.member_class, random_slot()).await? {}
         Ok(Box::new(PgMembership {
             conn,
-            classes: [self.lane_class, self.member_class],
+            classes: [self.lane_class, self.member_class, self.lanes_class],
         }))
     }
 
@@ -169,20 +192,22 @@ impl Store for PgStore {
 /// The member lock, held on its own connection.
 struct PgMembership {
     conn: PgConnection,
-    classes: [i32; 2],
+    /// Lane, member and lane-count classes.
+    classes: [i32; 3],
 }
 
 #[async_trait]
 impl Membership for PgMembership {
-    async fn census(&mut self, _lanes: u32) -> Result<(u32, HashSet<u32>), StoreError> {
-        let [lane_class, member_class] = self.classes;
+    async fn census(&mut self, lanes: u32) -> Result<Census, StoreError> {
+        let [lane_class, member_class, lanes_class] = self.classes;
         let rows = sqlx::query(
             "SELECT classid::int8, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
              AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND classid IN ($1::int8::oid, $2::int8::oid)",
+             AND classid IN ($1::int8::oid, $2::int8::oid, $3::int8::oid)",
         )
         .bind(i64::from(lane_class))
         .bind(i64::from(member_class))
+        .bind(i64::from(lanes_class))
         .fetch_all(&mut self.conn)
         .await?;
         let held: Vec<(i32, i32)> = rows
@@ -195,7 +220,22 @@ impl Membership for PgMembership {
             .filter(|(c, _)| *c == lane_class)
             .map(|(_, lane)| *lane as u32)
             .collect();
-        Ok((members.max(1), taken))
+        let mut others: Vec<i32> = held
+            .iter()
+            .filter(|(c, n)| *c == lanes_class && *n != lanes as i32)
+            .map(|(_, n)| *n)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        let other_lanes = (!others.is_empty()).then(|| {
+            let counts: Vec<String> = others.iter().map(i32::to_string).collect();
+            format!("lanes = {}", counts.join(" and "))
+        });
+        Ok(Census {
+            members: members.max(1),
+            taken,
+            other_lanes,
+        })
     }
 }
 
@@ -247,10 +287,16 @@ mod tests {
 
     #[test]
     fn lock_classes_are_stable_and_distinct() {
-        let (a, b, c) = lock_classes("outbox");
-        assert_eq!((a, b, c), lock_classes("outbox"));
-        assert!(a != b && b != c && a != c);
-        assert!(a >= 0 && b >= 0 && c >= 0);
-        assert_ne!(lock_classes("other").0, a);
+        let c = lock_classes("outbox");
+        assert_eq!(c, lock_classes("outbox"));
+        let all = [c.lane, c.member, c.claim, c.lanes];
+        for (i, a) in all.iter().enumerate() {
+            assert!(*a >= 0);
+            assert!(all[i + 1..].iter().all(|b| b != a), "{all:?}");
+        }
+        assert_ne!(lock_classes("other").lane, c.lane);
+        // The keys of a table in `public` are those of earlier versions, which named the
+        // table as configured: `outbox` replicas of both exclude each other.
+        assert_eq!(c.lane, stable_hash("outboxd:lane:outbox"));
     }
 }

@@ -48,6 +48,9 @@ pub struct TableShape {
     /// Whether the order column is an integer: rows are then put in order here instead of
     /// by a sort in the claim statement.
     pub ord_is_integer: bool,
+    /// The table's one name, whatever spelling the configuration used: `relname` in
+    /// schema `public`, else `schema.relname`. Lock keys derive from it.
+    pub identity: String,
 }
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
@@ -65,6 +68,14 @@ pub(super) async fn introspect(
     conn: &mut PgConnection,
     t: &TableConfig,
 ) -> Result<TableShape, StoreError> {
+    let identity: Option<String> = sqlx::query_scalar(
+        "SELECT CASE WHEN n.nspname = 'public' THEN c.relname::text \
+         ELSE n.nspname::text || '.' || c.relname::text END \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+    )
+    .bind(quote_table(&t.table))
+    .fetch_optional(&mut *conn)
+    .await?;
     let rows = sqlx::query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
@@ -96,6 +107,7 @@ pub(super) async fn introspect(
         "timestamptz, timestamp or date",
     )?;
     Ok(TableShape {
+        identity: identity.unwrap_or_else(|| t.table.clone()),
         id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
         payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
         ord_is_integer: matches!(
