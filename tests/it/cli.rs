@@ -220,3 +220,61 @@ async fn consumer_options_reach_only_the_consumer() {
     assert!(!own.contains(warning), "{own}");
     assert!(!own.contains("CONFWARN"), "{own}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_a_child_prints_reaches_neither_the_log_nor_the_dead_letter() {
+    use crate::consumer_helpers::*;
+    let (topic, _cluster, bootstrap) = consuming("leakylog", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.consumer_options]\n\"session.timeout.ms\" = 6000\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [consumer]\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n\
+             [[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"cmd\"\n\
+             [handlers.cmd]\nkind = \"command\"\nprogram = \"/bin/sh\"\n\
+             args = [\"-c\", \"echo token is $API_TOKEN >&2; exit 3\"]\n\
+             env = {{ API_TOKEN = \"tok-s3cret-value\" }}\n",
+            unique("group")
+        ),
+    )
+    .unwrap();
+    produce(
+        &bootstrap,
+        &topic,
+        &[(0, "k", b"{}", &[("event-id", "e-1")])],
+    )
+    .await;
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::from_millis(200),
+        Duration::from_secs(30),
+    )
+    .await;
+    eventually(
+        "the dead letter is logged",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(&log).is_ok_and(|s| s.contains("message dead-lettered"))
+        },
+    )
+    .await;
+    let (code, _) = terminate(&mut child, Duration::from_secs(15)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(0), "{text}");
+    let message = &dead[0].headers["outboxd-dlt-error-message"];
+    assert!(message.contains("token is <redacted>"), "{message}");
+    assert!(text.contains("token is <redacted>"), "{text}");
+    assert!(!text.contains("tok-s3cret-value"), "{text}");
+}

@@ -26,6 +26,31 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn every_kind_of_secret_is_redacted_by_its_name() {
+    let toml = "[database]\nurl = \"postgres://app@db/x?sslmode=require&sslpassword=ssl-s3cret\"\n\
+                [kafka]\nbrokers = \"embedded\"\n\
+                [kafka.options]\n\"ssl.keystore.password\" = \"keystore-s3cret\"\n\
+                [kafka.producer_options]\n\"ssl.key.password\" = \"key-s3cret\"\n\
+                [kafka.consumer_options]\n\"sasl.password\" = \"sasl-s3cret\"\n\
+                [consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
+                [[consumer.routes]]\ntopic = \"events\"\nhandler = \"web\"\n\
+                [handlers.web]\nkind = \"http\"\nurl = \"https://hooks.example/in?token=url-s3cret&x=1\"\n\
+                headers = { \"x-api-key\" = \"hdr-s3cret\" }\n\
+                [handlers.cmd]\nkind = \"command\"\nprogram = \"/bin/true\"\n\
+                env = { DB_PASSWORD = \"env-s3cret\", LANG = \"C.UTF-8\" }\n\
+                [[relay.tables]]\ntable = \"outbox\"\ntopic = \"events.{event_type}\"\n";
+    let (code, out, err) = run_with(&["check-config"], toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("s3cret"), "{out}");
+    assert!(
+        out.contains("sslmode=require&sslpassword=<redacted>"),
+        "{out}"
+    );
+    assert!(out.contains("token=<redacted>&x=1"), "{out}");
+    assert!(out.contains("LANG = \"C.UTF-8\""), "{out}");
+}
+
+#[test]
 fn a_consumer_only_configuration_needs_no_database() {
     let toml = "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"events\"]\n\
                 [[consumer.routes]]\ntopic = \"events\"\nhandler = \"h\"\n\
