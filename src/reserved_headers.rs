@@ -11,8 +11,11 @@ pub const CONTEXT_PREFIXES: &[&str] = &["outboxd-dlt-", "kafka_dlt-", "__connect
 /// Whether `name` is a reserved header (compared without regard to ASCII case, as tools
 /// reading the headers may).
 pub fn is_reserved(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    lower == REPLAY_COUNT || CONTEXT_PREFIXES.iter().any(|p| lower.starts_with(p))
+    let starts_with = |prefix: &str| {
+        name.len() >= prefix.len()
+            && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    };
+    name.eq_ignore_ascii_case(REPLAY_COUNT) || CONTEXT_PREFIXES.iter().any(|p| starts_with(p))
 }
 
 #[cfg(test)]

@@ -45,11 +45,7 @@ impl<'a> Plan<'a> {
                     blocked.insert(key);
                     plan.failed.push(e.clone());
                 }
-                RowOutcome::Bad(reason) => plan.bad.push(DeadRow {
-                    id: row.id().to_owned(),
-                    reason: reason.clone(),
-                    attempts: 0,
-                }),
+                RowOutcome::Bad(reason) => plan.bad.push(DeadRow::new(row.id(), reason, 0)),
             }
         }
         plan

@@ -172,6 +172,19 @@ async fn healthcheck_follows_readiness() {
     assert_eq!(code, 1, "nothing listens any more");
 }
 
+/// Starts `outboxd run --config config` with its stderr in the file `stderr` beside the
+/// config: the process and that file.
+fn run_logged(config: &std::path::Path) -> (std::process::Child, std::path::PathBuf) {
+    let log = config.with_file_name("stderr");
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (child, log)
+}
+
 /// Runs a consumer on the embedded broker with `kafka` as its `[kafka]` tables until its
 /// partition is assigned; returns what it logged.
 async fn consumer_run_log(kafka: &str) -> String {
@@ -186,13 +199,7 @@ async fn consumer_run_log(kafka: &str) -> String {
         ),
     )
     .unwrap();
-    let log = dir.path().join("stderr");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = run_logged(&path);
     eventually(
         "the partition is assigned",
         Duration::from_secs(30),
@@ -247,13 +254,7 @@ async fn a_secret_a_child_prints_reaches_neither_the_log_nor_the_dead_letter() {
         &[(0, "k", b"{}", &[("event-id", "e-1")])],
     )
     .await;
-    let log = dir.path().join("stderr");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = run_logged(&path);
     let dead = consume(
         &bootstrap,
         &format!("{topic}.dlq"),

@@ -170,20 +170,51 @@ async fn broker_down_loses_nothing_and_resumes(kind: Kind) {
     daemon.stop().await.unwrap();
 }
 
-on_backends!(rows_that_cannot_become_messages_go_to_dead_rows: postgres, mysql, sqlite);
-async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
-    let db = TestDb::new(kind).await;
-    let table = unique("badrows");
-    // A hand-made outbox with loose types: nullable key and payload, headers as text.
+/// A hand-made outbox with loose types: `id`, `aggregate_id` of `key_type` (nullable),
+/// `event_type`, `payload` and `headers` as text.
+async fn loose_table(db: &TestDb, prefix: &str, key_type: &str) -> String {
+    let table = unique(prefix);
     let id = db.pick(
         "bigserial PRIMARY KEY",
         "BIGINT AUTO_INCREMENT PRIMARY KEY",
         "INTEGER PRIMARY KEY AUTOINCREMENT",
     );
     db.exec(&format!(
-        "CREATE TABLE {table} (id {id}, aggregate_id text, event_type text, payload text, headers text)"
+        "CREATE TABLE {table} (id {id}, aggregate_id {key_type}, event_type text, payload text, headers text)"
     ))
     .await;
+    table
+}
+
+/// A relay of a [`loose_table`] with `topic`, mapping only the columns it has.
+fn loose_config(db: &TestDb, table: &str, topic: &str, bootstrap: &str) -> outboxd::config::Config {
+    let mut cfg = db.config(table, bootstrap);
+    let t = &mut cfg.relay.tables[0];
+    t.topic = Some(topic.to_owned());
+    t.aggregate_type_column = String::new();
+    t.event_id_column = String::new();
+    t.created_at_column = String::new();
+    t.notify_channel = String::new();
+    cfg
+}
+
+/// `(row id, reason)` of `table`'s dead rows, by row id.
+async fn dead_rows(db: &TestDb, table: &str) -> Vec<(String, String)> {
+    let as_int = db.pick(
+        "row_id::int8",
+        "CAST(row_id AS SIGNED)",
+        "CAST(row_id AS INTEGER)",
+    );
+    db.pairs(&format!(
+        "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}' ORDER BY {as_int}"
+    ))
+    .await
+}
+
+on_backends!(rows_that_cannot_become_messages_go_to_dead_rows: postgres, mysql, sqlite);
+async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
+    let db = TestDb::new(kind).await;
+    let table = loose_table(&db, "badrows", "text").await;
     db.exec(&format!(
         "INSERT INTO {table} (aggregate_id, event_type, payload, headers) VALUES
              ('k1', 'ok', '{{\"n\": 0}}', NULL),
@@ -196,25 +227,11 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
     .await;
     let topic = format!("{table}.ok");
     let cluster = cluster(&topic, 1);
-    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
-    let t = &mut cfg.relay.tables[0];
-    t.topic = Some(format!("{table}.{{event_type}}"));
-    t.aggregate_type_column = String::new();
-    t.event_id_column = String::new();
-    t.created_at_column = String::new();
-    t.notify_channel = String::new();
+    let template = format!("{table}.{{event_type}}");
+    let cfg = loose_config(&db, &table, &template, &cluster.bootstrap_servers());
     let daemon = Daemon::start(cfg).await;
     db.drained(&table, Duration::from_secs(15)).await;
-    let as_int = db.pick(
-        "row_id::int8",
-        "CAST(row_id AS SIGNED)",
-        "CAST(row_id AS INTEGER)",
-    );
-    let dead = db
-        .pairs(&format!(
-            "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}' ORDER BY {as_int}"
-        ))
-        .await;
+    let dead = dead_rows(&db, &table).await;
     let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
     assert_eq!(dead.len(), 4, "{reasons:?}");
     assert!(reasons[0].contains("key column is NULL"), "{reasons:?}");
@@ -250,16 +267,8 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
 on_backends!(a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow: mysql, sqlite);
 async fn a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow(kind: Kind) {
     let db = TestDb::new(kind).await;
-    let table = unique("unreadable");
-    let (id, key_type) = db.pick(
-        ("bigserial PRIMARY KEY", "bytea"),
-        ("BIGINT AUTO_INCREMENT PRIMARY KEY", "VARBINARY(64)"),
-        ("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"),
-    );
-    db.exec(&format!(
-        "CREATE TABLE {table} (id {id}, aggregate_id {key_type}, event_type text, payload text)"
-    ))
-    .await;
+    let key_type = db.pick("bytea", "VARBINARY(64)", "BLOB");
+    let table = loose_table(&db, "unreadable", key_type).await;
     // A key that is not UTF-8 between rows of other keys.
     let bad_key = db.pick("'\\xff00'::bytea", "X'FF00'", "X'FF00'");
     db.exec(&format!(
@@ -270,22 +279,12 @@ async fn a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow(kind: Ki
     .await;
     let topic = format!("{table}.ok");
     let cluster = cluster(&topic, 1);
-    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
-    let t = &mut cfg.relay.tables[0];
-    t.topic = Some(format!("{table}.{{event_type}}"));
-    t.aggregate_type_column = String::new();
-    t.event_id_column = String::new();
-    t.headers_column = String::new();
-    t.created_at_column = String::new();
-    t.notify_channel = String::new();
+    let template = format!("{table}.{{event_type}}");
+    let cfg = loose_config(&db, &table, &template, &cluster.bootstrap_servers());
     let daemon = Daemon::start(cfg).await;
     db.drained(&table, Duration::from_secs(15)).await;
     daemon.stop().await.unwrap();
-    let dead = db
-        .pairs(&format!(
-            "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}'"
-        ))
-        .await;
+    let dead = dead_rows(&db, &table).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, "2");
     assert!(dead[0].1.contains("key_column cannot be read"), "{dead:?}");
@@ -304,16 +303,7 @@ async fn a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow(kind: Ki
 on_backends!(rows_may_not_steer_outboxd_with_their_topic_or_headers: postgres, mysql, sqlite);
 async fn rows_may_not_steer_outboxd_with_their_topic_or_headers(kind: Kind) {
     let db = TestDb::new(kind).await;
-    let table = unique("steer");
-    let id = db.pick(
-        "bigserial PRIMARY KEY",
-        "BIGINT AUTO_INCREMENT PRIMARY KEY",
-        "INTEGER PRIMARY KEY AUTOINCREMENT",
-    );
-    db.exec(&format!(
-        "CREATE TABLE {table} (id {id}, aggregate_id text, event_type text, payload text, headers text)"
-    ))
-    .await;
+    let table = loose_table(&db, "steer", "text").await;
     let topic = format!("{table}.ok");
     db.exec(&format!(
         "INSERT INTO {table} (aggregate_id, event_type, payload, headers) VALUES
@@ -326,28 +316,13 @@ async fn rows_may_not_steer_outboxd_with_their_topic_or_headers(kind: Kind) {
     .await;
     let cluster = cluster(&topic, 1);
     cluster.create_topic("victim", 1, 1).unwrap();
-    let mut cfg = db.config(&table, &cluster.bootstrap_servers());
-    let t = &mut cfg.relay.tables[0];
     // The row's event type is its whole topic.
-    t.topic = Some("{event_type}".into());
-    t.allowed_topics = vec![format!("{table}.o?")];
-    t.aggregate_type_column = String::new();
-    t.event_id_column = String::new();
-    t.created_at_column = String::new();
-    t.notify_channel = String::new();
+    let mut cfg = loose_config(&db, &table, "{event_type}", &cluster.bootstrap_servers());
+    cfg.relay.tables[0].allowed_topics = vec![format!("{table}.o?")];
     let daemon = Daemon::start(cfg).await;
     db.drained(&table, Duration::from_secs(15)).await;
     daemon.stop().await.unwrap();
-    let as_int = db.pick(
-        "row_id::int8",
-        "CAST(row_id AS SIGNED)",
-        "CAST(row_id AS INTEGER)",
-    );
-    let dead = db
-        .pairs(&format!(
-            "SELECT row_id, reason FROM outboxd_dead_rows WHERE source_table = '{table}' ORDER BY {as_int}"
-        ))
-        .await;
+    let dead = dead_rows(&db, &table).await;
     let reasons: Vec<&str> = dead.iter().map(|(_, r)| r.as_str()).collect();
     assert_eq!(dead.len(), 3, "{reasons:?}");
     assert!(

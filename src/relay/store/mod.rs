@@ -43,6 +43,17 @@ pub struct DeadRow {
     pub attempts: i32,
 }
 
+impl DeadRow {
+    /// Row `id`'s dead row, its reason scrubbed of the configuration's secrets.
+    pub fn new(id: &str, reason: &str, attempts: i32) -> Self {
+        DeadRow {
+            id: id.to_owned(),
+            reason: crate::secrets::scrub(reason).into_owned(),
+            attempts,
+        }
+    }
+}
+
 /// The session holding a lane (`outboxd status`).
 #[derive(Debug, serde::Serialize)]
 pub struct LaneOwner {
@@ -90,11 +101,11 @@ impl Settlement<'_> {
         for (id, error) in self.refused {
             let attempts = counts.get(*id).copied().unwrap_or(1);
             if attempts >= self.max_attempts as i32 {
-                dead.push(DeadRow {
-                    id: (*id).to_owned(),
-                    reason: format!("kafka refused it {attempts} times; last error: {error}"),
+                dead.push(DeadRow::new(
+                    id,
+                    &format!("kafka refused it {attempts} times; last error: {error}"),
                     attempts,
-                });
+                ));
             } else {
                 still_refused += 1;
             }
@@ -369,14 +380,21 @@ pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreErr
 
 /// Checks that the time columns the relay uses have a type it can use: `created_at_column`
 /// (read for the delay and age metrics) and, in mark mode, `published_at_column` (set to
-/// the current time). `type_of` gives a column's type as the database names it, `is_time`
-/// says whether that is a time type, and `time_types` names them for the message.
-pub fn check_time_columns<'a>(
+/// the current time). `columns` are the table's `(name, type)` as the database names
+/// them, `is_time` says whether a type is a time type, and `time_types` names them for
+/// the message.
+pub fn check_time_columns(
     t: &TableConfig,
-    type_of: impl Fn(&str) -> Option<&'a str>,
+    columns: &[(String, String)],
     is_time: impl Fn(&str) -> bool,
     time_types: &str,
 ) -> Result<(), StoreError> {
+    let type_of = |name: &str| {
+        columns
+            .iter()
+            .find(|(c, _)| c == name)
+            .map(|(_, ty)| ty.as_str())
+    };
     let mut used = vec![(
         "created_at_column",
         t.created_at_column.as_str(),

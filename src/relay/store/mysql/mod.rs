@@ -112,12 +112,7 @@ impl MySqlStore {
         check_columns(t, &names)?;
         check_time_columns(
             t,
-            |name| {
-                columns
-                    .iter()
-                    .find(|(c, _)| c == name)
-                    .map(|(_, ty)| ty.as_str())
-            },
+            &columns,
             |ty| matches!(ty, "datetime" | "timestamp" | "date"),
             "DATETIME, TIMESTAMP or DATE",
         )?;

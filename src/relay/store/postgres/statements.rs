@@ -97,12 +97,7 @@ pub(super) async fn introspect(
     };
     check_time_columns(
         t,
-        |name| {
-            columns
-                .iter()
-                .find(|(c, _)| c == name)
-                .map(|(_, ty)| ty.as_str())
-        },
+        &columns,
         |ty| ty.starts_with("timestamp") || ty == "date",
         "timestamptz, timestamp or date",
     )?;
