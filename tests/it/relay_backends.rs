@@ -198,6 +198,13 @@ fn loose_config(db: &TestDb, table: &str, topic: &str, bootstrap: &str) -> outbo
     cfg
 }
 
+/// What `topic` holds once `expected` messages arrived and no more came for 300 ms.
+async fn published(cluster: &Cluster, topic: &str, expected: usize) -> Vec<Received> {
+    let bootstrap = cluster.bootstrap_servers();
+    let (settle, timeout) = (Duration::from_millis(300), Duration::from_secs(10));
+    consume(&bootstrap, topic, expected, settle, timeout).await
+}
+
 /// `(row id, reason)` of `table`'s dead rows, by row id.
 async fn dead_rows(db: &TestDb, table: &str) -> Vec<(String, String)> {
     let as_int = db.pick(
@@ -241,14 +248,7 @@ async fn rows_that_cannot_become_messages_go_to_dead_rows(kind: Kind) {
         reasons[3].contains("not a valid Kafka topic name"),
         "{reasons:?}"
     );
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        2,
-        Duration::from_millis(300),
-        Duration::from_secs(10),
-    )
-    .await;
+    let received = published(&cluster, &topic, 2).await;
     let ns: Vec<i64> = received.iter().map(|r| r.n).collect();
     assert_eq!(ns, vec![0, 5]);
     assert_eq!(
@@ -288,14 +288,7 @@ async fn a_row_that_cannot_be_read_becomes_a_dead_row_and_the_rest_flow(kind: Ki
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, "2");
     assert!(dead[0].1.contains("key_column cannot be read"), "{dead:?}");
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        2,
-        Duration::from_millis(300),
-        Duration::from_secs(10),
-    )
-    .await;
+    let received = published(&cluster, &topic, 2).await;
     let ns: Vec<i64> = received.iter().map(|r| r.n).collect();
     assert_eq!(ns, vec![0, 2]);
 }
@@ -334,14 +327,7 @@ async fn rows_may_not_steer_outboxd_with_their_topic_or_headers(kind: Kind) {
         "{reasons:?}"
     );
     assert!(reasons[2].contains("`outboxd-replay-count`"), "{reasons:?}");
-    let received = consume(
-        &cluster.bootstrap_servers(),
-        &topic,
-        2,
-        Duration::from_millis(300),
-        Duration::from_secs(10),
-    )
-    .await;
+    let received = published(&cluster, &topic, 2).await;
     let ns: Vec<i64> = received.iter().map(|r| r.n).collect();
     assert_eq!(ns, vec![0, 4]);
     let victim = consume(
