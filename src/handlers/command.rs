@@ -132,7 +132,10 @@ impl Handle for CommandHandler {
             Ok(Err(e)) => return Outcome::Retry(format!("waiting for the program: {e}")),
             Err(_) => {
                 drop(group);
-                // Reap it now rather than leave it to the runtime.
+                // The group kill reached it; kill it directly too in case it did not (its
+                // id did not fit a pid), then reap it now rather than leave it to the
+                // runtime.
+                let _ = child.start_kill();
                 let _ = child.wait().await;
                 return Outcome::Retry(format!(
                     "{} did not finish within {:?}; its process group was killed",

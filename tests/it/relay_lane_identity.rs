@@ -1,6 +1,7 @@
 //! Lane identity across replicas: a table is one table whatever its configured spelling,
-//! tables of two databases on one MySQL server are two tables, and replicas with
-//! different `lanes` settings never claim side by side.
+//! tables of two databases on one MySQL server are two tables, replicas with different
+//! `lanes` settings never claim side by side, and SQLite's lane lock belongs to the
+//! database file (every path and process meets it; a standby takes over).
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use sqlx::Connection;
 
 use crate::backends::{mysql_url, on_backends, Kind, TestDb};
 use crate::helpers::*;
+use crate::relay_backends::setup;
 
 fn owned(d: &Daemon, table: &str) -> f64 {
     d.metric("outboxd_relay_lanes_owned", &[("table", table)])
@@ -15,8 +17,7 @@ fn owned(d: &Daemon, table: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_spellings_of_one_table_share_its_lanes() {
-    let (db, table, topic, cluster) =
-        crate::relay_backends::setup(Kind::Postgres, "spelling", 2).await;
+    let (db, table, topic, cluster) = setup(Kind::Postgres, "spelling", 2).await;
     let mut plain = db.config(&table, &cluster.bootstrap_servers());
     plain.relay.tables[0].lanes = 2;
     let mut qualified = plain.clone();
@@ -122,4 +123,105 @@ async fn replicas_with_different_lane_counts_claim_nothing_side_by_side(kind: Ki
     )
     .await;
     a.stop().await.unwrap();
+}
+
+/// The SQLite lane lock belongs to the database file: a relay in another process that
+/// reaches the file through a symlink keeps this one out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lane_lock_holds_across_paths_and_processes() {
+    let (db, table, topic, cluster) = setup(Kind::Sqlite, "paths", 1).await;
+    let file = db
+        .url
+        .trim_start_matches("sqlite://")
+        .trim_end_matches("?mode=rwc")
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("same.db");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let toml = format!(
+        "[database]\nurl = \"sqlite://{}\"\n[kafka]\nbrokers = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [[relay.tables]]\ntable = \"{table}\"\ntopic = \"t.{{event_type}}\"\npoll_interval = \"100ms\"\n\
+         notify_channel = \"\"\nrebalance_interval = \"300ms\"\n",
+        link.display(),
+        cluster.bootstrap_servers()
+    );
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let mut other = std::process::Command::new(crate::cli::BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        "the other process owns the lane",
+        Duration::from_secs(20),
+        || async {
+            let (code, out, _) = crate::cli::run_with(&["status", "--json"], &toml, &[]);
+            code == 0
+                && serde_json::from_str::<serde_json::Value>(&out).unwrap()["relay"][0]["owners"]
+                    .as_array()
+                    .is_some_and(|o| o.len() == 1)
+        },
+    )
+    .await;
+    let here = Daemon::start(db.config(&table, &cluster.bootstrap_servers())).await;
+    db.insert_rows(&table, 0, 300, 10).await;
+    db.drained(&table, Duration::from_secs(20)).await;
+    let owned = here.metric("outboxd_relay_lanes_owned", &[("table", &table)]);
+    let (code, _) = terminate(&mut other, Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        owned, 0.0,
+        "the relay reaching the file by its own path stayed out"
+    );
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        300,
+        Duration::from_millis(300),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_exactly_once(&received, 0, 300);
+    here.stop().await.unwrap();
+}
+
+/// SQLite has one writer: a second relay on the same file waits for the lane lock and
+/// takes over when the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_second_relay_waits_for_the_lane_and_takes_over() {
+    let (db, table, topic, cluster) = setup(Kind::Sqlite, "standby", 2).await;
+    let cfg = db.config(&table, &cluster.bootstrap_servers());
+    let a = Daemon::start(cfg.clone()).await;
+    let owned = |d: &Daemon| d.metric("outboxd_relay_lanes_owned", &[("table", &table)]);
+    eventually(
+        "first relay owns the lane",
+        Duration::from_secs(10),
+        || async { owned(&a) == 1.0 },
+    )
+    .await;
+    let b = Daemon::start(cfg).await;
+    db.insert_rows(&table, 0, 500, 10).await;
+    db.drained(&table, Duration::from_secs(20)).await;
+    assert_eq!(owned(&b), 0.0, "the lane lock keeps the second relay out");
+    a.stop().await.unwrap();
+    eventually(
+        "standby takes the lane",
+        Duration::from_secs(10),
+        || async { owned(&b) == 1.0 },
+    )
+    .await;
+    db.insert_rows(&table, 500, 500, 10).await;
+    db.drained(&table, Duration::from_secs(20)).await;
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        1000,
+        Duration::from_millis(500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_exactly_once(&received, 0, 1000);
+    b.stop().await.unwrap();
 }

@@ -2,11 +2,12 @@
 //! with `SELECT ... FOR UPDATE SKIP LOCKED`, and deleting (or marking) them in the same
 //! transaction once Kafka acknowledged them; lanes and members through `GET_LOCK`
 //! held on their own connections (released with them); lane filter on `CRC32(key)`.
-//! No notifications: lanes poll. The statements are in `statements`.
+//! No notifications: lanes poll. The statements are in `statements`, the locks in `locks`.
 
+mod locks;
 mod statements;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -16,14 +17,11 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, check_time_columns, purge_in_batches, random_slot, stable_hash, Census,
-    ClaimedRow, LaneOwner, LaneSession, Membership, NewEvent, Settled, Settlement, Store,
-    StoreError,
+    check_columns, check_time_columns, purge_in_batches, ClaimedRow, LaneOwner, LaneSession,
+    Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
+use locks::{get_lock, identity, LockNames, MEMBER_SLOTS};
 use statements::{columns, index_on, placeholders, q, quote_table, TableSql};
-
-/// How many relays may serve one table at once (member lock slots).
-const MEMBER_SLOTS: u32 = 64;
 
 /// How often a batch's delete is tried when InnoDB reports a deadlock or lock wait timeout.
 const COMMIT_ATTEMPTS: u64 = 5;
@@ -35,59 +33,6 @@ fn is_lock_conflict(e: &StoreError) -> bool {
     };
     db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
         .is_some_and(|e| matches!(e.number(), 1205 | 1213))
-}
-
-/// Lock names (at most 64 characters in MySQL) of one table.
-#[derive(Debug, Clone)]
-struct LockNames(String);
-
-impl LockNames {
-    /// The names of table `identity` (`database.table`): `GET_LOCK` names are server-wide,
-    /// so the database is part of them.
-    fn new(identity: &str) -> Self {
-        LockNames(format!("outboxd:{:08x}", stable_hash(identity)))
-    }
-    fn lane(&self, lane: u32) -> String {
-        format!("{}:lane:{lane}", self.0)
-    }
-    fn member(&self, slot: u32) -> String {
-        format!("{}:member:{slot}", self.0)
-    }
-    /// Held by the member in `slot` that runs with `lanes`; a member slot in use without
-    /// it belongs to a relay with another lane count.
-    fn lanes(&self, lanes: u32, slot: u32) -> String {
-        format!("{}:lanes:{lanes}:{slot}", self.0)
-    }
-}
-
-/// The table's one name on the server: `database.table`, the database being the one
-/// the table names or the connection's.
-async fn identity(conn: &mut MySqlConnection, table: &str) -> Result<String, StoreError> {
-    if table.contains('.') {
-        return Ok(table.to_owned());
-    }
-    let database: Option<String> = sqlx::query_scalar("SELECT CAST(DATABASE() AS CHAR)")
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(format!("{}.{table}", database.unwrap_or_default()))
-}
-
-/// Releases `name` on `conn`.
-async fn release_lock(conn: &mut MySqlConnection, name: &str) -> Result<(), StoreError> {
-    sqlx::query("DO RELEASE_LOCK(?)")
-        .bind(name)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Takes `name` on `conn` without waiting; held until released or the connection ends.
-async fn get_lock(conn: &mut MySqlConnection, name: &str) -> Result<bool, StoreError> {
-    let got: Option<i64> = sqlx::query_scalar("SELECT CAST(GET_LOCK(?, 0) AS SIGNED)")
-        .bind(name)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(got == Some(1))
 }
 
 /// One outbox table in MySQL or MariaDB.
@@ -133,28 +78,14 @@ impl MySqlStore {
 #[async_trait]
 impl Store for MySqlStore {
     async fn join(&self) -> Result<Box<dyn Membership>, StoreError> {
-        let mut conn = self.opts.connect().await?;
-        let first = random_slot() as u32;
-        let lanes = self.config.lanes;
-        for i in 0..MEMBER_SLOTS {
-            let slot = (first + i) % MEMBER_SLOTS;
-            // The lane-count lock first: a member slot seen in use always has its own.
-            let count = self.locks.lanes(lanes, slot);
-            if !get_lock(&mut conn, &count).await? {
-                continue;
-            }
-            if get_lock(&mut conn, &self.locks.member(slot)).await? {
-                return Ok(Box::new(MySqlMembership {
-                    conn,
-                    locks: self.locks.clone(),
-                }));
-            }
-            release_lock(&mut conn, &count).await?;
-        }
-        Err(StoreError::Schema(format!(
-            "table `{}`: all {MEMBER_SLOTS} relay member slots are taken; at most {MEMBER_SLOTS} relays can serve one MySQL table",
-            self.config.table
-        )))
+        let conn = self.opts.connect().await?;
+        let member = locks::join(conn, &self.locks, self.config.lanes).await?;
+        member.map(|m| Box::new(m) as Box<dyn Membership>).ok_or_else(|| {
+            StoreError::Schema(format!(
+                "table `{}`: all {MEMBER_SLOTS} relay member slots are taken; at most {MEMBER_SLOTS} relays can serve one MySQL table",
+                self.config.table
+            ))
+        })
     }
 
     async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
@@ -259,54 +190,6 @@ impl Store for MySqlStore {
             }
         }
         Ok(owners)
-    }
-}
-
-/// The member lock, held on its own connection.
-struct MySqlMembership {
-    conn: MySqlConnection,
-    locks: LockNames,
-}
-
-#[async_trait]
-impl Membership for MySqlMembership {
-    async fn census(&mut self, lanes: u32) -> Result<Census, StoreError> {
-        let names: Vec<String> = (0..MEMBER_SLOTS)
-            .map(|s| self.locks.member(s))
-            .chain((0..lanes).map(|l| self.locks.lane(l)))
-            .chain((0..MEMBER_SLOTS).map(|s| self.locks.lanes(lanes, s)))
-            .collect();
-        let sql = format!(
-            "SELECT {}",
-            vec!["CAST(IS_USED_LOCK(?) IS NOT NULL AS SIGNED)"; names.len()].join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for name in &names {
-            query = query.bind(name);
-        }
-        let row = query.fetch_one(&mut self.conn).await?;
-        let used = |i: usize| row.try_get::<i64, _>(i).map(|v| v == 1);
-        let slots = MEMBER_SLOTS as usize;
-        let (mut members, mut strangers) = (0, 0);
-        for i in 0..slots {
-            let member = used(i)?;
-            members += u32::from(member);
-            let same_count = used(slots + lanes as usize + i)?;
-            strangers += u32::from(member && !same_count);
-        }
-        let mut taken = HashSet::new();
-        for lane in 0..lanes {
-            if used(slots + lane as usize)? {
-                taken.insert(lane);
-            }
-        }
-        Ok(Census {
-            members: members.max(1),
-            taken,
-            other_lanes: (strangers > 0).then(|| {
-                format!("{strangers} relay(s) with another lanes setting (or from an outboxd without lane-count locks)")
-            }),
-        })
     }
 }
 
