@@ -226,3 +226,31 @@ impl Drop for EmbeddedBroker {
         }
     }
 }
+
+/// The offset and metadata `tpl` holds for `topic`/`partition`, the metadata as raw
+/// bytes: rdkafka's own accessor panics on metadata that is not UTF-8, and any client of
+/// the group may have committed some.
+pub fn offset_and_metadata(
+    tpl: &rdkafka::TopicPartitionList,
+    topic: &str,
+    partition: i32,
+) -> Option<(rdkafka::Offset, Vec<u8>)> {
+    let offset = tpl.find_partition(topic, partition)?.offset();
+    let c_topic = std::ffi::CString::new(topic).ok()?;
+    // SAFETY: `tpl` owns its list while borrowed; the element found is read, not kept,
+    // and its metadata is `metadata_size` bytes at `metadata` (or null).
+    let metadata = unsafe {
+        let elem = rdkafka::bindings::rd_kafka_topic_partition_list_find(
+            tpl.ptr(),
+            c_topic.as_ptr(),
+            partition,
+        );
+        if elem.is_null() || (*elem).metadata.is_null() {
+            Vec::new()
+        } else {
+            std::slice::from_raw_parts((*elem).metadata as *const u8, (*elem).metadata_size)
+                .to_vec()
+        }
+    };
+    Some((offset, metadata))
+}

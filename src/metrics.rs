@@ -50,10 +50,21 @@ pub struct Metrics {
     /// 1 while this relay sees another relay of the table with a different `lanes` and so
     /// holds no lane.
     pub relay_lanes_conflict: IntGaugeVec,
-    /// Times a partition was paused because its handler fell behind, by topic.
-    pub consumer_paused_total: IntCounterVec,
-    /// 1 while a partition is stopped until outboxd restarts (a dead letter Kafka refuses
-    /// even stripped, or an unrouted message with `unrouted = "fail"`).
+    /// Messages fetched above each partition's committed offset (final or not), as of
+    /// the last commit published.
+    pub consumer_pending: IntGaugeVec,
+    /// Keys (lanes) of each partition whose message in delivery is in retry: their later
+    /// messages wait behind it.
+    pub consumer_keys_in_retry: IntGaugeVec,
+    /// Messages handed on by a restart or rebalance that the commit metadata recorded as
+    /// final, so not handled again, by topic.
+    pub consumer_already_final_total: IntCounterVec,
+    /// Commits whose map of final offsets did not fit `offset_metadata_max_bytes` and was
+    /// left out (a restart then handles those messages again), by topic.
+    pub consumer_offset_metadata_overflow_total: IntCounterVec,
+    /// Messages of a partition held until outboxd restarts (a dead letter Kafka refuses
+    /// even stripped, or an unrouted message with `unrouted = "fail"`); above 0 is an
+    /// alert.
     pub consumer_partition_stopped: IntGaugeVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
@@ -179,10 +190,34 @@ impl Metrics {
                 &["handler"],
             )
             .unwrap(),
-            consumer_paused_total: IntCounterVec::new(
+            consumer_pending: IntGaugeVec::new(
                 Opts::new(
-                    "consumer_paused_total",
-                    "Partitions paused because their handler fell behind",
+                    "consumer_pending",
+                    "Messages fetched above the partition's committed offset",
+                ),
+                &["topic", "partition"],
+            )
+            .unwrap(),
+            consumer_keys_in_retry: IntGaugeVec::new(
+                Opts::new(
+                    "consumer_keys_in_retry",
+                    "Keys whose message in delivery is in retry, holding back their later messages",
+                ),
+                &["topic", "partition"],
+            )
+            .unwrap(),
+            consumer_already_final_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_already_final_total",
+                    "Redelivered messages the commit metadata recorded as final, not handled again",
+                ),
+                &["topic"],
+            )
+            .unwrap(),
+            consumer_offset_metadata_overflow_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_offset_metadata_overflow_total",
+                    "Commits whose map of final offsets did not fit and was left out",
                 ),
                 &["topic"],
             )
@@ -198,7 +233,7 @@ impl Metrics {
             consumer_partition_stopped: IntGaugeVec::new(
                 Opts::new(
                     "consumer_partition_stopped",
-                    "1 while a partition is stopped until outboxd restarts",
+                    "Messages of the partition held until outboxd restarts",
                 ),
                 &["topic", "partition"],
             )
@@ -228,7 +263,10 @@ impl Metrics {
             Box::new(m.consumer_dead_letter_total.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_in_flight.clone()),
-            Box::new(m.consumer_paused_total.clone()),
+            Box::new(m.consumer_pending.clone()),
+            Box::new(m.consumer_keys_in_retry.clone()),
+            Box::new(m.consumer_already_final_total.clone()),
+            Box::new(m.consumer_offset_metadata_overflow_total.clone()),
             Box::new(m.consumer_partition_stopped.clone()),
             Box::new(m.relay_lanes_conflict.clone()),
             Box::new(m.build_info.clone()),

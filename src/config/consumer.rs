@@ -25,10 +25,28 @@ pub struct ConsumerConfig {
     /// there until a restart with a route for it; other partitions go on).
     #[serde(default)]
     pub unrouted: Unrouted,
-    /// Partitions whose handler runs at the same time (a partition sleeping in backoff does
-    /// not count).
+    /// What is delivered one at a time: `"key"` (the messages of one key, in offset order;
+    /// keys of a partition run side by side), `"partition"` (the messages of one
+    /// partition, in offset order) or `"none"` (nothing waits for another message).
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Handler calls running at the same time, over all partitions (a message sleeping in
+    /// backoff does not count).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Messages of one partition fetched above its committed offset (final or not); when
+    /// reached, the partition is not read further until its lowest open message is final.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_per_partition: usize,
+    /// Bytes (keys and values) of one partition's messages waiting or in flight; when
+    /// reached, the partition is not read further until some are final. One message is
+    /// always taken, whatever its size.
+    #[serde(default = "default_max_pending_bytes")]
+    pub max_pending_bytes_per_partition: usize,
+    /// The most commit metadata the brokers accept (their `offset.metadata.max.bytes`); a
+    /// map of final offsets that does not fit is left out of the commit.
+    #[serde(default = "default_offset_metadata_max_bytes")]
+    pub offset_metadata_max_bytes: usize,
     /// Default retry policy of every handler; `[handlers.NAME.retry]` overrides keys.
     #[serde(default)]
     pub retry: RetryPolicy,
@@ -43,6 +61,31 @@ fn default_dead_letter_topic() -> String {
 
 fn default_max_in_flight() -> usize {
     16
+}
+
+fn default_max_pending() -> usize {
+    10_000
+}
+
+fn default_max_pending_bytes() -> usize {
+    4 << 20
+}
+
+fn default_offset_metadata_max_bytes() -> usize {
+    4096
+}
+
+/// What the consumer delivers one at a time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Per key, in offset order; messages without a key are one key of their own.
+    #[default]
+    Key,
+    /// Per partition, in offset order.
+    Partition,
+    /// No order: every message is delivered as soon as a call is free.
+    None,
 }
 
 /// `[[consumer.routes]]`

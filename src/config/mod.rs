@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use consumer::{
-    ConsumerConfig, DeadLetterDialect, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
+    ConsumerConfig, DeadLetterDialect, Ordering, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
 };
 pub use handlers::{
     event_vars, CommandHandlerConfig, HandlerConfig, HttpHandlerConfig, KafkaHandlerConfig,

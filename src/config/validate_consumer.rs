@@ -38,8 +38,17 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
             }
         }
     }
-    if c.max_in_flight == 0 {
-        p.push("consumer.max_in_flight: must be at least 1".into());
+    for (key, value) in [
+        ("max_in_flight", c.max_in_flight),
+        ("max_pending_per_partition", c.max_pending_per_partition),
+        (
+            "max_pending_bytes_per_partition",
+            c.max_pending_bytes_per_partition,
+        ),
+    ] {
+        if value == 0 {
+            p.push(format!("consumer.{key}: must be at least 1"));
+        }
     }
     retry_policy(p, "consumer.retry", &c.retry);
     for (i, route) in c.routes.iter().enumerate() {

@@ -1,17 +1,17 @@
 //! The consumer's librdkafka context: gives every assigned partition a queue of its own
-//! (before librdkafka starts fetching it), commits stored offsets on revoke, records
+//! (before librdkafka starts fetching it), commits the workers' offsets on revoke, records
 //! assignment changes for the dispatcher, and turns statistics into the lag gauge.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::{ClientContext, Statistics};
+use rdkafka::consumer::{BaseConsumer, CommitMode, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tokio::sync::Notify;
 
+use super::commits::{commit, Commits};
 use crate::metrics::Metrics;
 
 /// One partition's own message queue. librdkafka stops fetching the partition while it
@@ -41,6 +41,8 @@ pub struct Context {
     /// Signalled when the assignment changed, so the dispatcher starts and retires workers
     /// at once even if no message arrives.
     pub changed: Notify,
+    /// Every assigned partition's offset to commit.
+    pub commits: Commits,
 }
 
 impl Context {
@@ -52,6 +54,7 @@ impl Context {
             consumer: OnceLock::new(),
             queues: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            commits: Commits::default(),
         }
     }
 
@@ -122,9 +125,10 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                // Offsets stored so far belong to finished messages: commit them before
-                // the partitions move to another member.
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+                // What the workers published so far: commit it before the partitions move
+                // to another member, and take no later publication of theirs.
+                let last = self.commits.close(tpl);
+                if let Err(e) = commit(consumer, &last, CommitMode::Async) {
                     tracing::debug!(error = %e, "commit on revoke");
                 }
                 for e in tpl.elements() {
@@ -147,6 +151,13 @@ impl ConsumerContext for Context {
             Rebalance::Error(_) => {}
         }
         self.changed.notify_one();
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
+            self.commits.failed(offsets);
+        }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -3,18 +3,25 @@
 //!
 //! - this file: client setup and the dispatcher (polls the consumer's main queue for
 //!   rebalances, statistics and errors; starts and retires one worker per assigned
-//!   partition, which reads the partition's own queue);
-//! - `worker`: one partition's in-order processing, retries, offset storing;
-//! - `input`: a worker's batches of waiting messages;
-//! - `routing`, `retry`, `dead_letter`, `context` (rebalance and statistics callbacks).
+//!   partition, which reads the partition's own queue; commits offsets);
+//! - `worker`: one partition's window of messages, its lanes, its offset to commit;
+//! - `delivery`: one message's steps (call, retry pause, dead letter);
+//! - `lanes`, `offsets` (what is final, and the commit metadata), `commits` (the table of
+//!   offsets to commit), `input`, `routing`, `retry`, `dead_letter`, `context`
+//!   (rebalance, commit and statistics callbacks).
 //!
-//! Offsets: `enable.auto.offset.store=false`; a worker stores a message's offset only
-//! after its outcome is final; librdkafka commits stored offsets every second, on revoke
-//! and at shutdown.
+//! Offsets: librdkafka's automatic commit is off. Each worker publishes its partition's
+//! lowest offset without a final outcome, with a map of the final ones above it in the
+//! commit's metadata; the dispatcher commits what changed every 200 ms, on revoke and at
+//! shutdown, and a newly assigned partition's worker reads the map back first.
 
+mod commits;
 mod context;
 mod dead_letter;
+mod delivery;
 mod input;
+mod lanes;
+mod offsets;
 mod retry;
 mod routing;
 mod worker;
@@ -36,8 +43,8 @@ use crate::systemd::Heartbeat;
 use crate::Services;
 use context::{Change, Context};
 use dead_letter::DeadLetters;
+use delivery::{NamedHandler, Shared, Window};
 use routing::Router;
-use worker::{NamedHandler, Shared};
 
 /// Messages that reached the consumer's main queue (only if a partition could not be
 /// split off) and wait for their partition's worker.
@@ -79,7 +86,6 @@ pub fn start(
     let mut client = ClientConfig::new();
     client
         .set("auto.offset.reset", "earliest")
-        .set("auto.commit.interval.ms", "200")
         .set("statistics.interval.ms", "5000")
         // Every partition has a queue of its own, and these bound each one: a partition
         // whose handler lags is not fetched beyond 2,000 messages or 1 MiB, plus one fetch
@@ -97,7 +103,7 @@ pub fn start(
     client
         .set("bootstrap.servers", bootstrap)
         .set("group.id", &c.group_id)
-        .set("enable.auto.commit", "true")
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     let consumer: StreamConsumer<Context> = client
         .create_with_context(Context::new(metrics.clone()))
@@ -120,6 +126,12 @@ pub fn start(
         ),
         unrouted: c.unrouted,
         permits: Semaphore::new(c.max_in_flight),
+        window: Window {
+            ordering: c.ordering,
+            max_pending: c.max_pending_per_partition,
+            max_bytes: c.max_pending_bytes_per_partition,
+            max_metadata: c.offset_metadata_max_bytes,
+        },
         metrics,
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
@@ -192,12 +204,14 @@ impl Dispatcher {
     async fn run(mut self, shutdown: CancellationToken, drain: Duration, heartbeat: Heartbeat) {
         let shared = self.shared.clone();
         let mut beat = tokio::time::interval(Duration::from_secs(1));
+        let mut commit = tokio::time::interval(commits::INTERVAL);
         loop {
             // The main queue carries rebalances, statistics and errors (messages come
             // through each partition's own queue); polling it never waits for a handler.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = beat.tick() => heartbeat.beat(),
+                _ = commit.tick() => self.commit(false, CommitMode::Async),
                 _ = shared.consumer.context().changed.notified() => self.apply_changes(),
                 received = shared.consumer.recv() => {
                     self.apply_changes();
@@ -212,6 +226,23 @@ impl Dispatcher {
             }
         }
         self.drain(drain).await;
+    }
+
+    /// Commits the offsets the workers published since the last commit (all of them with
+    /// `all`).
+    fn commit(&self, all: bool, mode: CommitMode) {
+        let (tpl, overflowed) = self.shared.consumer.context().commits.take(all);
+        for topic in overflowed {
+            self.shared
+                .metrics
+                .consumer_offset_metadata_overflow_total
+                .with_label_values(&[&topic])
+                .inc();
+        }
+        if let Err(e) = commits::commit(self.shared.consumer.as_ref(), &tpl, mode) {
+            tracing::debug!(error = %e, "offset commit failed; retried at the next interval");
+            self.shared.consumer.context().commits.failed(&tpl);
+        }
     }
 
     /// Starts a worker for every newly assigned partition and retires the workers of
@@ -258,9 +289,19 @@ impl Dispatcher {
             queue: self.shared.consumer.context().queue(topic, partition),
             strays: receiver,
         };
+        let at = worker::Assignment {
+            topic: topic.to_owned(),
+            partition,
+            generation: self
+                .shared
+                .consumer
+                .context()
+                .commits
+                .open(topic, partition),
+        };
         let task = tokio::spawn(worker::run(
             self.shared.clone(),
-            topic.to_owned(),
+            at,
             input,
             stop.clone(),
             previous,
@@ -299,8 +340,9 @@ impl Dispatcher {
             .insert(partition, retiring);
     }
 
-    /// Workers finish their message in flight (a message sleeping in backoff is left for
-    /// the next start), then stored offsets are committed.
+    /// Workers finish their calls in flight (a message sleeping in backoff is left for
+    /// the next start, its calls so far recorded), then every partition's offset and map
+    /// are committed.
     async fn drain(self, deadline: Duration) {
         let mut tasks = Vec::new();
         for (_, partitions) in self.workers {
@@ -319,12 +361,16 @@ impl Dispatcher {
             aborts.iter().for_each(|a| a.abort());
         }
         let consumer = self.shared.consumer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await;
+        let (tpl, _) = consumer.context().commits.take(true);
+        let committed = tokio::task::spawn_blocking(move || {
+            commits::commit(consumer.as_ref(), &tpl, CommitMode::Sync)
+        })
+        .await;
         match committed {
             Ok(Ok(())) => tracing::info!("consumer offsets committed"),
-            Ok(Err(e)) => tracing::debug!(error = %e, "final commit (nothing to commit?)"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "final offset commit failed; messages finished since the last commit are delivered again after restart")
+            }
             Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
         self.shared.consumer.context().release_queues();

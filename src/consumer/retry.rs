@@ -16,6 +16,14 @@ pub struct Retrier {
     attempts: u32,
 }
 
+impl std::fmt::Debug for Retrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retrier")
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
@@ -27,19 +35,32 @@ pub enum Next {
 
 impl Retrier {
     /// After a message's first attempt failed, which took `first` (the retry clock counts
-    /// from its start). Made only then, so that a message handled at once pays nothing.
+    /// from its start).
+    #[cfg(test)]
     pub fn new(policy: &RetryPolicy, first: Duration) -> Self {
+        Self::resumed(policy, first, 1)
+    }
+
+    /// Made only after a failure, so that a message handled at once pays nothing: after a
+    /// failed attempt that took `last` and brought the calls made to `attempts`,
+    /// counting those of an earlier process: the delays go on growing from where they
+    /// were, and the retry clock counts from this process's first call.
+    pub fn resumed(policy: &RetryPolicy, last: Duration, attempts: u32) -> Self {
         let now = Instant::now();
+        let mut bounds = ExponentialBuilder::default()
+            .with_min_delay(policy.initial)
+            .with_factor(policy.multiplier as f32)
+            .with_max_delay(policy.max_delay)
+            .without_max_times()
+            .build();
+        for _ in 1..attempts.min(64) {
+            bounds.next();
+        }
         Retrier {
-            bounds: ExponentialBuilder::default()
-                .with_min_delay(policy.initial)
-                .with_factor(policy.multiplier as f32)
-                .with_max_delay(policy.max_delay)
-                .without_max_times()
-                .build(),
+            bounds,
             policy: policy.clone(),
-            started: now.checked_sub(first).unwrap_or(now),
-            attempts: 1,
+            started: now.checked_sub(last).unwrap_or(now),
+            attempts,
         }
     }
 
@@ -50,6 +71,7 @@ impl Retrier {
     }
 
     /// Attempts so far.
+    #[cfg(test)]
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
@@ -148,6 +170,22 @@ mod tests {
         }
         assert!(slept <= Duration::from_secs(3), "slept {slept:?}");
         assert!(r.attempts() > 3, "retried until the time was used up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_message_keeps_its_count_and_its_grown_delays() {
+        let mut r = Retrier::resumed(&policy(), Duration::ZERO, 4);
+        assert_eq!(r.attempts(), 4);
+        match r.next() {
+            Next::RetryAfter(d) => assert!(d <= Duration::from_millis(800), "{d:?}"),
+            Next::GiveUp => panic!("two calls are left"),
+        }
+        r.attempt();
+        r.next();
+        r.attempt();
+        assert_eq!(r.next(), Next::GiveUp, "six calls in all");
+        let mut spent = Retrier::resumed(&policy(), Duration::ZERO, 6);
+        assert_eq!(spent.next(), Next::GiveUp);
     }
 
     #[tokio::test(start_paused = true)]

@@ -52,6 +52,11 @@ impl TopicRoutes {
             .find(|(wanted, _)| wanted.as_deref().is_none_or(|w| Some(w) == event_type))
             .map(|(_, handler)| *handler)
     }
+
+    /// True when some route of this topic names handler `slot`.
+    pub fn names(&self, slot: usize) -> bool {
+        self.routes.iter().any(|(_, handler)| *handler == slot)
+    }
 }
 
 #[cfg(test)]

@@ -1,110 +1,54 @@
-//! One partition's worker: handles its messages strictly in order, retries with the
-//! handler's policy, dead-letters what fails for good, and stores each offset only once
-//! the message's outcome is final.
+//! One partition's worker: reads the partition's messages into a bounded window, delivers
+//! each lane's messages one at a time (lanes side by side, up to `max_in_flight` calls in
+//! all), retries with the handler's policy, dead-letters what fails for good, and
+//! publishes the offset to commit (the lowest one without a final outcome) with the map of
+//! what is final above it.
 
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use prometheus::{Histogram, IntCounter, IntGauge};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use prometheus::{IntCounter, IntGauge};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::context::Context;
-use super::dead_letter::{DeadLetters, Failure};
+use super::commits::Generation;
+use super::delivery::{self, Job, Local, Running, Shared, Step};
 use super::input::Input;
+use super::lanes::{Lanes, Laning};
+use super::offsets::{Prior, Tracker};
 use super::retry::{Next, Retrier};
-use super::routing::{Router, TopicRoutes};
-use crate::config::{RetryPolicy, Unrouted};
-use crate::handlers::{ErrorClass, Event, Handler, Outcome};
-use crate::metrics::Metrics;
+use crate::config::Unrouted;
+use crate::handlers::ErrorClass;
 
-/// A configured handler with its name and effective retry policy.
-pub struct NamedHandler {
-    /// `[handlers.NAME]`
-    pub name: String,
-    /// The handler.
-    pub handler: Handler,
-    /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
-    pub policy: RwLock<RetryPolicy>,
-}
-
-/// What every worker shares.
-pub struct Shared {
-    /// The consumer, for storing offsets.
-    pub consumer: Arc<StreamConsumer<Context>>,
-    /// Message -> handler slot.
-    pub router: Router,
-    /// Handler slots.
-    pub handlers: Vec<NamedHandler>,
-    /// Dead-letter producer.
-    pub dead_letters: DeadLetters,
-    /// Policy for unrouted messages.
-    pub unrouted: Unrouted,
-    /// `max_in_flight` permits, held during a handler call.
-    pub permits: Semaphore,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-}
-
-/// One handler's metrics, as one worker reports them: resolved once, because looking a
-/// labelled metric up hashes its labels, which costs more than a fast handler's call.
-struct Meters {
-    in_flight: IntGauge,
-    seconds: Histogram,
-    done: IntCounter,
-}
-
-/// What a worker resolves once for its topic: the routes whose glob matches it, and each
-/// handler's metrics (on first use).
-struct Local {
-    routes: TopicRoutes,
-    meters: Vec<Option<Meters>>,
-}
-
-impl Local {
-    fn new(s: &Shared, topic: &str) -> Self {
-        Local {
-            routes: s.router.for_topic(topic),
-            meters: s.handlers.iter().map(|_| None).collect(),
-        }
-    }
-
-    fn meters(&mut self, s: &Shared, slot: usize, topic: &str) -> &Meters {
-        self.meters[slot].get_or_insert_with(|| {
-            let name = s.handlers[slot].name.as_str();
-            Meters {
-                in_flight: s.metrics.consumer_in_flight.with_label_values(&[name]),
-                seconds: s
-                    .metrics
-                    .consumer_handler_seconds
-                    .with_label_values(&[name]),
-                done: s
-                    .metrics
-                    .consumer_messages_total
-                    .with_label_values(&[topic, name, "done"]),
-            }
-        })
-    }
-}
-
-/// Messages a worker takes from its queue at a time (fewer when fewer are waiting). Each
-/// batch costs one wake-up, one `max_in_flight` permit (while its calls follow each other)
-/// and one offset store, instead of one of each per message.
+/// Messages a worker takes from its queue at a time (fewer when fewer are waiting or the
+/// window has less room): one wake-up per batch instead of one per message.
 const BATCH: usize = 64;
 
-/// Within a batch, a handled message's offset is stored at once when the last store is
-/// this old (else at the end of the batch). It bounds what a rebalance makes the next
-/// owner handle again beyond the messages in flight.
-const STORE_EVERY: Duration = Duration::from_millis(10);
+/// The offset to commit is published at most this often (and whenever the worker has
+/// nothing else to do); it bounds what a rebalance makes the next owner handle again
+/// beyond the messages in flight, together with the commit interval.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
-/// Runs the worker of `topic`'s partition until `stop` (after the message in flight).
-/// Starts only once `previous` (a retired worker of the same partition) has finished.
+/// Which partition a worker serves, and which assignment of it.
+pub struct Assignment {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The assignment's entry in the commit table.
+    pub generation: Generation,
+}
+
+/// Runs the worker of a partition until `stop` (after the calls in flight). Starts only
+/// once `previous` (a retired worker of the same partition) has finished.
 pub async fn run(
     shared: Arc<Shared>,
-    topic: String,
+    at: Assignment,
     mut input: Input,
     stop: CancellationToken,
     previous: Option<JoinHandle<()>>,
@@ -112,284 +56,272 @@ pub async fn run(
     if let Some(previous) = previous {
         let _ = previous.await;
     }
-    let mut local = Local::new(&shared, &topic);
+    let restored = {
+        let (consumer, topic) = (shared.consumer.clone(), at.topic.clone());
+        let partition = at.partition;
+        tokio::task::spawn_blocking(move || {
+            super::commits::restore(consumer.as_ref(), &topic, partition)
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let mut w = Worker::new(shared, at, Tracker::new(restored), stop.clone());
     let mut batch = Vec::with_capacity(BATCH);
-    let mut stored_at = Instant::now();
     loop {
+        let stopping = stop.is_cancelled();
+        if stopping && w.running.is_empty() {
+            break;
+        }
+        let room = if stopping { 0 } else { w.room() };
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
-            _ = input.next_batch(&mut batch, BATCH) => {}
-        }
-        let mut turn = Turn::new();
-        // Messages not handled when stopped are dropped unstored: the partition's next
-        // owner, or this worker's successor after a restart, fetches them again.
-        let mut unstored = None;
-        for message in batch.drain(..) {
-            if stop.is_cancelled() {
-                break;
+            _ = stop.cancelled(), if !stopping => {}
+            Some((job, step)) = w.running.next(), if !w.running.is_empty() => {
+                w.stepped(job, step);
             }
-            let event = Event { message };
-            if !process(&shared, &mut local, &event, &stop, &mut turn).await {
-                break;
+            _ = input.next_batch(&mut batch, room), if room > 0 => {
+                for m in batch.drain(..) {
+                    w.admit(m);
+                }
             }
-            // A batch of slow calls stores as it goes, so that its progress is committed.
-            if turn.since.duration_since(stored_at) >= STORE_EVERY {
-                store_offset(&shared, &event.message);
-                stored_at = turn.since;
-                unstored = None;
-            } else {
-                unstored = Some(event.message);
+            _ = tokio::time::sleep_until(w.publish_due), if w.dirty => {}
+        }
+        w.publish_if_due();
+    }
+    w.publish();
+}
+
+/// One partition's state.
+struct Worker {
+    s: Arc<Shared>,
+    local: Arc<Local>,
+    at: Assignment,
+    stop: CancellationToken,
+    laning: Laning,
+    tracker: Tracker,
+    lanes: Lanes<Job>,
+    running: FuturesUnordered<Running>,
+    /// Key and value bytes of the messages waiting or in delivery.
+    bytes: usize,
+    /// Messages in backoff (each holds its lane).
+    in_retry: usize,
+    /// The tracker changed since the last publication.
+    dirty: bool,
+    publish_due: Instant,
+    pending_gauge: IntGauge,
+    retry_gauge: IntGauge,
+    already_final: IntCounter,
+}
+
+impl Worker {
+    fn new(s: Arc<Shared>, at: Assignment, tracker: Tracker, stop: CancellationToken) -> Self {
+        let labels = [at.topic.as_str(), &at.partition.to_string()];
+        let m = &s.metrics;
+        Worker {
+            local: Arc::new(Local::new(&s, &at.topic)),
+            laning: Laning::new(s.window.ordering),
+            pending_gauge: m.consumer_pending.with_label_values(&labels),
+            retry_gauge: m.consumer_keys_in_retry.with_label_values(&labels),
+            already_final: m
+                .consumer_already_final_total
+                .with_label_values(&[&at.topic]),
+            s,
+            at,
+            stop,
+            tracker,
+            lanes: Lanes::default(),
+            running: FuturesUnordered::new(),
+            bytes: 0,
+            in_retry: 0,
+            dirty: false,
+            publish_due: Instant::now(),
+        }
+    }
+
+    /// How many more messages the window takes now.
+    fn room(&self) -> usize {
+        let w = &self.s.window;
+        if self.bytes >= w.max_bytes && !self.lanes.is_empty() {
+            return 0;
+        }
+        w.max_pending
+            .saturating_sub(self.tracker.pending())
+            .min(BATCH)
+    }
+
+    /// A fetched message: skipped if an earlier owner finished it, else delivered now or
+    /// queued behind its lane's message in delivery.
+    fn admit(&mut self, m: OwnedMessage) {
+        self.dirty = true;
+        let calls = match self.tracker.fetched(m.offset()) {
+            Prior::Final => {
+                self.already_final.inc();
+                return;
             }
+            Prior::Fresh => 0,
+            Prior::Calls(n) => n,
+        };
+        let lane = self.laning.lane(&m);
+        let job = Job::new(m, lane, calls);
+        self.bytes += job.size;
+        if let Some(job) = self.lanes.admit(lane, job) {
+            self.start(job);
         }
-        let ended = turn.since;
-        drop(turn);
-        if let Some(m) = unstored {
-            store_offset(&shared, &m);
-            stored_at = ended;
-        }
-        if stop.is_cancelled() {
+    }
+
+    /// Starts a job's delivery: its handler call, or what its route (or its lack of one)
+    /// says.
+    fn start(&mut self, job: Job) {
+        let Some(slot) = self.local.routes.route(job.event.event_type()) else {
+            match self.s.unrouted {
+                Unrouted::Skip => {
+                    delivery::skipped(&self.s, &job.event);
+                    self.finished(job);
+                }
+                Unrouted::DeadLetter => {
+                    let error = "no route matches this message".to_owned();
+                    self.dead_letter(job, None, ErrorClass::Unrouted, error);
+                }
+                Unrouted::Fail => {
+                    let f = delivery::hold(self.s.clone(), job, self.stop.clone());
+                    self.running.push(f);
+                }
+            }
             return;
+        };
+        let policy = self.s.handlers[slot]
+            .policy
+            .read()
+            .expect("policy lock poisoned");
+        if job.calls >= policy.max_attempts {
+            // An earlier process made every call the policy allows and stopped before the
+            // dead letter.
+            drop(policy);
+            let error = format!("{} calls were made before a restart", job.calls);
+            return self.dead_letter(job, Some(slot), ErrorClass::RetryableExhausted, error);
         }
-    }
-}
-
-/// Stores `m`'s offset: it and every earlier message of its partition are final.
-fn store_offset(s: &Shared, m: &OwnedMessage) {
-    if let Err(e) = s
-        .consumer
-        .store_offset(m.topic(), m.partition(), m.offset())
-    {
-        // The partition was revoked meanwhile: its new owner handles it again.
-        tracing::debug!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "offset not stored");
-    }
-}
-
-/// A worker's right to call handlers while it works through a batch: the permit is kept
-/// while calls follow each other and given back before any other wait (a retry's pause,
-/// a dead letter's production), and the clock is read once per call: each call's time is
-/// from the end of the previous one (or from taking the permit) to its own end.
-struct Turn<'a> {
-    permit: Option<SemaphorePermit<'a>>,
-    since: Instant,
-}
-
-impl<'a> Turn<'a> {
-    fn new() -> Self {
-        Turn {
-            permit: None,
-            since: Instant::now(),
-        }
+        drop(policy);
+        self.call(job, slot);
     }
 
-    /// Takes a permit unless one is held.
-    async fn begin(&mut self, permits: &'a Semaphore) {
-        if self.permit.is_none() {
-            let permit = permits.acquire().await.expect("semaphore is never closed");
-            self.permit = Some(permit);
-            self.since = Instant::now();
-        }
+    fn call(&mut self, job: Job, slot: usize) {
+        let f = delivery::call(self.s.clone(), self.local.clone(), job, slot);
+        self.running.push(f);
     }
 
-    /// The time since the call began; the next call begins now.
-    fn lap(&mut self) -> Duration {
-        let now = Instant::now();
-        let took = now - self.since;
-        self.since = now;
-        took
+    fn dead_letter(&mut self, job: Job, slot: Option<usize>, class: ErrorClass, error: String) {
+        let f = delivery::dead_letter(self.s.clone(), job, slot, class, error, self.stop.clone());
+        self.running.push(f);
     }
 
-    /// Gives the permit back before a wait that is not a handler call.
-    fn pause(&mut self) {
-        self.permit = None;
-    }
-}
-
-/// Handles one message to a final outcome. False when stopped before that (the offset
-/// must not move; the message is delivered again later).
-async fn process<'a>(
-    s: &'a Shared,
-    local: &mut Local,
-    event: &Event,
-    stop: &CancellationToken,
-    turn: &mut Turn<'a>,
-) -> bool {
-    let m = &event.message;
-    let Some(slot) = local.routes.route(event.event_type()) else {
-        if s.unrouted != Unrouted::Skip {
-            turn.pause();
-        }
-        return unrouted(s, event, stop).await;
-    };
-    let h = &s.handlers[slot];
-    let meters = local.meters(s, slot, m.topic());
-    // Made at the first failure: a message handled at once needs no retry state.
-    let mut retrier: Option<Retrier> = None;
-    loop {
-        let attempt = retrier.as_mut().map_or(1, Retrier::attempt);
-        turn.begin(&s.permits).await;
-        meters.in_flight.inc();
-        let outcome = h.handler.handle(event, attempt).await;
-        meters.in_flight.dec();
-        let took = turn.lap();
-        meters.seconds.observe(took.as_secs_f64());
-        let (class, error) = match outcome {
-            Outcome::Done => {
-                meters.done.inc();
-                return true;
+    /// A step ended: decides the job's next step.
+    fn stepped(&mut self, mut job: Job, step: Step) {
+        let slot = self.local.routes.route(job.event.event_type());
+        match step {
+            Step::Final => self.finished(job),
+            Step::Stopped => self.stopped(job),
+            Step::DeadLetter(class, error) => self.dead_letter(job, slot, class, error),
+            Step::Paused => {
+                // The call is counted as it begins: a crash during it (or during the ones
+                // after it) does not give the message its calls back.
+                self.tracker.retrying(job.message().offset(), job.calls + 1);
+                self.dirty = true;
+                let slot = slot.expect("only a routed message is retried");
+                self.call(job, slot);
             }
-            Outcome::DeadLetter(class, error) => (class, error),
-            Outcome::Retry(error) => {
-                let retrier = retrier.get_or_insert_with(|| {
-                    Retrier::new(&h.policy.read().expect("policy lock poisoned"), took)
-                });
-                match retrier.next() {
-                    Next::GiveUp => (ErrorClass::RetryableExhausted, error),
+            Step::Retry(error, took) => {
+                let slot = slot.expect("only a routed message is called");
+                let h = &self.s.handlers[slot];
+                let next = {
+                    let policy = h.policy.read().expect("policy lock poisoned");
+                    if job.retrier.is_none() {
+                        self.in_retry += 1;
+                    }
+                    let calls = job.calls;
+                    let retrier = job
+                        .retrier
+                        .get_or_insert_with(|| Retrier::resumed(&policy, took, calls));
+                    retrier.next()
+                };
+                match next {
+                    Next::GiveUp => {
+                        self.dead_letter(job, Some(slot), ErrorClass::RetryableExhausted, error)
+                    }
                     Next::RetryAfter(pause) => {
+                        let m = job.message();
                         tracing::warn!(
                             topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                            handler = %h.name, attempt, ?pause, %error,
+                            handler = %h.name, attempt = job.calls, ?pause, %error,
                             "handler failed; retrying"
                         );
-                        s.metrics
+                        self.s
+                            .metrics
                             .consumer_retries_total
                             .with_label_values(&[&h.name])
                             .inc();
-                        turn.pause();
-                        tokio::select! {
-                            _ = stop.cancelled() => return false,
-                            _ = tokio::time::sleep(pause) => continue,
+                        let offset = m.offset();
+                        if let Some(r) = job.retrier.as_mut() {
+                            r.attempt();
                         }
+                        self.tracker.retrying(offset, job.calls);
+                        self.dirty = true;
+                        self.running
+                            .push(delivery::pause(job, pause, self.stop.clone()));
                     }
                 }
             }
-        };
-        let failure = Failure {
-            handler: &h.name,
-            attempts: retrier.as_ref().map_or(1, Retrier::attempts),
-            class,
-            message: &error,
-        };
-        turn.pause();
-        return dead_letter(s, event, &failure, stop).await;
+        }
+    }
+
+    /// The job's outcome is final: its offset may be committed, and its lane's next
+    /// message starts (unless the worker is stopping).
+    fn finished(&mut self, job: Job) {
+        self.tracker.finished(job.message().offset());
+        self.dirty = true;
+        self.release(&job);
+        if let Some(next) = self.lanes.next(job.lane) {
+            if self.stop.is_cancelled() {
+                return;
+            }
+            self.start(next);
+        }
+    }
+
+    /// The job stopped without a final outcome (the worker is stopping): its offset stays
+    /// open, with its calls so far recorded.
+    fn stopped(&mut self, job: Job) {
+        self.release(&job);
+    }
+
+    fn release(&mut self, job: &Job) {
+        self.bytes -= job.size;
+        if job.retrier.is_some() {
+            self.in_retry -= 1;
+        }
+    }
+
+    fn publish_if_due(&mut self) {
+        if self.dirty && Instant::now() >= self.publish_due {
+            self.publish();
+        }
+    }
+
+    /// Hands the offset to commit to the commit table.
+    fn publish(&mut self) {
+        self.dirty = false;
+        self.publish_due = Instant::now() + PUBLISH_EVERY;
+        self.pending_gauge.set(self.tracker.pending() as i64);
+        self.retry_gauge.set(self.in_retry as i64);
+        if let Some(c) = self.tracker.commit(self.s.window.max_metadata) {
+            let commits = &self.s.consumer.context().commits;
+            commits.publish(&self.at.topic, self.at.partition, self.at.generation, c);
+        }
     }
 }
 
-async fn unrouted(s: &Shared, event: &Event, stop: &CancellationToken) -> bool {
-    let m = &event.message;
-    match s.unrouted {
-        Unrouted::Skip => {
-            tracing::info!(
-                topic = m.topic(),
-                partition = m.partition(),
-                offset = m.offset(),
-                event_type = event.event_type().unwrap_or_default(),
-                "no route matches; skipped"
-            );
-            s.metrics
-                .consumer_messages_total
-                .with_label_values(&[m.topic(), "-", "skipped"])
-                .inc();
-            true
-        }
-        Unrouted::DeadLetter => {
-            let failure = Failure {
-                handler: "-",
-                attempts: 0,
-                class: ErrorClass::Unrouted,
-                message: "no route matches this message",
-            };
-            dead_letter(s, event, &failure, stop).await
-        }
-        Unrouted::Fail => {
-            tracing::error!(
-                topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                event_type = event.event_type().unwrap_or_default(),
-                "no route matches and consumer.unrouted = \"fail\": this partition stops here until outboxd restarts with a route for it"
-            );
-            stopped(s, m, stop).await;
-            false
-        }
-    }
-}
-
-/// Holds the partition at `m` until the worker stops, with the stopped gauge at 1
-/// meanwhile. `m`'s offset is not stored: after a restart it is handled again.
-async fn stopped(s: &Shared, m: &OwnedMessage, stop: &CancellationToken) {
-    let gauge = s
-        .metrics
-        .consumer_partition_stopped
-        .with_label_values(&[m.topic(), &m.partition().to_string()]);
-    gauge.set(1);
-    stop.cancelled().await;
-    gauge.set(0);
-}
-
-/// Produces the dead letter, retrying with backoff until Kafka acknowledges it; the
-/// partition waits meanwhile. A dead letter Kafka refuses for what it is (too large with
-/// its context, say) is sent once more without the original value and headers; if Kafka
-/// refuses that too, the partition stops until outboxd restarts. False if stopped first.
-async fn dead_letter(
-    s: &Shared,
-    event: &Event,
-    failure: &Failure<'_>,
-    stop: &CancellationToken,
-) -> bool {
-    let m = &event.message;
-    let mut retry = crate::backoff::exponential();
-    let mut stripped: Option<String> = None;
-    loop {
-        match s.dead_letters.send(m, failure, stripped.as_deref()).await {
-            Ok(()) => {
-                tracing::warn!(
-                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    handler = failure.handler, attempts = failure.attempts,
-                    class = failure.class.as_str(), error = failure.message,
-                    dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
-                    stripped = stripped.is_some(),
-                    "message dead-lettered"
-                );
-                s.metrics
-                    .consumer_dead_letter_total
-                    .with_label_values(&[m.topic(), failure.class.as_str()])
-                    .inc();
-                s.metrics
-                    .consumer_messages_total
-                    .with_label_values(&[m.topic(), failure.handler, "dead_letter"])
-                    .inc();
-                return true;
-            }
-            Err(e) if crate::kafka::is_refusal(&e) && stripped.is_none() => {
-                tracing::error!(
-                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    error = %e,
-                    "Kafka refuses the dead letter; sending it without the original value and headers"
-                );
-                stripped = Some(format!(
-                    "the original value and headers were left out: Kafka refused them ({e})"
-                ));
-            }
-            Err(e) if crate::kafka::is_refusal(&e) => {
-                tracing::error!(
-                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    error = %e, dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
-                    "Kafka refuses even the stripped dead letter: this partition stops here until outboxd restarts; the message stays on its topic, uncommitted"
-                );
-                stopped(s, m, stop).await;
-                return false;
-            }
-            Err(e) => {
-                let pause = retry.next().unwrap_or_default();
-                tracing::error!(
-                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    error = %e, ?pause,
-                    "cannot produce the dead letter; the partition waits and retries"
-                );
-                tokio::select! {
-                    _ = stop.cancelled() => return false,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-            }
-        }
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.pending_gauge.set(0);
+        self.retry_gauge.set(0);
     }
 }

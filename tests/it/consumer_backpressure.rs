@@ -1,12 +1,12 @@
 //! Consumer backpressure: each partition is read from its own queue, which librdkafka
 //! stops filling while its handler lags. A lagging handler loses, repeats and reorders
 //! nothing; a partition revoked and assigned back is read again from the same queue; a
-//! batch of slow calls stores its offsets as it goes.
+//! partition of slow calls in partition order commits its progress as it goes.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use outboxd::config::OptionValue;
+use outboxd::config::{OptionValue, Ordering};
 
 use crate::consumer_helpers::*;
 use crate::helpers::*;
@@ -58,6 +58,8 @@ async fn a_lagging_handler_loses_repeats_and_reorders_nothing() {
     cfg.kafka
         .options
         .insert("queued.max.messages.kbytes".into(), OptionValue::Int(16));
+    // Every message has a key of its own: partition order is what is checked here.
+    cfg.consumer.as_mut().unwrap().ordering = Ordering::Partition;
     let daemon = Daemon::start(cfg).await;
     let total = 2 * per_partition as usize;
     eventually("every message handled", Duration::from_secs(60), || async {
@@ -99,6 +101,7 @@ async fn a_partition_revoked_and_assigned_back_is_read_again() {
         .options
         .insert("heartbeat.interval.ms".into(), OptionValue::Int(300));
     cfg.consumer.as_mut().unwrap().retry.max_attempts = 1_000_000;
+    cfg.consumer.as_mut().unwrap().ordering = Ordering::Partition;
     let a = Daemon::start(cfg.clone()).await;
     let firsts = [
         r#"{"n": 0}"#.to_owned(),
@@ -153,7 +156,8 @@ async fn a_batch_of_slow_calls_commits_its_progress_as_it_goes() {
     let (topic, _cluster, bootstrap) = consuming("slowbatch", 1);
     let total = 30;
     produce_events(&bootstrap, &topic, 0, "e", "E", 0..total).await;
-    let cfg = web_consumer(&bootstrap, &topic, &server.url);
+    let mut cfg = web_consumer(&bootstrap, &topic, &server.url);
+    cfg.consumer.as_mut().unwrap().ordering = Ordering::Partition;
     let group = group_of(&cfg);
     let daemon = Daemon::start(cfg).await;
     // All 30 wait in the partition's queue, so the worker takes them as one or a few

@@ -14,6 +14,7 @@ mod consumer_command;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
+mod consumer_keys;
 mod consumer_sql;
 mod dlq;
 mod faults;

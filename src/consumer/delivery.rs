@@ -1,0 +1,330 @@
+//! One message's delivery, step by step: a handler call (after its backoff pause, if it
+//! is a retry), a dead letter produced until Kafka acknowledges it, or a hold until
+//! shutdown. Each step is a future that owns its [`Job`] and hands it back with what
+//! happened; the partition's worker decides the next step.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{Message, OwnedMessage};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::context::Context;
+use super::dead_letter::{DeadLetters, Failure};
+use super::lanes::LaneId;
+use super::retry::Retrier;
+use super::routing::{Router, TopicRoutes};
+use crate::config::{Ordering, RetryPolicy, Unrouted};
+use crate::handlers::{ErrorClass, Event, Handler, Outcome};
+use crate::metrics::Metrics;
+
+/// A configured handler with its name and effective retry policy.
+pub struct NamedHandler {
+    /// `[handlers.NAME]`
+    pub name: String,
+    /// The handler.
+    pub handler: Handler,
+    /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
+    pub policy: RwLock<RetryPolicy>,
+}
+
+/// The bounds of one partition's window of fetched messages.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// `consumer.ordering`
+    pub ordering: Ordering,
+    /// `consumer.max_pending_per_partition`
+    pub max_pending: usize,
+    /// `consumer.max_pending_bytes_per_partition`
+    pub max_bytes: usize,
+    /// `consumer.offset_metadata_max_bytes`
+    pub max_metadata: usize,
+}
+
+/// What every worker shares.
+pub struct Shared {
+    /// The consumer.
+    pub consumer: Arc<StreamConsumer<Context>>,
+    /// Message -> handler slot.
+    pub router: Router,
+    /// Handler slots.
+    pub handlers: Vec<NamedHandler>,
+    /// Dead-letter producer.
+    pub dead_letters: DeadLetters,
+    /// Policy for unrouted messages.
+    pub unrouted: Unrouted,
+    /// `max_in_flight` permits, each held during one handler call.
+    pub permits: Semaphore,
+    /// Each partition's bounds.
+    pub window: Window,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// One handler's metrics, as one partition reports them: resolved once, because looking
+/// a labelled metric up hashes its labels, which costs more than a fast handler's call.
+pub struct Meters {
+    in_flight: IntGauge,
+    seconds: Histogram,
+    done: IntCounter,
+}
+
+/// What a partition's deliveries resolve once for its topic: the routes whose glob
+/// matches it, and the metrics of the handlers they name.
+pub struct Local {
+    /// The topic's routes.
+    pub routes: TopicRoutes,
+    meters: Vec<Option<Meters>>,
+}
+
+impl Local {
+    /// The routes and meters of `topic`.
+    pub fn new(s: &Shared, topic: &str) -> Self {
+        let routes = s.router.for_topic(topic);
+        let meters = s
+            .handlers
+            .iter()
+            .enumerate()
+            .map(|(slot, h)| {
+                routes.names(slot).then(|| Meters {
+                    in_flight: s.metrics.consumer_in_flight.with_label_values(&[&h.name]),
+                    seconds: s
+                        .metrics
+                        .consumer_handler_seconds
+                        .with_label_values(&[&h.name]),
+                    done: s
+                        .metrics
+                        .consumer_messages_total
+                        .with_label_values(&[topic, &h.name, "done"]),
+                })
+            })
+            .collect();
+        Local { routes, meters }
+    }
+}
+
+/// A message in delivery.
+pub struct Job {
+    /// The message.
+    pub event: Event,
+    /// Its lane.
+    pub lane: LaneId,
+    /// Key and value bytes, counted against the partition's byte bound.
+    pub size: usize,
+    /// Handler calls made, by this process and (as its commit recorded) earlier ones.
+    pub calls: u32,
+    /// Made at the first failure: a message handled at once needs no retry state.
+    pub retrier: Option<Retrier>,
+}
+
+impl Job {
+    /// A job for `message` in `lane`, after `calls` earlier calls.
+    pub fn new(message: OwnedMessage, lane: LaneId, calls: u32) -> Self {
+        let size = message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
+        Job {
+            event: Event { message },
+            lane,
+            size,
+            calls,
+            retrier: None,
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &OwnedMessage {
+        &self.event.message
+    }
+}
+
+/// What a step ended with.
+pub enum Step {
+    /// The message's outcome is final.
+    Final,
+    /// The call failed and may be retried; it took this long.
+    Retry(String, Duration),
+    /// The message must be dead-lettered.
+    DeadLetter(ErrorClass, String),
+    /// A retry's backoff pause is over: the next call may begin.
+    Paused,
+    /// Stopped before a final outcome: the message is delivered again later.
+    Stopped,
+}
+
+/// A step in progress.
+pub type Running = BoxFuture<'static, (Job, Step)>;
+
+/// A retry's backoff pause: no permit is held, and `stop` ends the wait.
+pub fn pause(job: Job, pause: Duration, stop: CancellationToken) -> Running {
+    Box::pin(async move {
+        tokio::select! {
+            _ = stop.cancelled() => (job, Step::Stopped),
+            _ = tokio::time::sleep(pause) => (job, Step::Paused),
+        }
+    })
+}
+
+/// Calls `slot`'s handler with `job`, holding one `max_in_flight` permit during the call.
+pub fn call(s: Arc<Shared>, local: Arc<Local>, mut job: Job, slot: usize) -> Running {
+    Box::pin(async move {
+        let h = &s.handlers[slot];
+        let meters = local.meters[slot]
+            .as_ref()
+            .expect("meters are resolved for every routed handler");
+        let permit = s
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
+        let began = Instant::now();
+        meters.in_flight.inc();
+        let outcome = h.handler.handle(&job.event, job.calls + 1).await;
+        meters.in_flight.dec();
+        drop(permit);
+        job.calls += 1;
+        let took = began.elapsed();
+        meters.seconds.observe(took.as_secs_f64());
+        let step = match outcome {
+            Outcome::Done => {
+                meters.done.inc();
+                Step::Final
+            }
+            Outcome::DeadLetter(class, error) => Step::DeadLetter(class, error),
+            Outcome::Retry(error) => Step::Retry(error, took),
+        };
+        (job, step)
+    })
+}
+
+/// Produces the dead letter, retrying with backoff until Kafka acknowledges it; the
+/// message's lane waits meanwhile. A dead letter Kafka refuses for what it is (too large
+/// with its context, say) is sent once more without the original value and headers; if
+/// Kafka refuses that too, the lane holds until outboxd restarts.
+pub fn dead_letter(
+    s: Arc<Shared>,
+    job: Job,
+    handler: Option<usize>,
+    class: ErrorClass,
+    error: String,
+    stop: CancellationToken,
+) -> Running {
+    Box::pin(async move {
+        let failure = Failure {
+            handler: handler.map_or("-", |slot| s.handlers[slot].name.as_str()),
+            attempts: job.calls,
+            class,
+            message: &error,
+        };
+        let step = produce_dead_letter(&s, job.message(), &failure, &stop).await;
+        (job, step)
+    })
+}
+
+async fn produce_dead_letter(
+    s: &Shared,
+    m: &OwnedMessage,
+    failure: &Failure<'_>,
+    stop: &CancellationToken,
+) -> Step {
+    let mut retry = crate::backoff::exponential();
+    let mut stripped: Option<String> = None;
+    loop {
+        match s.dead_letters.send(m, failure, stripped.as_deref()).await {
+            Ok(()) => {
+                tracing::warn!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    handler = failure.handler, attempts = failure.attempts,
+                    class = failure.class.as_str(), error = failure.message,
+                    dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
+                    stripped = stripped.is_some(),
+                    "message dead-lettered"
+                );
+                s.metrics
+                    .consumer_dead_letter_total
+                    .with_label_values(&[m.topic(), failure.class.as_str()])
+                    .inc();
+                s.metrics
+                    .consumer_messages_total
+                    .with_label_values(&[m.topic(), failure.handler, "dead_letter"])
+                    .inc();
+                return Step::Final;
+            }
+            Err(e) if crate::kafka::is_refusal(&e) && stripped.is_none() => {
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e,
+                    "Kafka refuses the dead letter; sending it without the original value and headers"
+                );
+                stripped = Some(format!(
+                    "the original value and headers were left out: Kafka refused them ({e})"
+                ));
+            }
+            Err(e) if crate::kafka::is_refusal(&e) => {
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e, dead_letter_topic = %s.dead_letters.topic_for(m.topic()),
+                    "Kafka refuses even the stripped dead letter: this message's lane stops here until outboxd restarts; the message stays on its topic, uncommitted"
+                );
+                held(s, m, stop).await;
+                return Step::Stopped;
+            }
+            Err(e) => {
+                let pause = retry.next().unwrap_or_default();
+                tracing::error!(
+                    topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                    error = %e, ?pause,
+                    "cannot produce the dead letter; the message's lane waits and retries"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return Step::Stopped,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Holds `job` (an unrouted message under `consumer.unrouted = "fail"`) until shutdown.
+pub fn hold(s: Arc<Shared>, job: Job, stop: CancellationToken) -> Running {
+    Box::pin(async move {
+        let m = job.message();
+        tracing::error!(
+            topic = m.topic(), partition = m.partition(), offset = m.offset(),
+            event_type = job.event.event_type().unwrap_or_default(),
+            "no route matches and consumer.unrouted = \"fail\": this message's lane stops here until outboxd restarts with a route for it"
+        );
+        held(&s, m, &stop).await;
+        (job, Step::Stopped)
+    })
+}
+
+/// Waits for `stop` with the stopped gauge of `m`'s partition at 1 meanwhile. `m`'s
+/// offset does not move: after a restart it is handled again.
+async fn held(s: &Shared, m: &OwnedMessage, stop: &CancellationToken) {
+    let gauge = s
+        .metrics
+        .consumer_partition_stopped
+        .with_label_values(&[m.topic(), &m.partition().to_string()]);
+    gauge.inc();
+    stop.cancelled().await;
+    gauge.dec();
+}
+
+/// Logs and counts an unrouted message skipped under `consumer.unrouted = "skip"`.
+pub fn skipped(s: &Shared, event: &Event) {
+    let m = &event.message;
+    tracing::info!(
+        topic = m.topic(),
+        partition = m.partition(),
+        offset = m.offset(),
+        event_type = event.event_type().unwrap_or_default(),
+        "no route matches; skipped"
+    );
+    s.metrics
+        .consumer_messages_total
+        .with_label_values(&[m.topic(), "-", "skipped"])
+        .inc();
+}
