@@ -17,12 +17,21 @@ use crate::processes::{cpu_seconds, kafka_section, Broker, Outboxd};
 /// ended never fetches mid-batch, so the runs here are unaffected; one that resumes
 /// mid-batch (from a committed offset, or after pausing a partition) skips messages there.
 pub async fn produce(broker: &Broker, topic: &str, messages: i64) -> Result<()> {
+    produce_range(broker, topic, 0..messages).await
+}
+
+/// Produces the messages numbered `range` (key `k<n % 1000>`), awaiting every ack.
+pub async fn produce_range(
+    broker: &Broker,
+    topic: &str,
+    range: std::ops::Range<i64>,
+) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("linger.ms", "5")
         .create()?;
     let mut pending = Vec::new();
-    for n in 0..messages {
+    for n in range {
         let payload = format!(
             "{{\"n\": {n}, \"account\": \"acc-{}\", \"amount\": {}, \"currency\": \"EUR\"}}",
             n % 1000,
@@ -121,7 +130,29 @@ pub fn bare_consumer(
     Ok(rate)
 }
 
-/// outboxd's consumer with one handler; msgs/s from the first handled message to the last.
+/// A consumer-only config: group `bench-<name>-<pid>`, one route of `topic` to handler
+/// `h` (TOML lines `handler`), and `extra` lines in `[consumer]`.
+pub fn consumer_config(
+    broker: &Broker,
+    url: &str,
+    topic: &str,
+    name: &str,
+    handler: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[database]\nurl = \"{url}\"\n{}\
+         [consumer]\ngroup_id = \"bench-{name}-{}\"\ntopics = [\"{topic}\"]\n{extra}[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"h\"\n[handlers.h]\n{handler}\n",
+        kafka_section(
+            &broker.bootstrap(),
+            &[&[("session.timeout.ms", "6000")], &broker.consumer_options()[..]].concat()
+        ),
+        std::process::id()
+    )
+}
+
+/// outboxd's consumer with one handler and `ordering`; msgs/s from the first handled
+/// message to the last.
 pub async fn dispatch(
     broker: &Broker,
     topic: &str,
@@ -129,16 +160,11 @@ pub async fn dispatch(
     name: &str,
     handler: &str,
     url: &str,
+    ordering: &str,
 ) -> Result<(f64, f64)> {
-    let config = format!(
-        "[database]\nurl = \"{url}\"\n{}\
-         [consumer]\ngroup_id = \"bench-{name}-{}\"\ntopics = [\"{topic}\"]\n[[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"h\"\n[handlers.h]\n{handler}\n",
-        kafka_section(
-            &broker.bootstrap(),
-            &[&[("session.timeout.ms", "6000")], &broker.consumer_options()[..]].concat()
-        ),
-        std::process::id()
-    );
+    let name = format!("{name}-{ordering}");
+    let extra = format!("ordering = \"{ordering}\"\n");
+    let config = consumer_config(broker, url, topic, &name, handler, &extra);
     let broker_cpu = || broker.pid().map_or(0.0, cpu_seconds);
     let broker_before = broker_cpu();
     let mut outboxd = Outboxd::start(&config)?;

@@ -26,7 +26,7 @@
 //! tokio's millisecond timer) between the relay drains (and their raw claims) and
 //! PostgreSQL, like a database on another host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -36,6 +36,7 @@ mod dispatch;
 mod drain;
 mod latency;
 mod processes;
+mod slow;
 
 use anyhow::{bail, Context, Result};
 use dispatch::{bare_consumer, dispatch, http_sink, produce, OUTBOXD_QUEUES};
@@ -351,16 +352,54 @@ async fn main() -> Result<()> {
         if !a.runs_handler(name) {
             continue;
         }
-        let (rate, peak) = dispatch(&broker, &topic, messages, name, &handler, &url).await?;
-        eprintln!("dispatch {name}: {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
-        rss.insert(format!("dispatch, {name} (peak)"), peak);
-        lines.push(Line {
-            scenario: format!("consumer dispatch, {messages} msgs / 6 partitions, {name} handler"),
-            result: format!("{rate:.0} msgs/s"),
-            baseline: format!("bare consumer ({bare_name}) {bare:.0} msgs/s"),
-            ratio: format!("{:.2}", rate / bare),
-        });
+        for ordering in ["partition", "key"] {
+            let (rate, peak) =
+                dispatch(&broker, &topic, messages, name, &handler, &url, ordering).await?;
+            eprintln!("dispatch {name} ({ordering}): {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
+            rss.insert(format!("dispatch, {name}, ordering {ordering} (peak)"), peak);
+            lines.push(Line {
+                scenario: format!(
+                    "consumer dispatch, {messages} msgs / 6 partitions, {name} handler, ordering {ordering}"
+                ),
+                result: format!("{rate:.0} msgs/s"),
+                baseline: format!("bare consumer ({bare_name}) {bare:.0} msgs/s"),
+                ratio: format!("{:.2}", rate / bare),
+            });
+        }
     }
+    }
+
+    // 4. A slow downstream (10 ms per call): a backlog's throughput, and the delay of
+    // healthy messages while 1 % fail three times first; key order against partition
+    // order, each the other's baseline.
+    if a.runs("slow") {
+        let n = a.messages.unwrap_or(20_000).min(20_000);
+        let mut rates = HashMap::new();
+        for ordering in ["partition", "key"] {
+            let (rate, peak) = slow::backlog(&broker, &url, ordering, n).await?;
+            eprintln!("slow downstream ({ordering}): {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
+            rss.insert(format!("slow downstream, ordering {ordering} (peak)"), peak);
+            rates.insert(ordering, rate);
+        }
+        lines.push(Line {
+            scenario: format!("consumer, 10 ms endpoint, {n} msgs / 6 partitions / 1000 keys, max_in_flight 256, ordering key"),
+            result: format!("{:.0} msgs/s", rates["key"]),
+            baseline: format!("ordering partition {:.0} msgs/s", rates["partition"]),
+            ratio: format!("{:.1}", rates["key"] / rates["partition"]),
+        });
+        let mut p99 = HashMap::new();
+        for ordering in ["partition", "key"] {
+            let (p50, p, max) = slow::head_of_line(&broker, &url, ordering, 400, 15).await?;
+            eprintln!("head-of-line ({ordering}): healthy p50 {p50:.0} ms, p99 {p:.0} ms, max {max:.0} ms");
+            p99.insert(ordering, (p50, p, max));
+        }
+        let (k, p) = (p99["key"], p99["partition"]);
+        lines.push(Line {
+            scenario: "consumer, 10 ms endpoint, 400 msgs/s for 15 s, 1 % failing 3 times first: healthy messages' delay produce to delivery, ordering key".into(),
+            result: format!("p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", k.0, k.1, k.2),
+            baseline: format!("ordering partition: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms", p.0, p.1, p.2),
+            ratio: format!("{:.2}", k.1 / p.1),
+        });
     }
     sqlx::raw_sql(&format!(
         "DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS bench_effects"

@@ -168,17 +168,24 @@ pub fn pause(job: Job, pause: Duration, stop: CancellationToken) -> Running {
 }
 
 /// Calls `slot`'s handler with `job`, holding one `max_in_flight` permit during the call.
-pub fn call(s: Arc<Shared>, local: Arc<Local>, mut job: Job, slot: usize) -> Running {
+/// A call that has not begun when `stop` comes does not begin.
+pub fn call(
+    s: Arc<Shared>,
+    local: Arc<Local>,
+    mut job: Job,
+    slot: usize,
+    stop: CancellationToken,
+) -> Running {
     Box::pin(async move {
         let h = &s.handlers[slot];
         let meters = local.meters[slot]
             .as_ref()
             .expect("meters are resolved for every routed handler");
-        let permit = s
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore is never closed");
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return (job, Step::Stopped),
+            permit = s.permits.acquire() => permit.expect("semaphore is never closed"),
+        };
         let began = Instant::now();
         meters.in_flight.inc();
         let outcome = h.handler.handle(&job.event, job.calls + 1).await;

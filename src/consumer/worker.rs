@@ -205,7 +205,13 @@ impl Worker {
     }
 
     fn call(&mut self, job: Job, slot: usize) {
-        let f = delivery::call(self.s.clone(), self.local.clone(), job, slot);
+        let f = delivery::call(
+            self.s.clone(),
+            self.local.clone(),
+            job,
+            slot,
+            self.stop.clone(),
+        );
         self.running.push(f);
     }
 

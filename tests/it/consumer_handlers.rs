@@ -209,10 +209,12 @@ async fn endpoint_noting_peers() -> (String, Arc<Mutex<Vec<SocketAddr>>>) {
 
 /// Runs `config` until `peers` counts `requests`; returns how many connections they took.
 async fn connections_for(
-    config: outboxd::config::Config,
+    mut config: outboxd::config::Config,
     peers: &Mutex<Vec<SocketAddr>>,
     requests: usize,
 ) -> usize {
+    // One call at a time, so that each may take the connection the last one left.
+    config.consumer.as_mut().unwrap().ordering = outboxd::config::Ordering::Partition;
     let daemon = Daemon::start(config).await;
     eventually("every request", Duration::from_secs(30), || async {
         peers.lock().unwrap().len() == requests

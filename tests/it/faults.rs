@@ -175,6 +175,10 @@ async fn handler_outage_ends_with_every_message_delivered_or_dead_lettered() {
             vec![("web", http_to(&server.url, "timeout = \"500ms\"\n[retry]\ninitial = \"100ms\"\nmax_delay = \"1s\"\nmax_attempts = 6\nmax_elapsed = \"3s\""))],
         );
         c.shutdown_timeout = Duration::from_secs(5);
+        // Partition order: each partition's head message goes through its retries during
+        // the outage (in key order most messages would wait for a call slot meanwhile,
+        // and their retry clocks start only at their first call).
+        c.consumer.as_mut().unwrap().ordering = outboxd::config::Ordering::Partition;
         c
     };
     let daemon = Daemon::start(cfg).await;
