@@ -7,7 +7,8 @@
 #   --rows N           relay backlog rows (default 300000)
 #   --messages N       consumer messages (default 500000 with Tansu, 100000 with the mock,
 #                      which keeps only 5 MiB per partition)
-#   --only relay,latency,dispatch   a subset of the scenarios
+#   --only relay,latency,dispatch,slow   a subset of the scenarios (slow: the consumer
+#                      against a 10 ms endpoint, key order against partition order)
 #   --handlers log,http,sql   a subset of the dispatch handlers
 #   --drains 1,1-noprefetch,4   a subset of the relay drains (lanes 1, lanes 1 without
 #                      prefetch, lanes 4)

@@ -14,9 +14,13 @@
 //! 3. consumer dispatch: M messages on 6 partitions through the log, http and sql handlers,
 //!    against bare rdkafka consumers that store each offset (with librdkafka's default
 //!    queues and with outboxd's queue limits; the faster one is the baseline);
-//! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS.
+//! 4. memory: outboxd's peak RSS during the drains and the dispatches, and idle RSS;
+//! 5. slow downstream (`slow`): an endpoint that answers after 10 ms; a backlog of 20,000
+//!    messages (1,000 keys, 6 partitions) in key order against partition order, and the
+//!    delay of healthy messages from produce to delivery at 400 msgs/s while 1 % fail
+//!    three times first. The dispatch runs of 3. run in both orders too.
 //!
-//! `--only relay,latency,dispatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
+//! `--only relay,latency,dispatch,slow` runs a subset, `--drains 1,1-noprefetch,4` a subset of
 //! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers, `--loads
 //! 1000x1,1000x10-poll` a subset of the latency loads; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
@@ -129,7 +133,7 @@ fn args() -> Result<Args> {
             "--broker" => a.broker = it.next().context("--broker tansu|mock")?,
             "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
             "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
-            "--only" => a.only = list(it.next(), "--only relay,latency,dispatch")?,
+            "--only" => a.only = list(it.next(), "--only relay,latency,dispatch,slow")?,
             "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
             "--drains" => a.drains = list(it.next(), "--drains 1,1-noprefetch,4")?,
             "--loads" => a.loads = list(it.next(), "--loads 1000x1,1000x10-poll,...")?,

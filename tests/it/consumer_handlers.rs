@@ -311,7 +311,7 @@ async fn configured_statuses_are_retried_while_others_dead_letter() {
     let (topic, _cluster, bootstrap) = consuming("retrystatus", 1);
     // 401 twice (a token rotating), then accepted; a 403 later stays permanent.
     let server = TestServer::start(&[401, 401, 200, 403], 200).await;
-    let cfg = consumer_config(
+    let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],
         &[(&topic, None, "web")],
@@ -323,6 +323,8 @@ async fn configured_statuses_are_retried_while_others_dead_letter() {
             ),
         )],
     );
+    // The server answers from its script in arrival order: one call at a time.
+    cfg.consumer.as_mut().unwrap().ordering = outboxd::config::Ordering::Partition;
     produce_events(&bootstrap, &topic, 0, "rs", "Any", 0..2).await;
     let daemon = Daemon::start(cfg).await;
     let dead = consume(
