@@ -35,7 +35,7 @@ async fn answer(State(s): State<Arc<Sink>>, headers: HeaderMap, body: Bytes) -> 
         .ok()
         .and_then(|v| v["n"].as_u64())
         .unwrap_or(u64::MAX);
-    if s.fail_times > 0 && n % s.fail_every == 0 {
+    if s.fail_times > 0 && n.is_multiple_of(s.fail_every) {
         let mut f = s.failures.lock().unwrap();
         let failed = f.entry(n).or_default();
         if *failed < s.fail_times {

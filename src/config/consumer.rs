@@ -21,8 +21,9 @@ pub struct ConsumerConfig {
     #[serde(default)]
     pub dead_letter_headers: DeadLetterDialect,
     /// What happens to a message no route matches: `"dead_letter"` (class `unrouted`),
-    /// `"skip"` (its offset is committed, it is logged), or `"fail"` (its partition stops
-    /// there until a restart with a route for it; other partitions go on).
+    /// `"skip"` (its offset is committed, it is logged), or `"fail"` (it holds its lane, the
+    /// key or with `ordering = "partition"` the partition, until a restart with a route
+    /// for it; the partition stops once its window is full; other partitions go on).
     #[serde(default)]
     pub unrouted: Unrouted,
     /// What is delivered one at a time: `"key"` (the messages of one key, in offset order;
@@ -123,7 +124,7 @@ pub enum Unrouted {
     DeadLetter,
     /// Commit past it.
     Skip,
-    /// Stop the partition at it.
+    /// Hold its lane at it.
     Fail,
 }
 
