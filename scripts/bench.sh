@@ -18,9 +18,10 @@
 #   --batch-size N     batch_size of the relay drains (default: outboxd's, 1000)
 #   --kafka-option key=value   a librdkafka property for every outboxd (repeatable)
 #   --broker-rtt-ms N  the mock broker answers each request N ms late (a remote cluster)
-#   --fetch-wait-ms N  fetch.wait.max.ms of every consumer of Tansu, baselines and outboxd
-#                      alike (default 1; Tansu 0.6.0 waits that long before answering
-#                      any fetch, even one it has data for)
+#   --fetch-wait-ms N  fetch.wait.max.ms of every consumer, baselines and outboxd alike
+#                      (default 1; Tansu 0.6.0 waits that long before answering any fetch,
+#                      even one it has data for, and the mock cluster before answering an
+#                      empty one, even when messages arrive meanwhile)
 #   --db-rtt-ms N      the relay drains and their raw claims reach PostgreSQL through a
 #                      proxy that holds each request N ms (a database on another host)
 # $BENCH_OUTBOXD_BIN runs another outboxd binary (an older build, for a before/after).

@@ -70,7 +70,7 @@ struct Args {
     /// Delay added to every request to the database in the relay drains and their raw
     /// claims (a database on another host).
     db_rtt: Duration,
-    /// `fetch.wait.max.ms` of every consumer of Tansu, the baselines' and outboxd's.
+    /// `fetch.wait.max.ms` of every consumer, the baselines' and outboxd's.
     fetch_wait_ms: u32,
 }
 
@@ -472,7 +472,11 @@ async fn main() -> Result<()> {
                 a.fetch_wait_ms
             ),
             Broker::Mock(_) => {
-                "librdkafka mock cluster (in the harness process; outboxd is separate)".to_owned()
+                format!(
+                    "librdkafka mock cluster (in the harness process; outboxd is separate; \
+                     every consumer of it with `fetch.wait.max.ms = {}`)",
+                    a.fetch_wait_ms
+                )
             }
         };
         let doc = format!(

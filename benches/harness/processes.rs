@@ -96,23 +96,20 @@ impl Broker {
     }
 
     /// librdkafka properties every consumer of this broker gets, the baseline's and
-    /// outboxd's alike. Tansu 0.6.0 answers every fetch only after sleeping, even when it
-    /// has data: all of `fetch.wait.max.ms` below 250 ms, half of it from there (250 ms of
-    /// the default 500; its fetch service sleeps after each pass over the partitions,
-    /// before checking whether it found enough): a consumer's rate then follows how much
-    /// it asks for per fetch, not how fast it handles messages. Kafka answers as soon as
-    /// `fetch.min.bytes` are there. The default, 1 ms, comes closest to that: at 10 ms,
-    /// outboxd's 1 MiB fetches each paid the sleep, and its `log` handler read half the rate
-    /// of a bare consumer fetching up to 64 MiB at a time (BENCHMARKS.md, fourteenth
-    /// session). `--fetch-wait-ms N` sets the value.
+    /// outboxd's alike: `fetch.wait.max.ms`, 1 ms unless `--fetch-wait-ms N` sets it.
+    /// Kafka answers a fetch as soon as `fetch.min.bytes` are there. Tansu 0.6.0 answers
+    /// every fetch only after sleeping, even when it has data (all of `fetch.wait.max.ms`
+    /// below 250 ms, half of it from there), so a consumer's rate follows how much it asks
+    /// for per fetch; at 10 ms, outboxd's 1 MiB fetches each paid the sleep. The mock
+    /// cluster holds a fetch that found nothing for the whole `fetch.wait.max.ms` and does
+    /// not answer early when messages arrive, so at librdkafka's default of 500 ms a
+    /// message produced to an idle partition waits up to 500 ms before any consumer sees
+    /// it. 1 ms comes closest to Kafka on both.
     pub fn consumer_options(&self) -> Vec<(&'static str, &'static str)> {
-        match self {
-            Broker::Tansu { .. } => vec![(
-                "fetch.wait.max.ms",
-                FETCH_WAIT.get().copied().unwrap_or("1"),
-            )],
-            Broker::Mock(_) => Vec::new(),
-        }
+        vec![(
+            "fetch.wait.max.ms",
+            FETCH_WAIT.get().copied().unwrap_or("1"),
+        )]
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) -> Result<()> {
@@ -145,7 +142,7 @@ static KAFKA_OPTIONS: OnceLock<Vec<(String, String)>> = OnceLock::new();
 static BROKER_RTT: OnceLock<Duration> = OnceLock::new();
 static FETCH_WAIT: OnceLock<&'static str> = OnceLock::new();
 
-/// Sets `fetch.wait.max.ms` for every consumer of Tansu in the run; call once, before
+/// Sets `fetch.wait.max.ms` for every consumer in the run; call once, before
 /// starting any consumer.
 pub fn set_fetch_wait(ms: u32) {
     let ms: &'static str = ms.to_string().leak();

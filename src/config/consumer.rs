@@ -39,9 +39,9 @@ pub struct ConsumerConfig {
     /// reached, the partition is not read further until its lowest open message is final.
     #[serde(default = "default_max_pending")]
     pub max_pending_per_partition: usize,
-    /// Bytes (keys and values) of one partition's messages waiting or in flight; when
-    /// reached, the partition is not read further until some are final. One message is
-    /// always taken, whatever its size.
+    /// Bytes of one partition's messages waiting or in delivery (keys, values and headers,
+    /// and about 512 bytes of bookkeeping each); when reached, the partition is not read
+    /// further until some are final. One message is always taken, whatever its size.
     #[serde(default = "default_max_pending_bytes")]
     pub max_pending_bytes_per_partition: usize,
     /// The most commit metadata the brokers accept (their `offset.metadata.max.bytes`); a
@@ -69,7 +69,7 @@ fn default_max_pending() -> usize {
 }
 
 fn default_max_pending_bytes() -> usize {
-    4 << 20
+    1 << 20
 }
 
 fn default_offset_metadata_max_bytes() -> usize {

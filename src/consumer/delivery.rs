@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -107,13 +107,31 @@ impl Local {
     }
 }
 
+/// What a message held in the window costs besides its key, value and headers: its
+/// topic, librdkafka's header list and the job's own state, about 0.5 KiB (measured as the
+/// peak RSS a backlog of 120-byte messages added per message held).
+const OVERHEAD: usize = 512;
+
+/// The memory a message held in the window takes, as the byte bound counts it.
+fn footprint(message: &OwnedMessage) -> usize {
+    let headers = message.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    OVERHEAD
+        + headers
+        + message.key().map_or(0, <[u8]>::len)
+        + message.payload().map_or(0, <[u8]>::len)
+}
+
 /// A message in delivery.
 pub struct Job {
     /// The message.
     pub event: Event,
     /// Its lane.
     pub lane: LaneId,
-    /// Key and value bytes, counted against the partition's byte bound.
+    /// Its memory, as counted against the partition's byte bound.
     pub size: usize,
     /// Handler calls made, by this process and (as its commit recorded) earlier ones.
     pub calls: u32,
@@ -124,7 +142,7 @@ pub struct Job {
 impl Job {
     /// A job for `message` in `lane`, after `calls` earlier calls.
     pub fn new(message: OwnedMessage, lane: LaneId, calls: u32) -> Self {
-        let size = message.key().map_or(0, <[u8]>::len) + message.payload().map_or(0, <[u8]>::len);
+        let size = footprint(&message);
         Job {
             event: Event { message },
             lane,
