@@ -1,5 +1,6 @@
-//! Subcommands and their exit codes: 0 success, 78 (EX_CONFIG) for any configuration
-//! error, 1 for every other failure.
+//! Subcommands and their exit codes, from the class of the error: 0 success, 78
+//! (EX_CONFIG) for a configuration error, 64 (EX_USAGE) for an unusable argument, 1 for
+//! every other failure.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError, LogConfig, LogFormat};
 use crate::metrics::Metrics;
-use crate::{db, kafka, shutdown, RunError};
+use crate::{db, kafka, shutdown, ErrorClass, RunError};
 
 /// Where `--config` points when not given.
 pub const DEFAULT_CONFIG: &str = "/etc/outboxd/outboxd.toml";
@@ -170,12 +171,27 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The process exit code for this error.
-    pub fn exit_code(&self) -> u8 {
+    /// What kind of failure it is.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            CliError::Config(_) | CliError::Run(RunError::Config(_)) => EX_CONFIG,
-            CliError::EmitInput(_) => EX_USAGE,
-            _ => 1,
+            CliError::Config(_) => ErrorClass::Config,
+            CliError::Run(e) => e.class(),
+            CliError::EmitInput(_) => ErrorClass::Usage,
+            CliError::Migrate(_)
+            | CliError::Emit(_)
+            | CliError::Dlq(_)
+            | CliError::Status(_)
+            | CliError::NotReady(_)
+            | CliError::Startup(_) => ErrorClass::Failure,
+        }
+    }
+
+    /// The process exit code for this error, from its class.
+    pub fn exit_code(&self) -> u8 {
+        match self.class() {
+            ErrorClass::Config => EX_CONFIG,
+            ErrorClass::Usage => EX_USAGE,
+            ErrorClass::Failure => 1,
         }
     }
 }
@@ -410,4 +426,33 @@ pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
         let new = filter(level).map_err(|e| format!("log.level: {e}"))?;
         handle.reload(new).map_err(|e| format!("log.level: {e}"))
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consumer::StartError;
+    use rdkafka::error::KafkaError;
+
+    #[test]
+    fn the_exit_code_follows_the_class_of_the_error() {
+        let config = CliError::Run(RunError::Config("database.url: bad".into()));
+        assert_eq!(config.exit_code(), EX_CONFIG);
+        let handler = CliError::Run(RunError::Consumer(StartError::Handler(
+            "handlers.h.headers: bad value".into(),
+        )));
+        assert_eq!(handler.exit_code(), EX_CONFIG);
+        // A client librdkafka could not set up, with properties it accepted when checked:
+        // the environment, not the configuration; a restart may help.
+        let client = CliError::Run(RunError::Consumer(StartError::Subscribe(
+            KafkaError::Subscription("broker gone".into()),
+        )));
+        assert_eq!(client.exit_code(), 1);
+        assert_eq!(
+            CliError::EmitInput("no payload".into()).exit_code(),
+            EX_USAGE
+        );
+        let drain = CliError::Run(RunError::DrainTimeout(std::time::Duration::from_secs(1)));
+        assert_eq!(drain.exit_code(), 1);
+    }
 }

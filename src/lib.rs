@@ -15,7 +15,8 @@
 //! - [`shutdown`]: signals -> cancellation token;
 //! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
 //! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`;
-//! - [`reserved_headers`]: the header names only outboxd may write; [`glob`]: topic globs.
+//! - [`reserved_headers`]: the header names only outboxd may write; [`glob`]: topic globs;
+//!   [`topic`]: topic templates and names.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
@@ -38,6 +39,7 @@ pub mod secrets;
 pub mod shutdown;
 pub mod status;
 pub mod systemd;
+pub mod topic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +61,9 @@ pub enum RunError {
     /// The Kafka client or embedded broker could not be set up.
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaSetupError),
+    /// The consumer could not start.
+    #[error(transparent)]
+    Consumer(#[from] consumer::StartError),
     /// The operations endpoint could not bind.
     #[error("http endpoint {addr}: {source}")]
     Http {
@@ -71,6 +76,52 @@ pub enum RunError {
     /// back by the database when the process exits, so their rows stay in the outbox.
     #[error("drain did not finish within shutdown_timeout ({0:?}); unfinished batches roll back and their rows stay in the outbox")]
     DrainTimeout(Duration),
+}
+
+impl RunError {
+    /// What kind of failure it is.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RunError::Config(_) => ErrorClass::Config,
+            RunError::Consumer(e) => e.class(),
+            RunError::Kafka(_) | RunError::Http { .. } | RunError::DrainTimeout(_) => {
+                ErrorClass::Failure
+            }
+        }
+    }
+}
+
+/// What kind of failure an error is; the exit code follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The configuration is unusable: restarting with it will not help.
+    Config,
+    /// A command-line argument is unusable.
+    Usage,
+    /// Anything else: the environment (database, Kafka, the network) or a bug.
+    Failure,
+}
+
+/// How the drain splits `shutdown_timeout`. The relay's batches in flight wait for Kafka
+/// at most half of it and then roll back (their rows stay in the outbox); the consumer's
+/// calls in flight get three quarters, leaving the rest for the final offset commit and
+/// closing the client; whatever is still running at the whole of it is abandoned.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainBudget {
+    /// `shutdown_timeout`.
+    pub total: Duration,
+}
+
+impl DrainBudget {
+    /// How long a relay batch in flight may still wait for Kafka once stopping.
+    pub fn relay_grace(self) -> Duration {
+        self.total / 2
+    }
+
+    /// How long the consumer's calls in flight may still run once stopping.
+    pub fn consumer_calls(self) -> Duration {
+        self.total.mul_f32(0.75)
+    }
 }
 
 /// What the relay and the consumer share.
@@ -146,13 +197,11 @@ pub async fn start(
             addr: config.http.listen,
             source,
         })?;
+    let budget = DrainBudget {
+        total: config.shutdown_timeout,
+    };
     let (mut tasks, tunables) = match &database {
-        Some(database) => relay::start(
-            &config.relay,
-            config.shutdown_timeout / 2,
-            database,
-            &services,
-        ),
+        Some(database) => relay::start(&config.relay, budget.relay_grace(), database, &services),
         None => (Vec::new(), Vec::new()),
     };
     let consumer = consumer::start(
@@ -160,9 +209,8 @@ pub async fn start(
         &brokers.bootstrap,
         database,
         &services,
-        config.shutdown_timeout.mul_f32(0.75),
-    )
-    .map_err(RunError::Config)?;
+        budget.consumer_calls(),
+    )?;
     let consumer = consumer.map(|(task, handle)| {
         tasks.push(task);
         handle

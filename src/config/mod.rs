@@ -3,11 +3,13 @@
 //!
 //! The doc comment on every field is the reference documentation of that key.
 
+mod backend;
 mod consumer;
 mod handlers;
 mod load;
 mod redact;
 mod relay;
+mod rules;
 mod validate;
 mod validate_consumer;
 
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use backend::Backend;
 pub use consumer::{
     ConsumerConfig, DeadLetterDialect, Ordering, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
 };

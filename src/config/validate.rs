@@ -3,11 +3,10 @@
 //! each starting with the key it is about.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
-use super::{Config, OnPublished, TableConfig};
-use crate::db::Backend;
-use crate::relay::template::{check_topic, TopicTemplate};
+use super::rules::{is_identifier, positive};
+use super::{Backend, Config, OnPublished, TableConfig};
+use crate::topic::{check_topic, TopicTemplate};
 
 /// All problems of `config`; empty when it is usable.
 pub fn validate(config: &Config) -> Vec<String> {
@@ -254,20 +253,4 @@ fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Vec<Strin
             backend.name()
         ));
     }
-}
-
-/// Records a problem when `d` is zero.
-pub fn positive(p: &mut Vec<String>, key: &str, d: Duration) {
-    if d.is_zero() {
-        p.push(format!("{key}: must be greater than zero"));
-    }
-}
-
-/// A plain SQL identifier: what outboxd accepts for table, column and channel names, so
-/// that quoting them is always exact.
-pub fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
-        && s.len() <= 63
 }

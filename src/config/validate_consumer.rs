@@ -1,8 +1,8 @@
 //! Checks of `[consumer]`, its routes and `[handlers.*]`, without connecting.
 
-use super::validate::positive;
+use super::rules::positive;
 use super::{Config, HandlerConfig, RetryPolicy};
-use crate::relay::template::check_topic;
+use crate::topic::check_topic;
 
 /// Appends one message per problem to `p`, each starting with its key.
 pub fn validate(config: &Config, p: &mut Vec<String>) {

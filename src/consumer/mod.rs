@@ -60,7 +60,7 @@ pub fn start(
     database: Option<crate::db::Database>,
     services: &Services,
     drain: Duration,
-) -> Result<Option<(JoinHandle<()>, Handle)>, String> {
+) -> Result<Option<(JoinHandle<()>, Handle)>, StartError> {
     let (producer, metrics) = (services.producer.clone(), services.metrics.clone());
     let Some(c) = &config.consumer else {
         return Ok(None);
@@ -73,7 +73,7 @@ pub fn start(
     for (name, hc) in &config.handlers {
         handlers.push(NamedHandler {
             name: name.clone(),
-            handler: Handler::build(name, hc, &deps)?,
+            handler: Handler::build(name, hc, &deps).map_err(StartError::Handler)?,
             policy: RwLock::new(hc.retry().over(&c.retry)),
         });
     }
@@ -107,11 +107,9 @@ pub fn start(
         .set("enable.auto.offset.store", "false");
     let consumer: StreamConsumer<Context> = client
         .create_with_context(Context::new(metrics.clone()))
-        .map_err(|e| format!("kafka consumer: {e}"))?;
+        .map_err(StartError::Client)?;
     let topics: Vec<&str> = c.topics.iter().map(String::as_str).collect();
-    consumer
-        .subscribe(&topics)
-        .map_err(|e| format!("consumer.topics: {e}"))?;
+    consumer.subscribe(&topics).map_err(StartError::Subscribe)?;
     let consumer = Arc::new(consumer);
     consumer.context().attach(&consumer);
     let shared = Arc::new(Shared {
@@ -147,6 +145,30 @@ pub fn start(
             shared: Arc::downgrade(&shared),
         },
     )))
+}
+
+/// Why the consumer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A handler cannot be built from its configuration (the text names the key).
+    #[error("{0}")]
+    Handler(String),
+    /// librdkafka could not create the consumer client.
+    #[error("kafka consumer could not be created")]
+    Client(#[source] rdkafka::error::KafkaError),
+    /// librdkafka refused the subscription to `consumer.topics`.
+    #[error("consumer.topics: subscription refused")]
+    Subscribe(#[source] rdkafka::error::KafkaError),
+}
+
+impl StartError {
+    /// What kind of failure it is.
+    pub fn class(&self) -> crate::ErrorClass {
+        match self {
+            StartError::Handler(_) => crate::ErrorClass::Config,
+            StartError::Client(_) | StartError::Subscribe(_) => crate::ErrorClass::Failure,
+        }
+    }
 }
 
 /// Reaches into a running consumer to apply a reload.

@@ -3,97 +3,21 @@
 //! session, the next batch is claimed while Kafka acknowledges a full one, and rows of
 //! other keys are sent while a short one waits (see [`pipeline`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::phase::Phase;
+use super::cycle::{conclude, timed_out, AckWait, Acked, Cycle, Grace};
 use super::pipeline;
-use super::publish::{Publication, RowOutcome, TopicSource};
+use super::publish::Publication;
+use super::runtime::{BatchEnd, Phase, TableRuntime};
 use super::settle::{failed_batch, record_published};
-use super::store::{ClaimedRow, LaneSession, Store, StoreError};
-use crate::config::TableConfig;
-use crate::kafka::ProducerSlot;
-use crate::metrics::Metrics;
+use super::store::{ClaimedRow, LaneSession, StoreError};
 use crate::systemd::Heartbeat;
-
-/// The settings of a table that a reload may change while lanes run.
-#[derive(Debug)]
-pub struct TableTunables {
-    batch_size: AtomicU32,
-    poll_interval_ms: AtomicU64,
-    /// Wakes idle lanes so a shorter poll interval takes effect at once.
-    changed: Notify,
-}
-
-impl TableTunables {
-    /// Starts from the table's configuration.
-    pub fn new(t: &TableConfig) -> Self {
-        let tunables = TableTunables {
-            batch_size: AtomicU32::new(0),
-            poll_interval_ms: AtomicU64::new(0),
-            changed: Notify::new(),
-        };
-        tunables.set(t);
-        tunables
-    }
-
-    /// Takes `batch_size` and `poll_interval` from `t`.
-    pub fn set(&self, t: &TableConfig) {
-        self.batch_size.store(t.batch_size, Ordering::Relaxed);
-        self.poll_interval_ms
-            .store(t.poll_interval.as_millis() as u64, Ordering::Relaxed);
-        self.changed.notify_waiters();
-    }
-
-    pub(super) fn batch_size(&self) -> u32 {
-        self.batch_size.load(Ordering::Relaxed)
-    }
-
-    fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.poll_interval_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// What every lane of one table shares.
-pub struct TableRuntime {
-    /// The table's configuration.
-    pub config: TableConfig,
-    /// Its storage.
-    pub store: Arc<dyn Store>,
-    /// How a row's topic is found.
-    pub topics: TopicSource,
-    /// The shared producer.
-    pub producer: Arc<ProducerSlot>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Rows published since start, for the periodic progress log line.
-    pub published: AtomicU64,
-    /// How long a batch in flight may still wait for Kafka once the lane is stopped.
-    pub drain_grace: Duration,
-    /// Batch size and poll interval, reloadable.
-    pub tunables: Arc<TableTunables>,
-}
-
-/// How a batch ended, which decides what the lane does next.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum BatchEnd {
-    /// Nothing to claim: wait for a notification or the poll interval.
-    Empty,
-    /// Fewer rows than the batch size: the lane is drained for now.
-    Partial,
-    /// A full batch, or one that began in an earlier claim's view of the outbox (a
-    /// prefetch): there is probably more, claim again at once.
-    More,
-    /// Kafka failed for reasons unrelated to the rows: back off, then retry.
-    KafkaFailed,
-    /// Kafka refused rows that are not yet dead: back off a little before retrying them.
-    Refused,
-}
 
 /// Runs lane `lane` until `stop` is cancelled (after the batch in flight) or the
 /// session fails (the lane is then released with it, and the caller re-acquires later).
@@ -121,7 +45,7 @@ pub async fn run_lane(
         "lane acquired"
     );
     let grace = Grace::new(rt.drain_grace);
-    let mut acks = pipeline::AckWait::default();
+    let mut acks = AckWait::default();
     while !stop.is_cancelled() {
         heartbeat.beat();
         wake.borrow_and_update();
@@ -262,101 +186,6 @@ async fn claim(
         rows.extend(more);
     }
     Ok((claimed, sent))
-}
-
-/// How the wait for a batch's delivery reports ended.
-pub(super) enum Acked {
-    /// Kafka acknowledged every row, and the claim was committed (or the commit failed).
-    Committed(Result<Vec<RowOutcome>, StoreError>),
-    /// Some rows were not acknowledged; the claim is still open.
-    Failed(Vec<RowOutcome>),
-    /// Shutting down, and the reports did not come within the grace period.
-    TimedOut,
-}
-
-/// How long a stopped lane still waits for its batches in flight: one period from the
-/// first wait after the stop, shared by every batch of the lane.
-pub(super) struct Grace {
-    period: Duration,
-    ends: OnceLock<Instant>,
-}
-
-impl Grace {
-    fn new(period: Duration) -> Self {
-        Grace {
-            period,
-            ends: OnceLock::new(),
-        }
-    }
-
-    /// Returns once `stop` was cancelled and the grace period is over.
-    async fn over(&self, stop: &CancellationToken) {
-        stop.cancelled().await;
-        let ends = *self.ends.get_or_init(|| Instant::now() + self.period);
-        tokio::time::sleep_until(ends).await;
-    }
-}
-
-/// What a lane's cycle works with besides its sessions.
-pub(super) struct Cycle<'a> {
-    pub(super) rt: &'a TableRuntime,
-    pub(super) stop: &'a CancellationToken,
-    /// Changes when rows were committed to the table (LISTEN).
-    pub(super) wake: &'a mut watch::Receiver<()>,
-    pub(super) heartbeat: &'a Heartbeat,
-    pub(super) grace: &'a Grace,
-    /// How long short batches usually wait for Kafka.
-    pub(super) acks: &'a mut pipeline::AckWait,
-}
-
-/// Awaits the delivery reports of the rows `publication` sent, until the grace period
-/// once stopped, and sets `acknowledged` when they are in. Commits `session`'s claim when
-/// Kafka acknowledged every row, then begins the follow after `next_snapshot` on it. The
-/// wait and the commit count as the batch's `kafka` and `commit` phases in `rt`.
-pub(super) async fn conclude(
-    rt: &TableRuntime,
-    session: &mut dyn LaneSession,
-    publication: Publication<'_>,
-    stopping: (&CancellationToken, &Grace),
-    acknowledged: Option<&AtomicBool>,
-    next_snapshot: Option<&str>,
-) -> Acked {
-    let (stop, grace) = stopping;
-    let waiting = Instant::now();
-    let outcomes = tokio::select! {
-        outcomes = publication.finish() => Some(outcomes),
-        () = grace.over(stop) => None,
-    };
-    if let Some(acknowledged) = acknowledged {
-        acknowledged.store(true, Ordering::Release);
-    }
-    if outcomes.is_some() {
-        rt.phase(Phase::Kafka, waiting);
-    }
-    match outcomes {
-        None => Acked::TimedOut,
-        Some(o) if o.iter().all(|o| matches!(o, RowOutcome::Delivered { .. })) => {
-            let committing = Instant::now();
-            let committed = session.commit().await;
-            rt.phase(Phase::Commit, committing);
-            if let (Ok(()), Some(snapshot)) = (&committed, next_snapshot) {
-                // While the follower still claims: its rows come next, and this session
-                // will follow them.
-                session.prepare_follow(snapshot).await;
-            }
-            Acked::Committed(committed.map(|()| o))
-        }
-        Some(o) => Acked::Failed(o),
-    }
-}
-
-/// Logs a batch left in the outbox at shutdown.
-pub(super) fn timed_out(rt: &TableRuntime, rows: usize) {
-    tracing::warn!(
-        table = %rt.config.table,
-        rows,
-        "shutting down: Kafka did not acknowledge the batch in time; rolled back, its rows stay in the outbox"
-    );
 }
 
 /// One claim/publish/commit cycle. After a full batch the follower claims the next one,

@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::lane::{run_lane, TableRuntime, TableTunables};
+use super::lane::run_lane;
 use super::maintenance;
 use super::publish::TopicSource;
+use super::runtime::{TableRuntime, TableTunables};
 use super::store::{self, LaneSession, Membership, StoreError};
 use crate::config::TableConfig;
 use crate::db::Database;
@@ -97,14 +98,16 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         tunables: ctx.tunables.clone(),
     });
     let membership = store.join().await?;
+    // The table's helpers: the LISTEN wake-up and the maintenance ticks. Owned here, so
+    // they end with the table's task (aborted if it ends any other way).
     let helpers = CancellationToken::new();
-    let _stop_helpers = helpers.clone().drop_guard();
+    let mut helper_tasks = tokio::task::JoinSet::new();
     let (wake, _) = watch::channel(());
     {
         let (store, wake, stop) = (store.clone(), wake.clone(), helpers.clone());
-        tokio::spawn(async move { store.listen(wake, stop).await });
+        helper_tasks.spawn(async move { store.listen(wake, stop).await });
     }
-    tokio::spawn(maintenance::run(rt.clone(), helpers.clone()));
+    helper_tasks.spawn(maintenance::run(rt.clone(), helpers.clone()));
 
     let (exited, mut exits) = mpsc::unbounded_channel();
     let mut m = Manager {
@@ -141,6 +144,11 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         }
     };
     m.release_all().await;
+    // Once the lanes are done, nothing needs the helpers: a maintenance statement in
+    // flight (a gauge query, a purge batch) is not waited for.
+    helpers.cancel();
+    helper_tasks.abort_all();
+    while helper_tasks.join_next().await.is_some() {}
     result
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::lane::TableRuntime;
+use super::runtime::TableRuntime;
 use super::store::StoreError;
 
 /// Runs every `maintenance_interval` until `stop`.

@@ -6,20 +6,20 @@
 //!   `phase`: where a batch's time goes (a metric);
 //! - `publish`: rows to messages, the shared idempotent producer;
 //! - `notify`: PostgreSQL LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
-//! - `store`: the SQL per backend; `template`: topic templates.
+//! - `store`: the SQL per backend.
 
+mod cycle;
 mod lane;
-pub use lane::TableTunables;
 pub(crate) mod lanes;
 mod maintenance;
 pub(crate) mod notify;
-mod phase;
 mod pipeline;
 mod plan;
 pub mod publish;
+mod runtime;
+pub use runtime::TableTunables;
 mod settle;
 pub mod store;
-pub mod template;
 
 use std::sync::Arc;
 use std::time::Duration;

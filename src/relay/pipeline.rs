@@ -13,15 +13,14 @@
 //! - after a failure, nothing more is claimed early: the lane backs off as usual.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::lane::{conclude, timed_out, Acked, BatchEnd, Cycle};
-use super::phase::Phase;
+use super::cycle::{conclude, timed_out, Acked, Cycle};
 use super::publish::Publication;
+use super::runtime::{BatchEnd, Phase};
 use super::settle::{failed_batch, record_published};
 use super::store::{ClaimedRow, LaneSession, StoreError};
 
@@ -33,34 +32,6 @@ pub(super) struct Flight<'p> {
     pub(super) publication: Publication<'p>,
     /// When the last of them was sent.
     pub(super) sent: Instant,
-}
-
-/// How much longer than usual a batch waits for Kafka before the rows committed meanwhile
-/// are claimed early.
-const SLOW: u32 = 2;
-
-/// How long a short batch usually takes from its sending to its commit (a moving
-/// average), so that only a slow acknowledgement makes the lane claim early, as a hedged
-/// request goes out only once the first one is late. A usual one then costs no extra
-/// transaction: under a steady high rate, whole batches are cheaper per row than pairs of
-/// overlapping ones.
-#[derive(Debug, Default)]
-pub(super) struct AckWait {
-    usual: Option<Duration>,
-}
-
-impl AckWait {
-    fn record(&mut self, waited: Duration) {
-        self.usual = Some(match self.usual {
-            None => waited,
-            Some(usual) => usual.mul_f64(0.875) + waited.mul_f64(0.125),
-        });
-    }
-
-    /// How long after its sending a batch is slow.
-    fn slow_after(&self) -> Duration {
-        self.usual.unwrap_or_default() * SLOW
-    }
 }
 
 /// Concludes `flight` on `current`. While it waits, when rows were committed, the flight
@@ -216,7 +187,7 @@ async fn claim_around<'p>(
     limit: u32,
     keys: &[&str],
     producer: &'p Arc<FutureProducer>,
-    rt: &'p super::lane::TableRuntime,
+    rt: &'p super::runtime::TableRuntime,
     stop: &'p tokio_util::sync::CancellationToken,
 ) -> Result<Option<Flight<'p>>, StoreError> {
     let claiming = Instant::now();
@@ -249,21 +220,5 @@ fn worse(a: BatchEnd, b: BatchEnd) -> BatchEnd {
         b
     } else {
         a
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_batch_is_slow_after_twice_the_usual_wait_and_the_first_at_once() {
-        let mut acks = AckWait::default();
-        assert_eq!(acks.slow_after(), Duration::ZERO, "nothing usual yet");
-        acks.record(Duration::from_millis(8));
-        assert_eq!(acks.slow_after(), Duration::from_millis(16));
-        acks.record(Duration::from_millis(16));
-        // An eighth of the way to the new wait.
-        assert_eq!(acks.slow_after(), Duration::from_millis(18));
     }
 }

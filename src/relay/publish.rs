@@ -12,10 +12,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use super::store::ClaimedRow;
-use super::template::{check_topic, TopicTemplate};
 use crate::config::TableConfig;
 use crate::glob::glob_match;
 use crate::reserved_headers::is_reserved;
+use crate::topic::{check_topic, TopicTemplate};
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq)]

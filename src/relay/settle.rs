@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use rdkafka::producer::FutureProducer;
 
-use super::lane::{BatchEnd, TableRuntime};
 use super::plan::Plan;
 use super::publish::{delay_seconds, RowOutcome};
+use super::runtime::{BatchEnd, TableRuntime};
 use super::store::{ClaimedRow, LaneSession, Settlement, StoreError};
 
 /// Settles a batch that Kafka did not wholly acknowledge, on `session`, whose claim of

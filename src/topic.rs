@@ -1,4 +1,6 @@
-//! Topic templates such as `"events.{event_type}"`: parsed once, rendered per row.
+//! Topic rules: templates such as `"events.{event_type}"` (parsed once, rendered per row)
+//! and what a Kafka topic name may hold. A leaf: configuration checks and the relay both
+//! use it.
 
 /// A parsed template: literal text and column placeholders.
 #[derive(Debug, Clone, PartialEq, Eq)]
