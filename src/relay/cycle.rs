@@ -142,6 +142,25 @@ pub(super) fn timed_out(rt: &TableRuntime, rows: usize) {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_is_one_period_from_the_first_wait_after_the_stop() {
+        let grace = Grace::new(Duration::from_secs(10));
+        let stop = CancellationToken::new();
+        let begun = Instant::now();
+        let waiting = tokio::time::timeout(Duration::from_secs(60), grace.over(&stop)).await;
+        assert!(waiting.is_err(), "no grace runs out before the stop");
+        stop.cancel();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let first = Instant::now();
+        grace.over(&stop).await;
+        assert_eq!(first.elapsed(), Duration::from_secs(10));
+        // A later batch of the lane shares the period rather than getting one of its own.
+        let second = Instant::now();
+        grace.over(&stop).await;
+        assert_eq!(second.elapsed(), Duration::ZERO);
+        assert_eq!(begun.elapsed(), Duration::from_secs(73));
+    }
+
     #[test]
     fn a_batch_is_slow_after_twice_the_usual_wait_and_the_first_at_once() {
         let mut acks = AckWait::default();

@@ -222,3 +222,23 @@ fn worse(a: BatchEnd, b: BatchEnd) -> BatchEnd {
         a
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cycle_of_several_batches_ends_as_its_worst_batch() {
+        use BatchEnd::*;
+        assert_eq!(worse(Partial, KafkaFailed), KafkaFailed);
+        assert_eq!(worse(KafkaFailed, Refused), KafkaFailed);
+        assert_eq!(worse(Refused, More), Refused);
+        assert_eq!(
+            worse(Partial, More),
+            More,
+            "more rows wait: claim again at once"
+        );
+        assert_eq!(worse(Empty, Partial), Partial);
+        assert_eq!(worse(Empty, Empty), Empty);
+    }
+}
