@@ -326,3 +326,131 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     }
     failed_batch(rt, current.as_mut(), &producer, &rows, &outcomes, done).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::relay::store::{Columns, Settled, Settlement};
+
+    /// A lane's pending rows in memory, claimed in order; records each claim's limit.
+    struct Memory {
+        pending: VecDeque<u32>,
+        chunks: bool,
+        limits: Vec<u32>,
+    }
+
+    impl Memory {
+        fn new(rows: u32, chunks: bool) -> Self {
+            Memory {
+                pending: (1..=rows).collect(),
+                chunks,
+                limits: Vec::new(),
+            }
+        }
+
+        fn take(&mut self, limit: u32) -> Vec<ClaimedRow> {
+            self.limits.push(limit);
+            let n = (limit as usize).min(self.pending.len());
+            self.pending
+                .drain(..n)
+                .map(|id| {
+                    ClaimedRow::new(&Columns {
+                        id: &id.to_string(),
+                        key: Some("k"),
+                        payload: Some(b"{}"),
+                        ..Columns::default()
+                    })
+                })
+                .collect()
+        }
+    }
+
+    #[async_trait]
+    impl LaneSession for Memory {
+        async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+            Ok(self.take(limit))
+        }
+
+        fn claims_in_chunks(&self) -> bool {
+            self.chunks
+        }
+
+        async fn claim_more(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
+            Ok(self.take(limit))
+        }
+
+        async fn commit(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        async fn rollback(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        async fn settle(&mut self, _s: &Settlement<'_>) -> Result<Settled, StoreError> {
+            Ok(Settled::default())
+        }
+    }
+
+    fn ids(c: &Claimed) -> Vec<String> {
+        c.rows.iter().map(|r| r.id().to_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_claimed_in_chunks_up_to_the_batch_size_in_order() {
+        let mut s = Memory::new(2_500, true);
+        let (claimed, sent) = claim(&mut s, 2_200, None, Start::New, None).await.unwrap();
+        assert_eq!(
+            s.limits,
+            [1_000, 1_000, 200],
+            "chunks of CLAIM_CHUNK, the rest last"
+        );
+        assert_eq!(claimed.rows.len(), 2_200);
+        let expected: Vec<String> = (1..=2_200).map(|i| i.to_string()).collect();
+        assert_eq!(ids(&claimed), expected, "in publication order");
+        assert!(claimed.more, "the last chunk filled: more may wait");
+        assert_eq!(
+            sent, 2_000,
+            "the rows claimed last are left for the caller to send"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_chunk_ends_the_claim() {
+        let mut s = Memory::new(1_300, true);
+        let (claimed, _) = claim(&mut s, 5_000, None, Start::New, None).await.unwrap();
+        assert_eq!(s.limits, [1_000, 1_000]);
+        assert_eq!(claimed.rows.len(), 1_300);
+        assert!(!claimed.more, "the outbox is drained for now");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_extend_claims_claims_the_batch_at_once() {
+        let mut s = Memory::new(2_500, false);
+        let (claimed, sent) = claim(&mut s, 2_200, None, Start::New, None).await.unwrap();
+        assert_eq!(s.limits, [2_200]);
+        assert_eq!((claimed.rows.len(), sent), (2_200, 0));
+    }
+
+    #[tokio::test]
+    async fn a_prefetch_stops_after_its_first_chunk_once_the_batch_before_is_acknowledged() {
+        let acknowledged = AtomicBool::new(true);
+        let mut s = Memory::new(5_000, true);
+        let (claimed, _) = claim(&mut s, 3_000, None, Start::New, Some(&acknowledged))
+            .await
+            .unwrap();
+        assert_eq!(s.limits, [1_000], "the first chunk, and no more");
+        assert!(claimed.more, "the next cycle goes on claiming the rest");
+        // The next cycle goes on from the rows already claimed.
+        let (claimed, _) = claim(&mut s, 3_000, None, Start::Claimed(claimed), None)
+            .await
+            .unwrap();
+        assert_eq!(s.limits, [1_000, 1_000, 1_000]);
+        let expected: Vec<String> = (1..=3_000).map(|i| i.to_string()).collect();
+        assert_eq!(ids(&claimed), expected);
+    }
+}
