@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError, LogConfig, LogFormat};
 use crate::metrics::Metrics;
-use crate::{db, kafka, shutdown, ErrorClass, RunError};
+use crate::{db, kafka, shutdown, ExitClass, RunError};
 
 /// Where `--config` points when not given.
 pub const DEFAULT_CONFIG: &str = "/etc/outboxd/outboxd.toml";
@@ -172,26 +172,26 @@ pub enum CliError {
 
 impl CliError {
     /// What kind of failure it is.
-    pub fn class(&self) -> ErrorClass {
+    pub fn class(&self) -> ExitClass {
         match self {
-            CliError::Config(_) => ErrorClass::Config,
+            CliError::Config(_) => ExitClass::Config,
             CliError::Run(e) => e.class(),
-            CliError::EmitInput(_) => ErrorClass::Usage,
+            CliError::EmitInput(_) => ExitClass::Usage,
             CliError::Migrate(_)
             | CliError::Emit(_)
             | CliError::Dlq(_)
             | CliError::Status(_)
             | CliError::NotReady(_)
-            | CliError::Startup(_) => ErrorClass::Failure,
+            | CliError::Startup(_) => ExitClass::Failure,
         }
     }
 
     /// The process exit code for this error, from its class.
     pub fn exit_code(&self) -> u8 {
         match self.class() {
-            ErrorClass::Config => EX_CONFIG,
-            ErrorClass::Usage => EX_USAGE,
-            ErrorClass::Failure => 1,
+            ExitClass::Config => EX_CONFIG,
+            ExitClass::Usage => EX_USAGE,
+            ExitClass::Failure => 1,
         }
     }
 }

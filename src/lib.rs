@@ -80,12 +80,12 @@ pub enum RunError {
 
 impl RunError {
     /// What kind of failure it is.
-    pub fn class(&self) -> ErrorClass {
+    pub fn class(&self) -> ExitClass {
         match self {
-            RunError::Config(_) => ErrorClass::Config,
+            RunError::Config(_) => ExitClass::Config,
             RunError::Consumer(e) => e.class(),
             RunError::Kafka(_) | RunError::Http { .. } | RunError::DrainTimeout(_) => {
-                ErrorClass::Failure
+                ExitClass::Failure
             }
         }
     }
@@ -93,7 +93,7 @@ impl RunError {
 
 /// What kind of failure an error is; the exit code follows from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub enum ExitClass {
     /// The configuration is unusable: restarting with it will not help.
     Config,
     /// A command-line argument is unusable.

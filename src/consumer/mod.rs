@@ -163,10 +163,10 @@ pub enum StartError {
 
 impl StartError {
     /// What kind of failure it is.
-    pub fn class(&self) -> crate::ErrorClass {
+    pub fn class(&self) -> crate::ExitClass {
         match self {
-            StartError::Handler(_) => crate::ErrorClass::Config,
-            StartError::Client(_) | StartError::Subscribe(_) => crate::ErrorClass::Failure,
+            StartError::Handler(_) => crate::ExitClass::Config,
+            StartError::Client(_) | StartError::Subscribe(_) => crate::ExitClass::Failure,
         }
     }
 }
