@@ -4,173 +4,15 @@
 //! messages is bounded and moves again; the commit metadata hands on what was final, and
 //! a message's calls, across a clean handover and a crash.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use outboxd::config::{Config, Ordering};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use outboxd::config::Ordering;
 
 use crate::consumer_helpers::*;
 use crate::helpers::*;
-
-/// A server that reads `{"k": key, "s": seq}` bodies: it records each key's delivered
-/// sequence numbers, answers 503 to the keys it is told to fail, waits a random time up to
-/// `jitter` per call, and counts the calls running at once.
-#[derive(Clone, Default)]
-struct KeyServer {
-    url: String,
-    state: Arc<KeyState>,
-}
-
-#[derive(Default)]
-struct KeyState {
-    delivered: Mutex<HashMap<String, Vec<u64>>>,
-    /// Every call, in arrival order: (key, seq).
-    calls: Mutex<Vec<(String, u64)>>,
-    failing: Mutex<HashSet<String>>,
-    /// Calls of this key from the given call number on (1-based) wait a minute.
-    hang: Mutex<Option<(String, usize)>>,
-    jitter_ms: AtomicUsize,
-    running: AtomicUsize,
-    peak: AtomicUsize,
-}
-
-impl KeyServer {
-    async fn start() -> KeyServer {
-        let state = Arc::new(KeyState::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
-        let app = axum::Router::new()
-            .route("/events", axum::routing::post(key_answer))
-            .with_state(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        KeyServer { url, state }
-    }
-
-    fn fail(&self, key: &str, failing: bool) {
-        let mut f = self.state.failing.lock().unwrap();
-        if failing {
-            f.insert(key.to_owned());
-        } else {
-            f.remove(key);
-        }
-    }
-
-    fn delivered(&self) -> HashMap<String, Vec<u64>> {
-        self.state.delivered.lock().unwrap().clone()
-    }
-
-    fn delivered_count(&self) -> usize {
-        self.state
-            .delivered
-            .lock()
-            .unwrap()
-            .values()
-            .map(Vec::len)
-            .sum()
-    }
-
-    fn calls_of(&self, key: &str) -> usize {
-        let calls = self.state.calls.lock().unwrap();
-        calls.iter().filter(|(k, _)| k == key).count()
-    }
-}
-
-async fn key_answer(State(s): State<Arc<KeyState>>, body: Bytes) -> StatusCode {
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let (key, seq) = (
-        v["k"].as_str().unwrap().to_owned(),
-        v["s"].as_u64().unwrap(),
-    );
-    let running = s.running.fetch_add(1, AtomicOrdering::SeqCst) + 1;
-    s.peak.fetch_max(running, AtomicOrdering::SeqCst);
-    let call = {
-        let mut calls = s.calls.lock().unwrap();
-        calls.push((key.clone(), seq));
-        calls.iter().filter(|(k, _)| *k == key).count()
-    };
-    let hang = s.hang.lock().unwrap().clone();
-    if hang.is_some_and(|(k, from)| k == key && call >= from) {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    }
-    let jitter = s.jitter_ms.load(AtomicOrdering::SeqCst) as u64;
-    if jitter > 0 {
-        tokio::time::sleep(Duration::from_micros(fastrand::u64(0..jitter * 1000))).await;
-    }
-    s.running.fetch_sub(1, AtomicOrdering::SeqCst);
-    if s.failing.lock().unwrap().contains(&key) {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    s.delivered
-        .lock()
-        .unwrap()
-        .entry(key)
-        .or_default()
-        .push(seq);
-    StatusCode::OK
-}
-
-/// Produces `per_key` messages for each of `keys` keys, `{"k": "k<i>", "s": <seq>}`,
-/// spread over `partitions` by key (key `k<i>` on partition `i % partitions`), keyed with
-/// the key unless `keyless`.
-async fn produce_keys(
-    bootstrap: &str,
-    topic: &str,
-    partitions: usize,
-    keys: usize,
-    per_key: u64,
-    keyless: bool,
-) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut deliveries = Vec::new();
-    for seq in 0..per_key {
-        for i in 0..keys {
-            let key = format!("k{i}");
-            let value = format!(r#"{{"k": "{key}", "s": {seq}}}"#);
-            let mut record: FutureRecord<'_, str, str> = FutureRecord::to(topic)
-                .partition((i % partitions) as i32)
-                .payload(&value);
-            if !keyless {
-                record = record.key(&key);
-            }
-            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-    }
-    for d in deliveries {
-        d.await.unwrap().expect("produced");
-    }
-}
-
-/// Every key's delivered sequence numbers are `0..per_key`, in order, once each.
-fn assert_in_order_once(server: &KeyServer, keys: usize, per_key: u64) {
-    let delivered = server.delivered();
-    assert_eq!(delivered.len(), keys, "every key delivered");
-    let want: Vec<u64> = (0..per_key).collect();
-    for (key, seqs) in &delivered {
-        assert_eq!(
-            seqs, &want,
-            "key {key}: delivered out of order, twice or not at all"
-        );
-    }
-}
-
-fn config(bootstrap: &str, topic: &str, url: &str, max_in_flight: usize) -> Config {
-    let mut cfg = web_consumer(bootstrap, topic, url);
-    let c = cfg.consumer.as_mut().unwrap();
-    c.max_in_flight = max_in_flight;
-    c.retry.max_attempts = 10_000;
-    cfg
-}
+use crate::key_server::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_key_is_delivered_in_order_while_keys_run_side_by_side() {
@@ -179,7 +21,7 @@ async fn each_key_is_delivered_in_order_while_keys_run_side_by_side() {
     produce_keys(&bootstrap, &topic, 4, keys, per_key, false).await;
     let server = KeyServer::start().await;
     server.state.jitter_ms.store(3, AtomicOrdering::SeqCst);
-    let cfg = config(&bootstrap, &topic, &server.url, 64);
+    let cfg = key_config(&bootstrap, &topic, &server.url, 64);
     assert_eq!(
         cfg.consumer.as_ref().unwrap().ordering,
         Ordering::Key,
@@ -214,7 +56,7 @@ async fn a_failing_key_holds_back_only_its_own_messages() {
     let server = KeyServer::start().await;
     server.state.jitter_ms.store(2, AtomicOrdering::SeqCst);
     server.fail("k0", true);
-    let daemon = Daemon::start(config(&bootstrap, &topic, &server.url, 16)).await;
+    let daemon = Daemon::start(key_config(&bootstrap, &topic, &server.url, 16)).await;
     eventually("the first call", Duration::from_secs(30), || async {
         !server.state.calls.lock().unwrap().is_empty()
     })
@@ -259,7 +101,7 @@ async fn keyless_messages_keep_their_order_in_their_partition() {
     produce_keys(&bootstrap, &topic, 2, 2, 150, true).await;
     let server = KeyServer::start().await;
     server.state.jitter_ms.store(2, AtomicOrdering::SeqCst);
-    let daemon = Daemon::start(config(&bootstrap, &topic, &server.url, 16)).await;
+    let daemon = Daemon::start(key_config(&bootstrap, &topic, &server.url, 16)).await;
     eventually(
         "every message delivered",
         Duration::from_secs(60),
@@ -285,7 +127,7 @@ async fn the_pending_window_is_bounded_and_moves_again() {
     // k0 (partition 0) fails at first: its partition's window fills behind it and that
     // partition stops reading; partition 1 goes on.
     server.fail("k0", true);
-    let mut cfg = config(&bootstrap, &topic, &server.url, 16);
+    let mut cfg = key_config(&bootstrap, &topic, &server.url, 16);
     cfg.consumer.as_mut().unwrap().max_pending_per_partition = 50;
     let daemon = Daemon::start(cfg).await;
     let pending = |d: &Daemon, p: &str| d.metric("outboxd_consumer_pending", &[("partition", p)]);
@@ -343,7 +185,7 @@ async fn a_clean_handover_does_not_handle_final_messages_again() {
     produce_keys(&bootstrap, &topic, 1, keys, per_key, false).await;
     let server = KeyServer::start().await;
     server.fail("k0", true);
-    let cfg = config(&bootstrap, &topic, &server.url, 16);
+    let cfg = key_config(&bootstrap, &topic, &server.url, 16);
     let first = Daemon::start(cfg.clone()).await;
     let healthy = (keys - 1) * per_key as usize;
     eventually(
@@ -371,45 +213,6 @@ async fn a_clean_handover_does_not_handle_final_messages_again() {
         skipped, healthy as f64,
         "every final message was skipped, none handled again"
     );
-}
-
-/// Writes the config of a consumer of `topic` posting to `url`, as a file for a separate
-/// `outboxd run` process.
-fn process_config(
-    dir: &std::path::Path,
-    bootstrap: &str,
-    topic: &str,
-    url: &str,
-    extra: &str,
-) -> std::path::PathBuf {
-    let path = dir.join("outboxd.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.consumer_options]\n\"session.timeout.ms\" = 6000\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
-             [consumer]\ngroup_id = \"{}\"\ntopics = [\"{topic}\"]\n{extra}\n\
-             [[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"web\"\n\
-             [handlers.web]\nkind = \"http\"\nurl = \"{url}\"\n",
-            unique("group")
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn spawn(config: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(crate::cli::BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn kill(child: &mut std::process::Child) {
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 mod backends;
 mod consumer_helpers;
 mod helpers;
+mod key_server;
 
 mod cli;
 mod cli_backends;
