@@ -4,6 +4,7 @@
 //! The doc comment on every field is the reference documentation of that key.
 
 mod backend;
+pub mod column;
 mod consumer;
 mod handlers;
 mod load;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use backend::Backend;
+pub use column::Column;
 pub use consumer::{
     ConsumerConfig, DeadLetterDialect, Ordering, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
 };

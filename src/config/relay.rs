@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::column::{self, Column};
+
 /// `[relay]`
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -14,7 +16,8 @@ pub struct RelayConfig {
 }
 
 /// `[[relay.tables]]`: one outbox table. Column names are used exactly as written (they are
-/// quoted in SQL, so they are case-sensitive); an empty string turns an optional column off.
+/// quoted in SQL, so they are case-sensitive); an empty string turns an optional column off
+/// (`""` is no name for a required one).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TableConfig {
@@ -27,7 +30,7 @@ pub struct TableConfig {
     /// topic name rules at start-up.
     pub topic: Option<String>,
     /// A column whose value is the topic name. Exactly one of `topic` and `topic_column`.
-    pub topic_column: Option<String>,
+    pub topic_column: Option<Column>,
     /// Globs (`*` any run, `?` one character) the topic a row renders must match, else
     /// the row goes to the dead rows with the reason: rows name topics, and must not reach
     /// a consumer's dead-letter topic or another service's. Required with `topic_column`
@@ -38,34 +41,39 @@ pub struct TableConfig {
     /// The column used as the Kafka message key: the aggregate id. Kafka sends equal keys to
     /// one partition, which is what keeps events of one aggregate in order. A row whose key
     /// is NULL is moved to the dead-row table.
-    pub key_column: String,
+    pub key_column: Column,
     /// The primary key column. Any type that casts to and from text (bigint, uuid, text).
     /// On MySQL it should be indexed (the reference table's primary key is): claims and
     /// deletes find rows by it.
-    pub id_column: String,
+    pub id_column: Column,
     /// The column that orders rows (publication order). Defaults to `id_column`; set it when
     /// the id is not monotonic, e.g. a uuid id with a separate bigserial sequence column.
-    pub order_column: Option<String>,
+    pub order_column: Option<Column>,
     /// Stable event id, sent as the `event-id` header so consumers can deduplicate.
     /// Empty: the `id_column` value is sent instead.
-    pub event_id_column: String,
+    #[serde(with = "column::optional")]
+    pub event_id_column: Option<Column>,
     /// The message value. `jsonb`, `json` and text columns are sent as their UTF-8 text,
     /// `bytea` (PostgreSQL), `BLOB`/`VARBINARY` (MySQL) and BLOB values (SQLite) as raw
     /// bytes. A row whose payload is NULL is moved to the dead-row table.
-    pub payload_column: String,
+    pub payload_column: Column,
     /// A JSON object column; each entry becomes a Kafka header (strings as they are, other
     /// values as JSON text), including `traceparent`/`tracestate` for W3C trace context.
     /// Empty: no extra headers.
-    pub headers_column: String,
+    #[serde(with = "column::optional")]
+    pub headers_column: Option<Column>,
     /// Sent as the `event-type` header. Empty: no such header.
-    pub event_type_column: String,
+    #[serde(with = "column::optional")]
+    pub event_type_column: Option<Column>,
     /// Sent as the `aggregate-type` header. Empty: no such header.
-    pub aggregate_type_column: String,
+    #[serde(with = "column::optional")]
+    pub aggregate_type_column: Option<Column>,
     /// Row creation time, used for `outboxd_relay_publish_delay_seconds` and
     /// `outboxd_relay_oldest_pending_seconds`. On SQLite a number is read as Unix seconds
     /// and text as an ISO 8601 time (the reference table writes UTC ISO 8601). Empty: those
     /// metrics stay empty.
-    pub created_at_column: String,
+    #[serde(with = "column::optional")]
+    pub created_at_column: Option<Column>,
     /// Rows claimed, published and deleted per transaction. On PostgreSQL (integer order
     /// column) they are claimed 1,000 at a time, each chunk published while the next is
     /// claimed; the transaction commits once all of them are acknowledged.
@@ -90,7 +98,8 @@ pub struct TableConfig {
     /// LISTEN channel fed by the `outboxd_notify` trigger. Empty string: polling only.
     /// PostgreSQL only: with MySQL or SQLite the default is ignored and any other value is
     /// a configuration error.
-    pub notify_channel: String,
+    #[serde(with = "column::optional")]
+    pub notify_channel: Option<String>,
     /// Number of lanes the table is split into by key hash (`hashtext(key)` on PostgreSQL,
     /// `CRC32(key)` on MySQL). Each lane is owned by exactly one running outboxd (an advisory
     /// lock on PostgreSQL, `GET_LOCK` on MySQL), so `lanes = 1` is leader election with hot
@@ -106,7 +115,7 @@ pub struct TableConfig {
     /// `published_at_column` (then rows older than `retention` are purged).
     pub on_published: OnPublished,
     /// The timestamp column set in `mark` mode; rows where it is NULL are pending.
-    pub published_at_column: String,
+    pub published_at_column: Column,
     /// In `mark` mode, how long published rows are kept before the purge removes them.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
@@ -127,23 +136,23 @@ impl Default for TableConfig {
             topic: None,
             topic_column: None,
             allowed_topics: Vec::new(),
-            key_column: "aggregate_id".into(),
-            id_column: "id".into(),
+            key_column: known("aggregate_id"),
+            id_column: known("id"),
             order_column: None,
-            event_id_column: "event_id".into(),
-            payload_column: "payload".into(),
-            headers_column: "headers".into(),
-            event_type_column: "event_type".into(),
-            aggregate_type_column: "aggregate_type".into(),
-            created_at_column: "created_at".into(),
+            event_id_column: Some(known("event_id")),
+            payload_column: known("payload"),
+            headers_column: Some(known("headers")),
+            event_type_column: Some(known("event_type")),
+            aggregate_type_column: Some(known("aggregate_type")),
+            created_at_column: Some(known("created_at")),
             batch_size: 1000,
             prefetch: true,
             poll_interval: Duration::from_millis(500),
-            notify_channel: "outboxd".into(),
+            notify_channel: Some("outboxd".into()),
             lanes: 1,
             rebalance_interval: Duration::from_secs(5),
             on_published: OnPublished::Delete,
-            published_at_column: "published_at".into(),
+            published_at_column: known("published_at"),
             retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(10),
             max_attempts: 10,
@@ -153,23 +162,28 @@ impl Default for TableConfig {
 
 impl TableConfig {
     /// The column rows are published in order of.
-    pub fn order_column(&self) -> &str {
-        self.order_column.as_deref().unwrap_or(&self.id_column)
+    pub fn order_column(&self) -> &Column {
+        self.order_column.as_ref().unwrap_or(&self.id_column)
     }
 
     /// The columns a topic template may name: every column of this mapping that is set.
     pub fn mapped_columns(&self) -> Vec<&str> {
-        [
-            self.id_column.as_str(),
-            self.key_column.as_str(),
-            self.event_id_column.as_str(),
-            self.event_type_column.as_str(),
-            self.aggregate_type_column.as_str(),
-        ]
-        .into_iter()
-        .filter(|c| !c.is_empty())
-        .collect()
+        [Some(&self.id_column), Some(&self.key_column)]
+            .into_iter()
+            .chain([
+                self.event_id_column.as_ref(),
+                self.event_type_column.as_ref(),
+                self.aggregate_type_column.as_ref(),
+            ])
+            .flatten()
+            .map(Column::as_str)
+            .collect()
     }
+}
+
+/// A column name of the defaults.
+fn known(name: &str) -> Column {
+    Column::new(name).expect("default column names are not empty")
 }
 
 /// What the relay does with a row once Kafka acknowledged it.

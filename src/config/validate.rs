@@ -149,34 +149,31 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
             t.table
         ));
     }
-    let required = [
-        ("key_column", &t.key_column),
-        ("id_column", &t.id_column),
-        ("payload_column", &t.payload_column),
-    ];
-    for (name, value) in required {
-        if value.is_empty() {
-            p.push(format!("{at}.{name}: must not be empty"));
-        }
-    }
     let optional = [
         ("event_id_column", &t.event_id_column),
         ("headers_column", &t.headers_column),
         ("event_type_column", &t.event_type_column),
         ("aggregate_type_column", &t.aggregate_type_column),
         ("created_at_column", &t.created_at_column),
-        ("published_at_column", &t.published_at_column),
+        ("order_column", &t.order_column),
+        ("topic_column", &t.topic_column),
     ];
-    let named = required
-        .into_iter()
-        .chain(optional)
-        .map(|(n, v)| (n, v.as_str()))
-        .chain(t.order_column.as_deref().map(|c| ("order_column", c)))
-        .chain(t.topic_column.as_deref().map(|c| ("topic_column", c)));
-    for (name, value) in named {
-        if !value.is_empty() && !is_identifier(value) {
+    let named = [
+        ("key_column", &t.key_column),
+        ("id_column", &t.id_column),
+        ("payload_column", &t.payload_column),
+        ("published_at_column", &t.published_at_column),
+    ]
+    .into_iter()
+    .chain(
+        optional
+            .into_iter()
+            .filter_map(|(n, c)| Some((n, c.as_ref()?))),
+    );
+    for (name, column) in named {
+        if !is_identifier(column) {
             p.push(format!(
-                "{at}.{name}: `{value}` is not a column name (letters, digits, _ and $)"
+                "{at}.{name}: `{column}` is not a column name (letters, digits, _ and $)"
             ));
         }
     }
@@ -197,7 +194,6 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
             }
             Ok(_) => {}
         },
-        (None, Some(c)) if c.is_empty() => p.push(format!("{at}.topic_column: must not be empty")),
         (None, Some(_)) => {}
     }
     validate_allowed_topics(t, at, p);
@@ -219,16 +215,10 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
     );
     if t.on_published == OnPublished::Mark {
         positive(p, &format!("{at}.retention"), t.retention);
-        if t.published_at_column.is_empty() {
-            p.push(format!(
-                "{at}.published_at_column: required when on_published = \"mark\""
-            ));
-        }
     }
-    if !t.notify_channel.is_empty() && !is_identifier(&t.notify_channel) {
+    if let Some(channel) = t.notify_channel.as_deref().filter(|c| !is_identifier(c)) {
         p.push(format!(
-            "{at}.notify_channel: `{}` is not a channel name (letters, digits, _ and $)",
-            t.notify_channel
+            "{at}.notify_channel: `{channel}` is not a channel name (letters, digits, _ and $)"
         ));
     }
 }
@@ -243,14 +233,12 @@ fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Vec<Strin
         ));
     }
     let default_channel = TableConfig::default().notify_channel;
-    if backend != Backend::Postgres
-        && !t.notify_channel.is_empty()
-        && t.notify_channel != default_channel
-    {
-        p.push(format!(
-            "{at}.notify_channel: `{}` needs PostgreSQL (LISTEN/NOTIFY); {} tables are polled every poll_interval, remove it",
-            t.notify_channel,
-            backend.name()
-        ));
+    if let Some(channel) = t.notify_channel.as_deref() {
+        if backend != Backend::Postgres && default_channel.as_deref() != Some(channel) {
+            p.push(format!(
+                "{at}.notify_channel: `{channel}` needs PostgreSQL (LISTEN/NOTIFY); {} tables are polled every poll_interval, remove it",
+                backend.name()
+            ));
+        }
     }
 }

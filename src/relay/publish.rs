@@ -78,15 +78,14 @@ impl TopicSource {
             return Ok(TopicSource::Fixed(topic.into()));
         }
         let fields = [
-            (&t.id_column, Field::Id),
-            (&t.key_column, Field::Key),
-            (&t.event_id_column, Field::EventId),
-            (&t.event_type_column, Field::EventType),
-            (&t.aggregate_type_column, Field::AggregateType),
+            (Some(&t.id_column), Field::Id),
+            (Some(&t.key_column), Field::Key),
+            (t.event_id_column.as_ref(), Field::EventId),
+            (t.event_type_column.as_ref(), Field::EventType),
+            (t.aggregate_type_column.as_ref(), Field::AggregateType),
         ]
         .into_iter()
-        .filter(|(c, _)| !c.is_empty())
-        .map(|(c, f)| (c.clone(), f))
+        .filter_map(|(c, f)| Some((c?.to_string(), f)))
         .collect();
         let allowed = match template.literal_prefix() {
             _ if !t.allowed_topics.is_empty() => t.allowed_topics.clone(),

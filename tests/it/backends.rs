@@ -223,7 +223,7 @@ impl TestDb {
         let mut c = crate::helpers::config(table, bootstrap);
         c.database.url = Some(self.url.clone());
         if self.kind != Kind::Postgres {
-            c.relay.tables[0].notify_channel = String::new();
+            c.relay.tables[0].notify_channel = None;
             c.relay.tables[0].poll_interval = Duration::from_millis(100);
         }
         c

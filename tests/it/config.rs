@@ -185,6 +185,16 @@ fn bad_configurations_exit_78_and_name_the_key() {
             format!("{base}{table}key_column = \"id; DROP TABLE x\"\n"),
             "relay.tables[0].key_column",
         ),
+        (
+            "an empty required column",
+            format!("{base}{table}payload_column = \"\"\n"),
+            "relay.tables.0.payload_column",
+        ),
+        (
+            "an empty order column",
+            format!("{base}{table}order_column = \"\"\n"),
+            "relay.tables.0.order_column",
+        ),
         ("no tables", base.to_string(), "relay.tables"),
         (
             "idempotence off",
@@ -286,6 +296,7 @@ fn url_file_supplies_the_database_url() {
 /// reference, and that file passes check-config.
 #[test]
 fn the_reference_config_documents_every_key() {
+    use crate::helpers::col;
     use outboxd::config::*;
     let reference =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/outboxd.toml"))
@@ -293,8 +304,8 @@ fn the_reference_config_documents_every_key() {
     let mut full = Config::default();
     full.database.url_file = Some("/run/secrets/db".into());
     full.relay.tables.push(TableConfig {
-        topic_column: Some("topic".into()),
-        order_column: Some("seq".into()),
+        topic_column: Some(col("topic")),
+        order_column: Some(col("seq")),
         ..TableConfig::default()
     });
     let mut consumer: ConsumerConfig = toml::from_str("group_id = \"g\"\ntopics = []").unwrap();

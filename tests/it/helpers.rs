@@ -39,6 +39,11 @@ pub async fn db() -> PgPool {
 }
 
 /// A unique name for this test's table, topic and channel.
+/// `name` as a column of a table mapping.
+pub fn col(name: &str) -> outboxd::config::Column {
+    name.parse().expect("a column name")
+}
+
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -145,7 +150,7 @@ pub fn config(table: &str, bootstrap: &str) -> Config {
     c.relay.tables.push(TableConfig {
         table: table.into(),
         topic: Some("t.{event_type}".into()),
-        notify_channel: table.into(),
+        notify_channel: Some(table.into()),
         poll_interval: Duration::from_millis(200),
         rebalance_interval: Duration::from_millis(300),
         maintenance_interval: Duration::from_millis(300),

@@ -87,7 +87,7 @@ async fn status_reports_backlog_lane_owners_and_consumer_lag() {
     let mut cfg = config(&table, &bootstrap);
     let t = &mut cfg.relay.tables[0];
     t.lanes = 2;
-    t.notify_channel = String::new();
+    t.notify_channel = None;
     t.poll_interval = Duration::from_secs(3600);
     let daemon = Daemon::start(cfg).await;
     eventually("both lanes owned", Duration::from_secs(10), || async {

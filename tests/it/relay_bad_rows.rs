@@ -32,10 +32,10 @@ fn loose_config(db: &TestDb, table: &str, topic: &str, bootstrap: &str) -> outbo
     let mut cfg = db.config(table, bootstrap);
     let t = &mut cfg.relay.tables[0];
     t.topic = Some(topic.to_owned());
-    t.aggregate_type_column = String::new();
-    t.event_id_column = String::new();
-    t.created_at_column = String::new();
-    t.notify_channel = String::new();
+    t.aggregate_type_column = None;
+    t.event_id_column = None;
+    t.created_at_column = None;
+    t.notify_channel = None;
     cfg
 }
 
@@ -300,9 +300,9 @@ async fn time_columns_of_an_unusable_type_are_named_at_start(kind: Kind) {
     .await;
     let mut cfg = db.config(&table, "127.0.0.1:9");
     let t = &mut cfg.relay.tables[0];
-    t.aggregate_type_column = String::new();
-    t.event_id_column = String::new();
-    t.headers_column = String::new();
+    t.aggregate_type_column = None;
+    t.event_id_column = None;
+    t.headers_column = None;
     let database = outboxd::db::Database::open(&cfg.database).unwrap();
     let open = |t: outboxd::config::TableConfig| {
         let database = database.clone();
@@ -329,10 +329,10 @@ async fn time_columns_of_an_unusable_type_are_named_at_start(kind: Kind) {
         assert!(why.contains(&part), "`{part}` not in: {why}");
     }
     let t = &mut cfg.relay.tables[0];
-    t.created_at_column = String::new();
+    t.created_at_column = None;
     assert_eq!(open(t.clone()).await, None, "usable without created_at");
     t.on_published = OnPublished::Mark;
-    t.published_at_column = "published".into();
+    t.published_at_column = col("published");
     let why = open(t.clone()).await.expect("refused in mark mode");
     assert!(
         why.contains("column `published` (relay.tables.published_at_column)"),

@@ -380,7 +380,7 @@ async fn rows_committed_during_a_prefetched_drain_wait_for_no_poll() {
     insert_rows(&pool, &table, 0, 3000, 100).await;
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     cfg.relay.tables[0].batch_size = 100;
-    cfg.relay.tables[0].notify_channel = String::new();
+    cfg.relay.tables[0].notify_channel = None;
     cfg.relay.tables[0].poll_interval = Duration::from_secs(120);
     let daemon = Daemon::start(cfg).await;
     let published = || daemon.metric("outboxd_relay_published_total", &[("table", &table)]);

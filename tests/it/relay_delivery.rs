@@ -102,15 +102,15 @@ async fn debezium_style_table_is_relayed_through_the_column_mapping() {
     let mut cfg = config(&table, &cluster.bootstrap_servers());
     let t = &mut cfg.relay.tables[0];
     t.topic = Some("outbox.event.{aggregatetype}".into());
-    t.id_column = "id".into();
-    t.order_column = Some("seq".into());
-    t.event_id_column = "id".into();
-    t.key_column = "aggregateid".into();
-    t.event_type_column = "type".into();
-    t.aggregate_type_column = "aggregatetype".into();
-    t.headers_column = String::new();
-    t.created_at_column = String::new();
-    t.notify_channel = String::new();
+    t.id_column = col("id");
+    t.order_column = Some(col("seq"));
+    t.event_id_column = Some(col("id"));
+    t.key_column = col("aggregateid");
+    t.event_type_column = Some(col("type"));
+    t.aggregate_type_column = Some(col("aggregatetype"));
+    t.headers_column = None;
+    t.created_at_column = None;
+    t.notify_channel = None;
     t.batch_size = 64;
     let daemon = Daemon::start(cfg).await;
     let received = consume(
@@ -166,11 +166,11 @@ async fn bytea_and_text_payloads_are_sent_as_their_bytes() {
         let mut cfg = config(&table, &cluster.bootstrap_servers());
         let t = &mut cfg.relay.tables[0];
         t.topic = Some(topic.clone());
-        t.event_type_column = String::new();
-        t.aggregate_type_column = String::new();
-        t.event_id_column = String::new();
-        t.created_at_column = String::new();
-        t.notify_channel = String::new();
+        t.event_type_column = None;
+        t.aggregate_type_column = None;
+        t.event_id_column = None;
+        t.created_at_column = None;
+        t.notify_channel = None;
         let daemon = Daemon::start(cfg).await;
         let received = consume(
             &cluster.bootstrap_servers(),
@@ -239,7 +239,7 @@ async fn several_tables_are_relayed_at_once() {
     let mut cfg = config(&first, &cluster.bootstrap_servers());
     let mut other = cfg.relay.tables[0].clone();
     other.table = second.clone();
-    other.notify_channel = second.clone();
+    other.notify_channel = Some(second.clone());
     cfg.relay.tables.push(other);
     insert_rows(&pool, &first, 0, 700, 7).await;
     insert_rows(&pool, &second, 0, 900, 9).await;

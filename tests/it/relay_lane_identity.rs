@@ -61,7 +61,7 @@ async fn mysql_tables_of_the_same_name_in_two_databases_do_not_share_lanes() {
         cfg.database.url = Some(format!("{base}/{name}"));
         cfg.database.migrate = true;
         let t = &mut cfg.relay.tables[0];
-        t.notify_channel = String::new();
+        t.notify_channel = None;
         t.poll_interval = Duration::from_millis(100);
         daemons.push(Daemon::start(cfg).await);
     }

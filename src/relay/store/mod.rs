@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TableConfig;
+use crate::config::{OnPublished, TableConfig};
 use crate::db::Database;
 
 /// What a follower needs to claim the rows after its leader's open claim without passing
@@ -308,14 +308,14 @@ impl NewEvent<'_> {
     /// `(column, value as text)` of every column the mapping of `t` names.
     pub fn columns<'c>(&'c self, t: &'c TableConfig, headers: &'c str) -> Vec<(&'c str, &'c str)> {
         [
-            (t.key_column.as_str(), self.key),
-            (t.payload_column.as_str(), self.payload),
-            (t.event_type_column.as_str(), self.event_type),
-            (t.aggregate_type_column.as_str(), self.aggregate_type),
-            (t.headers_column.as_str(), headers),
+            (Some(&t.key_column), self.key),
+            (Some(&t.payload_column), self.payload),
+            (t.event_type_column.as_ref(), self.event_type),
+            (t.aggregate_type_column.as_ref(), self.aggregate_type),
+            (t.headers_column.as_ref(), headers),
         ]
         .into_iter()
-        .filter(|(c, _)| !c.is_empty())
+        .filter_map(|(c, v)| Some((c?.as_str(), v)))
         .collect()
     }
 }
@@ -336,25 +336,28 @@ pub async fn emit(
 
 /// The columns the mapping of `t` requires, as `(config key, column)`.
 pub fn required_columns(t: &TableConfig) -> Vec<(&'static str, &str)> {
-    let mut required = vec![
-        ("id_column", t.id_column.as_str()),
-        ("key_column", t.key_column.as_str()),
-        ("payload_column", t.payload_column.as_str()),
-        ("order_column", t.order_column()),
-        ("event_id_column", t.event_id_column.as_str()),
-        ("headers_column", t.headers_column.as_str()),
-        ("event_type_column", t.event_type_column.as_str()),
-        ("aggregate_type_column", t.aggregate_type_column.as_str()),
-        ("created_at_column", t.created_at_column.as_str()),
+    let optional = [
+        ("event_id_column", t.event_id_column.as_ref()),
+        ("headers_column", t.headers_column.as_ref()),
+        ("event_type_column", t.event_type_column.as_ref()),
+        ("aggregate_type_column", t.aggregate_type_column.as_ref()),
+        ("created_at_column", t.created_at_column.as_ref()),
+        ("topic_column", t.topic_column.as_ref()),
+        (
+            "published_at_column",
+            Some(&t.published_at_column).filter(|_| t.on_published == OnPublished::Mark),
+        ),
     ];
-    if let Some(c) = &t.topic_column {
-        required.push(("topic_column", c));
-    }
-    if t.on_published == crate::config::OnPublished::Mark {
-        required.push(("published_at_column", &t.published_at_column));
-    }
-    required.retain(|(_, c)| !c.is_empty());
-    required
+    [
+        ("id_column", &t.id_column),
+        ("key_column", &t.key_column),
+        ("payload_column", &t.payload_column),
+        ("order_column", t.order_column()),
+    ]
+    .into_iter()
+    .chain(optional.into_iter().filter_map(|(key, c)| Some((key, c?))))
+    .map(|(key, c)| (key, c.as_str()))
+    .collect()
 }
 
 /// Checks that every column the mapping names is among `columns` (the table's, in order);
@@ -395,22 +398,22 @@ pub fn check_time_columns(
             .find(|(c, _)| c == name)
             .map(|(_, ty)| ty.as_str())
     };
-    let mut used = vec![(
-        "created_at_column",
-        t.created_at_column.as_str(),
-        "or set created_at_column = \"\" to do without the delay and age metrics",
-    )];
-    if t.on_published == crate::config::OnPublished::Mark {
+    let mut used = Vec::new();
+    if let Some(c) = &t.created_at_column {
+        used.push((
+            "created_at_column",
+            c,
+            "or set created_at_column = \"\" to do without the delay and age metrics",
+        ));
+    }
+    if t.on_published == OnPublished::Mark {
         used.push((
             "published_at_column",
-            t.published_at_column.as_str(),
+            &t.published_at_column,
             "or use on_published = \"delete\"",
         ));
     }
     for (key, column, alternative) in used {
-        if column.is_empty() {
-            continue;
-        }
         if let Some(ty) = type_of(column).filter(|ty| !is_time(ty)) {
             return Err(StoreError::Schema(format!(
                 "table `{}`: column `{column}` (relay.tables.{key}) is of type {ty}, which outboxd cannot use as a time; it needs {time_types}: change the column's type, {alternative}",

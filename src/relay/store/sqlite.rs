@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{ConnectOptions, Executor, Row};
 
-use crate::config::{OnPublished, TableConfig};
+use crate::config::{Column, OnPublished, TableConfig};
 
 use super::sqlite_lock::{self, LaneLock};
 use super::{
@@ -76,12 +76,9 @@ impl TableSql {
     fn new(t: &TableConfig, columns: &[String]) -> Self {
         let table = quote_table(&t.table);
         let id = q(&t.id_column);
-        let text = |col: &str| {
-            if col.is_empty() {
-                "NULL".to_owned()
-            } else {
-                format!("CAST(o.{} AS TEXT)", q(col))
-            }
+        let text = |col: Option<&Column>| match col {
+            None => "NULL".to_owned(),
+            Some(col) => format!("CAST(o.{} AS TEXT)", q(col)),
         };
         let pending = match t.on_published {
             OnPublished::Delete => "1".to_owned(),
@@ -95,11 +92,10 @@ impl TableSql {
                 q(&t.published_at_column)
             ),
         };
-        let created_at = if t.created_at_column.is_empty() {
-            "NULL".to_owned()
-        } else {
-            epoch(&format!("o.{}", q(&t.created_at_column)))
-        };
+        let created_at = t
+            .created_at_column
+            .as_ref()
+            .map(|c| epoch(&format!("o.{}", q(c))));
         // JSON holds no blobs: a blob value is kept as `\x` and its bytes in hex, as
         // PostgreSQL prints bytea.
         let row_json = format!(
@@ -121,13 +117,14 @@ impl TableSql {
                 "SELECT CAST(o.{id} AS TEXT), {key}, CAST(o.{payload} AS BLOB), {headers}, {event_id}, \
                  {event_type}, {aggregate_type}, {created_at}, {topic} FROM {table} o WHERE {pending} \
                  ORDER BY o.{ord} LIMIT ?1",
-                key = text(&t.key_column),
+                key = text(Some(&t.key_column)),
                 payload = q(&t.payload_column),
-                headers = text(&t.headers_column),
-                event_id = text(&t.event_id_column),
-                event_type = text(&t.event_type_column),
-                aggregate_type = text(&t.aggregate_type_column),
-                topic = t.topic_column.as_deref().map_or("NULL".into(), text),
+                headers = text(t.headers_column.as_ref()),
+                event_id = text(t.event_id_column.as_ref()),
+                event_type = text(t.event_type_column.as_ref()),
+                aggregate_type = text(t.aggregate_type_column.as_ref()),
+                topic = text(t.topic_column.as_ref()),
+                created_at = created_at.as_deref().unwrap_or("NULL"),
                 ord = q(t.order_column()),
             ),
             finish,
@@ -138,12 +135,11 @@ impl TableSql {
             delete_one: format!("DELETE FROM {table} WHERE {id} = ?1"),
             stats: format!(
                 "SELECT count(*), {oldest} FROM {table} o WHERE {pending}",
-                oldest = if t.created_at_column.is_empty() {
-                    "NULL".to_owned()
-                } else {
-                    format!(
+                oldest = match &created_at {
+                    None => "NULL".to_owned(),
+                    Some(created_at) => format!(
                         "(julianday('now') - 2440587.5) * 86400.0 - min({created_at})"
-                    )
+                    ),
                 }
             ),
             purge: (t.on_published == OnPublished::Mark).then(|| {

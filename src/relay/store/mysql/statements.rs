@@ -4,7 +4,7 @@
 use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::Row;
 
-use crate::config::{OnPublished, TableConfig};
+use crate::config::{Column, OnPublished, TableConfig};
 use crate::relay::store::{ClaimedRow, Columns, Lenient, StoreError, PURGE_BATCH};
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
@@ -126,53 +126,42 @@ impl TableSql {
         };
         // A binary column is read as its bytes and checked for UTF-8 by outboxd: MySQL's
         // cast would turn bytes that are not UTF-8 into `?` with only a warning.
-        let text = |col: &str| {
-            if col.is_empty() {
-                "CAST(NULL AS CHAR)".to_owned()
-            } else if is_binary(col) {
-                format!("o.{}", q(col))
-            } else {
-                format!("CAST(o.{} AS CHAR)", q(col))
-            }
+        let text = |col: Option<&Column>| match col {
+            None => "CAST(NULL AS CHAR)".to_owned(),
+            Some(col) if is_binary(col) => format!("o.{}", q(col)),
+            Some(col) => format!("CAST(o.{} AS CHAR)", q(col)),
         };
         let binary_text = [
-            &t.key_column,
-            &t.headers_column,
-            &t.event_id_column,
-            &t.event_type_column,
-            &t.aggregate_type_column,
+            Some(&t.key_column),
+            t.headers_column.as_ref(),
+            t.event_id_column.as_ref(),
+            t.event_type_column.as_ref(),
+            t.aggregate_type_column.as_ref(),
         ]
-        .map(|c| is_binary(c));
+        .map(|c| c.is_some_and(|c| is_binary(c)));
         let binary_topic = t.topic_column.as_deref().is_some_and(is_binary);
         let payload_type = columns
             .iter()
-            .find(|(c, _)| *c == t.payload_column)
+            .find(|(c, _)| c == t.payload_column.as_str())
             .map(|(_, ty)| ty.as_str())
             .unwrap_or_default();
         let payload_is_binary = payload_type.contains("blob") || payload_type.contains("binary");
         let id_type = columns
             .iter()
-            .find(|(c, _)| *c == t.id_column)
+            .find(|(c, _)| c == t.id_column.as_str())
             .map(|(_, ty)| ty.as_str())
             .unwrap_or_default();
         let id_is_integer = id_type.ends_with("int");
         let payload = if payload_is_binary {
             format!("o.{}", q(&t.payload_column))
         } else {
-            text(&t.payload_column)
+            text(Some(&t.payload_column))
         };
-        let created_at = if t.created_at_column.is_empty() {
-            "CAST(NULL AS DOUBLE)".to_owned()
-        } else {
-            format!(
-                "CAST(UNIX_TIMESTAMP(o.{}) AS DOUBLE)",
-                q(&t.created_at_column)
-            )
+        let created_at = match &t.created_at_column {
+            None => "CAST(NULL AS DOUBLE)".to_owned(),
+            Some(c) => format!("CAST(UNIX_TIMESTAMP(o.{}) AS DOUBLE)", q(c)),
         };
-        let topic = t
-            .topic_column
-            .as_deref()
-            .map_or("CAST(NULL AS CHAR)".into(), text);
+        let topic = text(t.topic_column.as_ref());
         let pending = match t.on_published {
             OnPublished::Delete => "TRUE".to_owned(),
             OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
@@ -206,11 +195,11 @@ impl TableSql {
             lock_rows: format!(
                 "SELECT CAST(o.{id} AS CHAR), {key}, {payload}, {headers}, {event_id}, {event_type}, \
                  {aggregate_type}, {created_at}, {topic} FROM {by_id} WHERE {pending} AND o.{id} IN ",
-                key = text(&t.key_column),
-                headers = text(&t.headers_column),
-                event_id = text(&t.event_id_column),
-                event_type = text(&t.event_type_column),
-                aggregate_type = text(&t.aggregate_type_column),
+                key = text(Some(&t.key_column)),
+                headers = text(t.headers_column.as_ref()),
+                event_id = text(t.event_id_column.as_ref()),
+                event_type = text(t.event_type_column.as_ref()),
+                aggregate_type = text(t.aggregate_type_column.as_ref()),
             ),
             lock_tail: format!(" ORDER BY o.{} FOR UPDATE SKIP LOCKED", q(t.order_column())),
             finish_head,
@@ -218,13 +207,12 @@ impl TableSql {
             id: id.clone(),
             stats: format!(
                 "SELECT COUNT(*), {oldest} FROM {table} o WHERE {pending}",
-                oldest = if t.created_at_column.is_empty() {
-                    "CAST(NULL AS DOUBLE)".to_owned()
-                } else {
-                    format!(
+                oldest = match &t.created_at_column {
+                    None => "CAST(NULL AS DOUBLE)".to_owned(),
+                    Some(c) => format!(
                         "CAST(UNIX_TIMESTAMP(NOW(6)) - UNIX_TIMESTAMP(MIN(o.{})) AS DOUBLE)",
-                        q(&t.created_at_column)
-                    )
+                        q(c)
+                    ),
                 }
             ),
             purge: (t.on_published == OnPublished::Mark).then(|| {

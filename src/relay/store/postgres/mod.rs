@@ -175,13 +175,13 @@ impl Store for PgStore {
     }
 
     async fn listen(&self, wake: watch::Sender<()>, stop: CancellationToken) {
-        if self.config.notify_channel.is_empty() {
+        let Some(channel) = self.config.notify_channel.clone() else {
             return;
-        }
+        };
         crate::relay::notify::listen(
             self.opts.clone(),
             self.config.table.clone(),
-            self.config.notify_channel.clone(),
+            channel,
             wake,
             stop,
         )

@@ -5,7 +5,7 @@ use futures::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
-use crate::config::{OnPublished, TableConfig};
+use crate::config::{Column, OnPublished, TableConfig};
 use crate::relay::store::{
     check_columns, check_time_columns, purge_in_batches, ClaimedRow, Columns, DeadRow, Lenient,
     StoreError, PURGE_BATCH,
@@ -118,12 +118,9 @@ impl TableSql {
         let table = quote_table(&t.table);
         let id = q(&t.id_column);
         let id_array = format!("$1::text[]::{}[]", shape.id_type);
-        let text_or_null = |col: &str| {
-            if col.is_empty() {
-                "NULL::text".to_owned()
-            } else {
-                format!("o.{}::text", q(col))
-            }
+        let text_or_null = |col: Option<&Column>| match col {
+            None => "NULL::text".to_owned(),
+            Some(col) => format!("o.{}::text", q(col)),
         };
         // Text is sent as it is (binary protocol: no conversion) and decoded as a String.
         let payload = if shape.payload_is_bytea {
@@ -131,16 +128,12 @@ impl TableSql {
         } else {
             format!("o.{}::text", q(&t.payload_column))
         };
-        let created_at = if t.created_at_column.is_empty() {
-            "NULL::float8".to_owned()
-        } else {
+        let created_at = match &t.created_at_column {
+            None => "NULL::float8".to_owned(),
             // date_part is float8 already; extract() computes a numeric (slower per row).
-            format!("date_part('epoch', o.{})", q(&t.created_at_column))
+            Some(c) => format!("date_part('epoch', o.{})", q(c)),
         };
-        let topic = t
-            .topic_column
-            .as_deref()
-            .map_or("NULL::text".to_owned(), text_or_null);
+        let topic = text_or_null(t.topic_column.as_ref());
         let returning = format!(
             "o.{id}::text AS id, {key} AS key, {payload} AS payload, {headers} AS headers, \
              {event_id} AS event_id, {event_type} AS event_type, {aggregate_type} AS aggregate_type, \
@@ -150,11 +143,11 @@ impl TableSql {
             } else {
                 "NULL::int8".to_owned()
             },
-            key = text_or_null(&t.key_column),
-            headers = text_or_null(&t.headers_column),
-            event_id = text_or_null(&t.event_id_column),
-            event_type = text_or_null(&t.event_type_column),
-            aggregate_type = text_or_null(&t.aggregate_type_column),
+            key = text_or_null(Some(&t.key_column)),
+            headers = text_or_null(t.headers_column.as_ref()),
+            event_id = text_or_null(t.event_id_column.as_ref()),
+            event_type = text_or_null(t.event_type_column.as_ref()),
+            aggregate_type = text_or_null(t.aggregate_type_column.as_ref()),
         );
         let (pending, modify, finish) = match t.on_published {
             OnPublished::Delete => (
@@ -225,13 +218,9 @@ impl TableSql {
             }),
             stats: format!(
                 "SELECT count(*)::int8, {oldest} FROM {table} o WHERE {pending}",
-                oldest = if t.created_at_column.is_empty() {
-                    "NULL::float8".to_owned()
-                } else {
-                    format!(
-                        "extract(epoch from now() - min(o.{}))::float8",
-                        q(&t.created_at_column)
-                    )
+                oldest = match &t.created_at_column {
+                    None => "NULL::float8".to_owned(),
+                    Some(c) => format!("extract(epoch from now() - min(o.{}))::float8", q(c)),
                 },
             ),
             cleanup_attempts: format!(
