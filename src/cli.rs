@@ -363,7 +363,8 @@ fn reload(reloader: &crate::reload::Reloader, path: &std::path::Path) {
             tracing::warn!(keys = ?r.applied, "configuration reloaded");
         }
         Err(e) => {
-            tracing::error!(error = %e, "reload failed; still running on the previous configuration")
+            let error = format!("{:#}", anyhow::Error::new(e));
+            tracing::error!(%error, "reload failed; still running on the previous configuration")
         }
     }
 }
@@ -423,8 +424,8 @@ pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
     };
     installed.ok()?;
     Some(Box::new(move |level: &str| {
-        let new = filter(level).map_err(|e| format!("log.level: {e}"))?;
-        handle.reload(new).map_err(|e| format!("log.level: {e}"))
+        handle.reload(filter(level)?)?;
+        Ok(())
     }))
 }
 
@@ -432,15 +433,17 @@ pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
 mod tests {
     use super::*;
     use crate::consumer::StartError;
+    use crate::handlers::{HandlerError, SetupError};
     use rdkafka::error::KafkaError;
 
     #[test]
     fn the_exit_code_follows_the_class_of_the_error() {
         let config = CliError::Run(RunError::Config("database.url: bad".into()));
         assert_eq!(config.exit_code(), EX_CONFIG);
-        let handler = CliError::Run(RunError::Consumer(StartError::Handler(
-            "handlers.h.headers: bad value".into(),
-        )));
+        let handler = CliError::Run(RunError::Consumer(StartError::Handler(HandlerError {
+            name: "h".into(),
+            source: SetupError::NoDatabase,
+        })));
         assert_eq!(handler.exit_code(), EX_CONFIG);
         // A client librdkafka could not set up, with properties it accepted when checked:
         // the environment, not the configuration; a restart may help.

@@ -3,14 +3,33 @@
 //! timeouts, command timeouts, relay poll interval and batch size); every other changed key
 //! keeps its running value and is named as needing a restart. An invalid file changes
 //! nothing.
+//!
+//! [`reloadable`] is the one definition of what a reload may change: it takes those parts
+//! of the new configuration into the running one. The keys it changed are the ones
+//! applied; the keys in which the result still differs from the new file need a restart.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use crate::config::Config;
-use crate::relay::TableTunables;
+use tokio::sync::watch;
+
+use crate::config::{Config, HandlerConfig};
+use crate::handlers::HandlerError;
+use crate::relay::TableSettings;
 
 /// Applies the log filter (installed by the binary; tests run without one).
-pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type LogReload =
+    Box<dyn Fn(&str) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// Why a reload could not be applied; what it had applied before stays in effect.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// A handler refused its new settings.
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    /// The new log filter could not be installed.
+    #[error("log.level")]
+    Log(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
 
 /// What a reload did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -24,7 +43,7 @@ pub struct Reloaded {
 /// Holds the running configuration and the handles to change it.
 pub struct Reloader {
     current: Mutex<Config>,
-    tables: Vec<Arc<TableTunables>>,
+    tables: Vec<watch::Sender<TableSettings>>,
     consumer: Option<crate::consumer::Handle>,
     log: Mutex<Option<LogReload>>,
 }
@@ -33,7 +52,7 @@ impl Reloader {
     /// A reloader for a daemon started with `config`.
     pub fn new(
         config: Config,
-        tables: Vec<Arc<TableTunables>>,
+        tables: Vec<watch::Sender<TableSettings>>,
         consumer: Option<crate::consumer::Handle>,
     ) -> Self {
         Reloader {
@@ -50,58 +69,59 @@ impl Reloader {
     }
 
     /// Applies the reloadable part of `new` (already validated).
-    pub fn apply(&self, new: &Config) -> Result<Reloaded, String> {
+    pub fn apply(&self, new: &Config) -> Result<Reloaded, ReloadError> {
         let mut current = self.current.lock().expect("reload lock poisoned");
-        let changed = changed_keys(&current, new);
-        let (applied, needs_restart): (Vec<String>, Vec<String>) = changed
-            .into_iter()
-            .partition(|k| reloadable(k, &current, new));
-        if applied.is_empty() {
-            return Ok(Reloaded {
-                applied,
-                needs_restart,
-            });
-        }
-        // The running configuration with only the reloadable keys taken from `new`.
-        let mut merged = current.clone();
-        merged.log.level = new.log.level.clone();
-        for (mine, theirs) in merged.relay.tables.iter_mut().zip(&new.relay.tables) {
-            if mine.table == theirs.table {
-                mine.batch_size = theirs.batch_size;
-                mine.poll_interval = theirs.poll_interval;
-            }
-        }
-        if let (Some(mine), Some(theirs)) = (&mut merged.consumer, &new.consumer) {
-            mine.retry = theirs.retry.clone();
-        }
-        for (name, handler) in merged.handlers.iter_mut() {
-            if let Some(theirs) = new.handlers.get(name) {
-                if std::mem::discriminant(handler) == std::mem::discriminant(theirs) {
-                    take_reloadable(handler, theirs);
-                }
-            }
+        let merged = reloadable(&current, new);
+        let reloaded = Reloaded {
+            applied: changed_keys(&current, &merged),
+            needs_restart: changed_keys(&merged, new),
+        };
+        if reloaded.applied.is_empty() {
+            return Ok(reloaded);
         }
         if let Some(consumer) = &self.consumer {
             consumer.reconfigure(&merged)?;
         }
-        for (tunables, table) in self.tables.iter().zip(&merged.relay.tables) {
-            tunables.set(table);
+        for (settings, table) in self.tables.iter().zip(&merged.relay.tables) {
+            let now = TableSettings::of(table);
+            settings.send_if_modified(|s| std::mem::replace(s, now) != now);
         }
         if merged.log.level != current.log.level {
             if let Some(log) = &*self.log.lock().expect("reload lock poisoned") {
-                log(&merged.log.level)?;
+                log(&merged.log.level).map_err(ReloadError::Log)?;
             }
         }
         *current = merged;
-        Ok(Reloaded {
-            applied,
-            needs_restart,
-        })
+        Ok(reloaded)
     }
 }
 
-fn take_reloadable(mine: &mut crate::config::HandlerConfig, theirs: &crate::config::HandlerConfig) {
-    use crate::config::HandlerConfig as H;
+/// The `running` configuration with the parts a reload may change taken from `new`: the
+/// log level, the consumer's retry policy, each table's [`TableSettings`] (a table still at
+/// its place under the same name), and each handler's retry policy, http headers and
+/// timeout and command timeout (a handler of the same name and kind).
+pub fn reloadable(running: &Config, new: &Config) -> Config {
+    let mut merged = running.clone();
+    merged.log.level = new.log.level.clone();
+    for (mine, theirs) in merged.relay.tables.iter_mut().zip(&new.relay.tables) {
+        if mine.table == theirs.table {
+            TableSettings::of(theirs).write_into(mine);
+        }
+    }
+    if let (Some(mine), Some(theirs)) = (&mut merged.consumer, &new.consumer) {
+        mine.retry = theirs.retry.clone();
+    }
+    for (name, mine) in merged.handlers.iter_mut() {
+        if let Some(theirs) = new.handlers.get(name) {
+            take_reloadable(mine, theirs);
+        }
+    }
+    merged
+}
+
+/// A handler's reloadable keys from `theirs`, when both are of one kind.
+fn take_reloadable(mine: &mut HandlerConfig, theirs: &HandlerConfig) {
+    use HandlerConfig as H;
     match (mine, theirs) {
         (H::Http(m), H::Http(t)) => {
             m.headers = t.headers.clone();
@@ -117,35 +137,6 @@ fn take_reloadable(mine: &mut crate::config::HandlerConfig, theirs: &crate::conf
         (H::Log(m), H::Log(t)) => m.retry = t.retry.clone(),
         _ => {}
     }
-}
-
-/// Whether `key` may change at runtime.
-fn reloadable(key: &str, old: &Config, new: &Config) -> bool {
-    if key == "log.level" || key.starts_with("consumer.retry.") {
-        return true;
-    }
-    if let Some(rest) = key.strip_prefix("relay.tables[") {
-        let (index, field) = rest.split_once("].").unwrap_or(("", ""));
-        let same_table = index.parse::<usize>().ok().is_some_and(|i| {
-            old.relay.tables.get(i).map(|t| &t.table) == new.relay.tables.get(i).map(|t| &t.table)
-        });
-        return same_table && (field == "batch_size" || field == "poll_interval");
-    }
-    if let Some(rest) = key.strip_prefix("handlers.") {
-        let (name, field) = rest.split_once('.').unwrap_or((rest, ""));
-        let same_kind = match (old.handlers.get(name), new.handlers.get(name)) {
-            (Some(a), Some(b)) => std::mem::discriminant(a) == std::mem::discriminant(b),
-            _ => false,
-        };
-        let kind = new.handlers.get(name);
-        let field_ok = field.starts_with("retry.")
-            || (matches!(kind, Some(crate::config::HandlerConfig::Http(_)))
-                && (field == "timeout" || field == "headers" || field.starts_with("headers.")))
-            || (matches!(kind, Some(crate::config::HandlerConfig::Command(_)))
-                && field == "timeout");
-        return same_kind && field_ok;
-    }
-    false
 }
 
 /// Dotted paths of every value that differs between `old` and `new` (secrets included by
@@ -225,9 +216,8 @@ mod tests {
         }
         new.consumer.as_mut().unwrap().retry.max_attempts = 3;
         new.http.listen = "127.0.0.1:1".parse().unwrap();
-        let changed = changed_keys(&old, &new);
-        let (ok, restart): (Vec<_>, Vec<_>) =
-            changed.into_iter().partition(|k| reloadable(k, &old, &new));
+        let merged = reloadable(&old, &new);
+        let (ok, restart) = (changed_keys(&old, &merged), changed_keys(&merged, &new));
         assert_eq!(
             ok,
             [
@@ -253,25 +243,33 @@ mod tests {
         );
         let changed = changed_keys(&old, &new);
         assert!(!changed.is_empty());
-        assert!(
-            changed.iter().all(|k| !reloadable(k, &old, &new)),
-            "{changed:?}"
-        );
+        let merged = reloadable(&old, &new);
+        assert!(changed_keys(&old, &merged).is_empty());
+        assert_eq!(changed_keys(&merged, &new), changed);
     }
 
     #[test]
     fn apply_keeps_restart_only_keys_at_their_running_values() {
-        let tunables = Arc::new(TableTunables::new(&base().relay.tables[0]));
-        let reloader = Reloader::new(base(), vec![tunables], None);
+        let (settings, mut lane) = watch::channel(TableSettings::of(&base().relay.tables[0]));
+        let reloader = Reloader::new(base(), vec![settings], None);
         let mut new = base();
         new.relay.tables[0].batch_size = 7;
         new.relay.tables[0].lanes = 3;
         let r = reloader.apply(&new).unwrap();
         assert_eq!(r.applied, ["relay.tables[0].batch_size"]);
         assert_eq!(r.needs_restart, ["relay.tables[0].lanes"]);
+        assert!(
+            lane.has_changed().unwrap(),
+            "the lanes see the new settings"
+        );
+        assert_eq!(lane.borrow_and_update().batch_size, 7);
         // Reloading the same file again: the batch size is in effect, lanes still pending.
         let again = reloader.apply(&new).unwrap();
         assert!(again.applied.is_empty());
         assert_eq!(again.needs_restart, ["relay.tables[0].lanes"]);
+        assert!(
+            !lane.has_changed().unwrap(),
+            "nothing changed for the lanes"
+        );
     }
 }

@@ -3,14 +3,14 @@
 //! shutdown. Each step is a future that owns its [`Job`] and hands it back with what
 //! happened; the partition's worker decides the next step.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::context::Context;
@@ -29,7 +29,7 @@ pub struct NamedHandler {
     /// The handler.
     pub handler: Handler,
     /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
-    pub policy: RwLock<RetryPolicy>,
+    pub policy: watch::Sender<RetryPolicy>,
 }
 
 /// The bounds of one partition's window of fetched messages.

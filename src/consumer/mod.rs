@@ -27,18 +27,18 @@ mod routing;
 mod worker;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::handlers::{Handler, HandlerDeps};
+use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::systemd::Heartbeat;
 use crate::Services;
 use context::{Change, Context};
@@ -73,8 +73,8 @@ pub fn start(
     for (name, hc) in &config.handlers {
         handlers.push(NamedHandler {
             name: name.clone(),
-            handler: Handler::build(name, hc, &deps).map_err(StartError::Handler)?,
-            policy: RwLock::new(hc.retry().over(&c.retry)),
+            handler: Handler::build(name, hc, &deps)?,
+            policy: watch::Sender::new(hc.retry().over(&c.retry)),
         });
     }
     let router = Router::new(&c.routes, |name| {
@@ -150,9 +150,9 @@ pub fn start(
 /// Why the consumer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A handler cannot be built from its configuration (the text names the key).
-    #[error("{0}")]
-    Handler(String),
+    /// A handler cannot be built from its configuration.
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
     /// librdkafka could not create the consumer client.
     #[error("kafka consumer could not be created")]
     Client(#[source] rdkafka::error::KafkaError),
@@ -181,7 +181,7 @@ pub struct Handle {
 impl Handle {
     /// Applies retry policies, http headers and timeouts and command timeouts from
     /// `config` to the handlers that exist in it with the same kind.
-    pub fn reconfigure(&self, config: &Config) -> Result<(), String> {
+    pub fn reconfigure(&self, config: &Config) -> Result<(), HandlerError> {
         let (Some(c), Some(shared)) = (&config.consumer, self.shared.upgrade()) else {
             return Ok(());
         };
@@ -189,10 +189,11 @@ impl Handle {
             let Some(hc) = config.handlers.get(&h.name) else {
                 continue;
             };
-            h.handler
-                .reconfigure(hc)
-                .map_err(|e| format!("handlers.{}: {e}", h.name))?;
-            *h.policy.write().expect("policy lock poisoned") = hc.retry().over(&c.retry);
+            h.handler.reconfigure(hc).map_err(|source| HandlerError {
+                name: h.name.clone(),
+                source,
+            })?;
+            h.policy.send_replace(hc.retry().over(&c.retry));
         }
         Ok(())
     }

@@ -189,18 +189,13 @@ impl Worker {
             }
             return;
         };
-        let policy = self.s.handlers[slot]
-            .policy
-            .read()
-            .expect("policy lock poisoned");
-        if job.calls >= policy.max_attempts {
+        let max_attempts = self.s.handlers[slot].policy.borrow().max_attempts;
+        if job.calls >= max_attempts {
             // An earlier process made every call the policy allows and stopped before the
             // dead letter.
-            drop(policy);
             let error = format!("{} calls were made before a restart", job.calls);
             return self.dead_letter(job, Some(slot), ErrorClass::RetryableExhausted, error);
         }
-        drop(policy);
         self.call(job, slot);
     }
 
@@ -239,7 +234,7 @@ impl Worker {
                 let slot = slot.expect("only a routed message is called");
                 let h = &self.s.handlers[slot];
                 let next = {
-                    let policy = h.policy.read().expect("policy lock poisoned");
+                    let policy = h.policy.borrow();
                     if job.retrier.is_none() {
                         self.in_retry += 1;
                     }

@@ -2,13 +2,15 @@
 //! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry; other statuses
 //! dead-letter.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
+
 use std::time::{Duration, UNIX_EPOCH};
 
 use rdkafka::message::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use tokio::sync::watch;
 
-use super::{ErrorClass, Event, Handle, Outcome};
+use super::{ErrorClass, Event, Handle, Outcome, SetupError};
 use crate::config::HttpHandlerConfig;
 
 /// Headers carried over from the message when present.
@@ -24,7 +26,7 @@ pub struct HttpHandler {
     /// Statuses retried on top of 408, 429 and 5xx.
     retry_statuses: Vec<u16>,
     /// Headers and timeout; a reload replaces them.
-    settings: RwLock<Arc<Settings>>,
+    settings: watch::Sender<Arc<Settings>>,
 }
 
 /// The reloadable part of an http handler.
@@ -33,13 +35,18 @@ struct Settings {
     timeout: Duration,
 }
 
-fn settings(c: &HttpHandlerConfig) -> Result<Settings, String> {
+fn settings(c: &HttpHandlerConfig) -> Result<Settings, SetupError> {
     let mut headers = HeaderMap::new();
     for (name, value) in &c.headers {
-        let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|e| format!("headers: `{name}`: {e}"))?;
-        let value =
-            HeaderValue::from_str(value).map_err(|e| format!("headers: value of `{name}`: {e}"))?;
+        let name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|source| SetupError::HeaderName {
+                name: name.clone(),
+                source,
+            })?;
+        let value = HeaderValue::from_str(value).map_err(|source| SetupError::HeaderValue {
+            name: name.to_string(),
+            source,
+        })?;
         headers.insert(name, value);
     }
     Ok(Settings {
@@ -53,7 +60,7 @@ fn settings(c: &HttpHandlerConfig) -> Result<Settings, String> {
 /// and 0.04 s of CPU per handler here). Timeouts and headers are set per request.
 static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
 
-fn shared_client() -> Result<reqwest::Client, String> {
+fn shared_client() -> Result<reqwest::Client, SetupError> {
     if let Some(client) = CLIENT.get() {
         return Ok(client.clone());
     }
@@ -61,15 +68,15 @@ fn shared_client() -> Result<reqwest::Client, String> {
         .redirect(reqwest::redirect::Policy::none())
         .pool_idle_timeout(Duration::from_secs(90))
         .build()
-        .map_err(|e| format!("http client: {e}"))?;
+        .map_err(SetupError::Client)?;
     Ok(CLIENT.get_or_init(|| client).clone())
 }
 
 impl HttpHandler {
     /// A handler for the configured endpoint (validated URL and header names).
-    pub fn new(c: &HttpHandlerConfig) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&c.url).map_err(|e| format!("url: {e}"))?;
-        let settings = RwLock::new(Arc::new(settings(c)?));
+    pub fn new(c: &HttpHandlerConfig) -> Result<Self, SetupError> {
+        let url = reqwest::Url::parse(&c.url).map_err(SetupError::Url)?;
+        let settings = watch::Sender::new(Arc::new(settings(c)?));
         Ok(HttpHandler {
             client: shared_client()?,
             shown: shown(&url),
@@ -80,9 +87,8 @@ impl HttpHandler {
     }
 
     /// Takes new headers and timeout (a reload).
-    pub fn reconfigure(&self, c: &HttpHandlerConfig) -> Result<(), String> {
-        let new = Arc::new(settings(c)?);
-        *self.settings.write().expect("settings lock poisoned") = new;
+    pub fn reconfigure(&self, c: &HttpHandlerConfig) -> Result<(), SetupError> {
+        self.settings.send_replace(Arc::new(settings(c)?));
         Ok(())
     }
 }
@@ -90,11 +96,7 @@ impl HttpHandler {
 impl Handle for HttpHandler {
     async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
         let m = &event.message;
-        let settings = self
-            .settings
-            .read()
-            .expect("settings lock poisoned")
-            .clone();
+        let settings = self.settings.borrow().clone();
         let mut request = self
             .client
             .post(self.url.clone())

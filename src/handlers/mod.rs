@@ -111,6 +111,47 @@ pub struct HandlerDeps {
     pub producer: Arc<ProducerSlot>,
 }
 
+/// Why a handler could not be built or take a reload.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `url` is not a URL.
+    #[error("url: {0}")]
+    Url(#[source] url::ParseError),
+    /// A configured header name is not one.
+    #[error("headers: `{name}`: {source}")]
+    HeaderName {
+        /// The name as configured.
+        name: String,
+        /// Why.
+        source: reqwest::header::InvalidHeaderName,
+    },
+    /// A configured header value is not one.
+    #[error("headers: value of `{name}`: {source}")]
+    HeaderValue {
+        /// The header.
+        name: String,
+        /// Why.
+        source: reqwest::header::InvalidHeaderValue,
+    },
+    /// The HTTP client could not be built.
+    #[error("http client: {0}")]
+    Client(#[source] reqwest::Error),
+    /// A `sql` handler without `[database]`.
+    #[error("a sql handler needs [database]")]
+    NoDatabase,
+}
+
+/// A handler that could not be built or take a reload, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("handlers.{name}")]
+pub struct HandlerError {
+    /// `[handlers.NAME]`
+    pub name: String,
+    /// Why.
+    #[source]
+    pub source: SetupError,
+}
+
 /// Any handler.
 pub enum Handler {
     /// `kind = "http"`
@@ -127,15 +168,23 @@ pub enum Handler {
 
 impl Handler {
     /// Builds handler `name` from its (validated) configuration.
-    pub fn build(name: &str, config: &HandlerConfig, deps: &HandlerDeps) -> Result<Self, String> {
+    pub fn build(
+        name: &str,
+        config: &HandlerConfig,
+        deps: &HandlerDeps,
+    ) -> Result<Self, HandlerError> {
+        Self::of_kind(name, config, deps).map_err(|source| HandlerError {
+            name: name.to_owned(),
+            source,
+        })
+    }
+
+    fn of_kind(name: &str, config: &HandlerConfig, deps: &HandlerDeps) -> Result<Self, SetupError> {
         Ok(match config {
             HandlerConfig::Http(c) => Handler::Http(http::HttpHandler::new(c)?),
             HandlerConfig::Command(c) => Handler::Command(command::CommandHandler::new(c)),
             HandlerConfig::Sql(c) => {
-                let database = deps
-                    .database
-                    .clone()
-                    .ok_or_else(|| format!("handlers.{name}: a sql handler needs [database]"))?;
+                let database = deps.database.clone().ok_or(SetupError::NoDatabase)?;
                 Handler::Sql(Box::new(sql::SqlHandler::new(name, c, database)))
             }
             HandlerConfig::Kafka(c) => {
@@ -147,7 +196,7 @@ impl Handler {
 
     /// Applies the reloadable settings of `config` (http headers and timeout, command
     /// timeout); the caller has checked that the kind is unchanged.
-    pub fn reconfigure(&self, config: &HandlerConfig) -> Result<(), String> {
+    pub fn reconfigure(&self, config: &HandlerConfig) -> Result<(), SetupError> {
         match (self, config) {
             (Handler::Http(h), HandlerConfig::Http(c)) => h.reconfigure(c),
             (Handler::Command(h), HandlerConfig::Command(c)) => {

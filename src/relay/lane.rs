@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::cycle::{conclude, timed_out, AckWait, Acked, Cycle, Grace};
 use super::pipeline;
 use super::publish::Publication;
-use super::runtime::{BatchEnd, Phase, TableRuntime};
+use super::runtime::{settings_changed, BatchEnd, Phase, TableRuntime};
 use super::settle::{failed_batch, record_published};
 use super::store::{ClaimedRow, LaneSession, StoreError};
 use crate::systemd::Heartbeat;
@@ -45,6 +45,7 @@ pub async fn run_lane(
         "lane acquired"
     );
     let grace = Grace::new(rt.drain_grace);
+    let mut settings = rt.settings.clone();
     let mut acks = AckWait::default();
     while !stop.is_cancelled() {
         heartbeat.beat();
@@ -76,11 +77,12 @@ pub async fn run_lane(
             BatchEnd::Empty | BatchEnd::Partial => {
                 kafka_backoff = crate::backoff::exponential();
                 refusal_backoff = crate::backoff::exponential();
+                let poll_interval = settings.borrow_and_update().poll_interval;
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = wake.changed() => {}
-                    _ = tokio::time::sleep(rt.tunables.poll_interval()) => {}
-                    _ = rt.tunables.changed.notified() => {}
+                    _ = tokio::time::sleep(poll_interval) => {}
+                    () = settings_changed(&mut settings) => {}
                 }
                 continue;
             }
@@ -202,7 +204,7 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
         other,
         ready,
     } = sessions;
-    let batch_size = rt.tunables.batch_size();
+    let batch_size = rt.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
     // A prefetched batch saw the outbox as an earlier claim did: what was committed since

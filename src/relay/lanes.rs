@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::lane::run_lane;
 use super::maintenance;
 use super::publish::TopicSource;
-use super::runtime::{TableRuntime, TableTunables};
+use super::runtime::{TableRuntime, TableSettings};
 use super::store::{self, LaneSession, Membership, StoreError};
 use crate::config::TableConfig;
 use crate::db::Database;
@@ -37,7 +37,7 @@ pub struct TableContext {
     /// Where the manager and its lanes report progress (systemd watchdog).
     pub liveness: Arc<Liveness>,
     /// Batch size and poll interval, changed by reloads.
-    pub tunables: Arc<TableTunables>,
+    pub settings: watch::Receiver<TableSettings>,
 }
 
 /// Relays one table until `shutdown`; database failures restart the manager after a
@@ -95,7 +95,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         metrics: ctx.metrics.clone(),
         published: Default::default(),
         drain_grace: ctx.drain_grace,
-        tunables: ctx.tunables.clone(),
+        settings: ctx.settings.clone(),
     });
     let membership = store.join().await?;
     // The table's helpers: the LISTEN wake-up and the maintenance ticks. Owned here, so

@@ -17,13 +17,13 @@ mod pipeline;
 mod plan;
 pub mod publish;
 mod runtime;
-pub use runtime::TableTunables;
+pub use runtime::TableSettings;
 mod settle;
 pub mod store;
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::RelayConfig;
@@ -39,12 +39,12 @@ pub fn start(
     drain_grace: Duration,
     database: &Database,
     services: &Services,
-) -> (Vec<JoinHandle<()>>, Vec<Arc<TableTunables>>) {
+) -> (Vec<JoinHandle<()>>, Vec<watch::Sender<TableSettings>>) {
     relay
         .tables
         .iter()
         .map(|table| {
-            let tunables = Arc::new(TableTunables::new(table));
+            let (settings, watched) = watch::channel(TableSettings::of(table));
             let ctx = lanes::TableContext {
                 config: table.clone(),
                 database: database.clone(),
@@ -52,11 +52,11 @@ pub fn start(
                 metrics: services.metrics.clone(),
                 drain_grace,
                 liveness: services.liveness.clone(),
-                tunables: tunables.clone(),
+                settings: watched,
             };
             (
                 tokio::spawn(lanes::run_table(ctx, services.shutdown.clone())),
-                tunables,
+                settings,
             )
         })
         .unzip()

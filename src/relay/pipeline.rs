@@ -73,7 +73,7 @@ pub(super) async fn run(
             concluded.notify_one();
             acked
         };
-        let limit = rt.tunables.batch_size().saturating_sub(rows.len() as u32);
+        let limit = rt.batch_size().saturating_sub(rows.len() as u32);
         let rows_ref = &rows;
         let wake = &mut **wake;
         let slow = sent + acks.slow_after();

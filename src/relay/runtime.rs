@@ -3,11 +3,11 @@
 //! `outboxd_relay_batch_phase_seconds` counts them: where a batch's time goes, so a rising
 //! publish delay can be traced to the database or to Kafka.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::publish::TopicSource;
@@ -16,41 +16,36 @@ use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 
-/// The settings of a table that a reload may change while lanes run.
-#[derive(Debug)]
-pub struct TableTunables {
-    batch_size: AtomicU32,
-    poll_interval_ms: AtomicU64,
-    /// Wakes idle lanes so a shorter poll interval takes effect at once.
-    pub(super) changed: Notify,
+/// The settings of a table that a reload may change while its lanes run; lanes read
+/// them from a `watch` channel at each batch, and an idle lane wakes when they change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSettings {
+    /// `batch_size`.
+    pub batch_size: u32,
+    /// `poll_interval`.
+    pub poll_interval: Duration,
 }
 
-impl TableTunables {
-    /// Starts from the table's configuration.
-    pub fn new(t: &TableConfig) -> Self {
-        let tunables = TableTunables {
-            batch_size: AtomicU32::new(0),
-            poll_interval_ms: AtomicU64::new(0),
-            changed: Notify::new(),
-        };
-        tunables.set(t);
-        tunables
+impl TableSettings {
+    /// The reloadable settings of `t`.
+    pub fn of(t: &TableConfig) -> Self {
+        TableSettings {
+            batch_size: t.batch_size,
+            poll_interval: t.poll_interval,
+        }
     }
 
-    /// Takes `batch_size` and `poll_interval` from `t`.
-    pub fn set(&self, t: &TableConfig) {
-        self.batch_size.store(t.batch_size, Ordering::Relaxed);
-        self.poll_interval_ms
-            .store(t.poll_interval.as_millis() as u64, Ordering::Relaxed);
-        self.changed.notify_waiters();
+    /// Writes these settings into `t`, leaving its other keys as they are.
+    pub fn write_into(self, t: &mut TableConfig) {
+        t.batch_size = self.batch_size;
+        t.poll_interval = self.poll_interval;
     }
+}
 
-    pub(super) fn batch_size(&self) -> u32 {
-        self.batch_size.load(Ordering::Relaxed)
-    }
-
-    pub(super) fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.poll_interval_ms.load(Ordering::Relaxed))
+/// Returns once `settings` changed; never when their sender is gone (no reload will come).
+pub(super) async fn settings_changed(settings: &mut watch::Receiver<TableSettings>) {
+    if settings.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -70,8 +65,8 @@ pub struct TableRuntime {
     pub published: AtomicU64,
     /// How long a batch in flight may still wait for Kafka once the lane is stopped.
     pub drain_grace: Duration,
-    /// Batch size and poll interval, reloadable.
-    pub tunables: Arc<TableTunables>,
+    /// Batch size and poll interval, changed by reloads.
+    pub settings: watch::Receiver<TableSettings>,
 }
 
 /// How a batch ended, which decides what the lane does next.
@@ -112,6 +107,11 @@ impl Phase {
 }
 
 impl TableRuntime {
+    /// The batch size now in effect.
+    pub(super) fn batch_size(&self) -> u32 {
+        self.settings.borrow().batch_size
+    }
+
     /// Counts the time since `since` as a batch's time in `phase`.
     pub(super) fn phase(&self, phase: Phase, since: Instant) {
         self.metrics
