@@ -157,11 +157,11 @@ pub enum CliError {
     #[error("emit: {0}")]
     EmitInput(String),
     /// `dlq replay` failed.
-    #[error("dlq replay: {0}")]
-    Dlq(String),
+    #[error("dlq replay")]
+    Dlq(#[source] crate::dlq::ReplayError),
     /// `status` could not read the database or Kafka.
-    #[error("status: {0}")]
-    Status(String),
+    #[error("status")]
+    Status(#[source] crate::status::StatusError),
     /// `healthcheck`: not ready.
     #[error("not ready: {0}")]
     NotReady(String),
@@ -211,8 +211,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => {
             init_logging(&config.log);
             runtime()?.block_on(async {
-                let database = db::Database::open(&config.database)
-                    .map_err(|e| CliError::Run(RunError::Config(e)))?;
+                let database = db::Database::open(&config.database).map_err(RunError::from)?;
                 let migrated = database.migrate().await;
                 database.close().await;
                 migrated.map_err(|e| CliError::Migrate(e.to_string()))?;
@@ -302,7 +301,7 @@ async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
         .iter()
         .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
         .collect();
-    let database = db::Database::open(&config.database).map_err(CliError::EmitInput)?;
+    let database = db::Database::open(&config.database).map_err(RunError::from)?;
     let event = NewEvent {
         key: &args.key,
         event_type: &args.event_type,
@@ -363,7 +362,7 @@ fn reload(reloader: &crate::reload::Reloader, path: &std::path::Path) {
             tracing::warn!(keys = ?r.applied, "configuration reloaded");
         }
         Err(e) => {
-            let error = format!("{:#}", anyhow::Error::new(e));
+            let error = crate::error_text::describe(&e);
             tracing::error!(%error, "reload failed; still running on the previous configuration")
         }
     }
@@ -438,7 +437,7 @@ mod tests {
 
     #[test]
     fn the_exit_code_follows_the_class_of_the_error() {
-        let config = CliError::Run(RunError::Config("database.url: bad".into()));
+        let config = CliError::Run(RunError::Database(crate::db::OpenError::Scheme));
         assert_eq!(config.exit_code(), EX_CONFIG);
         let handler = CliError::Run(RunError::Consumer(StartError::Handler(HandlerError {
             name: "h".into(),

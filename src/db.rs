@@ -38,20 +38,39 @@ pub enum Database {
     },
 }
 
+/// Why `database.url` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No URL (validation requires one whenever a database is needed).
+    #[error("database.url: missing")]
+    Missing,
+    /// The scheme names no supported backend.
+    #[error("database.url: must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://")]
+    Scheme,
+    /// The backend's driver cannot use the URL.
+    #[error("database.url: not a usable {} URL", .backend.name())]
+    Url {
+        /// The backend the scheme names.
+        backend: Backend,
+        /// What the driver found.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
 /// How long SQLite waits for another writer's lock before failing a statement.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Database {
     /// Options and a lazy pool from `database.url` (validated to be present); a database
     /// that is down at start-up delays work instead of failing the process.
-    pub fn open(db: &DatabaseConfig) -> Result<Database, String> {
-        let url = db.url.as_deref().ok_or("database.url: missing")?;
+    pub fn open(db: &DatabaseConfig) -> Result<Database, OpenError> {
+        let url = db.url.as_deref().ok_or(OpenError::Missing)?;
+        let unusable = |backend| move |source| OpenError::Url { backend, source };
         let slow = (tracing::log::LevelFilter::Warn, Duration::from_secs(5));
         match Backend::of_url(url) {
             Some(Backend::Postgres) => {
-                let opts: PgConnectOptions = url
-                    .parse()
-                    .map_err(|e| format!("database.url: not a usable PostgreSQL URL: {e}"))?;
+                let opts: PgConnectOptions = url.parse().map_err(unusable(Backend::Postgres))?;
                 // Name the sessions in pg_stat_activity unless the URL already does.
                 let opts = if url.contains("application_name=") {
                     opts
@@ -67,9 +86,7 @@ impl Database {
             }
             Some(Backend::MySql) => {
                 let url = url.replacen("mariadb:", "mysql:", 1);
-                let opts: MySqlConnectOptions = url
-                    .parse()
-                    .map_err(|e| format!("database.url: not a usable MySQL URL: {e}"))?;
+                let opts: MySqlConnectOptions = url.parse().map_err(unusable(Backend::MySql))?;
                 let opts = opts.log_slow_statements(slow.0, slow.1);
                 let pool = MySqlPoolOptions::new()
                     .max_connections(db.max_connections)
@@ -78,9 +95,7 @@ impl Database {
                 Ok(Database::MySql { opts, pool })
             }
             Some(Backend::Sqlite) => {
-                let opts: SqliteConnectOptions = url
-                    .parse()
-                    .map_err(|e| format!("database.url: not a usable SQLite URL: {e}"))?;
+                let opts: SqliteConnectOptions = url.parse().map_err(unusable(Backend::Sqlite))?;
                 // WAL lets the application read and write while the relay reads; the busy
                 // timeout makes writers queue for the one write lock instead of failing.
                 let opts = opts
@@ -93,10 +108,7 @@ impl Database {
                     .connect_lazy_with(opts.clone());
                 Ok(Database::Sqlite { opts, pool })
             }
-            None => Err(
-                "database.url: must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://"
-                    .into(),
-            ),
+            None => Err(OpenError::Scheme),
         }
     }
 

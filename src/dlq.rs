@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -140,8 +141,47 @@ pub fn may_return_to(config: &Config, dead_letter_topic: &str, original: &str) -
     }
 }
 
+/// Why a replay stopped; progress is committed only after a replay that did not fail, so
+/// running it again replays what it had not.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Kafka failed at `what`.
+    #[error("{what}")]
+    Kafka {
+        /// What was asked.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: KafkaError,
+    },
+    /// The dead-letter topic does not exist.
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    /// Nothing arrived although the topic's end was not reached.
+    #[error("no message arrived for 30 s before the end of the topic")]
+    Idle,
+    /// A replayed message was not acknowledged.
+    #[error("replaying to {topic} failed; progress not committed, run again")]
+    Delivery {
+        /// Where it went.
+        topic: String,
+        /// Why it failed.
+        #[source]
+        source: KafkaError,
+    },
+    /// The producer ended before every delivery report was in.
+    #[error("the producer went away; progress not committed")]
+    ProducerGone,
+}
+
+/// `ReplayError::Kafka` for `what`.
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ReplayError {
+    let what = what.into();
+    move |source| ReplayError::Kafka { what, source }
+}
+
 /// Runs a replay (blocking: call from a blocking thread).
-pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, String> {
+pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, ReplayError> {
     let timeout = Duration::from_secs(10);
     let mut client = ClientConfig::new();
     for (k, v) in config.kafka.consumer_properties() {
@@ -153,31 +193,31 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .create()
-        .map_err(|e| format!("kafka consumer: {e}"))?;
+        .map_err(kafka("kafka consumer"))?;
     let producer: FutureProducer = crate::kafka::producer_config(&config.kafka, bootstrap)
         .create()
-        .map_err(|e| format!("kafka producer: {e}"))?;
+        .map_err(kafka("kafka producer"))?;
 
     // Where to start (the group's committed offsets) and where to stop (the end now).
     let metadata = consumer
         .fetch_metadata(Some(&r.topic), timeout)
-        .map_err(|e| format!("metadata of {}: {e}", r.topic))?;
+        .map_err(kafka(format!("metadata of {}", r.topic)))?;
     let mut wanted = TopicPartitionList::new();
     for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
         wanted.add_partition(&r.topic, p.id());
     }
     if wanted.count() == 0 {
-        return Err(format!("topic {} does not exist", r.topic));
+        return Err(ReplayError::NoTopic(r.topic.clone()));
     }
     let committed = consumer
         .committed_offsets(wanted.clone(), timeout)
-        .map_err(|e| format!("committed offsets: {e}"))?;
+        .map_err(kafka("committed offsets"))?;
     let mut ends = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for e in wanted.elements() {
         let (low, high) = consumer
             .fetch_watermarks(&r.topic, e.partition(), timeout)
-            .map_err(|err| format!("watermarks: {err}"))?;
+            .map_err(kafka("watermarks"))?;
         let start = match committed
             .find_partition(&r.topic, e.partition())
             .map(|c| c.offset())
@@ -189,7 +229,7 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
             ends.insert(e.partition(), high);
             assignment
                 .add_partition_offset(&r.topic, e.partition(), Offset::Offset(start))
-                .map_err(|err| err.to_string())?;
+                .map_err(kafka("assignment"))?;
         }
     }
     let mut report = Report::default();
@@ -197,7 +237,7 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
     if ends.is_empty() {
         return Ok(report);
     }
-    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    consumer.assign(&assignment).map_err(kafka("assignment"))?;
 
     let started = Instant::now();
     let mut progress = TopicPartitionList::new();
@@ -209,11 +249,11 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
         }
         let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
             if last_message.elapsed() > deadline_idle {
-                return Err("no message arrived for 30 s before the end of the topic".into());
+                return Err(ReplayError::Idle);
             }
             continue;
         };
-        let m = polled.map_err(|e| format!("reading {}: {e}", r.topic))?;
+        let m = polled.map_err(kafka(format!("reading {}", r.topic)))?;
         last_message = Instant::now();
         let (partition, offset) = (m.partition(), m.offset());
         let Some(end) = ends.get(&partition).copied() else {
@@ -229,7 +269,7 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
         }
         progress
             .add_partition_offset(&r.topic, partition, Offset::Offset(offset + 1))
-            .map_err(|e| e.to_string())?;
+            .map_err(kafka("progress"))?;
         if offset + 1 >= end {
             ends.remove(&partition);
         }
@@ -244,19 +284,19 @@ pub fn run(config: &Config, bootstrap: &str, r: &Replay) -> Result<Report, Strin
     for delivery in deliveries {
         match futures::executor::block_on(delivery) {
             Ok(Ok(_)) => {}
-            Ok(Err((e, m))) => {
-                return Err(format!(
-                    "replaying to {} failed: {e}; progress not committed, run again",
-                    m.topic()
-                ))
+            Ok(Err((source, m))) => {
+                return Err(ReplayError::Delivery {
+                    topic: m.topic().to_owned(),
+                    source,
+                })
             }
-            Err(_) => return Err("the producer went away; progress not committed".into()),
+            Err(_) => return Err(ReplayError::ProducerGone),
         }
     }
     if !r.dry_run && progress.count() > 0 {
         consumer
             .commit(&progress, CommitMode::Sync)
-            .map_err(|e| format!("committing replay progress: {e}"))?;
+            .map_err(kafka("committing replay progress"))?;
     }
     Ok(report)
 }
@@ -268,7 +308,7 @@ fn replay_one(
     m: &BorrowedMessage<'_>,
     r: &Replay,
     report: &mut Report,
-) -> Result<Option<DeliveryFuture>, String> {
+) -> Result<Option<DeliveryFuture>, ReplayError> {
     let at = m
         .timestamp()
         .to_millis()
@@ -341,5 +381,8 @@ fn replay_one(
     producer
         .send_result(record)
         .map(Some)
-        .map_err(|(e, _)| format!("producing to {target}: {e}"))
+        .map_err(|(source, _)| ReplayError::Kafka {
+            what: format!("producing to {target}"),
+            source,
+        })
 }

@@ -15,6 +15,7 @@
 //! - [`shutdown`]: signals -> cancellation token;
 //! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
 //! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`;
+//! - [`error_text`]: an error and its sources as one line;
 //! - [`reserved_headers`]: the header names only outboxd may write; [`glob`]: topic globs;
 //!   [`topic`]: topic templates and names.
 //!
@@ -27,6 +28,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod dlq;
+pub mod error_text;
 pub mod glob;
 pub mod handlers;
 pub mod http;
@@ -55,9 +57,12 @@ use metrics::Metrics;
 /// Why the daemon could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A configuration problem only visible at start-up (e.g. a property librdkafka rejects).
-    #[error("configuration: {0}")]
-    Config(String),
+    /// librdkafka rejected the producer's properties.
+    #[error("kafka.options")]
+    Producer(#[source] rdkafka::error::KafkaError),
+    /// `database.url` cannot be used.
+    #[error(transparent)]
+    Database(#[from] db::OpenError),
     /// The Kafka client or embedded broker could not be set up.
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaSetupError),
@@ -82,7 +87,7 @@ impl RunError {
     /// What kind of failure it is.
     pub fn class(&self) -> ExitClass {
         match self {
-            RunError::Config(_) => ExitClass::Config,
+            RunError::Producer(_) | RunError::Database(_) => ExitClass::Config,
             RunError::Consumer(e) => e.class(),
             RunError::Kafka(_) | RunError::Http { .. } | RunError::DrainTimeout(_) => {
                 ExitClass::Failure
@@ -164,10 +169,7 @@ pub async fn start(
     secrets::learn(&config);
     let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())?;
     let producer_config = kafka::producer_config(&config.kafka, &brokers.bootstrap);
-    let producer = Arc::new(
-        ProducerSlot::new(producer_config)
-            .map_err(|e| RunError::Config(format!("kafka.options: {e}")))?,
-    );
+    let producer = Arc::new(ProducerSlot::new(producer_config).map_err(RunError::Producer)?);
     let liveness = Arc::new(systemd::Liveness::default());
     let services = Services {
         producer: producer.clone(),
@@ -176,7 +178,7 @@ pub async fn start(
         shutdown: shutdown.clone(),
     };
     let database = if config.needs_database() {
-        let database = db::Database::open(&config.database).map_err(RunError::Config)?;
+        let database = db::Database::open(&config.database)?;
         if config.database.migrate {
             migrate_with_retry(&database, &shutdown).await;
         }

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = e.exit_code();
-            let text = format!("outboxd: {:#}", anyhow::Error::new(e));
+            let text = format!("outboxd: {}", outboxd::error_text::describe(&e));
             eprintln!("{}", outboxd::secrets::scrub(&text));
             ExitCode::from(code)
         }

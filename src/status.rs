@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::db::Database;
-use crate::relay::store::{self, LaneOwner};
+use crate::relay::store::{self, LaneOwner, StoreError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -60,8 +60,40 @@ pub struct PartitionStatus {
     pub lag: i64,
 }
 
+/// Why the status could not be gathered.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// `database.url` cannot be used.
+    #[error(transparent)]
+    Open(#[from] crate::db::OpenError),
+    /// A table could not be read.
+    #[error("relay.tables `{table}`")]
+    Table {
+        /// The table.
+        table: String,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The dead-row table could not be read.
+    #[error("outboxd_dead_rows (run outboxd migrate)")]
+    DeadRows(#[source] StoreError),
+    /// Kafka did not answer `what`.
+    #[error("kafka: {what}")]
+    Kafka {
+        /// What was asked.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The task asking Kafka ended abnormally.
+    #[error("kafka status task")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 /// Gathers the status (database and Kafka must answer).
-pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> {
+pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, StatusError> {
     let mut relay = Vec::new();
     if !config.relay.tables.is_empty() {
         let db = Database::open(&config.database)?;
@@ -83,7 +115,7 @@ pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> 
                     group_status(&bootstrap, &kafka, &group, &topics)
                 })
                 .await
-                .map_err(|e| e.to_string())??,
+                .map_err(StatusError::Task)??,
             )
         }
         None => None,
@@ -94,14 +126,15 @@ pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, String> 
 async fn table_status(
     db: &Database,
     t: &crate::config::TableConfig,
-) -> Result<TableStatus, String> {
-    let table = store::open(db, t).await.map_err(|e| e.to_string())?;
-    let (pending, oldest) = table.stats().await.map_err(|e| e.to_string())?;
-    let dead_rows = table
-        .dead_rows()
-        .await
-        .map_err(|e| format!("outboxd_dead_rows: {e} (run outboxd migrate)"))?;
-    let owners = table.lane_owners().await.map_err(|e| e.to_string())?;
+) -> Result<TableStatus, StatusError> {
+    let failed = |source| StatusError::Table {
+        table: t.table.clone(),
+        source,
+    };
+    let table = store::open(db, t).await.map_err(failed)?;
+    let (pending, oldest) = table.stats().await.map_err(failed)?;
+    let dead_rows = table.dead_rows().await.map_err(StatusError::DeadRows)?;
+    let owners = table.lane_owners().await.map_err(failed)?;
     Ok(TableStatus {
         table: t.table.clone(),
         pending,
@@ -117,7 +150,8 @@ fn group_status(
     kafka: &crate::config::KafkaConfig,
     group: &str,
     topics: &[String],
-) -> Result<GroupStatus, String> {
+) -> Result<GroupStatus, StatusError> {
+    let kafka_failed = |what: String| move |source| StatusError::Kafka { what, source };
     let timeout = Duration::from_secs(10);
     let mut cfg = ClientConfig::new();
     for (k, v) in kafka.consumer_properties() {
@@ -128,23 +162,26 @@ fn group_status(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
-        .map_err(|e| format!("kafka: {e}"))?;
+        .map_err(kafka_failed("consumer client".into()))?;
     let mut partitions = Vec::new();
     for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("kafka metadata of {topic}: {e}"))?;
+            .map_err(kafka_failed(format!("metadata of {topic}")))?;
         let mut tpl = TopicPartitionList::new();
         for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
             tpl.add_partition(topic, p.id());
         }
         let committed = consumer
             .committed_offsets(tpl.clone(), timeout)
-            .map_err(|e| format!("committed offsets of {topic}: {e}"))?;
+            .map_err(kafka_failed(format!("committed offsets of {topic}")))?;
         for e in tpl.elements() {
             let (low, high) = consumer
                 .fetch_watermarks(topic, e.partition(), timeout)
-                .map_err(|err| format!("watermarks of {topic}/{}: {err}", e.partition()))?;
+                .map_err(kafka_failed(format!(
+                    "watermarks of {topic}/{}",
+                    e.partition()
+                )))?;
             let committed = committed
                 .find_partition(topic, e.partition())
                 .and_then(|c| match c.offset() {

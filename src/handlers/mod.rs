@@ -115,10 +115,10 @@ pub struct HandlerDeps {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// `url` is not a URL.
-    #[error("url: {0}")]
+    #[error("url")]
     Url(#[source] url::ParseError),
     /// A configured header name is not one.
-    #[error("headers: `{name}`: {source}")]
+    #[error("headers: `{name}`")]
     HeaderName {
         /// The name as configured.
         name: String,
@@ -126,7 +126,7 @@ pub enum SetupError {
         source: reqwest::header::InvalidHeaderName,
     },
     /// A configured header value is not one.
-    #[error("headers: value of `{name}`: {source}")]
+    #[error("headers: value of `{name}`")]
     HeaderValue {
         /// The header.
         name: String,
@@ -134,7 +134,7 @@ pub enum SetupError {
         source: reqwest::header::InvalidHeaderValue,
     },
     /// The HTTP client could not be built.
-    #[error("http client: {0}")]
+    #[error("http client")]
     Client(#[source] reqwest::Error),
     /// A `sql` handler without `[database]`.
     #[error("a sql handler needs [database]")]
