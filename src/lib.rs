@@ -66,6 +66,9 @@ pub enum RunError {
     /// The Kafka client or embedded broker could not be set up.
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaSetupError),
+    /// A relay table could not start.
+    #[error(transparent)]
+    Relay(#[from] relay::StartError),
     /// The consumer could not start.
     #[error(transparent)]
     Consumer(#[from] consumer::StartError),
@@ -87,7 +90,7 @@ impl RunError {
     /// What kind of failure it is.
     pub fn class(&self) -> ExitClass {
         match self {
-            RunError::Producer(_) | RunError::Database(_) => ExitClass::Config,
+            RunError::Producer(_) | RunError::Database(_) | RunError::Relay(_) => ExitClass::Config,
             RunError::Consumer(e) => e.class(),
             RunError::Kafka(_) | RunError::Http { .. } | RunError::DrainTimeout(_) => {
                 ExitClass::Failure
@@ -203,7 +206,7 @@ pub async fn start(
         total: config.shutdown_timeout,
     };
     let (mut tasks, tunables) = match &database {
-        Some(database) => relay::start(&config.relay, budget.relay_grace(), database, &services),
+        Some(database) => relay::start(&config.relay, budget.relay_grace(), database, &services)?,
         None => (Vec::new(), Vec::new()),
     };
     let consumer = consumer::start(

@@ -99,12 +99,12 @@ impl TopicTemplate {
         &self,
         out: &mut String,
         value: impl Fn(&str) -> Option<&'a str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), &str> {
         out.clear();
         for part in &self.parts {
             match part {
                 Part::Literal(s) => out.push_str(s),
-                Part::Column(c) => out.push_str(value(c).ok_or_else(|| c.clone())?),
+                Part::Column(c) => out.push_str(value(c).ok_or(c.as_str())?),
             }
         }
         Ok(())
@@ -116,18 +116,30 @@ pub fn is_topic_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
+/// A name Kafka does not accept as a topic.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TopicNameError {
+    /// An empty name.
+    #[error("topic name is empty")]
+    Empty,
+    /// A name longer than Kafka's 249 characters.
+    #[error("topic name is longer than 249 characters: `{0}`")]
+    TooLong(String),
+    /// A name with characters Kafka does not allow, or `.` or `..`.
+    #[error("`{0}` is not a valid Kafka topic name")]
+    Invalid(String),
+}
+
 /// Checks a rendered topic name against Kafka's rules.
-pub fn check_topic(topic: &str) -> Result<(), String> {
+pub fn check_topic(topic: &str) -> Result<(), TopicNameError> {
     if topic.is_empty() {
-        return Err("topic name is empty".into());
+        return Err(TopicNameError::Empty);
     }
     if topic.len() > 249 {
-        return Err(format!(
-            "topic name is longer than 249 characters: `{topic}`"
-        ));
+        return Err(TopicNameError::TooLong(topic.to_owned()));
     }
     if topic == "." || topic == ".." || !topic.chars().all(is_topic_char) {
-        return Err(format!("`{topic}` is not a valid Kafka topic name"));
+        return Err(TopicNameError::Invalid(topic.to_owned()));
     }
     Ok(())
 }
@@ -143,7 +155,7 @@ mod tests {
         t.render_into(&mut out, |c| (c == "event_type").then_some("Deposit"))
             .unwrap();
         assert_eq!(out, "events.Deposit.v1");
-        assert_eq!(t.render_into(&mut out, |_| None), Err("event_type".into()));
+        assert_eq!(t.render_into(&mut out, |_| None), Err("event_type"));
     }
 
     #[test]

@@ -78,11 +78,9 @@ pub fn start(
         });
     }
     let router = Router::new(&c.routes, |name| {
-        handlers
-            .iter()
-            .position(|h| h.name == name)
-            .expect("validation checked that routes name configured handlers")
-    });
+        handlers.iter().position(|h| h.name == name)
+    })
+    .map_err(StartError::UnknownHandler)?;
     let mut client = ClientConfig::new();
     client
         .set("auto.offset.reset", "earliest")
@@ -153,6 +151,9 @@ pub enum StartError {
     /// A handler cannot be built from its configuration.
     #[error(transparent)]
     Handler(#[from] HandlerError),
+    /// A route names a handler that is not configured.
+    #[error("consumer.routes: no handler named `{0}`")]
+    UnknownHandler(String),
     /// librdkafka could not create the consumer client.
     #[error("kafka consumer could not be created")]
     Client(#[source] rdkafka::error::KafkaError),
@@ -165,7 +166,7 @@ impl StartError {
     /// What kind of failure it is.
     pub fn class(&self) -> crate::ExitClass {
         match self {
-            StartError::Handler(_) => crate::ExitClass::Config,
+            StartError::Handler(_) | StartError::UnknownHandler(_) => crate::ExitClass::Config,
             StartError::Client(_) | StartError::Subscribe(_) => crate::ExitClass::Failure,
         }
     }

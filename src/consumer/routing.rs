@@ -9,20 +9,20 @@ pub struct Router {
 }
 
 impl Router {
-    /// Routes in configuration order; `handler_index` maps a handler name to its slot.
-    pub fn new(routes: &[RouteConfig], handler_index: impl Fn(&str) -> usize) -> Self {
-        Router {
-            routes: routes
-                .iter()
-                .map(|r| {
-                    (
-                        r.topic.clone(),
-                        r.event_type.clone(),
-                        handler_index(&r.handler),
-                    )
-                })
-                .collect(),
-        }
+    /// Routes in configuration order; `handler_index` maps a handler name to its slot, or
+    /// to `None` when no handler has that name (the name is returned).
+    pub fn new(
+        routes: &[RouteConfig],
+        handler_index: impl Fn(&str) -> Option<usize>,
+    ) -> Result<Self, String> {
+        let routes = routes
+            .iter()
+            .map(|r| {
+                let slot = handler_index(&r.handler).ok_or_else(|| r.handler.clone())?;
+                Ok((r.topic.clone(), r.event_type.clone(), slot))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Router { routes })
     }
 
     /// The routes whose glob matches `topic`, in order: a partition's worker matches the
@@ -77,10 +77,16 @@ mod tests {
                 handler: "h1".into(),
             },
         ];
-        let r = Router::new(&routes, |h| h[1..].parse().unwrap());
+        let r = Router::new(&routes, |h| h[1..].parse().ok()).unwrap();
         assert_eq!(r.for_topic("events.x").route(Some("A")), Some(0));
         assert_eq!(r.for_topic("events.x").route(Some("B")), Some(1));
         assert_eq!(r.for_topic("events.x").route(None), Some(1));
         assert_eq!(r.for_topic("other").route(Some("A")), None);
+        let unknown = Router::new(&routes, |h| (h == "h0").then_some(0));
+        assert_eq!(
+            unknown.err().as_deref(),
+            Some("h1"),
+            "the name no handler has"
+        );
     }
 }

@@ -38,6 +38,8 @@ pub struct TableContext {
     pub liveness: Arc<Liveness>,
     /// Batch size and poll interval, changed by reloads.
     pub settings: watch::Receiver<TableSettings>,
+    /// How a row's topic is found.
+    pub topics: TopicSource,
 }
 
 /// Relays one table until `shutdown`; database failures restart the manager after a
@@ -86,11 +88,10 @@ struct Manager<'a> {
 
 async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), StoreError> {
     let store = store::open(&ctx.database, &ctx.config).await?;
-    let topics = TopicSource::new(&ctx.config).map_err(StoreError::Schema)?;
     let rt = Arc::new(TableRuntime {
         store: store.clone(),
         config: ctx.config.clone(),
-        topics,
+        topics: ctx.topics.clone(),
         producer: ctx.producer.clone(),
         metrics: ctx.metrics.clone(),
         published: Default::default(),

@@ -29,6 +29,18 @@ use tokio::task::JoinHandle;
 use crate::config::RelayConfig;
 use crate::db::Database;
 use crate::Services;
+use publish::TopicSource;
+
+/// A table that cannot be relayed as configured.
+#[derive(Debug, thiserror::Error)]
+#[error("relay.tables `{table}`")]
+pub struct StartError {
+    /// The table.
+    pub table: String,
+    /// Why.
+    #[source]
+    pub source: publish::TopicSourceError,
+}
 
 /// Starts one lane manager per table, returning their tasks and their reloadable settings
 /// (in table order). Each task returns once `shutdown` is cancelled and its
@@ -39,11 +51,22 @@ pub fn start(
     drain_grace: Duration,
     database: &Database,
     services: &Services,
-) -> (Vec<JoinHandle<()>>, Vec<watch::Sender<TableSettings>>) {
-    relay
+) -> Result<Started, StartError> {
+    let topics = relay
         .tables
         .iter()
         .map(|table| {
+            TopicSource::new(table).map_err(|source| StartError {
+                table: table.table.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(relay
+        .tables
+        .iter()
+        .zip(topics)
+        .map(|(table, topics)| {
             let (settings, watched) = watch::channel(TableSettings::of(table));
             let ctx = lanes::TableContext {
                 config: table.clone(),
@@ -53,11 +76,15 @@ pub fn start(
                 drain_grace,
                 liveness: services.liveness.clone(),
                 settings: watched,
+                topics,
             };
             (
                 tokio::spawn(lanes::run_table(ctx, services.shutdown.clone())),
                 settings,
             )
         })
-        .unzip()
+        .unzip())
 }
+
+/// The relay's tasks, and the senders of each table's reloadable settings.
+pub type Started = (Vec<JoinHandle<()>>, Vec<watch::Sender<TableSettings>>);

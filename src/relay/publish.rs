@@ -15,7 +15,7 @@ use super::store::ClaimedRow;
 use crate::config::TableConfig;
 use crate::glob::glob_match;
 use crate::reserved_headers::is_reserved;
-use crate::topic::{check_topic, TopicTemplate};
+use crate::topic::{check_topic, TemplateError, TopicNameError, TopicTemplate};
 
 /// What happened to one row of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,8 +50,23 @@ pub enum Field {
     AggregateType,
 }
 
+/// Why a table's topic settings cannot be used (validation reports the same problems
+/// before start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum TopicSourceError {
+    /// The template does not parse.
+    #[error("topic")]
+    Template(#[from] TemplateError),
+    /// A template without columns is not a topic name.
+    #[error("topic")]
+    Name(#[from] TopicNameError),
+    /// A template that starts with a column needs `allowed_topics`.
+    #[error("allowed_topics: required for this topic template")]
+    AllowedTopics,
+}
+
 /// Where a row's topic comes from.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum TopicSource {
     /// One topic for every row (a template without columns), checked once.
     Fixed(Arc<str>),
@@ -62,18 +77,16 @@ pub enum TopicSource {
 }
 
 impl TopicSource {
-    /// The topic source of table `t` (validated config: template parses).
-    pub fn new(t: &TableConfig) -> Result<Self, String> {
+    /// The topic source of table `t`.
+    pub fn new(t: &TableConfig) -> Result<Self, TopicSourceError> {
         let Some(template) = &t.topic else {
             return Ok(TopicSource::Column(t.allowed_topics.clone()));
         };
-        let template =
-            TopicTemplate::parse(template, &t.mapped_columns()).map_err(|e| e.to_string())?;
+        let template = TopicTemplate::parse(template, &t.mapped_columns())?;
         if template.columns().next().is_none() {
             let mut topic = String::new();
-            template
-                .render_into(&mut topic, |_| None)
-                .map_err(|c| format!("topic template column `{c}`"))?;
+            let no_columns = template.render_into(&mut topic, |_| None);
+            debug_assert!(no_columns.is_ok(), "a template without columns renders");
             check_topic(&topic)?;
             return Ok(TopicSource::Fixed(topic.into()));
         }
@@ -90,7 +103,7 @@ impl TopicSource {
         let allowed = match template.literal_prefix() {
             _ if !t.allowed_topics.is_empty() => t.allowed_topics.clone(),
             Some(prefix) => vec![format!("{prefix}*")],
-            None => return Err("allowed_topics: required for this topic template".into()),
+            None => return Err(TopicSourceError::AllowedTopics),
         };
         Ok(TopicSource::Template(template, fields, allowed))
     }
@@ -132,7 +145,7 @@ impl TopicSource {
         if let Some(topic) = last.as_ref().filter(|t| ***t == **out) {
             return Ok(topic.clone());
         }
-        check_topic(out)?;
+        check_topic(out).map_err(|e| e.to_string())?;
         if !allowed.iter().any(|glob| glob_match(glob, out)) {
             return Err(format!(
                 "topic `{out}` is not in allowed_topics ({})",
@@ -428,7 +441,10 @@ mod tests {
         assert_eq!(&*p.topic, "orders.events");
         let long = "x".repeat(250);
         let err = TopicSource::new(&t(&long)).unwrap_err();
-        assert!(err.contains("249"), "{err}");
+        assert!(
+            matches!(err, TopicSourceError::Name(TopicNameError::TooLong(_))),
+            "{err:?}"
+        );
     }
 
     proptest! {
