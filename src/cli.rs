@@ -148,11 +148,11 @@ pub enum CliError {
     #[error(transparent)]
     Run(#[from] RunError),
     /// Migrations failed.
-    #[error("migration failed: {0}")]
-    Migrate(String),
+    #[error("migration failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
     /// `emit` could not insert the event.
-    #[error("emit: {0}")]
-    Emit(String),
+    #[error("emit")]
+    Emit(#[source] crate::relay::store::StoreError),
     /// `emit` was given something unusable.
     #[error("emit: {0}")]
     EmitInput(String),
@@ -214,7 +214,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
                 let database = db::Database::open(&config.database).map_err(RunError::from)?;
                 let migrated = database.migrate().await;
                 database.close().await;
-                migrated.map_err(|e| CliError::Migrate(e.to_string()))?;
+                migrated.map_err(CliError::Migrate)?;
                 tracing::info!("migrations applied");
                 Ok(())
             })
@@ -311,7 +311,7 @@ async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
     };
     let id = crate::relay::store::emit(&database, table, &event).await;
     database.close().await;
-    let id = id.map_err(|e| CliError::Emit(e.to_string()))?;
+    let id = id.map_err(CliError::Emit)?;
     println!("inserted row {id} into {}", table.table);
     Ok(())
 }
