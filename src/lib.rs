@@ -1,47 +1,49 @@
 //! outboxd: publishes transactional-outbox rows to Kafka, at least once and in order per
 //! key, and removes them only after Kafka acknowledged them.
 //!
-//! Module map:
-//! - [`cli`]: subcommands (`run`, `check-config`, `migrate`) and their exit codes;
+//! Module map. Public, for the binary and the tests:
+//! - [`cli`]: subcommands (`run`, `check-config`, `migrate`, ...) and their exit codes;
 //! - [`config`]: typed configuration, loading, validation, redaction;
 //! - [`db`]: database connections and embedded migrations;
-//! - [`kafka`]: configuration -> librdkafka properties, the embedded broker;
 //! - [`relay`]: the outbox relay (lanes, claim loop, publishing, wake-up, storage);
-//! - [`consumer`]: the consumer (partition workers, routing, retry, dead letters);
-//! - [`handlers`]: where consumed messages go (http, command, sql, kafka, log);
-//! - [`backoff`]: the shared reconnect/retry backoff; [`reload`]: SIGHUP reloads;
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`;
-//! - [`metrics`]: every Prometheus metric; [`secrets`]: scrubs secrets from outgoing text;
-//! - [`shutdown`]: signals -> cancellation token;
-//! - [`systemd`]: READY/WATCHDOG/STOPPING notifications;
-//! - [`status`]: what `outboxd status` reports; [`dlq`]: `outboxd dlq replay`;
-//! - [`error_text`]: an error and its sources as one line;
-//! - [`reserved_headers`]: the header names only outboxd may write; [`glob`]: topic globs;
-//!   [`topic`]: topic templates and names.
+//! - [`reload`]: SIGHUP reloads; [`metrics`]: every Prometheus metric;
+//! - [`secrets`]: scrubs secrets from outgoing text; [`error_text`]: an error and its
+//!   sources as one line.
+//!
+//! Internal:
+//! - `kafka`: configuration -> librdkafka properties, the embedded broker;
+//! - `consumer`: the consumer (partition workers, routing, retry, dead letters);
+//! - `handlers`: where consumed messages go (http, command, sql, kafka, log);
+//! - `backoff`: the shared reconnect/retry backoff; `http`: `/metrics`, `/healthz`,
+//!   `/readyz`; `shutdown`: signals -> cancellation token; `systemd`:
+//!   READY/WATCHDOG/STOPPING notifications;
+//! - `status`: what `outboxd status` reports; `dlq`: `outboxd dlq replay`;
+//! - `reserved_headers`: the header names only outboxd may write; `glob`: topic globs;
+//!   `topic`: topic templates and names.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
 
-pub mod backoff;
+mod backoff;
 pub mod cli;
 pub mod config;
-pub mod consumer;
+mod consumer;
 pub mod db;
-pub mod dlq;
+mod dlq;
 pub mod error_text;
-pub mod glob;
-pub mod handlers;
-pub mod http;
-pub mod kafka;
+mod glob;
+mod handlers;
+mod http;
+mod kafka;
 pub mod metrics;
 pub mod relay;
 pub mod reload;
-pub mod reserved_headers;
+mod reserved_headers;
 pub mod secrets;
-pub mod shutdown;
-pub mod status;
-pub mod systemd;
-pub mod topic;
+mod shutdown;
+mod status;
+mod systemd;
+mod topic;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
