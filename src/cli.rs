@@ -9,8 +9,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError, LogConfig, LogFormat};
+use crate::exit::ExitClass;
 use crate::metrics::Metrics;
-use crate::{db, kafka, shutdown, ExitClass, RunError};
+use crate::{db, kafka, shutdown, RunError};
 
 /// Where `--config` points when not given.
 pub const DEFAULT_CONFIG: &str = "/etc/outboxd/outboxd.toml";

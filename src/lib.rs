@@ -19,7 +19,8 @@
 //!   READY/WATCHDOG/STOPPING notifications;
 //! - `status`: what `outboxd status` reports; `dlq`: `outboxd dlq replay`;
 //! - `reserved_headers`: the header names only outboxd may write; `glob`: topic globs;
-//!   `topic`: topic templates and names.
+//!   `topic`: topic templates and names; `services`: what the relay and the consumer
+//!   share; `exit`: the classes of failure behind the exit codes.
 //!
 //! [`start`] runs everything a configuration asks for and returns a [`Running`] daemon;
 //! the binary and the tests both use it.
@@ -31,6 +32,7 @@ mod consumer;
 pub mod db;
 mod dlq;
 pub mod error_text;
+mod exit;
 mod glob;
 mod handlers;
 mod http;
@@ -40,10 +42,14 @@ pub mod relay;
 pub mod reload;
 mod reserved_headers;
 pub mod secrets;
+mod services;
 mod shutdown;
 mod status;
 mod systemd;
 mod topic;
+
+pub use exit::ExitClass;
+pub use services::{DrainBudget, Services};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,51 +105,6 @@ impl RunError {
             }
         }
     }
-}
-
-/// What kind of failure an error is; the exit code follows from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitClass {
-    /// The configuration is unusable: restarting with it will not help.
-    Config,
-    /// A command-line argument is unusable.
-    Usage,
-    /// Anything else: the environment (database, Kafka, the network) or a bug.
-    Failure,
-}
-
-/// How the drain splits `shutdown_timeout`. The relay's batches in flight wait for Kafka
-/// at most half of it and then roll back (their rows stay in the outbox); the consumer's
-/// calls in flight get three quarters, leaving the rest for the final offset commit and
-/// closing the client; whatever is still running at the whole of it is abandoned.
-#[derive(Debug, Clone, Copy)]
-pub struct DrainBudget {
-    /// `shutdown_timeout`.
-    pub total: Duration,
-}
-
-impl DrainBudget {
-    /// How long a relay batch in flight may still wait for Kafka once stopping.
-    pub fn relay_grace(self) -> Duration {
-        self.total / 2
-    }
-
-    /// How long the consumer's calls in flight may still run once stopping.
-    pub fn consumer_calls(self) -> Duration {
-        self.total.mul_f32(0.75)
-    }
-}
-
-/// What the relay and the consumer share.
-pub struct Services {
-    /// The idempotent producer (relay, dead letters, kafka handlers).
-    pub producer: Arc<ProducerSlot>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Loop heartbeats for the systemd watchdog.
-    pub liveness: Arc<systemd::Liveness>,
-    /// Cancelled on SIGTERM/SIGINT.
-    pub shutdown: CancellationToken,
 }
 
 /// A started daemon.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 
+use super::rules::ENV_PREFIX;
 use super::{validate, Config};
 
 /// Why a configuration could not be used. Every variant maps to exit code 78 (EX_CONFIG).
@@ -32,10 +33,6 @@ pub enum ConfigError {
         problems: Vec<String>,
     },
 }
-
-/// Environment variables with this prefix override file keys; `__` separates sections,
-/// e.g. `OUTBOXD_DATABASE__URL`.
-pub const ENV_PREFIX: &str = "OUTBOXD_";
 
 /// Loads, resolves secrets and validates the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {

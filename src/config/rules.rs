@@ -1,7 +1,11 @@
 //! The small rules the configuration checks share: a duration that must be positive, a
-//! plain SQL identifier.
+//! plain SQL identifier, the prefix of the environment variables that override the file.
 
 use std::time::Duration;
+
+/// Environment variables with this prefix override file keys; `__` separates sections,
+/// e.g. `OUTBOXD_DATABASE__URL`.
+pub const ENV_PREFIX: &str = "OUTBOXD_";
 
 /// Records a problem when `d` is zero.
 pub fn positive(p: &mut Vec<String>, key: &str, d: Duration) {

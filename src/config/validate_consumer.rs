@@ -1,6 +1,6 @@
 //! Checks of `[consumer]`, its routes and `[handlers.*]`, without connecting.
 
-use super::rules::positive;
+use super::rules::{positive, ENV_PREFIX};
 use super::{Config, HandlerConfig, RetryPolicy};
 use crate::topic::check_topic;
 
@@ -155,10 +155,7 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
 fn env_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.contains(['=', '\0']) {
         Err("is not a variable name")
-    } else if name
-        .to_ascii_uppercase()
-        .starts_with(super::load::ENV_PREFIX)
-    {
+    } else if name.to_ascii_uppercase().starts_with(ENV_PREFIX) {
         Err("is reserved: outboxd sets the OUTBOXD_* variables of the event")
     } else {
         Ok(())

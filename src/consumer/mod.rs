@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
+use crate::services::Services;
 use crate::systemd::Heartbeat;
-use crate::Services;
 use context::{Change, Context};
 use dead_letter::DeadLetters;
 use delivery::{NamedHandler, Shared, Window};
@@ -164,10 +164,12 @@ pub enum StartError {
 
 impl StartError {
     /// What kind of failure it is.
-    pub fn class(&self) -> crate::ExitClass {
+    pub fn class(&self) -> crate::exit::ExitClass {
         match self {
-            StartError::Handler(_) | StartError::UnknownHandler(_) => crate::ExitClass::Config,
-            StartError::Client(_) | StartError::Subscribe(_) => crate::ExitClass::Failure,
+            StartError::Handler(_) | StartError::UnknownHandler(_) => {
+                crate::exit::ExitClass::Config
+            }
+            StartError::Client(_) | StartError::Subscribe(_) => crate::exit::ExitClass::Failure,
         }
     }
 }

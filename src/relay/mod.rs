@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::RelayConfig;
 use crate::db::Database;
-use crate::Services;
+use crate::services::Services;
 use publish::TopicSource;
 
 /// A table that cannot be relayed as configured.

@@ -1,0 +1,12 @@
+//! What kind of failure an error is, which decides the exit code.
+
+/// What kind of failure an error is; the exit code follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// The configuration is unusable: restarting with it will not help.
+    Config,
+    /// A command-line argument is unusable.
+    Usage,
+    /// Anything else: the environment (database, Kafka, the network) or a bug.
+    Failure,
+}
