@@ -196,7 +196,9 @@ impl Default for HttpConfig {
 pub struct LogConfig {
     /// Filter in `tracing` EnvFilter syntax, e.g. `"info"` or `"info,outboxd::relay=debug"`.
     pub level: String,
-    /// `"text"` for humans, `"json"` for log shippers (one JSON object per line).
+    /// `"text"` for humans, `"json"` for log shippers (one JSON object per line). Lines of
+    /// the relay carry the table and lane they are about as spans (`table{table=outbox}:
+    /// lane{lane=0}:` in text; `span` and `spans` in JSON).
     pub format: LogFormat,
 }
 

@@ -130,9 +130,8 @@ pub(super) async fn conclude(
 }
 
 /// Logs a batch left in the outbox at shutdown.
-pub(super) fn timed_out(rt: &TableRuntime, rows: usize) {
+pub(super) fn timed_out(rows: usize) {
     tracing::warn!(
-        table = %rt.config.table,
         rows,
         "shutting down: Kafka did not acknowledge the batch in time; rolled back, its rows stay in the outbox"
     );

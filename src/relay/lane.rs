@@ -19,11 +19,10 @@ use super::settle::{failed_batch, record_published};
 use super::store::{ClaimedRow, LaneSession, StoreError};
 use crate::systemd::Heartbeat;
 
-/// Runs lane `lane` until `stop` is cancelled (after the batch in flight) or the
+/// Runs the lane `session` holds until `stop` is cancelled (after the batch in flight) or the
 /// session fails (the lane is then released with it, and the caller re-acquires later).
 pub async fn run_lane(
     rt: Arc<TableRuntime>,
-    lane: u32,
     mut session: Box<dyn LaneSession>,
     stop: CancellationToken,
     mut wake: watch::Receiver<()>,
@@ -38,12 +37,7 @@ pub async fn run_lane(
         other,
         ready: None,
     };
-    tracing::info!(
-        table,
-        lane,
-        prefetch = sessions.other.is_some(),
-        "lane acquired"
-    );
+    tracing::info!(prefetch = sessions.other.is_some(), "lane acquired");
     let grace = Grace::new(rt.drain_grace);
     let mut settings = rt.settings.clone();
     let mut acks = AckWait::default();
@@ -90,7 +84,7 @@ pub async fn run_lane(
             BatchEnd::Refused => refusal_backoff.next(),
         };
         let pause = pause.unwrap_or(Duration::from_secs(30));
-        tracing::debug!(table, lane, ?pause, "backing off");
+        tracing::debug!(?pause, "backing off");
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(pause) => {}
@@ -99,7 +93,7 @@ pub async fn run_lane(
     if sessions.ready.take().is_some() {
         sessions.current.rollback().await?;
     }
-    tracing::info!(table, lane, "lane released");
+    tracing::info!("lane released");
     Ok(())
 }
 
@@ -301,7 +295,7 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
             // The follower's connection closes, which rolls its claim back.
             *other = None;
             current.rollback().await?;
-            timed_out(rt, rows.len());
+            timed_out(rows.len());
             return Ok(BatchEnd::Empty);
         }
         // The lane ends; the follower's claim dies with its connection.

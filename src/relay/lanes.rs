@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::lane::run_lane;
 use super::maintenance;
@@ -48,7 +49,6 @@ pub struct TableContext {
 /// that fixing the table is enough.
 pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
     let mut retry = crate::backoff::exponential();
-    let table = ctx.config.table.clone();
     let mut reported: Option<String> = None;
     while !shutdown.is_cancelled() {
         match manage(&ctx, &shutdown).await {
@@ -57,9 +57,9 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
                 let pause = retry.next().unwrap_or_default();
                 let text = e.to_string();
                 if matches!(e, StoreError::Schema(_)) && reported.as_deref() == Some(&text) {
-                    tracing::debug!(%table, error = %e, ?pause, "table still does not fit its mapping");
+                    tracing::debug!(error = %e, ?pause, "table still does not fit its mapping");
                 } else {
-                    tracing::error!(%table, error = %e, ?pause, "relay for table stopped; restarting");
+                    tracing::error!(error = %e, ?pause, "relay for table stopped; restarting");
                 }
                 reported = Some(text);
                 tokio::select! {
@@ -106,9 +106,9 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     let (wake, _) = watch::channel(());
     {
         let (store, wake, stop) = (store.clone(), wake.clone(), helpers.clone());
-        helper_tasks.spawn(async move { store.listen(wake, stop).await });
+        helper_tasks.spawn(async move { store.listen(wake, stop).await }.in_current_span());
     }
-    helper_tasks.spawn(maintenance::run(rt.clone(), helpers.clone()));
+    helper_tasks.spawn(maintenance::run(rt.clone(), helpers.clone()).in_current_span());
 
     let (exited, mut exits) = mpsc::unbounded_channel();
     let mut m = Manager {
@@ -165,7 +165,7 @@ impl Manager<'_> {
         if let Some(other) = &census.other_lanes {
             if conflict.get() == 0 {
                 tracing::error!(
-                    table = %self.ctx.config.table, lanes, other = %other,
+                    lanes, other = %other,
                     "another relay of this table runs with a different lanes setting, which cuts the keys differently: this relay holds no lane and claims nothing until one setting is left"
                 );
             }
@@ -175,14 +175,14 @@ impl Manager<'_> {
             return Ok(());
         }
         if conflict.get() == 1 {
-            tracing::warn!(table = %self.ctx.config.table, lanes, "one lanes setting is left; taking lanes again");
+            tracing::warn!(lanes, "one lanes setting is left; taking lanes again");
             conflict.set(0);
         }
         let (members, taken) = (census.members, census.taken);
         let share = lanes.div_ceil(members);
         while self.owned.len() as u32 > share {
             let (lane, owned) = self.owned.pop_last().expect("owned is not empty");
-            tracing::info!(table = %self.ctx.config.table, lane, members, "handing lane over to another replica");
+            tracing::info!(lane, members, "handing lane over to another replica");
             owned.stop.cancel();
             let _ = owned.task.await;
         }
@@ -199,7 +199,7 @@ impl Manager<'_> {
                 Ok(Some(session)) => self.spawn_lane(lane, session),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(table = %self.ctx.config.table, lane, error = %e, "cannot acquire lane now; retrying at the next rebalance");
+                    tracing::warn!(lane, error = %e, "cannot acquire lane now; retrying at the next rebalance");
                     break;
                 }
             }
@@ -218,13 +218,15 @@ impl Manager<'_> {
             .ctx
             .liveness
             .register(format!("relay lane {}/{lane}", self.ctx.config.table));
-        let task = tokio::spawn(async move {
-            let table = rt.config.table.clone();
-            if let Err(e) = run_lane(rt, lane, session, token, wake, heartbeat).await {
-                tracing::error!(%table, lane, error = %e, "lane failed; its lock is released and it will be re-acquired");
+        let task = tokio::spawn(
+            async move {
+                if let Err(e) = run_lane(rt, session, token, wake, heartbeat).await {
+                    tracing::error!(error = %e, "lane failed; its lock is released and it will be re-acquired");
+                }
+                let _ = exited.send(lane);
             }
-            let _ = exited.send(lane);
-        });
+            .instrument(tracing::info_span!("lane", lane)),
+        );
         self.owned.insert(lane, OwnedLane { stop, task });
     }
 

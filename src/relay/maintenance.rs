@@ -22,7 +22,6 @@ pub async fn run(rt: Arc<TableRuntime>, stop: CancellationToken) {
         let published = rt.published.load(Ordering::Relaxed);
         if published > reported {
             tracing::info!(
-                table = %rt.config.table,
                 published = published - reported,
                 interval = ?rt.config.maintenance_interval,
                 "relay progress"
@@ -30,7 +29,7 @@ pub async fn run(rt: Arc<TableRuntime>, stop: CancellationToken) {
             reported = published;
         }
         if let Err(e) = once(&rt).await {
-            tracing::warn!(table = %rt.config.table, error = %e, "relay maintenance failed; retrying next interval");
+            tracing::warn!(error = %e, "relay maintenance failed; retrying next interval");
         }
     }
 }
@@ -48,7 +47,7 @@ async fn once(rt: &TableRuntime) -> Result<(), StoreError> {
         .set(oldest.unwrap_or(0.0));
     let purged = rt.store.purge(rt.config.retention.as_secs_f64()).await?;
     if purged > 0 {
-        tracing::info!(table, purged, "purged published rows past retention");
+        tracing::info!(purged, "purged published rows past retention");
     }
     rt.store.cleanup_attempts().await?;
     Ok(())

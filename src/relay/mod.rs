@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::config::RelayConfig;
 use crate::db::Database;
@@ -79,7 +80,10 @@ pub fn start(
                 topics,
             };
             (
-                tokio::spawn(lanes::run_table(ctx, services.shutdown.clone())),
+                tokio::spawn(
+                    lanes::run_table(ctx, services.shutdown.clone())
+                        .instrument(tracing::info_span!("table", table = %table.table)),
+                ),
                 settings,
             )
         })

@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 /// Listens on `channel` until `stop`, waking lanes through `wake`.
 pub async fn listen(
     opts: PgConnectOptions,
-    table: String,
     channel: String,
     wake: watch::Sender<()>,
     stop: CancellationToken,
@@ -23,14 +22,14 @@ pub async fn listen(
             }
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();
-                tracing::warn!(%table, %channel, error = %e, ?pause, "LISTEN connection failed; lanes keep polling");
+                tracing::warn!(%channel, error = %e, ?pause, "LISTEN connection failed; lanes keep polling");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(pause) => continue,
                 }
             }
         };
-        tracing::debug!(%table, %channel, "listening for notifications");
+        tracing::debug!(%channel, "listening for notifications");
         wake.send_replace(());
         loop {
             tokio::select! {
@@ -40,7 +39,7 @@ pub async fn listen(
                     // The connection was lost and re-established: notifications may be lost.
                     Ok(None) => { wake.send_replace(()); }
                     Err(e) => {
-                        tracing::warn!(%table, %channel, error = %e, "LISTEN connection broke; reconnecting");
+                        tracing::warn!(%channel, error = %e, "LISTEN connection broke; reconnecting");
                         break;
                     }
                 }

@@ -107,10 +107,10 @@ pub(super) async fn run(
         match acked {
             Acked::TimedOut => {
                 current.rollback().await?;
-                timed_out(rt, rows.len());
+                timed_out(rows.len());
                 if let (Early::Claimed(Ok(Some(next))), Some(other)) = (next, other.as_mut()) {
                     other.rollback().await?;
-                    timed_out(rt, next.rows.len());
+                    timed_out(next.rows.len());
                 }
                 return Ok(BatchEnd::Empty);
             }

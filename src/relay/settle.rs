@@ -62,7 +62,6 @@ pub(super) async fn failed_batch(
         .inc_by(moved);
     if let Some(first) = plan.failed.first() {
         tracing::warn!(
-            table,
             failed = plan.failed.len(),
             published = plan.finished.len(),
             error = %first,
@@ -70,10 +69,10 @@ pub(super) async fn failed_batch(
         );
     }
     for (id, error) in &plan.refused {
-        tracing::warn!(table, row_id = id, %error, "kafka refused a row");
+        tracing::warn!(row_id = id, %error, "kafka refused a row");
     }
     for d in &dead {
-        tracing::error!(table, row_id = %d.id, reason = %d.reason, "row moved to outboxd_dead_rows");
+        tracing::error!(row_id = %d.id, reason = %d.reason, "row moved to outboxd_dead_rows");
     }
     Ok(if !plan.failed.is_empty() {
         BatchEnd::KafkaFailed

@@ -63,7 +63,7 @@ impl MySqlStore {
         )?;
         let id_index = index_on(&mut conn, &t.table, &t.id_column).await?;
         if id_index.is_none() {
-            tracing::warn!(table = %t.table, column = %t.id_column, "the id column has no index: every claim and delete scans the table");
+            tracing::warn!(column = %t.id_column, "the id column has no index: every claim and delete scans the table");
         }
         Ok(MySqlStore {
             config: t.clone(),

@@ -224,8 +224,6 @@ impl PgLane {
         } else if !*told {
             *told = true;
             tracing::info!(
-                table = %k.table,
-                lane = k.lane,
                 "waiting for the claims of the lane's previous owner to end before claiming"
             );
         }
@@ -321,8 +319,6 @@ impl LaneSession for PgLane {
             Ok(()) => self.prepared = Some(snapshot.to_owned()),
             Err(e) => {
                 tracing::debug!(
-                    table = %self.keys.table,
-                    lane = self.keys.lane,
                     error = %e,
                     "could not prepare the next follow; it will begin its own transaction"
                 );

@@ -178,14 +178,7 @@ impl Store for PgStore {
         let Some(channel) = self.config.notify_channel.clone() else {
             return;
         };
-        crate::relay::notify::listen(
-            self.opts.clone(),
-            self.config.table.clone(),
-            channel,
-            wake,
-            stop,
-        )
-        .await;
+        crate::relay::notify::listen(self.opts.clone(), channel, wake, stop).await;
     }
 }
 
