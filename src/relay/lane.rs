@@ -5,13 +5,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::cycle::{conclude, timed_out, AckWait, Acked, Cycle, Grace};
+use super::decide::{after_claim, AfterClaim, Backoffs, Then};
 use super::pipeline;
 use super::publish::Publication;
 use super::runtime::{settings_changed, BatchEnd, Phase, TableRuntime};
@@ -29,8 +29,7 @@ pub async fn run_lane(
     heartbeat: Heartbeat,
 ) -> Result<(), StoreError> {
     let table = rt.config.table.as_str();
-    let mut kafka_backoff = crate::backoff::exponential();
-    let mut refusal_backoff = crate::backoff::exponential();
+    let mut backoffs = Backoffs::new();
     let other = session.follower().await?;
     let mut sessions = Sessions {
         current: session,
@@ -62,15 +61,9 @@ pub async fn run_lane(
                 return Err(e);
             }
         };
-        let pause = match end {
-            BatchEnd::More => {
-                kafka_backoff = crate::backoff::exponential();
-                refusal_backoff = crate::backoff::exponential();
-                continue;
-            }
-            BatchEnd::Empty | BatchEnd::Partial => {
-                kafka_backoff = crate::backoff::exponential();
-                refusal_backoff = crate::backoff::exponential();
+        let pause = match backoffs.after(end) {
+            Then::Claim => continue,
+            Then::Wait => {
                 let poll_interval = settings.borrow_and_update().poll_interval;
                 tokio::select! {
                     _ = stop.cancelled() => {}
@@ -80,10 +73,8 @@ pub async fn run_lane(
                 }
                 continue;
             }
-            BatchEnd::KafkaFailed => kafka_backoff.next(),
-            BatchEnd::Refused => refusal_backoff.next(),
+            Then::BackOff(pause) => pause,
         };
-        let pause = pause.unwrap_or(Duration::from_secs(30));
         tracing::debug!(?pause, "backing off");
         tokio::select! {
             _ = stop.cancelled() => {}
@@ -217,38 +208,34 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     if !rows.is_empty() {
         rt.phase(Phase::Claim, claiming);
     }
-    let full = rows.len() as u32 >= batch_size;
-    let use_follower = full && !stop.is_cancelled();
-    if !use_follower {
+    let next = after_claim(rows.len(), batch_size, prefetched, stop.is_cancelled());
+    if !matches!(next, AfterClaim::Prefetch(_)) {
         // A transaction prepared for a follow that will not come ends now, not after the
         // wait for more rows.
         if let Some(other) = other.as_deref_mut() {
             other.release().await?;
         }
     }
-    if rows.is_empty() {
-        current.commit().await?;
-        return Ok(if prefetched {
-            BatchEnd::More
-        } else {
-            BatchEnd::Empty
-        });
-    }
-    rt.metrics.relay_batch_rows.observe(rows.len() as f64);
-    let done = if full || prefetched {
-        BatchEnd::More
-    } else {
-        BatchEnd::Partial
+    let done = match next {
+        AfterClaim::Nothing(end) => {
+            current.commit().await?;
+            return Ok(end);
+        }
+        AfterClaim::Alone(done) => {
+            rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+            publication.send(&rows[sent..]).await;
+            let flight = pipeline::Flight {
+                rows,
+                publication,
+                sent: Instant::now(),
+            };
+            return pipeline::run(cycle, current, other, &producer, flight, done).await;
+        }
+        AfterClaim::Prefetch(done) => {
+            rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+            done
+        }
     };
-    if !use_follower {
-        publication.send(&rows[sent..]).await;
-        let flight = pipeline::Flight {
-            rows,
-            publication,
-            sent: Instant::now(),
-        };
-        return pipeline::run(cycle, current, other, &producer, flight, done).await;
-    }
     let session = current.as_mut();
     let mut follower = other.as_deref_mut();
     // The follower goes on right after this claim when the store can say where that is.

@@ -9,6 +9,7 @@
 //! - `store`: the SQL per backend.
 
 mod cycle;
+mod decide;
 mod lane;
 pub(crate) mod lanes;
 mod maintenance;

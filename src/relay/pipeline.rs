@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::cycle::{conclude, timed_out, Acked, Cycle};
+use super::decide::{after_conclusion, keys_in_flight, worse, Beside, Overlap};
 use super::publish::Publication;
 use super::runtime::{BatchEnd, Phase};
 use super::settle::{failed_batch, record_published};
@@ -64,7 +65,7 @@ pub(super) async fn run(
         mut sent,
     } = flight;
     let mut end = done;
-    let mut early = other.is_some();
+    let mut overlap = Overlap::new(other.is_some());
     loop {
         let concluded = Notify::new();
         let finish = async {
@@ -73,12 +74,12 @@ pub(super) async fn run(
             concluded.notify_one();
             acked
         };
-        let limit = rt.batch_size().saturating_sub(rows.len() as u32);
+        let limit = overlap.limit(rt.batch_size(), rows.len());
         let rows_ref = &rows;
         let wake = &mut **wake;
         let slow = sent + acks.slow_after();
         let next = async {
-            let Some(session) = other.as_deref_mut().filter(|_| early && limit > 0) else {
+            let (Some(session), Some(limit)) = (other.as_deref_mut(), limit) else {
                 return Early::Idle;
             };
             let mut woken = false;
@@ -100,7 +101,7 @@ pub(super) async fn run(
                 (false, true) => return Early::Woken,
                 (false, false) => return Early::Idle,
             }
-            let keys: Vec<&str> = rows_ref.iter().map(|r| r.key().unwrap_or("")).collect();
+            let keys = keys_in_flight(rows_ref);
             Early::Claimed(claim_around(session, limit, &keys, producer, rt, stop).await)
         };
         let (acked, next) = tokio::join!(finish, next);
@@ -121,7 +122,7 @@ pub(super) async fn run(
                 record_published(rt, rows.iter().zip(&outcomes));
             }
             Acked::Failed(outcomes) => {
-                early = false;
+                overlap.failed();
                 let settled = failed_batch(
                     rt,
                     current.as_mut(),
@@ -135,22 +136,18 @@ pub(super) async fn run(
             }
         }
         let next = match next {
-            Early::Idle => return Ok(end),
-            // Rows were committed meanwhile, and an early claim, if there was one, left out
-            // those of the keys in flight: the lane claims again once the batches in flight
-            // are done, rather than at the next poll.
-            Early::Woken => return Ok(worse(end, BatchEnd::More)),
+            Early::Idle => return Ok(after_conclusion(end, Beside::Idle)),
+            Early::Woken => return Ok(after_conclusion(end, Beside::Woken)),
             Early::Claimed(claimed) => {
-                end = worse(end, BatchEnd::More);
+                end = after_conclusion(end, Beside::Claimed);
                 match claimed? {
                     Some(next) => next,
                     None => return Ok(end),
                 }
             }
         };
-        if next.rows.len() as u32 >= limit {
-            // The rows came in faster than the batches went out: back to whole batches.
-            early = false;
+        if let Some(limit) = limit {
+            overlap.claimed(next.rows.len(), limit);
         }
         if let Some(other) = other.as_mut() {
             std::mem::swap(current, other);
@@ -204,41 +201,4 @@ async fn claim_around<'p>(
         publication,
         sent: Instant::now(),
     }))
-}
-
-/// The end of a cycle of several batches: a Kafka failure over a refusal over the rest,
-/// and `More` over `Partial`.
-fn worse(a: BatchEnd, b: BatchEnd) -> BatchEnd {
-    let rank = |e: &BatchEnd| match e {
-        BatchEnd::KafkaFailed => 4,
-        BatchEnd::Refused => 3,
-        BatchEnd::More => 2,
-        BatchEnd::Partial => 1,
-        BatchEnd::Empty => 0,
-    };
-    if rank(&b) > rank(&a) {
-        b
-    } else {
-        a
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_cycle_of_several_batches_ends_as_its_worst_batch() {
-        use BatchEnd::*;
-        assert_eq!(worse(Partial, KafkaFailed), KafkaFailed);
-        assert_eq!(worse(KafkaFailed, Refused), KafkaFailed);
-        assert_eq!(worse(Refused, More), Refused);
-        assert_eq!(
-            worse(Partial, More),
-            More,
-            "more rows wait: claim again at once"
-        );
-        assert_eq!(worse(Empty, Partial), Partial);
-        assert_eq!(worse(Empty, Empty), Empty);
-    }
 }
