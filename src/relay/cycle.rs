@@ -90,15 +90,14 @@ pub(super) struct Cycle<'a> {
 
 /// Awaits the delivery reports of the rows `publication` sent, until the grace period
 /// once stopped, and sets `acknowledged` when they are in. Commits `session`'s claim when
-/// Kafka acknowledged every row, then begins the follow after `next_snapshot` on it. The
-/// wait and the commit count as the batch's `kafka` and `commit` phases in `rt`.
+/// Kafka acknowledged every row. The wait and the commit count as the batch's `kafka` and
+/// `commit` phases in `rt`.
 pub(super) async fn conclude(
     rt: &TableRuntime,
     session: &mut dyn LaneSession,
     publication: Publication<'_>,
     stopping: (&CancellationToken, &Grace),
     acknowledged: Option<&AtomicBool>,
-    next_snapshot: Option<&str>,
 ) -> Acked {
     let (stop, grace) = stopping;
     let waiting = Instant::now();
@@ -118,11 +117,6 @@ pub(super) async fn conclude(
             let committing = Instant::now();
             let committed = session.commit().await;
             rt.phase(Phase::Commit, committing);
-            if let (Ok(()), Some(snapshot)) = (&committed, next_snapshot) {
-                // While the follower still claims: its rows come next, and this session
-                // will follow them.
-                session.prepare_follow(snapshot).await;
-            }
             Acked::Committed(committed.map(|()| o))
         }
         Some(o) => Acked::Failed(o),

@@ -18,17 +18,20 @@ pub(super) enum AfterClaim {
     /// Send the rows and conclude them, claiming around them if they are slow; the cycle
     /// ends so unless something else happens.
     Alone(BatchEnd),
-    /// A full batch: send it while the follower claims the next one; the cycle ends so.
+    /// A full batch: send it while the other session claims the next one; the cycle ends
+    /// so.
     Prefetch(BatchEnd),
 }
 
 /// Decides on a batch's first claim of `rows` rows. `prefetched`: the claim began in an
 /// earlier claim's view of the outbox, so what was committed since waits for a fresh
-/// claim, at once. `stopping`: the lane is stopped, and no next batch is prefetched.
+/// claim, at once. `paired`: the lane has a second session to prefetch with. `stopping`:
+/// the lane is stopped, and no next batch is prefetched.
 pub(super) fn after_claim(
     rows: usize,
     batch_size: u32,
     prefetched: bool,
+    paired: bool,
     stopping: bool,
 ) -> AfterClaim {
     let full = rows as u32 >= batch_size;
@@ -44,14 +47,14 @@ pub(super) fn after_claim(
     } else {
         BatchEnd::Partial
     };
-    if full && !stopping {
+    if full && paired && !stopping {
         AfterClaim::Prefetch(end)
     } else {
         AfterClaim::Alone(end)
     }
 }
 
-/// Whether a lane may claim around its batch in flight, and how much. The rows sent and
+/// Whether a pair of sessions may claim around its batch in flight, and how much. The rows sent and
 /// not yet committed never exceed `batch_size`, which bounds the duplicates a crash can
 /// cause as with one batch at a time; after a failure, or once the rows come in faster
 /// than batches go out, the lane goes back to whole batches.
@@ -61,10 +64,9 @@ pub(super) struct Overlap {
 }
 
 impl Overlap {
-    /// With a second session (`paired`), early claims are allowed until something says
-    /// otherwise.
-    pub(super) fn new(paired: bool) -> Self {
-        Overlap { allowed: paired }
+    /// Early claims are allowed until something says otherwise.
+    pub(super) fn new() -> Self {
+        Overlap { allowed: true }
     }
 
     /// How many rows an early claim beside `in_flight` rows may take; `None` when it
@@ -188,36 +190,41 @@ mod tests {
     #[test]
     fn a_first_claim_prefetches_only_after_a_full_batch_and_not_once_stopped() {
         assert_eq!(
-            after_claim(1_000, 1_000, false, false),
+            after_claim(1_000, 1_000, false, true, false),
             AfterClaim::Prefetch(More)
         );
         assert_eq!(
-            after_claim(1_000, 1_000, false, true),
+            after_claim(1_000, 1_000, false, true, true),
             AfterClaim::Alone(More),
             "stopping: the batch goes out alone and the lane then stops"
         );
         assert_eq!(
-            after_claim(10, 1_000, false, false),
+            after_claim(1_000, 1_000, false, false, false),
+            AfterClaim::Alone(More),
+            "one session: nothing to prefetch with"
+        );
+        assert_eq!(
+            after_claim(10, 1_000, false, true, false),
             AfterClaim::Alone(Partial)
         );
         assert_eq!(
-            after_claim(10, 1_000, true, false),
+            after_claim(10, 1_000, true, true, false),
             AfterClaim::Alone(More),
             "a short prefetched batch saw an old view: claim again at once"
         );
         assert_eq!(
-            after_claim(0, 1_000, false, false),
+            after_claim(0, 1_000, false, true, false),
             AfterClaim::Nothing(Empty)
         );
         assert_eq!(
-            after_claim(0, 1_000, true, false),
+            after_claim(0, 1_000, true, true, false),
             AfterClaim::Nothing(More)
         );
     }
 
     #[test]
     fn batches_in_flight_together_never_exceed_the_batch_size() {
-        let overlap = Overlap::new(true);
+        let overlap = Overlap::new();
         assert_eq!(overlap.limit(1_000, 10), Some(990));
         assert_eq!(
             overlap.limit(1_000, 1_000),
@@ -229,16 +236,11 @@ mod tests {
             None,
             "a reload shrank the batch size"
         );
-        assert_eq!(
-            Overlap::new(false).limit(1_000, 10),
-            None,
-            "one session: no overlap"
-        );
     }
 
     #[test]
     fn after_a_failure_or_a_filled_early_claim_the_lane_goes_back_to_whole_batches() {
-        let mut overlap = Overlap::new(true);
+        let mut overlap = Overlap::new();
         overlap.claimed(500, 990);
         assert_eq!(
             overlap.limit(1_000, 500),
@@ -247,7 +249,7 @@ mod tests {
         );
         overlap.claimed(500, 500);
         assert_eq!(overlap.limit(1_000, 10), None);
-        let mut overlap = Overlap::new(true);
+        let mut overlap = Overlap::new();
         overlap.failed();
         assert_eq!(
             overlap.limit(1_000, 10),

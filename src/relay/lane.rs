@@ -1,7 +1,8 @@
-//! One lane's claim loop, on the session that holds the lane: claim a batch, publish it,
-//! commit; on any failure roll back and settle the batch row by row. With a follower
-//! session, the next batch is claimed while Kafka acknowledges a full one, and rows of
-//! other keys are sent while a short one waits (see [`pipeline`]).
+//! One lane's claim loop, on the sessions that hold the lane: claim a batch, publish it,
+//! commit; on any failure roll back and settle the batch row by row. With a pair of
+//! sessions, the next batch is claimed while Kafka acknowledges a full one, and rows of
+//! other keys are sent while a short one waits (see [`pipeline`]). What the lane does at
+//! each step is decided in [`super::decide`]; this module does the I/O.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,31 +13,36 @@ use tokio_util::sync::CancellationToken;
 
 use super::cycle::{conclude, timed_out, AckWait, Acked, Cycle, Grace};
 use super::decide::{after_claim, AfterClaim, Backoffs, Then};
-use super::pipeline;
+use super::pipeline::{self, Flight};
 use super::publish::Publication;
 use super::runtime::{settings_changed, BatchEnd, Phase, TableRuntime};
 use super::settle::{failed_batch, record_published};
-use super::store::{ClaimedRow, LaneSession, StoreError};
+use super::store::{ClaimedRow, Lane, LaneSession, PairedSession, StoreError};
 use crate::systemd::Heartbeat;
 
-/// Runs the lane `session` holds until `stop` is cancelled (after the batch in flight) or the
-/// session fails (the lane is then released with it, and the caller re-acquires later).
+/// Runs the lane held by `lane` until `stop` is cancelled (after the batch in flight) or
+/// a session fails (the lane is then released with it, and the caller re-acquires later).
 pub async fn run_lane(
     rt: Arc<TableRuntime>,
-    mut session: Box<dyn LaneSession>,
+    lane: Lane,
     stop: CancellationToken,
     mut wake: watch::Receiver<()>,
     heartbeat: Heartbeat,
 ) -> Result<(), StoreError> {
     let table = rt.config.table.as_str();
     let mut backoffs = Backoffs::new();
-    let other = session.follower().await?;
-    let mut sessions = Sessions {
-        current: session,
-        other,
-        ready: None,
+    let mut sessions = match lane {
+        Lane::Single(session) => Sessions::Single(session),
+        Lane::Paired(current, other) => Sessions::Paired(Pair {
+            current,
+            other,
+            ready: None,
+        }),
     };
-    tracing::info!(prefetch = sessions.other.is_some(), "lane acquired");
+    tracing::info!(
+        prefetch = matches!(sessions, Sessions::Paired(_)),
+        "lane acquired"
+    );
     let grace = Grace::new(rt.drain_grace);
     let mut settings = rt.settings.clone();
     let mut acks = AckWait::default();
@@ -51,7 +57,11 @@ pub async fn run_lane(
             grace: &grace,
             acks: &mut acks,
         };
-        let end = match batch(&mut cycle, &mut sessions).await {
+        let end = match &mut sessions {
+            Sessions::Single(session) => single_batch(&mut cycle, session.as_mut()).await,
+            Sessions::Paired(pair) => paired_batch(&mut cycle, pair).await,
+        };
+        let end = match end {
             Ok(end) => end,
             Err(e) => {
                 rt.metrics
@@ -81,20 +91,31 @@ pub async fn run_lane(
             _ = tokio::time::sleep(pause) => {}
         }
     }
-    if sessions.ready.take().is_some() {
-        sessions.current.rollback().await?;
+    if let Sessions::Paired(pair) = &mut sessions {
+        if pair.ready.take().is_some() {
+            pair.current.rollback().await?;
+        }
     }
     tracing::info!("lane released");
     Ok(())
 }
 
-/// The sessions of one lane: the one whose batch comes next, and the follower (when the
-/// store offers one), which swap roles after each prefetched batch.
-struct Sessions {
+/// The sessions of one lane.
+enum Sessions {
+    /// One, claiming one batch at a time.
+    Single(Box<dyn LaneSession>),
+    /// Two, taking turns.
+    Paired(Pair),
+}
+
+/// The two sessions of a lane: the one whose batch comes next, and the other, which
+/// claims the batch after it while Kafka acknowledges it (or around its keys while it is
+/// slow); they swap roles after each batch claimed so.
+struct Pair {
     /// Claims (or has claimed, see `ready`) the next batch.
-    current: Box<dyn LaneSession>,
+    current: Box<dyn PairedSession>,
     /// Claims the batch after it while Kafka acknowledges it.
-    other: Option<Box<dyn LaneSession>>,
+    other: Box<dyn PairedSession>,
     /// Rows `current` claimed in its open transaction and nothing sent yet.
     ready: Option<Claimed>,
 }
@@ -124,7 +145,7 @@ enum Start {
     /// A new claim.
     New,
     /// Rows already claimed in the session's open transaction (none yet after
-    /// [`LaneSession::follow`]).
+    /// [`PairedSession::follow`]).
     Claimed(Claimed),
 }
 
@@ -175,20 +196,59 @@ async fn claim(
     Ok((claimed, sent))
 }
 
-/// One claim/publish/commit cycle. After a full batch the follower claims the next one,
-/// chunk by chunk, until Kafka acknowledged this one; this one commits as soon as it is
-/// acknowledged, while the follower may still claim. The follower's rows are sent only
-/// once this batch committed (the next cycle goes on claiming the rest of its batch), and
-/// rolled back unsent if this one failed, so they never overtake it. A batch that did not
-/// fill goes on in [`pipeline::run`]: the rows committed while it waits are claimed around
-/// its keys and sent at once.
-async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEnd, StoreError> {
+/// One claim/publish/commit cycle on a lane's only session.
+async fn single_batch(
+    cycle: &mut Cycle<'_>,
+    session: &mut dyn LaneSession,
+) -> Result<BatchEnd, StoreError> {
     let (rt, stop) = (cycle.rt, cycle.stop);
-    let Sessions {
+    let batch_size = rt.batch_size();
+    let producer = rt.producer.get();
+    let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
+    let claiming = Instant::now();
+    let (Claimed { rows, .. }, sent) = claim(
+        session,
+        batch_size,
+        Some(&mut publication),
+        Start::New,
+        None,
+    )
+    .await?;
+    if !rows.is_empty() {
+        rt.phase(Phase::Claim, claiming);
+    }
+    match after_claim(rows.len(), batch_size, false, false, stop.is_cancelled()) {
+        AfterClaim::Nothing(end) => {
+            session.commit().await?;
+            Ok(end)
+        }
+        AfterClaim::Alone(done) | AfterClaim::Prefetch(done) => {
+            rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+            publication.send(&rows[sent..]).await;
+            let flight = Flight {
+                rows,
+                publication,
+                sent: Instant::now(),
+            };
+            pipeline::conclude_alone(cycle, session, &producer, flight, done).await
+        }
+    }
+}
+
+/// One claim/publish/commit cycle on a pair of sessions. After a full batch the other
+/// session claims the next one, chunk by chunk, until Kafka acknowledged this one; this
+/// one commits as soon as it is acknowledged, while the other may still claim. The other's
+/// rows are sent only once this batch committed (the next cycle goes on claiming the rest
+/// of its batch), and rolled back unsent if this one failed, so they never overtake it. A
+/// batch that did not fill goes on in [`pipeline::run`]: the rows committed while it
+/// waits are claimed around its keys and sent at once.
+async fn paired_batch(cycle: &mut Cycle<'_>, pair: &mut Pair) -> Result<BatchEnd, StoreError> {
+    let (rt, stop) = (cycle.rt, cycle.stop);
+    let Pair {
         current,
         other,
         ready,
-    } = sessions;
+    } = pair;
     let batch_size = rt.batch_size();
     let producer = rt.producer.get();
     let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
@@ -208,13 +268,17 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
     if !rows.is_empty() {
         rt.phase(Phase::Claim, claiming);
     }
-    let next = after_claim(rows.len(), batch_size, prefetched, stop.is_cancelled());
+    let next = after_claim(
+        rows.len(),
+        batch_size,
+        prefetched,
+        true,
+        stop.is_cancelled(),
+    );
     if !matches!(next, AfterClaim::Prefetch(_)) {
         // A transaction prepared for a follow that will not come ends now, not after the
         // wait for more rows.
-        if let Some(other) = other.as_deref_mut() {
-            other.release().await?;
-        }
+        other.release().await?;
     }
     let done = match next {
         AfterClaim::Nothing(end) => {
@@ -224,7 +288,7 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
         AfterClaim::Alone(done) => {
             rt.metrics.relay_batch_rows.observe(rows.len() as f64);
             publication.send(&rows[sent..]).await;
-            let flight = pipeline::Flight {
+            let flight = Flight {
                 rows,
                 publication,
                 sent: Instant::now(),
@@ -237,33 +301,34 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
         }
     };
     let session = current.as_mut();
-    let mut follower = other.as_deref_mut();
-    // The follower goes on right after this claim when the store can say where that is.
-    // It takes this claim's snapshot before the rows claimed last are sent, so its first
-    // claim is on its way to the database while they are enqueued. The snapshot it
+    let follower = other.as_mut();
+    // The other session goes on right after this claim when the store can say where that
+    // is. It takes this claim's snapshot before the rows claimed last are sent, so its
+    // first claim is on its way to the database while they are enqueued. The snapshot it
     // exports in turn lets this session prepare the next follow once it committed.
-    let (followed, next_snapshot) = match follower.as_deref_mut() {
-        Some(f) => match session.handoff().await? {
-            Some(handoff) => (true, f.follow(&handoff).await?),
-            None => (false, None),
-        },
+    let (followed, next_snapshot) = match session.handoff().await? {
+        Some(handoff) => (true, follower.follow(&handoff).await?),
         None => (false, None),
     };
     let acknowledged = AtomicBool::new(false);
     let finish = async {
         publication.send(&rows[sent..]).await;
-        conclude(
+        let acked = conclude(
             rt,
-            session,
+            &mut *session,
             publication,
             (stop, cycle.grace),
             Some(&acknowledged),
-            next_snapshot.as_deref(),
         )
-        .await
+        .await;
+        if let (Acked::Committed(Ok(_)), Some(snapshot)) = (&acked, next_snapshot.as_deref()) {
+            // While the other session still claims: its rows come next, and this one
+            // will follow them.
+            session.prepare_follow(snapshot).await;
+        }
+        acked
     };
     let prefetch = async {
-        let f = follower.as_deref_mut()?;
         let start = if followed {
             Start::Claimed(Claimed {
                 rows: Vec::new(),
@@ -272,41 +337,34 @@ async fn batch(cycle: &mut Cycle<'_>, sessions: &mut Sessions) -> Result<BatchEn
         } else {
             Start::New
         };
-        let claimed = claim(f, batch_size, None, start, Some(&acknowledged)).await;
-        Some(claimed.map(|(claimed, _)| claimed))
+        let claimed = claim(follower, batch_size, None, start, Some(&acknowledged)).await;
+        claimed.map(|(claimed, _)| claimed)
     };
     // The prefetch is polled first: its statement goes out before the sending starts.
     let (next, acked) = tokio::join!(prefetch, finish);
     let outcomes = match acked {
         Acked::TimedOut => {
-            // The follower's connection closes, which rolls its claim back.
-            *other = None;
+            // The other session's claim ends with the lane, which is stopping: its
+            // connection closes, which rolls the claim back.
             current.rollback().await?;
             timed_out(rows.len());
             return Ok(BatchEnd::Empty);
         }
-        // The lane ends; the follower's claim dies with its connection.
+        // The lane ends; the other session's claim dies with its connection.
         Acked::Committed(Err(e)) => return Err(e),
         Acked::Committed(Ok(outcomes)) => {
             record_published(rt, rows.iter().zip(&outcomes));
-            if let Some(next) = next.transpose()? {
-                if let Some(follower) = other.as_mut() {
-                    *ready = Some(next);
-                    std::mem::swap(current, follower);
-                }
-            }
+            *ready = Some(next?);
+            std::mem::swap(current, other);
             return Ok(done);
         }
         Acked::Failed(outcomes) => outcomes,
     };
     // Something failed. The prefetched rows were never sent and come after this batch:
-    // they go back first (if the follower itself failed, the lane ends and its claim dies
-    // with its connection).
-    if next.transpose()?.is_some() {
-        if let Some(follower) = other.as_mut() {
-            follower.rollback().await?;
-        }
-    }
+    // they go back first (if the other session itself failed, the lane ends and its claim
+    // dies with its connection).
+    next?;
+    other.rollback().await?;
     failed_batch(rt, current.as_mut(), &producer, &rows, &outcomes, done).await
 }
 

@@ -16,7 +16,7 @@ use super::lane::run_lane;
 use super::maintenance;
 use super::publish::TopicSource;
 use super::runtime::{TableRuntime, TableSettings};
-use super::store::{self, LaneSession, Membership, StoreError};
+use super::store::{self, Lane, Membership, StoreError};
 use crate::config::TableConfig;
 use crate::db::Database;
 use crate::kafka::ProducerSlot;
@@ -196,7 +196,7 @@ impl Manager<'_> {
             }
             // A failure here only delays this lane: lanes already owned keep running.
             match self.rt.store.acquire_lane(lane).await {
-                Ok(Some(session)) => self.spawn_lane(lane, session),
+                Ok(Some(held)) => self.spawn_lane(lane, held),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(lane, error = %e, "cannot acquire lane now; retrying at the next rebalance");
@@ -208,7 +208,7 @@ impl Manager<'_> {
         Ok(())
     }
 
-    fn spawn_lane(&mut self, lane: u32, session: Box<dyn LaneSession>) {
+    fn spawn_lane(&mut self, lane: u32, held: Lane) {
         let stop = CancellationToken::new();
         let rt = self.rt.clone();
         let wake = self.wake.subscribe();
@@ -220,7 +220,7 @@ impl Manager<'_> {
             .register(format!("relay lane {}/{lane}", self.ctx.config.table));
         let task = tokio::spawn(
             async move {
-                if let Err(e) = run_lane(rt, session, token, wake, heartbeat).await {
+                if let Err(e) = run_lane(rt, held, token, wake, heartbeat).await {
                     tracing::error!(error = %e, "lane failed; its lock is released and it will be re-acquired");
                 }
                 let _ = exited.send(lane);

@@ -1,3 +1,5 @@
+//! Concluding a batch sent: alone on a lane's only session, or overlapping on a pair.
+//!
 //! Batches that overlap: while a batch that did not fill waits for Kafka longer than
 //! usual, the rows committed meanwhile are claimed on the lane's second session, around
 //! the keys that batch holds, and sent at once. Each batch then commits, or settles, on
@@ -18,12 +20,12 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::cycle::{conclude, timed_out, Acked, Cycle};
+use super::cycle::{conclude, timed_out, AckWait, Acked, Cycle};
 use super::decide::{after_conclusion, keys_in_flight, worse, Beside, Overlap};
 use super::publish::Publication;
-use super::runtime::{BatchEnd, Phase};
+use super::runtime::{BatchEnd, Phase, TableRuntime};
 use super::settle::{failed_batch, record_published};
-use super::store::{ClaimedRow, LaneSession, StoreError};
+use super::store::{ClaimedRow, LaneSession, PairedSession, StoreError};
 
 /// A batch sent and waiting for Kafka, its claim open on the lane's current session.
 pub(super) struct Flight<'p> {
@@ -35,17 +37,43 @@ pub(super) struct Flight<'p> {
     pub(super) sent: Instant,
 }
 
-/// Concludes `flight` on `current`. While it waits, when rows were committed, the flight
-/// is slow (see [`AckWait`]) and `other` is there, claims up to the rest of the batch
-/// size around the flight's keys on `other` and sends them; once `flight` concluded, that
-/// batch is the next flight, and the sessions swap. Returns once no batch is in flight: a failure if a batch failed, else
-/// `More` when rows were committed meanwhile (some may have been left out for their key,
-/// or an early claim filled its limit and more are waiting: the next cycle claims a whole
-/// batch at once), else `done`.
+/// Concludes `flight` on a lane's only `session`: a failure if it failed, else `done`.
+pub(super) async fn conclude_alone(
+    cycle: &mut Cycle<'_>,
+    session: &mut dyn LaneSession,
+    producer: &Arc<FutureProducer>,
+    flight: Flight<'_>,
+    done: BatchEnd,
+) -> Result<BatchEnd, StoreError> {
+    let (rt, stop, grace) = (cycle.rt, cycle.stop, cycle.grace);
+    let acked = conclude(rt, session, flight.publication, (stop, grace), None).await;
+    let landed = land(
+        rt,
+        session,
+        producer,
+        &flight.rows,
+        acked,
+        cycle.acks,
+        flight.sent,
+    );
+    Ok(match landed.await? {
+        Landed::TimedOut => BatchEnd::Empty,
+        Landed::Published => done,
+        Landed::Settled(settled) => worse(done, settled),
+    })
+}
+
+/// Concludes `flight` on `current`. While it waits, when rows were committed and the
+/// flight is slow (see [`AckWait`]), claims up to the rest of the batch size around the
+/// flight's keys on `other` and sends them; once `flight` concluded, that batch is the
+/// next flight, and the sessions swap. Returns once no batch is in flight: a failure if a
+/// batch failed, else `More` when rows were committed meanwhile (some may have been left
+/// out for their key, or an early claim filled its limit and more are waiting: the next
+/// cycle claims a whole batch at once), else `done`.
 pub(super) async fn run(
     cycle: &mut Cycle<'_>,
-    current: &mut Box<dyn LaneSession>,
-    other: &mut Option<Box<dyn LaneSession>>,
+    current: &mut Box<dyn PairedSession>,
+    other: &mut Box<dyn PairedSession>,
     producer: &Arc<FutureProducer>,
     flight: Flight<'_>,
     done: BatchEnd,
@@ -65,12 +93,11 @@ pub(super) async fn run(
         mut sent,
     } = flight;
     let mut end = done;
-    let mut overlap = Overlap::new(other.is_some());
+    let mut overlap = Overlap::new();
     loop {
         let concluded = Notify::new();
         let finish = async {
-            let acked =
-                conclude(rt, current.as_mut(), publication, (stop, grace), None, None).await;
+            let acked = conclude(rt, current.as_mut(), publication, (stop, grace), None).await;
             concluded.notify_one();
             acked
         };
@@ -79,9 +106,10 @@ pub(super) async fn run(
         let wake = &mut **wake;
         let slow = sent + acks.slow_after();
         let next = async {
-            let (Some(session), Some(limit)) = (other.as_deref_mut(), limit) else {
+            let Some(limit) = limit else {
                 return Early::Idle;
             };
+            let session = other.as_mut();
             let mut woken = false;
             let slow_with_rows = async {
                 if wake.changed().await.is_err() {
@@ -105,33 +133,18 @@ pub(super) async fn run(
             Early::Claimed(claim_around(session, limit, &keys, producer, rt, stop).await)
         };
         let (acked, next) = tokio::join!(finish, next);
-        match acked {
-            Acked::TimedOut => {
-                current.rollback().await?;
-                timed_out(rows.len());
-                if let (Early::Claimed(Ok(Some(next))), Some(other)) = (next, other.as_mut()) {
+        let landed = land(rt, current.as_mut(), producer, &rows, acked, acks, sent);
+        match landed.await? {
+            Landed::TimedOut => {
+                if let Early::Claimed(Ok(Some(next))) = next {
                     other.rollback().await?;
                     timed_out(next.rows.len());
                 }
                 return Ok(BatchEnd::Empty);
             }
-            // The lane ends; a claim on the other session dies with its connection.
-            Acked::Committed(Err(e)) => return Err(e),
-            Acked::Committed(Ok(outcomes)) => {
-                acks.record(sent.elapsed());
-                record_published(rt, rows.iter().zip(&outcomes));
-            }
-            Acked::Failed(outcomes) => {
+            Landed::Published => {}
+            Landed::Settled(settled) => {
                 overlap.failed();
-                let settled = failed_batch(
-                    rt,
-                    current.as_mut(),
-                    producer,
-                    &rows,
-                    &outcomes,
-                    BatchEnd::Partial,
-                )
-                .await?;
                 end = worse(end, settled);
             }
         }
@@ -149,9 +162,7 @@ pub(super) async fn run(
         if let Some(limit) = limit {
             overlap.claimed(next.rows.len(), limit);
         }
-        if let Some(other) = other.as_mut() {
-            std::mem::swap(current, other);
-        }
+        std::mem::swap(current, other);
         rt.metrics.relay_batch_rows.observe(next.rows.len() as f64);
         rt.metrics
             .relay_early_batches_total
@@ -163,6 +174,48 @@ pub(super) async fn run(
             publication,
             sent,
         } = next;
+    }
+}
+
+/// How a batch in flight ended, once handled on its session.
+enum Landed {
+    /// Shutting down, and Kafka did not answer within the grace: rolled back.
+    TimedOut,
+    /// Acknowledged and committed.
+    Published,
+    /// Partly failed, rolled back and settled; the lane goes on as this says.
+    Settled(BatchEnd),
+}
+
+/// Handles how the wait for the batch of `rows` on `session` ended (`acked`): a timed-out
+/// batch is rolled back and logged, a published one counted (and its wait, since `sent`,
+/// recorded in `acks`), a failed one settled. A failed commit ends the lane.
+async fn land(
+    rt: &TableRuntime,
+    session: &mut dyn LaneSession,
+    producer: &Arc<FutureProducer>,
+    rows: &[ClaimedRow],
+    acked: Acked,
+    acks: &mut AckWait,
+    sent: Instant,
+) -> Result<Landed, StoreError> {
+    match acked {
+        Acked::TimedOut => {
+            session.rollback().await?;
+            timed_out(rows.len());
+            Ok(Landed::TimedOut)
+        }
+        // The lane ends; a claim on the other session dies with its connection.
+        Acked::Committed(Err(e)) => Err(e),
+        Acked::Committed(Ok(outcomes)) => {
+            acks.record(sent.elapsed());
+            record_published(rt, rows.iter().zip(&outcomes));
+            Ok(Landed::Published)
+        }
+        Acked::Failed(outcomes) => {
+            let settled = failed_batch(rt, session, producer, rows, &outcomes, BatchEnd::Partial);
+            Ok(Landed::Settled(settled.await?))
+        }
     }
 }
 
@@ -180,11 +233,11 @@ enum Early<'p> {
 /// Claims up to `limit` rows of keys other than `keys` on `session` and sends them; `None`
 /// (the claim rolled back) when there were none.
 async fn claim_around<'p>(
-    session: &mut dyn LaneSession,
+    session: &mut dyn PairedSession,
     limit: u32,
     keys: &[&str],
     producer: &'p Arc<FutureProducer>,
-    rt: &'p super::runtime::TableRuntime,
+    rt: &'p TableRuntime,
     stop: &'p tokio_util::sync::CancellationToken,
 ) -> Result<Option<Flight<'p>>, StoreError> {
     let claiming = Instant::now();

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outboxd::db::Database;
-use outboxd::relay::store::{self, ClaimedRow, LaneSession, Store, StoreError};
+use outboxd::relay::store::{
+    self, ClaimedRow, Lane, LaneSession, PairedSession, Store, StoreError,
+};
 
 use crate::helpers::*;
 
@@ -33,7 +35,7 @@ fn ids(rows: &[ClaimedRow]) -> Vec<i64> {
 }
 
 /// Takes lane 0, which no one holds.
-async fn free_lane(store: &dyn Store) -> Box<dyn LaneSession> {
+async fn free_lane(store: &dyn Store) -> Lane {
     store
         .acquire_lane(0)
         .await
@@ -41,8 +43,16 @@ async fn free_lane(store: &dyn Store) -> Box<dyn LaneSession> {
         .expect("lane 0 is free")
 }
 
+/// The two sessions of a lane taken with prefetch: the one holding the lane, the other.
+fn paired(lane: Lane) -> (Box<dyn PairedSession>, Box<dyn PairedSession>) {
+    match lane {
+        Lane::Paired(leader, follower) => (leader, follower),
+        Lane::Single(_) => panic!("prefetch pairs a lane's sessions"),
+    }
+}
+
 /// Takes lane 0, retrying until the previous holder's lock is gone.
-async fn take_lane(store: &dyn Store) -> Box<dyn LaneSession> {
+async fn take_lane(store: &dyn Store) -> Lane {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(session) = store.acquire_lane(0).await.unwrap() {
@@ -92,7 +102,7 @@ async fn a_chunk_never_takes_a_row_ahead_of_an_earlier_row_of_its_key() {
     let a = insert_one(&mut writer, &table, "late").await;
     insert_rows(&pool, &table, 0, 20, 3).await;
 
-    let mut lane = free_lane(store.as_ref()).await;
+    let (mut lane, _other) = paired(free_lane(store.as_ref()).await);
     assert!(lane.claims_in_chunks());
     let first = ids(&lane.claim(10).await.unwrap());
     assert!(first.iter().all(|id| *id > a), "{a} is not committed yet");
@@ -121,16 +131,7 @@ async fn a_chunk_never_takes_a_row_ahead_of_an_earlier_row_of_its_key() {
 async fn a_follower_claims_after_its_leader_and_stops_when_the_leader_is_gone() {
     let pool = db().await;
     let (store, table) = table_store("follow", 30, true).await;
-    let mut leader = free_lane(store.as_ref()).await;
-    let mut follower = leader
-        .follower()
-        .await
-        .unwrap()
-        .expect("prefetch gives a follower");
-    assert!(
-        follower.follower().await.unwrap().is_none(),
-        "a follower has no follower of its own"
-    );
+    let (mut leader, mut follower) = paired(free_lane(store.as_ref()).await);
 
     let first = ids(&leader.claim(10).await.unwrap());
     let next = ids(&follower.claim(10).await.unwrap());
@@ -194,8 +195,7 @@ async fn handed_over_twice(prefix: &str, prepare: bool) {
     let a = insert_one(&mut writer, &table, "late").await;
     insert_rows(&pool, &table, 0, 30, 3).await;
 
-    let mut leader = free_lane(store.as_ref()).await;
-    let mut follower = leader.follower().await.unwrap().unwrap();
+    let (mut leader, mut follower) = paired(free_lane(store.as_ref()).await);
     let first = ids(&leader.claim(10).await.unwrap());
     let handoff = leader
         .handoff()
@@ -249,8 +249,7 @@ async fn handed_over_twice(prefix: &str, prepare: bool) {
 async fn a_prepared_follow_that_is_not_used_is_released() {
     let pool = db().await;
     let (store, _table) = table_store("release", 30, true).await;
-    let mut leader = free_lane(store.as_ref()).await;
-    let mut follower = leader.follower().await.unwrap().unwrap();
+    let (mut leader, mut follower) = paired(free_lane(store.as_ref()).await);
     leader.claim(10).await.unwrap();
     let handoff = leader.handoff().await.unwrap().unwrap();
     let snapshot = follower.follow(&handoff).await.unwrap().unwrap();
@@ -274,14 +273,13 @@ async fn a_prepared_follow_that_is_not_used_is_released() {
 async fn a_new_owner_waits_for_the_claim_of_the_old_owners_follower() {
     let pool = db().await;
     let (store, table) = table_store("fence", 30, true).await;
-    let mut leader = free_lane(store.as_ref()).await;
-    let mut follower = leader.follower().await.unwrap().unwrap();
+    let (leader, mut follower) = paired(free_lane(store.as_ref()).await);
     let held = ids(&follower.claim(10).await.unwrap());
     assert_eq!(held.len(), 10);
 
     // The old owner's lock-holding connection goes; its follower's claim stays open.
     drop(leader);
-    let mut newcomer = take_lane(store.as_ref()).await;
+    let (mut newcomer, _other) = paired(take_lane(store.as_ref()).await);
     assert!(
         newcomer.claim(100).await.unwrap().is_empty(),
         "a new owner must not claim past rows the old follower holds"
@@ -304,10 +302,9 @@ async fn a_new_owner_waits_for_the_claim_of_the_old_owners_follower() {
 }
 
 #[tokio::test]
-async fn without_prefetch_a_lane_has_no_follower() {
+async fn without_prefetch_a_lane_has_one_session() {
     let (store, _table) = table_store("noprefetch", 1, false).await;
-    let mut leader = free_lane(store.as_ref()).await;
-    assert!(leader.follower().await.unwrap().is_none());
+    assert!(matches!(free_lane(store.as_ref()).await, Lane::Single(_)));
 }
 
 /// Batches of 2,500 rows are claimed in chunks of 1,000; the follower claims chunks of

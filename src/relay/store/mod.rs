@@ -150,8 +150,8 @@ pub trait Store: Send + Sync {
     async fn join(&self) -> Result<Box<dyn Membership>, StoreError>;
 
     /// Takes `lane` on a dedicated connection, or `None` when another relay holds it.
-    /// The lane is held until the session is dropped or its connection fails.
-    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError>;
+    /// The lane is held until its session holding it is dropped or its connection fails.
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Lane>, StoreError>;
 
     /// `(pending rows, age of the oldest pending row in seconds)`.
     async fn stats(&self) -> Result<(i64, Option<f64>), StoreError>;
@@ -193,7 +193,18 @@ pub trait Membership: Send {
     async fn census(&mut self, lanes: u32) -> Result<Census, StoreError>;
 }
 
-/// One held lane: its claim cycle.
+/// A held lane: one session, or two that take turns when the store can claim the next
+/// batch while the one before it waits for Kafka (`prefetch`).
+pub enum Lane {
+    /// One session claims one batch at a time.
+    Single(Box<dyn LaneSession>),
+    /// The session holding the lane, and a second one. The second one's claims are taken
+    /// only while the first still holds the lane, and a later owner of the lane waits for
+    /// them to end before it claims.
+    Paired(Box<dyn PairedSession>, Box<dyn PairedSession>),
+}
+
+/// One session of a held lane: its claim cycle.
 #[async_trait]
 pub trait LaneSession: Send {
     /// Claims up to `limit` of the lane's pending rows in publication order. They stay
@@ -208,21 +219,9 @@ pub trait LaneSession: Send {
     }
 
     /// Claims up to `limit` further rows of the lane into the open claim (after `claim`),
-    /// in publication order after the rows already claimed.
+    /// in publication order after the rows already claimed; nothing when the store does
+    /// not extend claims.
     async fn claim_more(&mut self, _limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    /// Claims, like [`claim`](Self::claim), up to `limit` pending rows of the lane whose
-    /// key is none of `keys` (a NULL key counts as the empty one). Rows of those keys are
-    /// left for a later claim, together with every later row of their keys, so that a
-    /// batch of other keys can be sent while theirs still waits for Kafka. A store that
-    /// cannot leave keys out claims nothing (the default).
-    async fn claim_around(
-        &mut self,
-        _limit: u32,
-        _keys: &[&str],
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
         Ok(Vec::new())
     }
 
@@ -234,44 +233,45 @@ pub trait LaneSession: Send {
 
     /// Settles a partly failed batch in one transaction, after its rollback.
     async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError>;
+}
 
-    /// Where a follower's claim may begin after this session's open claim (see
-    /// [`follow`](Self::follow)); `None` when the store has no such thing, and the
-    /// follower then claims with [`claim`](Self::claim). This session's claim must stay
-    /// open until the follower's `follow` returned.
-    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError> {
-        Ok(None)
-    }
+/// A session of a [`Lane::Paired`]: besides its own claims, it hands its claim over to the
+/// other session of the pair, follows the other's, and claims around the other's keys.
+#[async_trait]
+pub trait PairedSession: LaneSession {
+    /// Claims, like [`claim`](LaneSession::claim), up to `limit` pending rows of the lane
+    /// whose key is none of `keys` (a NULL key counts as the empty one). Rows of those keys
+    /// are left for a later claim, together with every later row of their keys, so that a
+    /// batch of other keys can be sent while theirs still waits for Kafka.
+    async fn claim_around(
+        &mut self,
+        limit: u32,
+        keys: &[&str],
+    ) -> Result<Vec<ClaimedRow>, StoreError>;
 
-    /// Opens a claim, as the follower of the session that gave `handoff`, that
-    /// [`claim_more`](Self::claim_more) extends with the rows after that session's open
-    /// claim, as that session sees the outbox. Only called with a handoff this store made.
-    /// Returns the snapshot the next hand-over from this session will carry, when it is
-    /// known already (see [`prepare_follow`](Self::prepare_follow)).
-    async fn follow(&mut self, _handoff: &Handoff) -> Result<Option<String>, StoreError> {
-        Ok(None)
-    }
+    /// Where the other session's claim may begin after this session's open claim (see
+    /// [`follow`](Self::follow)); `None` when the store cannot say, and the other then
+    /// claims with [`claim`](LaneSession::claim). This session's claim must stay open
+    /// until the other's `follow` returned.
+    async fn handoff(&mut self) -> Result<Option<Handoff>, StoreError>;
+
+    /// Opens a claim, after the session that gave `handoff`, that
+    /// [`claim_more`](LaneSession::claim_more) extends with the rows after that session's
+    /// open claim, as that session sees the outbox. Returns the snapshot the next
+    /// hand-over from this session will carry, when it is known already (see
+    /// [`prepare_follow`](Self::prepare_follow)).
+    async fn follow(&mut self, handoff: &Handoff) -> Result<Option<String>, StoreError>;
 
     /// Between batches (nothing claimed, the last claim committed): begins ahead of time
     /// the transaction in which a later [`follow`](Self::follow) with a handoff carrying
     /// `snapshot` goes on, so that `follow` costs no round trip then. Best effort: when it
     /// fails, `follow` begins as usual. Any other use of the session first ends it, and
     /// [`release`](Self::release) ends it when no follow comes.
-    async fn prepare_follow(&mut self, _snapshot: &str) {}
+    async fn prepare_follow(&mut self, snapshot: &str);
 
     /// Ends a transaction begun by [`prepare_follow`](Self::prepare_follow) that no
     /// follow will use, so that it does not stay open while the lane waits for rows.
-    async fn release(&mut self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// A second session of this lane, which claims the next batch while this one's batch
-    /// waits for Kafka (`prefetch`). Its claims are taken only while this session still
-    /// holds the lane, and a later owner of the lane waits for them to end before it claims.
-    /// `None` when the store claims one batch at a time.
-    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
-        Ok(None)
-    }
+    async fn release(&mut self) -> Result<(), StoreError>;
 }
 
 /// Opens table `t` of `db`: checks its columns against the mapping and prepares its

@@ -15,8 +15,8 @@ use crate::config::{Column, OnPublished, TableConfig};
 
 use super::sqlite_lock::{self, LaneLock};
 use super::{
-    check_columns, purge_in_batches, Census, ClaimedRow, Columns, LaneOwner, LaneSession, Lenient,
-    Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
+    check_columns, purge_in_batches, Census, ClaimedRow, Columns, Lane, LaneOwner, LaneSession,
+    Lenient, Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
 /// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
@@ -221,17 +221,17 @@ impl Store for SqliteStore {
         Ok(Box::new(SingleLane))
     }
 
-    async fn acquire_lane(&self, _lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+    async fn acquire_lane(&self, _lane: u32) -> Result<Option<Lane>, StoreError> {
         let Some(lock) = self.lock()? else {
             return Ok(None);
         };
         let conn = self.opts.connect().await?;
-        Ok(Some(Box::new(SqliteLane {
+        Ok(Some(Lane::Single(Box::new(SqliteLane {
             conn,
             _lock: lock,
             sql: self.sql.clone(),
             claimed: Vec::new(),
-        })))
+        }))))
     }
 
     async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {

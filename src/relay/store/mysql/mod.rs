@@ -17,7 +17,7 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, check_time_columns, purge_in_batches, ClaimedRow, LaneOwner, LaneSession,
+    check_columns, check_time_columns, purge_in_batches, ClaimedRow, Lane, LaneOwner, LaneSession,
     Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
 use locks::{get_lock, identity, LockNames, MEMBER_SLOTS};
@@ -88,7 +88,7 @@ impl Store for MySqlStore {
         })
     }
 
-    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Lane>, StoreError> {
         let mut conn = self.opts.connect().await?;
         // Without gap locks a claim never blocks the application's inserts.
         conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
@@ -96,12 +96,12 @@ impl Store for MySqlStore {
         if !get_lock(&mut conn, &self.locks.lane(lane)).await? {
             return Ok(None);
         }
-        Ok(Some(Box::new(MySqlLane {
+        Ok(Some(Lane::Single(Box::new(MySqlLane {
             conn,
             ids: self.sql.ids_of_lane(lane),
             sql: self.sql.clone(),
             claimed: Vec::new(),
-        })))
+        }))))
     }
 
     async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {

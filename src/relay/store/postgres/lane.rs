@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Row};
+use sqlx::postgres::PgConnection;
+use sqlx::Row;
 
 use super::statements::{claim, finish, move_dead, record_refusals, Bound, TableSql};
-use crate::relay::store::{ClaimedRow, Handoff, LaneSession, Settled, Settlement, StoreError};
+use crate::relay::store::{
+    ClaimedRow, Handoff, LaneSession, PairedSession, Settled, Settlement, StoreError,
+};
 
 /// A new lane owner's fence: true once no follower claim of an earlier owner is open
 /// (the claim lock `$1`, `$2` can be taken exclusively; it is released at once).
@@ -25,14 +27,10 @@ fn plain_snapshot(snapshot: &str) -> bool {
 
 /// What the sessions of one lane share.
 pub(super) struct LaneKeys {
-    /// For the follower's connection.
-    pub(super) opts: PgConnectOptions,
     pub(super) table: String,
     pub(super) lane: u32,
     pub(super) lane_class: i32,
     pub(super) claim_class: i32,
-    /// Whether the leader offers a follower.
-    pub(super) prefetch: bool,
 }
 
 /// A lane session's part in keeping claims of different owners apart.
@@ -44,8 +42,8 @@ pub(super) struct LaneKeys {
 /// claim of an earlier owner has ended, and later ones find their leader gone. Without this,
 /// a follower's claim could make a new owner skip its rows and publish later ones first.
 enum Role {
-    /// Holds the lane lock; `pid` is its backend.
-    Leader { pid: i32, fence: Fence },
+    /// Holds the lane lock.
+    Leader { fence: Fence },
     /// Claims for the leader with backend pid `leader`.
     Follower { leader: i32 },
 }
@@ -79,9 +77,9 @@ pub(super) struct PgLane {
 }
 
 impl PgLane {
-    /// The session holding the lane lock on `conn` (backend `pid`); it claims nothing
+    /// The session holding the lane lock on `conn`; it claims nothing
     /// until every follower claim of an earlier owner has ended.
-    pub(super) fn leader(conn: PgConnection, pid: i32, sql: Arc<TableSql>, keys: LaneKeys) -> Self {
+    pub(super) fn leader(conn: PgConnection, sql: Arc<TableSql>, keys: LaneKeys) -> Self {
         PgLane {
             conn,
             claim: sql.claim_for_lane(keys.lane),
@@ -93,9 +91,26 @@ impl PgLane {
             sql,
             keys: Arc::new(keys),
             role: Role::Leader {
-                pid,
                 fence: Fence::Closed { told: false },
             },
+        }
+    }
+
+    /// A follower for the leader with backend pid `leader` (`self`), on `conn`: it claims
+    /// for the leader while the leader's batch waits for Kafka, and they swap roles after
+    /// each prefetched batch.
+    pub(super) fn follower(&self, conn: PgConnection, leader: i32) -> PgLane {
+        PgLane {
+            conn,
+            claim: self.claim.clone(),
+            claim_after: self.claim_after.clone(),
+            claim_around: self.claim_around.clone(),
+            last_ord: None,
+            exported: None,
+            prepared: None,
+            sql: self.sql.clone(),
+            keys: self.keys.clone(),
+            role: Role::Follower { leader },
         }
     }
 
@@ -237,17 +252,6 @@ impl LaneSession for PgLane {
         self.claim_within(limit, Bound::None).await
     }
 
-    /// The lane's first rows of other keys than `keys`. The rows of `keys` a batch in
-    /// flight holds are filtered out before they are locked, so this claim never meets
-    /// them, however that batch ends meanwhile.
-    async fn claim_around(
-        &mut self,
-        limit: u32,
-        keys: &[&str],
-    ) -> Result<Vec<ClaimedRow>, StoreError> {
-        self.claim_within(limit, Bound::Around(keys)).await
-    }
-
     fn claims_in_chunks(&self) -> bool {
         self.sql.ord_is_integer
     }
@@ -266,6 +270,63 @@ impl LaneSession for PgLane {
         .await?;
         self.last_ord = last.or(self.last_ord);
         Ok(rows)
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        self.exported = None;
+        self.prepared = None;
+        self.run("COMMIT").await
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        self.exported = None;
+        self.prepared = None;
+        self.run("ROLLBACK").await
+    }
+
+    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
+        self.begin(false, None).await?;
+        let settled = async {
+            finish(&mut self.conn, &self.sql, s.finished).await?;
+            let counts: HashMap<String, i32> =
+                record_refusals(&mut self.conn, &self.sql, s.refused)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let (dead, still_refused) = s.dead_rows(&counts);
+            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
+            Ok::<_, StoreError>(Settled {
+                dead,
+                moved,
+                still_refused,
+            })
+        }
+        .await;
+        match settled {
+            Ok(settled) => {
+                self.run("COMMIT").await?;
+                Ok(settled)
+            }
+            Err(e) => {
+                // The connection may be gone; the lane then ends and its lock with it.
+                let _ = self.run("ROLLBACK").await;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl PairedSession for PgLane {
+    /// The lane's first rows of other keys than `keys`. The rows of `keys` a batch in
+    /// flight holds are filtered out before they are locked, so this claim never meets
+    /// them, however that batch ends meanwhile.
+    async fn claim_around(
+        &mut self,
+        limit: u32,
+        keys: &[&str],
+    ) -> Result<Vec<ClaimedRow>, StoreError> {
+        self.claim_within(limit, Bound::Around(keys)).await
     }
 
     /// The open claim's snapshot (exported until the claim ends) and its last order value,
@@ -334,69 +395,5 @@ impl LaneSession for PgLane {
             self.run("ROLLBACK").await?;
         }
         Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        self.exported = None;
-        self.prepared = None;
-        self.run("COMMIT").await
-    }
-
-    async fn rollback(&mut self) -> Result<(), StoreError> {
-        self.exported = None;
-        self.prepared = None;
-        self.run("ROLLBACK").await
-    }
-
-    async fn settle(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.begin(false, None).await?;
-        let settled = async {
-            finish(&mut self.conn, &self.sql, s.finished).await?;
-            let counts: HashMap<String, i32> =
-                record_refusals(&mut self.conn, &self.sql, s.refused)
-                    .await?
-                    .into_iter()
-                    .collect();
-            let (dead, still_refused) = s.dead_rows(&counts);
-            let moved = move_dead(&mut self.conn, &self.sql, &dead).await?;
-            Ok::<_, StoreError>(Settled {
-                dead,
-                moved,
-                still_refused,
-            })
-        }
-        .await;
-        match settled {
-            Ok(settled) => {
-                self.run("COMMIT").await?;
-                Ok(settled)
-            }
-            Err(e) => {
-                // The connection may be gone; the lane then ends and its lock with it.
-                let _ = self.run("ROLLBACK").await;
-                Err(e)
-            }
-        }
-    }
-
-    async fn follower(&mut self) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
-        let Role::Leader { pid, .. } = self.role else {
-            return Ok(None);
-        };
-        if !self.keys.prefetch {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(PgLane {
-            conn: self.keys.opts.connect().await?,
-            claim: self.claim.clone(),
-            claim_after: self.claim_after.clone(),
-            claim_around: self.claim_around.clone(),
-            last_ord: None,
-            exported: None,
-            prepared: None,
-            sql: self.sql.clone(),
-            keys: self.keys.clone(),
-            role: Role::Follower { leader: pid },
-        })))
     }
 }

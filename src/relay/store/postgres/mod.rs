@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::TableConfig;
 
 use super::{
-    random_slot, stable_hash, Census, LaneOwner, LaneSession, Membership, NewEvent, Store,
-    StoreError,
+    random_slot, stable_hash, Census, Lane, LaneOwner, Membership, NewEvent, Store, StoreError,
 };
 use lane::{LaneKeys, PgLane};
 use statements::{cleanup_attempts, introspect, purge, q, quote_table, stats, TableSql};
@@ -108,28 +107,29 @@ impl Store for PgStore {
         }))
     }
 
-    async fn acquire_lane(&self, lane: u32) -> Result<Option<Box<dyn LaneSession>>, StoreError> {
+    async fn acquire_lane(&self, lane: u32) -> Result<Option<Lane>, StoreError> {
         let mut conn = self.opts.connect().await?;
         if !try_lock(&mut conn, self.lane_class, lane as i32).await? {
             return Ok(None);
         }
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut conn)
-            .await?;
         let keys = LaneKeys {
-            opts: self.opts.clone(),
             table: self.config.table.clone(),
             lane,
             lane_class: self.lane_class,
             claim_class: self.claim_class,
-            prefetch: self.config.prefetch,
         };
-        Ok(Some(Box::new(PgLane::leader(
-            conn,
-            pid,
-            self.sql.clone(),
-            keys,
-        ))))
+        if !self.config.prefetch {
+            let leader = PgLane::leader(conn, self.sql.clone(), keys);
+            return Ok(Some(Lane::Single(Box::new(leader))));
+        }
+        // The follower's claims name the leader's backend, so that a later owner of the
+        // lane waits for them to end.
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await?;
+        let leader = PgLane::leader(conn, self.sql.clone(), keys);
+        let follower = leader.follower(self.opts.connect().await?, pid);
+        Ok(Some(Lane::Paired(Box::new(leader), Box::new(follower))))
     }
 
     async fn stats(&self) -> Result<(i64, Option<f64>), StoreError> {
