@@ -223,13 +223,7 @@ async fn single_batch(
             Ok(end)
         }
         AfterClaim::Alone(done) | AfterClaim::Prefetch(done) => {
-            rt.metrics.relay_batch_rows.observe(rows.len() as f64);
-            publication.send(&rows[sent..]).await;
-            let flight = Flight {
-                rows,
-                publication,
-                sent: Instant::now(),
-            };
+            let flight = Flight::launch(rt, rows, publication, sent).await;
             pipeline::conclude_alone(cycle, session, &producer, flight, done).await
         }
     }
@@ -286,13 +280,7 @@ async fn paired_batch(cycle: &mut Cycle<'_>, pair: &mut Pair) -> Result<BatchEnd
             return Ok(end);
         }
         AfterClaim::Alone(done) => {
-            rt.metrics.relay_batch_rows.observe(rows.len() as f64);
-            publication.send(&rows[sent..]).await;
-            let flight = Flight {
-                rows,
-                publication,
-                sent: Instant::now(),
-            };
+            let flight = Flight::launch(rt, rows, publication, sent).await;
             return pipeline::run(cycle, current, other, &producer, flight, done).await;
         }
         AfterClaim::Prefetch(done) => {

@@ -37,6 +37,25 @@ pub(super) struct Flight<'p> {
     pub(super) sent: Instant,
 }
 
+impl<'p> Flight<'p> {
+    /// A claimed batch taking off: counts it, sends its rows from `sent` on (those before
+    /// were sent while it was claimed), and starts its wait for Kafka.
+    pub(super) async fn launch(
+        rt: &TableRuntime,
+        rows: Vec<ClaimedRow>,
+        mut publication: Publication<'p>,
+        sent: usize,
+    ) -> Flight<'p> {
+        rt.metrics.relay_batch_rows.observe(rows.len() as f64);
+        publication.send(&rows[sent..]).await;
+        Flight {
+            rows,
+            publication,
+            sent: Instant::now(),
+        }
+    }
+}
+
 /// Concludes `flight` on a lane's only `session`: a failure if it failed, else `done`.
 pub(super) async fn conclude_alone(
     cycle: &mut Cycle<'_>,
