@@ -384,7 +384,10 @@ fn check_kafka_options(config: &Config, file: &std::path::Path) -> Result<(), Co
         if let Err(e) = cfg.create_native_config() {
             return Err(ConfigError::Invalid {
                 file: file.to_owned(),
-                problems: vec![format!("{keys}: librdkafka rejected them: {e}")],
+                problems: vec![config::Problem {
+                    key: keys.to_owned(),
+                    message: format!("librdkafka rejected them: {e}"),
+                }],
             });
         }
     }

@@ -7,6 +7,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 
 use super::rules::ENV_PREFIX;
+use super::rules::{Problem, Problems};
 use super::{validate, Config};
 
 /// Why a configuration could not be used. Every variant maps to exit code 78 (EX_CONFIG).
@@ -29,8 +30,8 @@ pub enum ConfigError {
     Invalid {
         /// The configuration file.
         file: PathBuf,
-        /// One entry per problem, each starting with the key it is about.
-        problems: Vec<String>,
+        /// One entry per problem, with the key it is about.
+        problems: Vec<Problem>,
     },
 }
 
@@ -48,9 +49,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         file: path.to_owned(),
         problems: describe(err),
     })?;
-    let mut problems = Vec::new();
+    let mut problems = Problems::default();
     resolve_secret_files(&mut config, &mut problems);
-    problems.extend(validate::validate(&config));
+    validate::validate(&config, &mut problems);
+    let problems = problems.into_vec();
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -99,18 +101,19 @@ fn describe(err: figment::Error) -> String {
         .join("\n")
 }
 
-fn resolve_secret_files(config: &mut Config, problems: &mut Vec<String>) {
+fn resolve_secret_files(config: &mut Config, problems: &mut Problems) {
     let db = &mut config.database;
     match (&db.url, &db.url_file) {
-        (Some(_), Some(_)) => {
-            problems.push("database.url_file: set together with database.url; keep one".into())
-        }
+        (Some(_), Some(_)) => problems.add(
+            "database.url_file",
+            "set together with database.url; keep one",
+        ),
         (None, Some(file)) => match std::fs::read_to_string(file) {
             Ok(url) => db.url = Some(url.trim().to_owned()),
-            Err(e) => problems.push(format!(
-                "database.url_file: cannot read {}: {e}",
-                file.display()
-            )),
+            Err(e) => problems.add(
+                "database.url_file",
+                format!("cannot read {}: {e}", file.display()),
+            ),
         },
         _ => {}
     }

@@ -1,76 +1,74 @@
 //! Checks everything that can be checked without connecting: required keys, ranges,
-//! identifiers, topic templates, fixed Kafka properties. Returns one message per problem,
-//! each starting with the key it is about.
+//! identifiers, topic templates, fixed Kafka properties. Records one [`Problem`] per
+//! problem, with the key it is about.
+//!
+//! [`Problem`]: super::Problem
 
 use std::collections::HashSet;
 
-use super::rules::{is_identifier, positive};
+use super::rules::{is_identifier, positive, Problems};
 use super::{Backend, Config, OnPublished, TableConfig};
 use crate::topic::{check_topic, TopicTemplate};
 
-/// All problems of `config`; empty when it is usable.
-pub fn validate(config: &Config) -> Vec<String> {
-    let mut p = Vec::new();
-    positive(&mut p, "shutdown_timeout", config.shutdown_timeout);
+/// Adds every problem of `config` to `p`; none when it is usable.
+pub fn validate(config: &Config, p: &mut Problems) {
+    positive(p, "shutdown_timeout", config.shutdown_timeout);
     positive(
-        &mut p,
+        p,
         "database.connect_timeout",
         config.database.connect_timeout,
     );
     if config.database.max_connections == 0 {
-        p.push("database.max_connections: must be at least 1".into());
+        p.add("database.max_connections", "must be at least 1");
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
-        p.push(format!(
-            "log.level: `{}` is not a valid filter: {e}",
-            config.log.level
-        ));
+        p.add(
+            "log.level",
+            format!("`{}` is not a valid filter: {e}", config.log.level),
+        );
     }
-    validate_kafka(config, &mut p);
+    validate_kafka(config, p);
 
     let tables = &config.relay.tables;
     if tables.is_empty() && config.consumer.is_none() {
-        p.push(
-            "relay.tables: nothing to run; configure at least one [[relay.tables]] or a [consumer]"
-                .into(),
+        p.add(
+            "relay.tables",
+            "nothing to run; configure at least one [[relay.tables]] or a [consumer]",
         );
     }
     if config.needs_database() {
         match config.database.url.as_deref() {
-            None => p.push(
-                "database.url: missing; relay tables and sql handlers need a database (set url, url_file or OUTBOXD_DATABASE__URL)"
-                    .into(),
-            ),
+            None => p.add("database.url", "missing; relay tables and sql handlers need a database (set url, url_file or OUTBOXD_DATABASE__URL)"),
             Some(url) => match Backend::of_url(url) {
-                None => p.push(
-                    "database.url: must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://"
-                        .into(),
-                ),
+                None => p.add("database.url", "must start with postgres://, postgresql://, mysql://, mariadb:// or sqlite://"),
                 Some(backend) => {
                     for (i, table) in config.relay.tables.iter().enumerate() {
-                        backend_limits(backend, table, &format!("relay.tables[{i}]"), &mut p);
+                        backend_limits(backend, table, &format!("relay.tables[{i}]"), p);
                     }
                 }
             },
         }
     }
-    super::validate_consumer::validate(config, &mut p);
+    super::validate_consumer::validate(config, p);
     let mut seen = HashSet::new();
     for (i, table) in tables.iter().enumerate() {
         let at = format!("relay.tables[{i}]");
         if !seen.insert(table.table.as_str()) {
-            p.push(format!("{at}.table: `{}` is configured twice", table.table));
+            p.add(
+                format!("{at}.table"),
+                format!("`{}` is configured twice", table.table),
+            );
         }
-        validate_table(table, &at, &mut p);
+        validate_table(table, &at, p);
     }
-    p
 }
 
-fn validate_kafka(config: &Config, p: &mut Vec<String>) {
+fn validate_kafka(config: &Config, p: &mut Problems) {
     match config.kafka.brokers.as_deref().map(str::trim) {
-        None | Some("") => {
-            p.push("kafka.brokers: missing; set \"host:9092,...\" or \"embedded\"".into())
-        }
+        None | Some("") => p.add(
+            "kafka.brokers",
+            "missing; set \"host:9092,...\" or \"embedded\"",
+        ),
         Some(_) => {}
     }
     let k = &config.kafka;
@@ -91,25 +89,24 @@ fn validate_kafka(config: &Config, p: &mut Vec<String>) {
             _ => false,
         };
         if bad {
-            p.push(format!(
-                "kafka.{table}.\"{key}\": outboxd fixes this property (enable.idempotence=true, acks=all, bootstrap.servers from kafka.brokers); remove it"
-            ));
+            p.add(format!("kafka.{table}.\"{key}\""), "outboxd fixes this property (enable.idempotence=true, acks=all, bootstrap.servers from kafka.brokers); remove it");
         }
     }
 }
 
 /// `allowed_topics`: well-formed globs, present whenever a row's own data starts its topic,
 /// and covering a fixed topic.
-fn validate_allowed_topics(t: &TableConfig, at: &str, p: &mut Vec<String>) {
+fn validate_allowed_topics(t: &TableConfig, at: &str, p: &mut Problems) {
     for (i, glob) in t.allowed_topics.iter().enumerate() {
         let ok = !glob.is_empty()
             && glob
                 .chars()
                 .all(|c| c == '*' || c == '?' || c.is_ascii_alphanumeric() || "._-".contains(c));
         if !ok {
-            p.push(format!(
-                "{at}.allowed_topics[{i}]: `{glob}` is not a topic glob (letters, digits, '.', '_', '-', '*', '?')"
-            ));
+            p.add(
+                format!("{at}.allowed_topics[{i}]"),
+                format!("`{glob}` is not a topic glob (letters, digits, '.', '_', '-', '*', '?')"),
+            );
         }
     }
     let parsed = t
@@ -123,9 +120,7 @@ fn validate_allowed_topics(t: &TableConfig, at: &str, p: &mut Vec<String>) {
         }
     };
     if rows_choose && t.allowed_topics.is_empty() {
-        p.push(format!(
-            "{at}.allowed_topics: required when a row's data starts its topic (topic_column, or a template that starts with a column): list the topics or globs rows may publish to, e.g. [\"orders.*\"]"
-        ));
+        p.add(format!("{at}.allowed_topics"), "required when a row's data starts its topic (topic_column, or a template that starts with a column): list the topics or globs rows may publish to, e.g. [\"orders.*\"]");
     }
     if let (Some(template), Some(fixed)) = (&parsed, &t.topic) {
         let allowed = &t.allowed_topics;
@@ -133,21 +128,25 @@ fn validate_allowed_topics(t: &TableConfig, at: &str, p: &mut Vec<String>) {
             && !allowed.is_empty()
             && !allowed.iter().any(|g| crate::glob::glob_match(g, fixed))
         {
-            p.push(format!(
-                "{at}.allowed_topics: does not allow the table's own topic `{fixed}`"
-            ));
+            p.add(
+                format!("{at}.allowed_topics"),
+                format!("does not allow the table's own topic `{fixed}`"),
+            );
         }
     }
 }
 
-fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
+fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
     if t.table.is_empty() {
-        p.push(format!("{at}.table: missing"));
+        p.add(format!("{at}.table"), "missing");
     } else if !t.table.split('.').all(is_identifier) || t.table.split('.').count() > 2 {
-        p.push(format!(
-            "{at}.table: `{}` is not a table name (letters, digits, _ and $, optionally schema.table)",
-            t.table
-        ));
+        p.add(
+            format!("{at}.table"),
+            format!(
+                "`{}` is not a table name (letters, digits, _ and $, optionally schema.table)",
+                t.table
+            ),
+        );
     }
     let optional = [
         ("event_id_column", &t.event_id_column),
@@ -172,24 +171,27 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
     );
     for (name, column) in named {
         if !is_identifier(column) {
-            p.push(format!(
-                "{at}.{name}: `{column}` is not a column name (letters, digits, _ and $)"
-            ));
+            p.add(
+                format!("{at}.{name}"),
+                format!("`{column}` is not a column name (letters, digits, _ and $)"),
+            );
         }
     }
     match (&t.topic, &t.topic_column) {
-        (Some(_), Some(_)) => p.push(format!(
-            "{at}.topic: set together with topic_column; keep one"
-        )),
-        (None, None) => p.push(format!(
-            "{at}.topic: missing; set topic (a template) or topic_column"
-        )),
+        (Some(_), Some(_)) => p.add(
+            format!("{at}.topic"),
+            "set together with topic_column; keep one",
+        ),
+        (None, None) => p.add(
+            format!("{at}.topic"),
+            "missing; set topic (a template) or topic_column",
+        ),
         (Some(template), None) => match TopicTemplate::parse(template, &t.mapped_columns()) {
-            Err(e) => p.push(format!("{at}.topic: {e}")),
+            Err(e) => p.add(format!("{at}.topic"), e.to_string()),
             // Without columns it is the topic of every row: check it here, not per row.
             Ok(parsed) if parsed.columns().next().is_none() => {
                 if let Err(e) = check_topic(template) {
-                    p.push(format!("{at}.topic: {e}"));
+                    p.add(format!("{at}.topic"), e.to_string());
                 }
             }
             Ok(_) => {}
@@ -198,13 +200,13 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
     }
     validate_allowed_topics(t, at, p);
     if t.batch_size == 0 {
-        p.push(format!("{at}.batch_size: must be at least 1"));
+        p.add(format!("{at}.batch_size"), "must be at least 1");
     }
     if t.lanes == 0 {
-        p.push(format!("{at}.lanes: must be at least 1"));
+        p.add(format!("{at}.lanes"), "must be at least 1");
     }
     if t.max_attempts == 0 {
-        p.push(format!("{at}.max_attempts: must be at least 1"));
+        p.add(format!("{at}.max_attempts"), "must be at least 1");
     }
     positive(p, &format!("{at}.poll_interval"), t.poll_interval);
     positive(p, &format!("{at}.rebalance_interval"), t.rebalance_interval);
@@ -217,28 +219,29 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Vec<String>) {
         positive(p, &format!("{at}.retention"), t.retention);
     }
     if let Some(channel) = t.notify_channel.as_deref().filter(|c| !is_identifier(c)) {
-        p.push(format!(
-            "{at}.notify_channel: `{channel}` is not a channel name (letters, digits, _ and $)"
-        ));
+        p.add(
+            format!("{at}.notify_channel"),
+            format!("`{channel}` is not a channel name (letters, digits, _ and $)"),
+        );
     }
 }
 
 /// What a backend cannot do: several lanes on SQLite (one writer), a LISTEN channel
 /// anywhere but PostgreSQL.
-fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Vec<String>) {
+fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Problems) {
     if backend == Backend::Sqlite && t.lanes > 1 {
-        p.push(format!(
-            "{at}.lanes: {} with SQLite, which has one writer; set lanes = 1",
-            t.lanes
-        ));
+        p.add(
+            format!("{at}.lanes"),
+            format!(
+                "{} with SQLite, which has one writer; set lanes = 1",
+                t.lanes
+            ),
+        );
     }
     let default_channel = TableConfig::default().notify_channel;
     if let Some(channel) = t.notify_channel.as_deref() {
         if backend != Backend::Postgres && default_channel.as_deref() != Some(channel) {
-            p.push(format!(
-                "{at}.notify_channel: `{channel}` needs PostgreSQL (LISTEN/NOTIFY); {} tables are polled every poll_interval, remove it",
-                backend.name()
-            ));
+            p.add(format!("{at}.notify_channel"), format!("`{channel}` needs PostgreSQL (LISTEN/NOTIFY); {} tables are polled every poll_interval, remove it", backend.name()));
         }
     }
 }

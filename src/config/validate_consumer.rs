@@ -1,11 +1,11 @@
 //! Checks of `[consumer]`, its routes and `[handlers.*]`, without connecting.
 
-use super::rules::{positive, ENV_PREFIX};
+use super::rules::{positive, Problems, ENV_PREFIX};
 use super::{Config, HandlerConfig, RetryPolicy};
 use crate::topic::check_topic;
 
 /// Appends one message per problem to `p`, each starting with its key.
-pub fn validate(config: &Config, p: &mut Vec<String>) {
+pub fn validate(config: &Config, p: &mut Problems) {
     let Some(c) = &config.consumer else {
         if !config.handlers.is_empty() {
             tracing::debug!("handlers are configured but no [consumer] uses them");
@@ -13,28 +13,32 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
         return;
     };
     if c.group_id.trim().is_empty() {
-        p.push("consumer.group_id: must not be empty".into());
+        p.add("consumer.group_id", "must not be empty");
     }
     if c.topics.is_empty() {
-        p.push("consumer.topics: list at least one topic".into());
+        p.add("consumer.topics", "list at least one topic");
     }
     for (i, topic) in c.topics.iter().enumerate() {
         if let Err(e) = check_topic(topic) {
-            p.push(format!("consumer.topics[{i}]: {e}"));
+            p.add(format!("consumer.topics[{i}]"), e.to_string());
         }
     }
     if !c.dead_letter_topic.contains("{topic}") && c.dead_letter_topic.contains('{') {
-        p.push("consumer.dead_letter_topic: the only placeholder is {topic}".into());
+        p.add(
+            "consumer.dead_letter_topic",
+            "the only placeholder is {topic}",
+        );
     } else if let Err(e) = check_topic(&c.dead_letter_topic.replace("{topic}", "t")) {
-        p.push(format!("consumer.dead_letter_topic: {e}"));
+        p.add("consumer.dead_letter_topic", e.to_string());
     } else {
         // Checked for every topic now, so that no dead letter fails on its topic's name.
         for topic in &c.topics {
             let dead = c.dead_letter_topic.replace("{topic}", topic);
             if let Err(e) = check_topic(&dead) {
-                p.push(format!(
-                    "consumer.dead_letter_topic: for topic `{topic}` it is `{dead}`: {e}"
-                ));
+                p.add(
+                    "consumer.dead_letter_topic",
+                    format!("for topic `{topic}` it is `{dead}`: {e}"),
+                );
             }
         }
     }
@@ -47,26 +51,29 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
         ),
     ] {
         if value == 0 {
-            p.push(format!("consumer.{key}: must be at least 1"));
+            p.add(format!("consumer.{key}"), "must be at least 1");
         }
     }
     retry_policy(p, "consumer.retry", &c.retry);
     for (i, route) in c.routes.iter().enumerate() {
         let at = format!("consumer.routes[{i}]");
         if route.topic.is_empty() {
-            p.push(format!("{at}.topic: must not be empty"));
+            p.add(format!("{at}.topic"), "must not be empty");
         }
         if !config.handlers.contains_key(&route.handler) {
             let known: Vec<&str> = config.handlers.keys().map(String::as_str).collect();
-            p.push(format!(
-                "{at}.handler: no [handlers.{}] is configured (known: {})",
-                route.handler,
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            ));
+            p.add(
+                format!("{at}.handler"),
+                format!(
+                    "no [handlers.{}] is configured (known: {})",
+                    route.handler,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
         }
     }
     for (name, handler) in &config.handlers {
@@ -75,27 +82,31 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
         match handler {
             HandlerConfig::Http(h) => {
                 if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
-                    p.push(format!("{at}.url: must start with http:// or https://"));
+                    p.add(format!("{at}.url"), "must start with http:// or https://");
                 }
                 positive(p, &format!("{at}.timeout"), h.timeout);
                 for (i, status) in h.retry_statuses.iter().enumerate() {
                     if !(300..=599).contains(status) {
-                        p.push(format!(
-                            "{at}.retry_statuses[{i}]: {status} is not a failure status (300-599)"
-                        ));
+                        p.add(
+                            format!("{at}.retry_statuses[{i}]"),
+                            format!("{status} is not a failure status (300-599)"),
+                        );
                     }
                 }
                 for header in h.headers.keys() {
                     if header.is_empty()
                         || !header.bytes().all(|b| b.is_ascii_graphic() && b != b':')
                     {
-                        p.push(format!("{at}.headers: `{header}` is not a header name"));
+                        p.add(
+                            format!("{at}.headers"),
+                            format!("`{header}` is not a header name"),
+                        );
                     }
                 }
             }
             HandlerConfig::Command(h) => {
                 if h.program.as_os_str().is_empty() {
-                    p.push(format!("{at}.program: must not be empty"));
+                    p.add(format!("{at}.program"), "must not be empty");
                 }
                 positive(p, &format!("{at}.timeout"), h.timeout);
                 let names = h
@@ -105,37 +116,38 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
                     .chain(h.inherit_env.iter().map(|k| ("inherit_env", k)));
                 for (key, name) in names {
                     if let Err(why) = env_name(name) {
-                        p.push(format!("{at}.{key}: `{name}` {why}"));
+                        p.add(format!("{at}.{key}"), format!("`{name}` {why}"));
                     }
                 }
                 for (name, value) in &h.env {
                     if value.contains('\0') {
-                        p.push(format!("{at}.env.{name}: a value cannot hold a NUL byte"));
+                        p.add(format!("{at}.env.{name}"), "a value cannot hold a NUL byte");
                     }
                 }
             }
             HandlerConfig::Sql(h) => {
                 if h.statement.trim().is_empty() {
-                    p.push(format!("{at}.statement: must not be empty"));
+                    p.add(format!("{at}.statement"), "must not be empty");
                 }
                 for (i, pointer) in h.params.iter().enumerate() {
                     if !(pointer.is_empty() || pointer.starts_with('/')) {
-                        p.push(format!(
-                            "{at}.params[{i}]: `{pointer}` is not a JSON pointer (\"/field\", \"/a/0/b\" or \"\")"
-                        ));
+                        p.add(format!("{at}.params[{i}]"), format!("`{pointer}` is not a JSON pointer (\"/field\", \"/a/0/b\" or \"\")"));
                     }
                 }
                 let highest = highest_placeholder(&h.statement);
                 if highest > h.params.len() {
-                    p.push(format!(
-                        "{at}.params: the statement uses ${highest} but only {} params are listed",
-                        h.params.len()
-                    ));
+                    p.add(
+                        format!("{at}.params"),
+                        format!(
+                            "the statement uses ${highest} but only {} params are listed",
+                            h.params.len()
+                        ),
+                    );
                 }
             }
             HandlerConfig::Kafka(h) => {
                 if let Err(e) = check_topic(&h.topic) {
-                    p.push(format!("{at}.topic: {e}"));
+                    p.add(format!("{at}.topic"), e.to_string());
                 }
             }
             HandlerConfig::Log(_) => {}
@@ -144,9 +156,10 @@ pub fn validate(config: &Config, p: &mut Vec<String>) {
             .chars()
             .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
         {
-            p.push(format!(
-                "handlers.{name}: names use letters, digits, '_' and '-'"
-            ));
+            p.add(
+                format!("handlers.{name}"),
+                "names use letters, digits, '_' and '-'",
+            );
         }
     }
 }
@@ -162,17 +175,17 @@ fn env_name(name: &str) -> Result<(), &'static str> {
     }
 }
 
-fn retry_policy(p: &mut Vec<String>, at: &str, r: &RetryPolicy) {
+fn retry_policy(p: &mut Problems, at: &str, r: &RetryPolicy) {
     positive(p, &format!("{at}.initial"), r.initial);
     positive(p, &format!("{at}.max_elapsed"), r.max_elapsed);
     if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
-        p.push(format!("{at}.multiplier: must be a number >= 1"));
+        p.add(format!("{at}.multiplier"), "must be a number >= 1");
     }
     if r.max_delay < r.initial {
-        p.push(format!("{at}.max_delay: must be at least initial"));
+        p.add(format!("{at}.max_delay"), "must be at least initial");
     }
     if r.max_attempts == 0 {
-        p.push(format!("{at}.max_attempts: must be at least 1"));
+        p.add(format!("{at}.max_attempts"), "must be at least 1");
     }
 }
 
