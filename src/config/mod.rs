@@ -32,7 +32,7 @@ pub use handlers::{
 };
 pub use load::{load, ConfigError};
 pub use redact::{is_secret_name, redact_url, REDACTED};
-pub use relay::{OnPublished, RelayConfig, TableConfig};
+pub use relay::{HeaderNames, NullPayload, OnPublished, RelayConfig, TableConfig};
 pub use rules::Problem;
 
 /// The whole configuration file.

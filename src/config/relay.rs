@@ -1,6 +1,7 @@
 //! `[relay]` and `[[relay.tables]]`: which outbox tables are published, and how their
 //! columns map onto Kafka messages.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -69,9 +70,11 @@ pub struct TableConfig {
     #[serde(with = "column::optional")]
     pub aggregate_type_column: Option<Column>,
     /// Row creation time, used for `outboxd_relay_publish_delay_seconds` and
-    /// `outboxd_relay_oldest_pending_seconds`. On SQLite a number is read as Unix seconds
-    /// and text as an ISO 8601 time (the reference table writes UTC ISO 8601). Empty: those
-    /// metrics stay empty.
+    /// `outboxd_relay_oldest_pending_seconds`: a time column, or a number of Unix epoch
+    /// seconds or milliseconds (integer or floating). A number above 100,000,000,000 is
+    /// read as milliseconds (as seconds it would be after the year 5000), any other as
+    /// seconds. On SQLite text is read as an ISO 8601 time (the reference table writes UTC
+    /// ISO 8601). Empty: those metrics stay empty.
     #[serde(with = "column::optional")]
     pub created_at_column: Option<Column>,
     /// Rows claimed, published and deleted per transaction. On PostgreSQL (integer order
@@ -111,12 +114,19 @@ pub struct TableConfig {
     /// more than its fair share hands the surplus back when others have joined.
     #[serde(with = "humantime_serde")]
     pub rebalance_interval: Duration,
-    /// What happens to a published row: `"delete"` it, or `"mark"` it by setting
-    /// `published_at_column` (then rows older than `retention` are purged).
+    /// What happens to a published row: `"delete"` it, `"mark"` it by setting
+    /// `published_column`, or nothing (`"cursor"`: for append-only tables; each lane keeps
+    /// its position in `outboxd_relay_cursors`, advanced in the transaction that records
+    /// the batch as published). Cursor mode needs an integer `order_column` the database
+    /// assigns (a sequence, or SQLite's `INTEGER PRIMARY KEY`) and is refused on MySQL.
     pub on_published: OnPublished,
-    /// The timestamp column set in `mark` mode; rows where it is NULL are pending.
-    pub published_at_column: Column,
-    /// In `mark` mode, how long published rows are kept before the purge removes them.
+    /// The column set in `mark` mode: a time column (set to the current time; the row is
+    /// pending while it is NULL) or a boolean column (set to true; pending while false or
+    /// NULL). Also accepted under its former name `published_at_column`.
+    #[serde(alias = "published_at_column")]
+    pub published_column: Column,
+    /// In `mark` mode with a time column, how long published rows are kept before the
+    /// purge removes them; boolean marks carry no time, so those rows are never purged.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
     /// How often the maintenance task runs: retention purge (mark mode), backlog gauges,
@@ -127,6 +137,52 @@ pub struct TableConfig {
     /// many times, then moved to `outboxd_dead_rows` with the reason; rows of other keys keep
     /// flowing meanwhile, later rows of the same key wait behind it.
     pub max_attempts: u32,
+    /// The names of the headers outboxd adds to every message.
+    pub header_names: HeaderNames,
+    /// Further columns sent as headers, by header name: `{ tenant = "tenant_id" }`. Each
+    /// value is sent as text (a string as it is, any other value as its JSON text); a
+    /// NULL value sends no header.
+    pub header_columns: BTreeMap<String, Column>,
+    /// What a row whose payload is NULL becomes: a `"dead_row"` (moved to the dead rows
+    /// with the reason) or a `"tombstone"` (a message with the key and no value, which
+    /// deletes the key from a compacted topic).
+    pub null_payload: NullPayload,
+}
+
+/// `[relay.tables.header_names]`: the names of the headers outboxd adds. Debezium's outbox
+/// event router sends the event id as `id`: `event_id = "id"` keeps its consumers working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderNames {
+    /// The event id (`event_id_column`, else the id column).
+    pub event_id: String,
+    /// The event type (`event_type_column`), when mapped. Empty: not sent (the column
+    /// may still be used in the topic template).
+    pub event_type: String,
+    /// The aggregate type (`aggregate_type_column`), when mapped. Empty: not sent (the
+    /// column may still be used in the topic template).
+    pub aggregate_type: String,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            event_id: "event-id".into(),
+            event_type: "event-type".into(),
+            aggregate_type: "aggregate-type".into(),
+        }
+    }
+}
+
+/// What a row with a NULL payload becomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NullPayload {
+    /// A dead row, with the reason (the default).
+    #[default]
+    DeadRow,
+    /// A message with the key and no value.
+    Tombstone,
 }
 
 impl Default for TableConfig {
@@ -152,10 +208,13 @@ impl Default for TableConfig {
             lanes: 1,
             rebalance_interval: Duration::from_secs(5),
             on_published: OnPublished::Delete,
-            published_at_column: known("published_at"),
+            published_column: known("published_at"),
             retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(10),
             max_attempts: 10,
+            header_names: HeaderNames::default(),
+            header_columns: BTreeMap::new(),
+            null_payload: NullPayload::DeadRow,
         }
     }
 }
@@ -192,6 +251,9 @@ fn known(name: &str) -> Column {
 pub enum OnPublished {
     /// Delete the row in the claiming transaction (default; keeps the table small).
     Delete,
-    /// Set `published_at_column = now()`; the maintenance task purges old rows.
+    /// Set `published_column` (to the current time, or to true); the maintenance task
+    /// purges rows with an old time.
     Mark,
+    /// Change no row: each lane keeps the position of the last row it published.
+    Cursor,
 }

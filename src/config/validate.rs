@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use super::rules::{is_identifier, positive, Problems};
 use super::{Backend, Config, OnPublished, TableConfig};
+use crate::reserved_headers::is_reserved;
 use crate::topic::{check_topic, TopicTemplate};
 
 /// Adds every problem of `config` to `p`; none when it is usable.
@@ -161,13 +162,19 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
         ("key_column", &t.key_column),
         ("id_column", &t.id_column),
         ("payload_column", &t.payload_column),
-        ("published_at_column", &t.published_at_column),
+        ("published_column", &t.published_column),
     ]
     .into_iter()
     .chain(
         optional
             .into_iter()
             .filter_map(|(n, c)| Some((n, c.as_ref()?))),
+    )
+    .map(|(n, c)| (n.to_owned(), c))
+    .chain(
+        t.header_columns
+            .iter()
+            .map(|(header, c)| (format!("header_columns.{header}"), c)),
     );
     for (name, column) in named {
         if !is_identifier(column) {
@@ -177,6 +184,7 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
             );
         }
     }
+    validate_header_names(t, at, p);
     match (&t.topic, &t.topic_column) {
         (Some(_), Some(_)) => p.add(
             format!("{at}.topic"),
@@ -218,6 +226,7 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
     if t.on_published == OnPublished::Mark {
         positive(p, &format!("{at}.retention"), t.retention);
     }
+
     if let Some(channel) = t.notify_channel.as_deref().filter(|c| !is_identifier(c)) {
         p.add(
             format!("{at}.notify_channel"),
@@ -226,9 +235,57 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
     }
 }
 
+/// The headers outboxd adds and `header_columns`: named, each name once, none of the
+/// names only outboxd's dead-letter tools write.
+fn validate_header_names(t: &TableConfig, at: &str, p: &mut Problems) {
+    let names = &t.header_names;
+    let fixed = [
+        ("header_names.event_id", &names.event_id),
+        ("header_names.event_type", &names.event_type),
+        ("header_names.aggregate_type", &names.aggregate_type),
+    ];
+    let all = fixed
+        .iter()
+        .map(|(key, name)| ((*key).to_owned(), name.as_str()))
+        .chain(
+            t.header_columns
+                .keys()
+                .map(|name| (format!("header_columns.{name}"), name.as_str())),
+        );
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    for (key, name) in all {
+        // Empty turns the event and aggregate type headers off (the columns may still
+        // name the topic); the event id is always sent.
+        let may_be_off = key == "header_names.event_type" || key == "header_names.aggregate_type";
+        if name.is_empty() && may_be_off {
+            continue;
+        }
+        if name.is_empty() {
+            p.add(format!("{at}.{key}"), "is empty; a header needs a name");
+        } else if is_reserved(name) {
+            p.add(
+                format!("{at}.{key}"),
+                format!("`{name}` is a header only outboxd's dead-letter tools write; choose another name"),
+            );
+        } else if let Some((other, _)) = seen.iter().find(|(_, n)| n.eq_ignore_ascii_case(name)) {
+            p.add(
+                format!("{at}.{key}"),
+                format!("`{name}` is also the name of {at}.{other}; each header needs a name of its own"),
+            );
+        }
+        seen.push((key, name));
+    }
+}
+
 /// What a backend cannot do: several lanes on SQLite (one writer), a LISTEN channel
-/// anywhere but PostgreSQL.
+/// anywhere but PostgreSQL, cursor mode on MySQL.
 fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Problems) {
+    if backend == Backend::MySql && t.on_published == OnPublished::Cursor {
+        p.add(
+            format!("{at}.on_published"),
+            "\"cursor\" is not available on MySQL/MariaDB: InnoDB hands out AUTO_INCREMENT values to concurrent transactions that commit in another order, and MySQL shows no transaction horizon to wait for, so a position could pass over a row committed late; use \"mark\" or \"delete\"",
+        );
+    }
     if backend == Backend::Sqlite && t.lanes > 1 {
         p.add(
             format!("{at}.lanes"),

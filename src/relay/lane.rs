@@ -204,7 +204,7 @@ async fn single_batch(
     let (rt, stop) = (cycle.rt, cycle.stop);
     let batch_size = rt.batch_size();
     let producer = rt.producer.get();
-    let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
+    let mut publication = Publication::new(&producer, &rt.messages, stop, batch_size as usize);
     let claiming = Instant::now();
     let (Claimed { rows, .. }, sent) = claim(
         session,
@@ -245,7 +245,7 @@ async fn paired_batch(cycle: &mut Cycle<'_>, pair: &mut Pair) -> Result<BatchEnd
     } = pair;
     let batch_size = rt.batch_size();
     let producer = rt.producer.get();
-    let mut publication = Publication::new(&producer, &rt.topics, stop, batch_size as usize);
+    let mut publication = Publication::new(&producer, &rt.messages, stop, batch_size as usize);
     // A prefetched batch saw the outbox as an earlier claim did: what was committed since
     // is for a fresh claim, at once, even if this batch comes out short.
     let prefetched = ready.is_some();

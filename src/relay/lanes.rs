@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use super::lane::run_lane;
 use super::maintenance;
-use super::publish::TopicSource;
+use super::publish::MessageShape;
 use super::runtime::{TableRuntime, TableSettings};
 use super::store::{self, Lane, Membership, StoreError};
 use crate::config::TableConfig;
@@ -39,8 +39,8 @@ pub struct TableContext {
     pub liveness: Arc<Liveness>,
     /// Batch size and poll interval, changed by reloads.
     pub settings: watch::Receiver<TableSettings>,
-    /// How a row's topic is found.
-    pub topics: TopicSource,
+    /// How a row becomes a message.
+    pub messages: MessageShape,
 }
 
 /// Relays one table until `shutdown`; database failures restart the manager after a
@@ -91,7 +91,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     let rt = Arc::new(TableRuntime {
         store: store.clone(),
         config: ctx.config.clone(),
-        topics: ctx.topics.clone(),
+        messages: ctx.messages.clone(),
         producer: ctx.producer.clone(),
         metrics: ctx.metrics.clone(),
         published: Default::default(),

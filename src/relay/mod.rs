@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::config::RelayConfig;
 use crate::db::Database;
 use crate::services::Services;
-use publish::TopicSource;
+use publish::MessageShape;
 
 /// A table that cannot be relayed as configured.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +54,11 @@ pub fn start(
     database: &Database,
     services: &Services,
 ) -> Result<Started, StartError> {
-    let topics = relay
+    let shapes = relay
         .tables
         .iter()
         .map(|table| {
-            TopicSource::new(table).map_err(|source| StartError {
+            MessageShape::new(table).map_err(|source| StartError {
                 table: table.table.clone(),
                 source,
             })
@@ -67,8 +67,8 @@ pub fn start(
     Ok(relay
         .tables
         .iter()
-        .zip(topics)
-        .map(|(table, topics)| {
+        .zip(shapes)
+        .map(|(table, messages)| {
             let (settings, watched) = watch::channel(TableSettings::of(table));
             let ctx = lanes::TableContext {
                 config: table.clone(),
@@ -78,7 +78,7 @@ pub fn start(
                 drain_grace,
                 liveness: services.liveness.clone(),
                 settings: watched,
-                topics,
+                messages,
             };
             (
                 tokio::spawn(

@@ -266,7 +266,7 @@ async fn claim_around<'p>(
         return Ok(None);
     }
     rt.phase(Phase::Claim, claiming);
-    let mut publication = Publication::new(producer, &rt.topics, stop, rows.len());
+    let mut publication = Publication::new(producer, &rt.messages, stop, rows.len());
     publication.send(&rows).await;
     Ok(Some(Flight {
         rows,

@@ -12,7 +12,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use super::store::ClaimedRow;
-use crate::config::TableConfig;
+use crate::config::{HeaderNames, NullPayload, TableConfig};
 use crate::glob::glob_match;
 use crate::reserved_headers::is_reserved;
 use crate::topic::{check_topic, TemplateError, TopicNameError, TopicTemplate};
@@ -158,6 +158,41 @@ impl TopicSource {
     }
 }
 
+/// How a table's rows become messages: their topic, the headers outboxd adds, and what a
+/// NULL payload becomes.
+#[derive(Debug, Clone)]
+pub struct MessageShape {
+    /// Where each row's topic comes from.
+    pub topics: TopicSource,
+    names: HeaderNames,
+    /// The names of `header_columns`, in the order the claim returns their values.
+    header_columns: Vec<String>,
+    null_payload: NullPayload,
+}
+
+impl MessageShape {
+    /// The message shape of table `t`.
+    pub fn new(t: &TableConfig) -> Result<Self, TopicSourceError> {
+        Ok(MessageShape {
+            topics: TopicSource::new(t)?,
+            names: t.header_names.clone(),
+            header_columns: t.header_columns.keys().cloned().collect(),
+            null_payload: t.null_payload,
+        })
+    }
+}
+
+/// A header's value from JSON: a string as it is, any other value as its JSON text.
+fn header_value<'v>(value: &'v serde_json::Value, text: &'v mut String) -> &'v [u8] {
+    match value {
+        serde_json::Value::String(s) => s.as_bytes(),
+        other => {
+            *text = other.to_string();
+            text.as_bytes()
+        }
+    }
+}
+
 /// A row ready to send.
 struct Prepared {
     topic: Arc<str>,
@@ -166,7 +201,7 @@ struct Prepared {
 
 fn prepare(
     row: &ClaimedRow,
-    topics: &TopicSource,
+    shape: &MessageShape,
     scratch: &mut String,
     last_topic: &mut Option<Arc<str>>,
 ) -> Result<Prepared, String> {
@@ -176,10 +211,12 @@ fn prepare(
     if row.key().is_none() {
         return Err("key column is NULL".into());
     }
-    if row.payload.is_none() {
-        return Err("payload column is NULL".into());
+    if row.payload.is_none() && shape.null_payload == NullPayload::DeadRow {
+        return Err(
+            "payload column is NULL (null_payload = \"tombstone\" sends it as a tombstone)".into(),
+        );
     }
-    let topic = topics.topic_of(row, scratch, last_topic)?;
+    let topic = shape.topics.topic_of(row, scratch, last_topic)?;
     let extra = match row.headers() {
         None => serde_json::Map::new(),
         Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
@@ -189,23 +226,37 @@ fn prepare(
             Err(e) => return Err(format!("headers column is not valid JSON: {e}")),
         },
     };
-    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len());
+    let columns = match row.header_columns() {
+        None => Vec::new(),
+        Some(text) => serde_json::from_str::<Vec<serde_json::Value>>(text)
+            .map_err(|e| format!("header_columns cannot be read: {e}"))?,
+    };
+    let names = &shape.names;
+    let mut headers = OwnedHeaders::new_with_capacity(3 + extra.len() + shape.header_columns.len());
     let event_id = row.event_id().unwrap_or(row.id());
     headers = headers.insert(Header {
-        key: "event-id",
+        key: &names.event_id,
         value: Some(event_id.as_bytes()),
     });
-    if let Some(t) = row.event_type() {
-        headers = headers.insert(Header {
-            key: "event-type",
-            value: Some(t.as_bytes()),
-        });
+    for (name, value) in [
+        (&names.event_type, row.event_type()),
+        (&names.aggregate_type, row.aggregate_type()),
+    ] {
+        if let Some(value) = value.filter(|_| !name.is_empty()) {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
     }
-    if let Some(t) = row.aggregate_type() {
-        headers = headers.insert(Header {
-            key: "aggregate-type",
-            value: Some(t.as_bytes()),
-        });
+    let mut text = String::new();
+    for (key, value) in shape.header_columns.iter().zip(&columns) {
+        if !value.is_null() {
+            headers = headers.insert(Header {
+                key,
+                value: Some(header_value(value, &mut text)),
+            });
+        }
     }
     if let Some(key) = extra.keys().find(|k| is_reserved(k)) {
         return Err(format!(
@@ -213,17 +264,9 @@ fn prepare(
         ));
     }
     for (key, value) in &extra {
-        let text;
-        let bytes = match value {
-            serde_json::Value::String(s) => s.as_bytes(),
-            other => {
-                text = other.to_string();
-                text.as_bytes()
-            }
-        };
         headers = headers.insert(Header {
             key,
-            value: Some(bytes),
+            value: Some(header_value(value, &mut text)),
         });
     }
     Ok(Prepared { topic, headers })
@@ -254,7 +297,7 @@ const NOT_SENT: &str = "not sent: shutting down while the producer's local queue
 /// sends them while the next rows are claimed), then every delivery report is awaited.
 pub struct Publication<'p> {
     producer: &'p FutureProducer,
-    topics: &'p TopicSource,
+    shape: &'p MessageShape,
     /// Shutdown: a row that then finds the producer's local queue full is not enqueued.
     stop: &'p CancellationToken,
     /// A row was left unsent at shutdown: every later row is left too, so that none
@@ -273,13 +316,13 @@ impl<'p> Publication<'p> {
     /// room in the producer's queue once `stop` is cancelled.
     pub fn new(
         producer: &'p FutureProducer,
-        topics: &'p TopicSource,
+        shape: &'p MessageShape,
         stop: &'p CancellationToken,
         rows: usize,
     ) -> Self {
         Publication {
             producer,
-            topics,
+            shape,
             stop,
             abandoned: false,
             outcomes: Vec::with_capacity(rows),
@@ -300,8 +343,7 @@ impl<'p> Publication<'p> {
                 self.outcomes[i] = Some(RowOutcome::Failed(NOT_SENT.into()));
                 continue;
             }
-            let prepared = match prepare(row, self.topics, &mut self.scratch, &mut self.last_topic)
-            {
+            let prepared = match prepare(row, self.shape, &mut self.scratch, &mut self.last_topic) {
                 Ok(p) => p,
                 Err(reason) => {
                     self.outcomes[i] = Some(RowOutcome::Bad(reason));
@@ -309,12 +351,15 @@ impl<'p> Publication<'p> {
                 }
             };
             let key = row.key().unwrap_or_default();
-            let payload = row.payload.as_deref().unwrap_or_default();
             let topic = prepared.topic;
-            let mut record = FutureRecord::to(&topic)
+            let record = FutureRecord::<str, [u8]>::to(&topic)
                 .key(key)
-                .payload(payload)
                 .headers(prepared.headers);
+            // No payload: a tombstone (`prepare` let it through only when configured so).
+            let mut record = match row.payload.as_deref() {
+                Some(payload) => record.payload(payload),
+                None => record,
+            };
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
@@ -413,13 +458,76 @@ mod tests {
         assert_eq!(&*topic_of("A").unwrap(), "events.A");
     }
 
-    fn topics() -> TopicSource {
-        let t = TableConfig {
+    fn table() -> TableConfig {
+        TableConfig {
             table: "outbox".into(),
             topic: Some("events.{event_type}".into()),
             ..TableConfig::default()
-        };
-        TopicSource::new(&t).unwrap()
+        }
+    }
+
+    fn topics() -> MessageShape {
+        MessageShape::new(&table()).unwrap()
+    }
+
+    fn header_list(p: &Prepared) -> Vec<(String, Option<String>)> {
+        use rdkafka::message::Headers;
+        p.headers
+            .iter()
+            .map(|h| {
+                let value = h.value.map(|v| String::from_utf8(v.to_vec()).unwrap());
+                (h.key.to_owned(), value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn header_names_and_header_columns_come_from_the_configuration() {
+        let mut t = table();
+        t.header_names.event_id = "id".into();
+        t.header_columns = [("tenant", "tenant_id"), ("count", "n"), ("gone", "g")]
+            .into_iter()
+            .map(|(h, c)| (h.to_owned(), crate::config::Column::new(c).unwrap()))
+            .collect();
+        let shape = MessageShape::new(&t).unwrap();
+        // Values in the order of the names: count, gone, tenant.
+        let row = ClaimedRow::new(&Columns {
+            id: "7",
+            key: Some("k"),
+            payload: Some(b"{}"),
+            event_type: Some("E"),
+            header_columns: Some(r#"[3, null, "acme"]"#),
+            ..Columns::default()
+        });
+        let p = prepare(&row, &shape, &mut String::new(), &mut None).unwrap();
+        let h = |k: &str, v: &str| (k.to_owned(), Some(v.to_owned()));
+        assert_eq!(
+            header_list(&p),
+            [
+                h("id", "7"),
+                h("event-type", "E"),
+                h("count", "3"),
+                h("tenant", "acme")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_null_payload_is_a_dead_row_or_a_tombstone_as_configured() {
+        let null = ClaimedRow::new(&Columns {
+            id: "1",
+            key: Some("k"),
+            event_type: Some("E"),
+            ..Columns::default()
+        });
+        let err = prepare(&null, &topics(), &mut String::new(), &mut None)
+            .err()
+            .expect("a dead row");
+        assert!(err.contains("payload column is NULL"), "{err}");
+        let mut t = table();
+        t.null_payload = NullPayload::Tombstone;
+        let shape = MessageShape::new(&t).unwrap();
+        assert!(prepare(&null, &shape, &mut String::new(), &mut None).is_ok());
     }
 
     #[test]
@@ -429,8 +537,8 @@ mod tests {
             topic: Some(topic.into()),
             ..TableConfig::default()
         };
-        let fixed = TopicSource::new(&t("orders.events")).unwrap();
-        assert!(matches!(&fixed, TopicSource::Fixed(name) if &**name == "orders.events"));
+        let fixed = MessageShape::new(&t("orders.events")).unwrap();
+        assert!(matches!(&fixed.topics, TopicSource::Fixed(name) if &**name == "orders.events"));
         let p = prepare(
             &row(None, Some("k".into())),
             &fixed,

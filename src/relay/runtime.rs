@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::publish::TopicSource;
+use super::publish::MessageShape;
 use super::store::Store;
 use crate::config::TableConfig;
 use crate::kafka::ProducerSlot;
@@ -55,8 +55,8 @@ pub struct TableRuntime {
     pub config: TableConfig,
     /// Its storage.
     pub store: Arc<dyn Store>,
-    /// How a row's topic is found.
-    pub topics: TopicSource,
+    /// How a row becomes a message.
+    pub messages: MessageShape,
     /// The shared producer.
     pub producer: Arc<ProducerSlot>,
     /// Metrics.

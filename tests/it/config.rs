@@ -123,6 +123,36 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "shutdown_timeout",
         ),
         (
+            "cursor mode on MySQL",
+            format!("[database]\nurl = \"mysql://root@127.0.0.1/test\"\n[kafka]\nbrokers = \"embedded\"\n{table}on_published = \"cursor\"\nnotify_channel = \"\"\n"),
+            "relay.tables[0].on_published",
+        ),
+        (
+            "a reserved header name",
+            format!("{base}{table}header_columns = {{ outboxd-replay-count = \"n\" }}\n"),
+            "relay.tables[0].header_columns.outboxd-replay-count",
+        ),
+        (
+            "a header name twice",
+            format!("{base}{table}header_names = {{ event_id = \"id\" }}\nheader_columns = {{ ID = \"x\" }}\n"),
+            "relay.tables[0].header_columns.ID",
+        ),
+        (
+            "no name for the event id",
+            format!("{base}{table}header_names = {{ event_id = \"\" }}\n"),
+            "relay.tables[0].header_names.event_id",
+        ),
+        (
+            "a header column that is no column name",
+            format!("{base}{table}header_columns = {{ tenant = \"tenant id\" }}\n"),
+            "relay.tables[0].header_columns.tenant",
+        ),
+        (
+            "unknown null_payload",
+            format!("{base}{table}null_payload = \"drop\"\n"),
+            "null_payload",
+        ),
+        (
             "unknown template column",
             format!("{base}[[relay.tables]]\ntable = \"outbox\"\ntopic = \"events.{{colour}}\"\n"),
             "relay.tables[0].topic",
@@ -273,6 +303,17 @@ fn bad_configurations_exit_78_and_name_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/outboxd.toml"));
+}
+
+#[test]
+fn published_at_column_is_still_accepted_for_published_column() {
+    let toml =
+        "[database]\nurl = \"postgres://x@127.0.0.1/test\"\n[kafka]\nbrokers = \"embedded\"\n\
+        [[relay.tables]]\ntable = \"outbox\"\ntopic = \"e.{event_type}\"\non_published = \"mark\"\n\
+        published_at_column = \"sent\"\n";
+    let (code, out, err) = run_with(&["check-config"], toml, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("published_column = \"sent\""), "{out}");
 }
 
 #[test]

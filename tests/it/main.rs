@@ -30,3 +30,4 @@ mod relay_faults;
 mod relay_lane_identity;
 mod relay_pipeline;
 mod relay_shutdown;
+mod relay_tables;

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{OnPublished, TableConfig};
+use crate::config::{Column, OnPublished, TableConfig};
 use crate::db::Database;
 
 /// What a follower needs to claim the rows after its leader's open claim without passing
@@ -335,7 +335,7 @@ pub async fn emit(
 }
 
 /// The columns the mapping of `t` requires, as `(config key, column)`.
-pub fn required_columns(t: &TableConfig) -> Vec<(&'static str, &str)> {
+pub fn required_columns(t: &TableConfig) -> Vec<(String, &str)> {
     let optional = [
         ("event_id_column", t.event_id_column.as_ref()),
         ("headers_column", t.headers_column.as_ref()),
@@ -344,8 +344,8 @@ pub fn required_columns(t: &TableConfig) -> Vec<(&'static str, &str)> {
         ("created_at_column", t.created_at_column.as_ref()),
         ("topic_column", t.topic_column.as_ref()),
         (
-            "published_at_column",
-            Some(&t.published_at_column).filter(|_| t.on_published == OnPublished::Mark),
+            "published_column",
+            Some(&t.published_column).filter(|_| t.on_published == OnPublished::Mark),
         ),
     ];
     [
@@ -356,7 +356,12 @@ pub fn required_columns(t: &TableConfig) -> Vec<(&'static str, &str)> {
     ]
     .into_iter()
     .chain(optional.into_iter().filter_map(|(key, c)| Some((key, c?))))
-    .map(|(key, c)| (key, c.as_str()))
+    .map(|(key, c)| (key.to_owned(), c.as_str()))
+    .chain(
+        t.header_columns
+            .iter()
+            .map(|(header, c)| (format!("header_columns.{header}"), c.as_str())),
+    )
     .collect()
 }
 
@@ -381,47 +386,142 @@ pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Checks that the time columns the relay uses have a type it can use: `created_at_column`
-/// (read for the delay and age metrics) and, in mark mode, `published_at_column` (set to
-/// the current time). `columns` are the table's `(name, type)` as the database names
-/// them, `is_time` says whether a type is a time type, and `time_types` names them for
-/// the message.
-pub fn check_time_columns(
+/// What a column's type lets outboxd do with it, as each backend reads its catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// A date or time type.
+    Time,
+    /// A number (integer, floating, decimal).
+    Number,
+    /// A boolean.
+    Boolean,
+    /// Anything else.
+    Other,
+}
+
+/// How `created_at_column` gives a row's creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreatedAt {
+    /// A time column.
+    Time,
+    /// Unix epoch seconds or milliseconds (see [`EPOCH_MILLIS_ABOVE`]).
+    Epoch,
+}
+
+/// A number of epoch seconds above this is read as milliseconds: as seconds it would be
+/// after the year 5000, as milliseconds it is after March 1973.
+pub const EPOCH_MILLIS_ABOVE: f64 = 100_000_000_000.0;
+
+/// SQL giving the Unix seconds of `expr`, a number of epoch seconds or milliseconds.
+pub fn epoch_seconds_sql(expr: &str) -> String {
+    format!(
+        "(CASE WHEN {expr} > {EPOCH_MILLIS_ABOVE:.1} THEN {expr} / 1000.0 ELSE {expr} * 1.0 END)"
+    )
+}
+
+/// How mark mode marks a published row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// The current time into a time column; pending while NULL; purged after retention.
+    Time,
+    /// True into a boolean column; pending while false or NULL; never purged.
+    Flag,
+}
+
+/// What the table's column types say about the time and mark columns the relay uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnUse {
+    /// `created_at_column`, when mapped.
+    pub created_at: Option<CreatedAt>,
+    /// `published_column` in mark mode.
+    pub mark: Option<Mark>,
+}
+
+/// Checks that the time and mark columns the relay uses have a type it can use:
+/// `created_at_column` (a time or a number of epoch seconds or milliseconds, read for the
+/// delay and age metrics) and, in mark mode, `published_column` (a time or a boolean).
+/// `columns` are the table's `(name, type)` as the database names them and `kind`
+/// classifies a type.
+pub fn check_column_use(
     t: &TableConfig,
     columns: &[(String, String)],
-    is_time: impl Fn(&str) -> bool,
-    time_types: &str,
-) -> Result<(), StoreError> {
+    kind: impl Fn(&str) -> ColumnKind,
+) -> Result<ColumnUse, StoreError> {
     let type_of = |name: &str| {
         columns
             .iter()
             .find(|(c, _)| c == name)
             .map(|(_, ty)| ty.as_str())
     };
-    let mut used = Vec::new();
-    if let Some(c) = &t.created_at_column {
-        used.push((
-            "created_at_column",
-            c,
-            "or set created_at_column = \"\" to do without the delay and age metrics",
-        ));
-    }
-    if t.on_published == OnPublished::Mark {
-        used.push((
-            "published_at_column",
-            &t.published_at_column,
-            "or use on_published = \"delete\"",
-        ));
-    }
-    for (key, column, alternative) in used {
-        if let Some(ty) = type_of(column).filter(|ty| !is_time(ty)) {
-            return Err(StoreError::Schema(format!(
-                "table `{}`: column `{column}` (relay.tables.{key}) is of type {ty}, which outboxd cannot use as a time; it needs {time_types}: change the column's type, {alternative}",
-                t.table
-            )));
+    let unusable = |key: &str, column: &Column, ty: &str, needs: &str, alternative: &str| {
+        StoreError::Schema(format!(
+            "table `{}`: column `{column}` (relay.tables.{key}) is of type {ty}; it needs {needs}: change the column's type, {alternative}",
+            t.table
+        ))
+    };
+    let created_at =
+        match &t.created_at_column {
+            None => None,
+            Some(c) => match type_of(c) {
+                None => Some(CreatedAt::Time),
+                Some(ty) => match kind(ty) {
+                    ColumnKind::Time => Some(CreatedAt::Time),
+                    ColumnKind::Number => Some(CreatedAt::Epoch),
+                    ColumnKind::Boolean | ColumnKind::Other => return Err(unusable(
+                        "created_at_column",
+                        c,
+                        ty,
+                        "a time type or a number of Unix epoch seconds or milliseconds",
+                        "or set created_at_column = \"\" to do without the delay and age metrics",
+                    )),
+                },
+            },
+        };
+    let mark = match t.on_published {
+        OnPublished::Mark => {
+            let c = &t.published_column;
+            match type_of(c).map(|ty| (ty, kind(ty))) {
+                None | Some((_, ColumnKind::Time)) => Some(Mark::Time),
+                Some((_, ColumnKind::Boolean)) => Some(Mark::Flag),
+                Some((ty, _)) => {
+                    return Err(unusable(
+                        "published_column",
+                        c,
+                        ty,
+                        "a time type (set to the current time) or a boolean (set to true)",
+                        "or use on_published = \"delete\"",
+                    ))
+                }
+            }
         }
-    }
-    Ok(())
+        OnPublished::Delete | OnPublished::Cursor => None,
+    };
+    Ok(ColumnUse { created_at, mark })
+}
+
+/// A cursor-mode lane's position: the last row it published, in publication order (the
+/// transaction that wrote the row where the backend orders by it, then the order column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The writing transaction's id as the backend orders them (0 where it does not).
+    pub xid: i64,
+    /// The order column's value.
+    pub ord: i64,
+}
+
+/// Where a cursor lane's position goes after a batch of `claimed` rows (in publication
+/// order) of which `passed` tells the ones that are done (published or dead): past the
+/// longest run of done rows from the batch's start, with the highest order value in that
+/// run. `None` when the first row is not done: the position stays.
+pub fn position_after(
+    claimed: &[(String, Position)],
+    passed: impl Fn(&str) -> bool,
+) -> Option<(Position, i64)> {
+    let run = claimed.iter().take_while(|(id, _)| passed(id));
+    run.fold(None, |acc, (_, p)| match acc {
+        None => Some((*p, p.ord)),
+        Some((_, high)) => Some((*p, high.max(p.ord))),
+    })
 }
 
 /// Rows one purge statement removes at most (its `LIMIT`); each batch is its own
@@ -458,4 +558,27 @@ pub fn stable_hash(s: &str) -> i32 {
 /// A random number to spread member slots and the first lane tried across processes.
 pub fn random_slot() -> i32 {
     fastrand::i32(0..i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claimed(keys: &[(i64, i64)]) -> Vec<(String, Position)> {
+        keys.iter()
+            .map(|&(xid, ord)| (ord.to_string(), Position { xid, ord }))
+            .collect()
+    }
+
+    #[test]
+    fn a_position_passes_the_done_rows_up_to_the_first_that_is_not() {
+        // Order values out of order across transactions: the highest passed one counts.
+        let batch = claimed(&[(10, 7), (11, 3), (12, 9), (13, 4)]);
+        let all = position_after(&batch, |_| true);
+        assert_eq!(all, Some((Position { xid: 13, ord: 4 }, 9)));
+        let until_refused = position_after(&batch, |id| id != "9");
+        assert_eq!(until_refused, Some((Position { xid: 11, ord: 3 }, 7)));
+        assert_eq!(position_after(&batch, |id| id != "7"), None);
+        assert_eq!(position_after(&[], |_| true), None);
+    }
 }

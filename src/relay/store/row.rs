@@ -17,7 +17,8 @@ pub struct ClaimedRow {
     event_type: Option<Span>,
     aggregate_type: Option<Span>,
     topic: Option<Span>,
-    /// Message value; NULL makes the row a dead row.
+    header_columns: Option<Span>,
+    /// Message value; NULL makes the row a dead row (or a tombstone, as configured).
     pub payload: Option<Vec<u8>>,
     /// Creation time as Unix seconds.
     pub created_at: Option<f64>,
@@ -54,6 +55,8 @@ pub struct Columns<'a> {
     pub created_at: Option<f64>,
     /// The topic, when it comes from `topic_column`.
     pub topic: Option<&'a str>,
+    /// The `header_columns` as a JSON object of header name to value.
+    pub header_columns: Option<&'a str>,
 }
 
 impl ClaimedRow {
@@ -67,6 +70,7 @@ impl ClaimedRow {
             c.event_type,
             c.aggregate_type,
             c.topic,
+            c.header_columns,
         ];
         let mut text = String::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
         let mut put = |t: &str| {
@@ -84,6 +88,7 @@ impl ClaimedRow {
         let event_type = c.event_type.map(&mut put);
         let aggregate_type = c.aggregate_type.map(&mut put);
         let topic = c.topic.map(&mut put);
+        let header_columns = c.header_columns.map(&mut put);
         ClaimedRow {
             text,
             id,
@@ -93,6 +98,7 @@ impl ClaimedRow {
             event_type,
             aggregate_type,
             topic,
+            header_columns,
             payload: c.payload.map(<[u8]>::to_vec),
             created_at: c.created_at,
             unreadable: None,
@@ -136,6 +142,11 @@ impl ClaimedRow {
     /// The topic, when it comes from `topic_column`.
     pub fn topic(&self) -> Option<&str> {
         self.get(self.topic)
+    }
+
+    /// The `header_columns` as a JSON object of header name to value.
+    pub fn header_columns(&self) -> Option<&str> {
+        self.get(self.header_columns)
     }
 }
 
@@ -227,6 +238,7 @@ mod tests {
             aggregate_type: Some("order"),
             created_at: Some(1.5),
             topic: Some("t"),
+            header_columns: Some("{\"tenant\":\"a\"}"),
         });
         assert_eq!(row.id(), "42");
         assert_eq!(row.key(), Some(""));
@@ -237,5 +249,6 @@ mod tests {
         assert_eq!(row.aggregate_type(), Some("order"));
         assert_eq!(row.created_at, Some(1.5));
         assert_eq!(row.topic(), Some("t"));
+        assert_eq!(row.header_columns(), Some("{\"tenant\":\"a\"}"));
     }
 }

@@ -15,8 +15,9 @@ use crate::config::{Column, OnPublished, TableConfig};
 
 use super::sqlite_lock::{self, LaneLock};
 use super::{
-    check_columns, purge_in_batches, Census, ClaimedRow, Columns, Lane, LaneOwner, LaneSession,
-    Lenient, Membership, NewEvent, Settled, Settlement, Store, StoreError, PURGE_BATCH,
+    check_column_use, check_columns, epoch_seconds_sql, position_after, purge_in_batches, Census,
+    ClaimedRow, ColumnKind, ColumnUse, Columns, Lane, LaneOwner, LaneSession, Lenient, Mark,
+    Membership, NewEvent, Position, Settled, Settlement, Store, StoreError, PURGE_BATCH,
 };
 
 /// The current time as SQLite writes it into the reference table (UTC, ISO 8601).
@@ -32,34 +33,84 @@ fn quote_table(table: &str) -> String {
     table.split('.').map(q).collect::<Vec<_>>().join(".")
 }
 
-/// Unix seconds of a time column: numbers are taken as Unix seconds, text as a date
-/// SQLite understands (ISO 8601).
+/// Unix seconds of a time column: numbers are taken as Unix seconds or milliseconds (see
+/// [`epoch_seconds_sql`]), text as a date SQLite understands (ISO 8601).
 fn epoch(expr: &str) -> String {
     format!(
-        "(CASE WHEN typeof({expr}) IN ('integer', 'real') THEN {expr} * 1.0 \
-         ELSE (julianday({expr}) - 2440587.5) * 86400.0 END)"
+        "(CASE WHEN typeof({expr}) IN ('integer', 'real') THEN {} \
+         ELSE (julianday({expr}) - 2440587.5) * 86400.0 END)",
+        epoch_seconds_sql(expr)
     )
 }
 
-/// The table's column names in order; empty when it does not exist.
-async fn columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<String>, StoreError> {
+/// One column as `pragma_table_info` describes it.
+struct TableColumn {
+    name: String,
+    /// The declared type, as written in `CREATE TABLE`.
+    declared: String,
+    /// Its place in the primary key (0: not in it).
+    pk: i64,
+}
+
+/// The table's columns in order; empty when it does not exist.
+async fn columns(conn: &mut SqliteConnection, table: &str) -> Result<Vec<TableColumn>, StoreError> {
     let (schema, name) = match table.split_once('.') {
         Some((schema, name)) => (schema, name),
         None => ("main", table),
     };
-    Ok(
-        sqlx::query_scalar("SELECT name FROM pragma_table_info(?, ?) ORDER BY cid")
-            .bind(name)
-            .bind(schema)
-            .fetch_all(&mut *conn)
-            .await?,
-    )
+    let rows = sqlx::query("SELECT name, type, pk FROM pragma_table_info(?, ?) ORDER BY cid")
+        .bind(name)
+        .bind(schema)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableColumn {
+            name: r.get(0),
+            declared: r.get(1),
+            pk: r.get(2),
+        })
+        .collect())
+}
+
+/// Checks table `t`'s columns against the mapping: every mapped column exists, a mark
+/// column declared boolean is a flag (any other is a time), and cursor mode orders by the
+/// table's `INTEGER PRIMARY KEY`.
+fn check_table(t: &TableConfig, columns: &[TableColumn]) -> Result<ColumnUse, StoreError> {
+    let names: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    check_columns(t, &names)?;
+    let typed: Vec<(String, String)> = columns
+        .iter()
+        .map(|c| (c.name.clone(), c.declared.to_ascii_uppercase()))
+        .collect();
+    // SQLite decides a value's type row by row: `epoch` reads numbers and text alike.
+    let uses = check_column_use(t, &typed, |ty| match ty.contains("BOOL") {
+        true => ColumnKind::Boolean,
+        false => ColumnKind::Time,
+    })?;
+    if t.on_published == OnPublished::Cursor {
+        // Only the rowid is assigned under the write lock that also orders commits; SQLite
+        // has one writer, so rows become visible in rowid order and a position passes
+        // over none. Rows must not be deleted: a deleted highest rowid is handed out again.
+        let ord = t.order_column().as_str();
+        let keys: Vec<&TableColumn> = columns.iter().filter(|c| c.pk > 0).collect();
+        let is_rowid = matches!(keys.as_slice(), [k] if k.name == ord && k.declared.eq_ignore_ascii_case("INTEGER"));
+        if !is_rowid {
+            return Err(StoreError::Schema(format!(
+                "table `{}`: on_published = \"cursor\" on SQLite needs the order column `{ord}` (relay.tables.order_column) to be the table's INTEGER PRIMARY KEY, which SQLite assigns in commit order",
+                t.table
+            )));
+        }
+    }
+    Ok(uses)
 }
 
 /// Every statement of one table, rendered once.
 #[derive(Debug)]
 struct TableSql {
     table: String,
+    /// Cursor mode: the claim reads after the lane's position, and rows are never changed.
+    cursor: bool,
     claim: String,
     /// `$1 = JSON array of ids`: delete or mark.
     finish: String,
@@ -73,23 +124,47 @@ struct TableSql {
 }
 
 impl TableSql {
-    fn new(t: &TableConfig, columns: &[String]) -> Self {
+    fn new(t: &TableConfig, columns: &[String], uses: ColumnUse) -> Self {
         let table = quote_table(&t.table);
         let id = q(&t.id_column);
+        let ord = q(t.order_column());
         let text = |col: Option<&Column>| match col {
             None => "NULL".to_owned(),
             Some(col) => format!("CAST(o.{} AS TEXT)", q(col)),
         };
+        let published = q(&t.published_column);
+        let (pending, mark_value) = match uses.mark {
+            Some(Mark::Flag) => (format!("o.{published} IS NOT TRUE"), "1"),
+            _ => (format!("o.{published} IS NULL"), NOW),
+        };
         let pending = match t.on_published {
             OnPublished::Delete => "1".to_owned(),
-            OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
+            OnPublished::Mark => pending,
+            // Validation restricted the name to letters, digits, `_`, `$` and one `.`.
+            OnPublished::Cursor => format!(
+                "o.{ord} > coalesce((SELECT position FROM outboxd_relay_cursors \
+                 WHERE source_table = '{}' AND lanes = 1 AND lane = 0), -9223372036854775808)",
+                t.table
+            ),
         };
         let ids = "(SELECT value FROM json_each(?1))";
         let finish = match t.on_published {
-            OnPublished::Delete => format!("DELETE FROM {table} WHERE {id} IN {ids}"),
-            OnPublished::Mark => format!(
-                "UPDATE {table} SET {} = {NOW} WHERE {id} IN {ids}",
-                q(&t.published_at_column)
+            OnPublished::Delete | OnPublished::Cursor => {
+                format!("DELETE FROM {table} WHERE {id} IN {ids}")
+            }
+            OnPublished::Mark => {
+                format!("UPDATE {table} SET {published} = {mark_value} WHERE {id} IN {ids}")
+            }
+        };
+        let header_columns = match t.header_columns.is_empty() {
+            true => "NULL".to_owned(),
+            false => format!(
+                "json_array({})",
+                t.header_columns
+                    .values()
+                    .map(|c| format!("o.{}", q(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         let created_at = t
@@ -111,12 +186,15 @@ impl TableSql {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let cursor = t.on_published == OnPublished::Cursor;
         TableSql {
             table: t.table.clone(),
+            cursor,
             claim: format!(
                 "SELECT CAST(o.{id} AS TEXT), {key}, CAST(o.{payload} AS BLOB), {headers}, {event_id}, \
-                 {event_type}, {aggregate_type}, {created_at}, {topic} FROM {table} o WHERE {pending} \
-                 ORDER BY o.{ord} LIMIT ?1",
+                 {event_type}, {aggregate_type}, {created_at}, {topic}, {header_columns}, {ord_out} \
+                 FROM {table} o WHERE {pending} ORDER BY o.{ord} LIMIT ?1",
+                ord_out = if cursor { format!("o.{ord}") } else { "0".to_owned() },
                 key = text(Some(&t.key_column)),
                 payload = q(&t.payload_column),
                 headers = text(t.headers_column.as_ref()),
@@ -125,7 +203,6 @@ impl TableSql {
                 aggregate_type = text(t.aggregate_type_column.as_ref()),
                 topic = text(t.topic_column.as_ref()),
                 created_at = created_at.as_deref().unwrap_or("NULL"),
-                ord = q(t.order_column()),
             ),
             finish,
             copy_dead: format!(
@@ -135,6 +212,10 @@ impl TableSql {
             delete_one: format!("DELETE FROM {table} WHERE {id} = ?1"),
             stats: format!(
                 "SELECT count(*), {oldest} FROM {table} o WHERE {pending}",
+                pending = match cursor {
+                    true => pending.replace("SELECT position", "SELECT high"),
+                    false => pending.clone(),
+                },
                 oldest = match &created_at {
                     None => "NULL".to_owned(),
                     Some(created_at) => format!(
@@ -142,17 +223,23 @@ impl TableSql {
                     ),
                 }
             ),
-            purge: (t.on_published == OnPublished::Mark).then(|| {
-                let published = epoch(&format!("o.{}", q(&t.published_at_column)));
+            purge: (uses.mark == Some(Mark::Time)).then(|| {
+                let published = epoch(&format!("o.{published}"));
                 format!(
                     "DELETE FROM {table} WHERE {id} IN (SELECT o.{id} FROM {table} o \
                      WHERE {published} < (julianday('now') - 2440587.5) * 86400.0 - ?1 LIMIT {PURGE_BATCH})"
                 )
             }),
-            cleanup_attempts: format!(
-                "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 AND NOT EXISTS \
-                 (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
-            ),
+            cleanup_attempts: match cursor {
+                // A published row stays: its counter goes once it is older than any retry.
+                true => "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 \
+                         AND updated_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')"
+                    .to_owned(),
+                false => format!(
+                    "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 AND NOT EXISTS \
+                     (SELECT 1 FROM {table} o WHERE o.{id} = outboxd_relay_attempts.row_id AND {pending})"
+                ),
+            },
         }
     }
 }
@@ -171,6 +258,7 @@ fn decode(r: &SqliteRow) -> Result<ClaimedRow, StoreError> {
         aggregate_type: c.get(6, "aggregate_type_column"),
         created_at: c.get(7, "created_at_column"),
         topic: c.get(8, "topic_column"),
+        header_columns: c.get(9, "header_columns"),
     });
     Ok(c.finish(row))
 }
@@ -195,11 +283,12 @@ impl SqliteStore {
     ) -> Result<Self, StoreError> {
         let mut conn = pool.acquire().await?;
         let columns = columns(&mut conn, &t.table).await?;
-        check_columns(t, &columns)?;
+        let uses = check_table(t, &columns)?;
+        let names: Vec<String> = columns.into_iter().map(|c| c.name).collect();
         let database_file = sqlite_lock::database_file(opts.get_filename());
         Ok(SqliteStore {
             config: t.clone(),
-            sql: Arc::new(TableSql::new(t, &columns)),
+            sql: Arc::new(TableSql::new(t, &names, uses)),
             opts,
             pool,
             database_file,
@@ -303,8 +392,9 @@ struct SqliteLane {
     conn: SqliteConnection,
     _lock: Option<LaneLock>,
     sql: Arc<TableSql>,
-    /// Ids of the rows claimed and not yet committed or released.
-    claimed: Vec<String>,
+    /// Ids of the rows claimed and not yet committed or released, with their positions
+    /// (cursor mode).
+    claimed: Vec<(String, Position)>,
 }
 
 impl SqliteLane {
@@ -324,8 +414,30 @@ impl SqliteLane {
         Ok(())
     }
 
+    /// Cursor mode: moves the lane's position to `to` (nothing when `None`).
+    async fn advance(&mut self, to: Option<(Position, i64)>) -> Result<(), StoreError> {
+        let Some((to, high)) = to else {
+            return Ok(());
+        };
+        sqlx::query(&format!(
+            "INSERT INTO outboxd_relay_cursors (source_table, lanes, lane, xid, position, high) \
+             VALUES (?1, 1, 0, ?2, ?3, ?4) ON CONFLICT (source_table, lanes, lane) DO UPDATE \
+             SET xid = excluded.xid, position = excluded.position, \
+             high = max(high, excluded.high), updated_at = {NOW}"
+        ))
+        .bind(&self.sql.table)
+        .bind(to.xid)
+        .bind(to.ord)
+        .bind(high)
+        .execute(&mut self.conn)
+        .await?;
+        Ok(())
+    }
+
     async fn settle_in_tx(&mut self, s: &Settlement<'_>) -> Result<Settled, StoreError> {
-        self.finish(s.finished).await?;
+        if !self.sql.cursor {
+            self.finish(s.finished).await?;
+        }
         let mut counts = HashMap::new();
         for (id, error) in s.refused {
             let attempts: i32 = sqlx::query_scalar(&format!(
@@ -351,11 +463,15 @@ impl SqliteLane {
                 .bind(d.attempts)
                 .execute(&mut self.conn)
                 .await?;
-            moved += sqlx::query(&self.sql.delete_one)
-                .bind(&d.id)
-                .execute(&mut self.conn)
-                .await?
-                .rows_affected();
+            // Cursor mode changes no row: the copy is the move, and the position passes it.
+            moved += match self.sql.cursor {
+                true => 1,
+                false => sqlx::query(&self.sql.delete_one)
+                    .bind(&d.id)
+                    .execute(&mut self.conn)
+                    .await?
+                    .rows_affected(),
+            };
             sqlx::query(
                 "DELETE FROM outboxd_relay_attempts WHERE source_table = ?1 AND row_id = ?2",
             )
@@ -363,6 +479,17 @@ impl SqliteLane {
             .bind(&d.id)
             .execute(&mut self.conn)
             .await?;
+        }
+        if self.sql.cursor {
+            let claimed = std::mem::take(&mut self.claimed);
+            let passed: std::collections::HashSet<&str> = s
+                .finished
+                .iter()
+                .copied()
+                .chain(dead.iter().map(|d| d.id.as_str()))
+                .collect();
+            self.advance(position_after(&claimed, |id| passed.contains(id)))
+                .await?;
         }
         Ok(Settled {
             dead,
@@ -398,9 +525,16 @@ impl LaneSession for SqliteLane {
             .bind(i64::from(limit))
             .fetch_all(&mut self.conn)
             .await?;
-        let rows = rows.iter().map(decode).collect::<Result<Vec<_>, _>>()?;
-        self.claimed = rows.iter().map(|r| r.id().to_owned()).collect();
-        Ok(rows)
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let position = Position {
+                xid: 0,
+                ord: r.try_get(10)?,
+            };
+            claimed.push((r.try_get::<String, _>(0)?, position));
+        }
+        self.claimed = claimed;
+        rows.iter().map(decode).collect()
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
@@ -409,15 +543,21 @@ impl LaneSession for SqliteLane {
             return Ok(());
         }
         self.immediate(async |lane: &mut Self| {
-            let ids: Vec<&str> = claimed.iter().map(String::as_str).collect();
+            if lane.sql.cursor {
+                return lane.advance(position_after(&claimed, |_| true)).await;
+            }
+            let ids: Vec<&str> = claimed.iter().map(|(id, _)| id.as_str()).collect();
             lane.finish(&ids).await
         })
         .await
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
-        // Nothing was written: the rows are still in the outbox.
-        self.claimed.clear();
+        // Nothing was written: the rows are still in the outbox. A cursor lane keeps its
+        // claim for a settlement, which advances the position past the rows done.
+        if !self.sql.cursor {
+            self.claimed.clear();
+        }
         Ok(())
     }
 
@@ -434,7 +574,7 @@ pub async fn emit(
     event: &NewEvent<'_>,
 ) -> Result<String, StoreError> {
     let mut conn = opts.connect().await?;
-    check_columns(t, &columns(&mut conn, &t.table).await?)?;
+    check_table(t, &columns(&mut conn, &t.table).await?)?;
     let headers = serde_json::Value::Object(event.headers.clone()).to_string();
     let columns = event.columns(t, &headers);
     let sql = format!(

@@ -17,11 +17,11 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_columns, check_time_columns, purge_in_batches, ClaimedRow, Lane, LaneOwner, LaneSession,
+    check_column_use, check_columns, purge_in_batches, ClaimedRow, Lane, LaneOwner, LaneSession,
     Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
 use locks::{get_lock, identity, LockNames, MEMBER_SLOTS};
-use statements::{columns, index_on, placeholders, q, quote_table, TableSql};
+use statements::{columns, index_on, kind_of, placeholders, q, quote_table, TableSql};
 
 /// How often a batch's delete is tried when InnoDB reports a deadlock or lock wait timeout.
 const COMMIT_ATTEMPTS: u64 = 5;
@@ -55,19 +55,14 @@ impl MySqlStore {
         let columns = columns(&mut conn, &t.table).await?;
         let names: Vec<String> = columns.iter().map(|(c, _)| c.clone()).collect();
         check_columns(t, &names)?;
-        check_time_columns(
-            t,
-            &columns,
-            |ty| matches!(ty, "datetime" | "timestamp" | "date"),
-            "DATETIME, TIMESTAMP or DATE",
-        )?;
+        let uses = check_column_use(t, &columns, kind_of)?;
         let id_index = index_on(&mut conn, &t.table, &t.id_column).await?;
         if id_index.is_none() {
             tracing::warn!(column = %t.id_column, "the id column has no index: every claim and delete scans the table");
         }
         Ok(MySqlStore {
             config: t.clone(),
-            sql: Arc::new(TableSql::new(t, &columns, id_index.as_deref())),
+            sql: Arc::new(TableSql::new(t, &columns, id_index.as_deref(), uses)),
             opts,
             pool,
             locks: LockNames::new(&identity(&mut conn, &t.table).await?),

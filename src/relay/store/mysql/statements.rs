@@ -5,7 +5,22 @@ use sqlx::mysql::{MySqlConnection, MySqlRow};
 use sqlx::Row;
 
 use crate::config::{Column, OnPublished, TableConfig};
-use crate::relay::store::{ClaimedRow, Columns, Lenient, StoreError, PURGE_BATCH};
+use crate::relay::store::{
+    epoch_seconds_sql, ClaimedRow, ColumnKind, ColumnUse, Columns, CreatedAt, Lenient, Mark,
+    StoreError, PURGE_BATCH,
+};
+
+/// What a MySQL `DATA_TYPE` can be used as; `BOOLEAN` is `tinyint(1)`.
+pub(super) fn kind_of(ty: &str) -> ColumnKind {
+    match ty {
+        "datetime" | "timestamp" | "date" => ColumnKind::Time,
+        "tinyint" | "bit" => ColumnKind::Boolean,
+        "smallint" | "mediumint" | "int" | "bigint" | "decimal" | "float" | "double" => {
+            ColumnKind::Number
+        }
+        _ => ColumnKind::Other,
+    }
+}
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
 pub(super) fn q(ident: &str) -> String {
@@ -111,6 +126,7 @@ impl TableSql {
         t: &TableConfig,
         columns: &[(String, String)],
         id_index: Option<&str>,
+        uses: ColumnUse,
     ) -> Self {
         let table = quote_table(&t.table);
         let id = q(&t.id_column);
@@ -157,20 +173,40 @@ impl TableSql {
         } else {
             text(Some(&t.payload_column))
         };
+        let epoch = |c: &Column| match uses.created_at {
+            Some(CreatedAt::Epoch) => epoch_seconds_sql(&format!("o.{}", q(c))),
+            _ => format!("UNIX_TIMESTAMP(o.{})", q(c)),
+        };
         let created_at = match &t.created_at_column {
             None => "CAST(NULL AS DOUBLE)".to_owned(),
-            Some(c) => format!("CAST(UNIX_TIMESTAMP(o.{}) AS DOUBLE)", q(c)),
+            Some(c) => format!("CAST({} AS DOUBLE)", epoch(c)),
         };
         let topic = text(t.topic_column.as_ref());
-        let pending = match t.on_published {
-            OnPublished::Delete => "TRUE".to_owned(),
-            OnPublished::Mark => format!("o.{} IS NULL", q(&t.published_at_column)),
+        let published = q(&t.published_column);
+        let (pending, mark_value) = match uses.mark {
+            Some(Mark::Flag) => (format!("o.{published} IS NOT TRUE"), "TRUE"),
+            _ => (format!("o.{published} IS NULL"), "CURRENT_TIMESTAMP(6)"),
         };
-        let finish_head = match t.on_published {
-            OnPublished::Delete => format!("DELETE o FROM {by_id} WHERE o.{id} IN "),
-            OnPublished::Mark => format!(
-                "UPDATE {by_id} SET o.{} = CURRENT_TIMESTAMP(6) WHERE o.{id} IN ",
-                q(&t.published_at_column)
+        // Validation refuses cursor mode on MySQL.
+        let (pending, finish_head) = match t.on_published {
+            OnPublished::Delete | OnPublished::Cursor => (
+                "TRUE".to_owned(),
+                format!("DELETE o FROM {by_id} WHERE o.{id} IN "),
+            ),
+            OnPublished::Mark => (
+                pending,
+                format!("UPDATE {by_id} SET o.{published} = {mark_value} WHERE o.{id} IN "),
+            ),
+        };
+        let header_columns = match t.header_columns.is_empty() {
+            true => "CAST(NULL AS CHAR)".to_owned(),
+            false => format!(
+                "CAST(JSON_ARRAY({}) AS CHAR)",
+                t.header_columns
+                    .values()
+                    .map(|c| text(Some(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         // JSON holds no binary strings: a binary column's value is kept as `\x` and its
@@ -194,7 +230,7 @@ impl TableSql {
             order_limit: format!(" ORDER BY o.{} LIMIT ?", q(t.order_column())),
             lock_rows: format!(
                 "SELECT CAST(o.{id} AS CHAR), {key}, {payload}, {headers}, {event_id}, {event_type}, \
-                 {aggregate_type}, {created_at}, {topic} FROM {by_id} WHERE {pending} AND o.{id} IN ",
+                 {aggregate_type}, {created_at}, {topic}, {header_columns} FROM {by_id} WHERE {pending} AND o.{id} IN ",
                 key = text(Some(&t.key_column)),
                 headers = text(t.headers_column.as_ref()),
                 event_id = text(t.event_id_column.as_ref()),
@@ -210,22 +246,18 @@ impl TableSql {
                 oldest = match &t.created_at_column {
                     None => "CAST(NULL AS DOUBLE)".to_owned(),
                     Some(c) => format!(
-                        "CAST(UNIX_TIMESTAMP(NOW(6)) - UNIX_TIMESTAMP(MIN(o.{})) AS DOUBLE)",
-                        q(c)
+                        "CAST(UNIX_TIMESTAMP(NOW(6)) - MIN({}) AS DOUBLE)",
+                        epoch(c)
                     ),
                 }
             ),
-            purge: (t.on_published == OnPublished::Mark).then(|| {
+            purge: (uses.mark == Some(Mark::Time)).then(|| {
                 format!(
                     "SELECT CAST(o.{id} AS CHAR) FROM {table} o WHERE o.{published} IS NOT NULL \
-                     AND o.{published} < NOW(6) - INTERVAL ? MICROSECOND LIMIT {PURGE_BATCH}",
-                    published = q(&t.published_at_column)
+                     AND o.{published} < NOW(6) - INTERVAL ? MICROSECOND LIMIT {PURGE_BATCH}"
                 )
             }),
-            purge_head: format!(
-                "DELETE o FROM {by_id} WHERE o.{} IS NOT NULL AND o.{id} IN ",
-                q(&t.published_at_column)
-            ),
+            purge_head: format!("DELETE o FROM {by_id} WHERE o.{published} IS NOT NULL AND o.{id} IN "),
             stale_attempts: format!(
                 "SELECT a.row_id FROM outboxd_relay_attempts a WHERE a.source_table = ? AND NOT EXISTS \
                  (SELECT 1 FROM {table} o WHERE o.{id} = a.row_id AND {pending})"
@@ -286,6 +318,7 @@ impl TableSql {
             aggregate_type: c.get_text(6, aggregate_type, "aggregate_type_column"),
             created_at: c.get(7, "created_at_column"),
             topic: c.get_text(8, self.binary_topic, "topic_column"),
+            header_columns: c.get(9, "header_columns"),
         });
         Ok(c.finish(row))
     }

@@ -2,6 +2,7 @@
 //! lane's connections (sessions in `lane`, statements in `statements`), wake-up through
 //! LISTEN.
 
+mod cursor;
 mod lane;
 mod statements;
 
@@ -13,7 +14,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::TableConfig;
+use crate::config::{OnPublished, TableConfig};
 
 use super::{
     random_slot, stable_hash, Census, Lane, LaneOwner, Membership, NewEvent, Store, StoreError,
@@ -111,6 +112,17 @@ impl Store for PgStore {
         let mut conn = self.opts.connect().await?;
         if !try_lock(&mut conn, self.lane_class, lane as i32).await? {
             return Ok(None);
+        }
+        if self.config.on_published == OnPublished::Cursor {
+            return Ok(Some(Lane::Single(Box::new(cursor::CursorLane {
+                conn,
+                claim: cursor::claim_sql(&self.config, &self.sql, lane),
+                sql: self.sql.clone(),
+                table: self.config.table.clone(),
+                lanes: self.config.lanes,
+                lane,
+                claimed: Vec::new(),
+            }))));
         }
         let keys = LaneKeys {
             table: self.config.table.clone(),

@@ -7,8 +7,8 @@ use sqlx::Row;
 
 use crate::config::{Column, OnPublished, TableConfig};
 use crate::relay::store::{
-    check_columns, check_time_columns, purge_in_batches, ClaimedRow, Columns, DeadRow, Lenient,
-    StoreError, PURGE_BATCH,
+    check_column_use, check_columns, epoch_seconds_sql, purge_in_batches, ClaimedRow, ColumnKind,
+    ColumnUse, Columns, CreatedAt, DeadRow, Lenient, Mark, StoreError, PURGE_BATCH,
 };
 
 /// Everything the relay runs against one table, rendered once at start-up.
@@ -24,6 +24,8 @@ pub struct TableSql {
     pub(super) ord_is_integer: bool,
     claim_head: String,
     claim_tail: String,
+    /// The columns a claim returns, over the table as `o`.
+    pub(super) returning: String,
     /// `$1 = text[] of ids`: delete (or mark) rows Kafka acknowledged.
     finish: String,
     /// `$1 = table, $2 = text[] ids, $3 = text[] errors` -> `(row_id, attempts)`.
@@ -51,6 +53,33 @@ pub struct TableShape {
     /// The table's one name, whatever spelling the configuration used: `relname` in
     /// schema `public`, else `schema.relname`. Lock keys derive from it.
     pub identity: String,
+    /// How the time and mark columns are used.
+    pub uses: ColumnUse,
+}
+
+/// What a PostgreSQL type (as `format_type` names it) can be used as.
+pub(super) fn kind_of(ty: &str) -> ColumnKind {
+    match ty {
+        _ if ty.starts_with("timestamp") || ty == "date" => ColumnKind::Time,
+        "bigint" | "integer" | "smallint" | "real" | "double precision" => ColumnKind::Number,
+        _ if ty.starts_with("numeric") => ColumnKind::Number,
+        "boolean" => ColumnKind::Boolean,
+        _ => ColumnKind::Other,
+    }
+}
+
+/// The `header_columns` values as a JSON array in the order of their names (NULL without
+/// header columns); the names are the configuration's and are never written into SQL.
+pub(super) fn header_columns_sql(t: &TableConfig) -> String {
+    if t.header_columns.is_empty() {
+        return "NULL::text".to_owned();
+    }
+    let values: Vec<String> = t
+        .header_columns
+        .values()
+        .map(|c| format!("o.{}", q(c)))
+        .collect();
+    format!("json_build_array({})::text", values.join(", "))
 }
 
 /// Quotes an identifier that validation already restricted to `[A-Za-z_][A-Za-z0-9_$]*`.
@@ -95,20 +124,25 @@ pub(super) async fn introspect(
             .find(|(c, _)| c == name)
             .map(|(_, ty)| ty.clone())
     };
-    check_time_columns(
-        t,
-        &columns,
-        |ty| ty.starts_with("timestamp") || ty == "date",
-        "timestamptz, timestamp or date",
-    )?;
+    let uses = check_column_use(t, &columns, kind_of)?;
+    let ord_is_integer = matches!(
+        type_of(t.order_column()).as_deref(),
+        Some("bigint" | "integer" | "smallint")
+    );
+    if t.on_published == OnPublished::Cursor && !ord_is_integer {
+        return Err(StoreError::Schema(format!(
+            "table `{}`: on_published = \"cursor\" needs an integer order column the database assigns (bigserial, identity); `{}` (relay.tables.order_column) is of type {}",
+            t.table,
+            t.order_column(),
+            type_of(t.order_column()).unwrap_or_default()
+        )));
+    }
     Ok(TableShape {
+        uses,
         identity: identity.unwrap_or_else(|| t.table.clone()),
         id_type: type_of(&t.id_column).unwrap_or_else(|| "text".into()),
         payload_is_bytea: type_of(&t.payload_column).as_deref() == Some("bytea"),
-        ord_is_integer: matches!(
-            type_of(t.order_column()).as_deref(),
-            Some("bigint" | "integer" | "smallint")
-        ),
+        ord_is_integer,
     })
 }
 
@@ -128,16 +162,21 @@ impl TableSql {
         } else {
             format!("o.{}::text", q(&t.payload_column))
         };
-        let created_at = match &t.created_at_column {
-            None => "NULL::float8".to_owned(),
+        let created_at = match (&t.created_at_column, shape.uses.created_at) {
+            (Some(c), Some(CreatedAt::Epoch)) => {
+                format!("{}::float8", epoch_seconds_sql(&format!("o.{}", q(c))))
+            }
             // date_part is float8 already; extract() computes a numeric (slower per row).
-            Some(c) => format!("date_part('epoch', o.{})", q(c)),
+            (Some(c), _) => format!("date_part('epoch', o.{})", q(c)),
+            (None, _) => "NULL::float8".to_owned(),
         };
         let topic = text_or_null(t.topic_column.as_ref());
         let returning = format!(
             "o.{id}::text AS id, {key} AS key, {payload} AS payload, {headers} AS headers, \
              {event_id} AS event_id, {event_type} AS event_type, {aggregate_type} AS aggregate_type, \
-             {created_at} AS created_at, {topic} AS topic, {ord_out} AS outboxd_ord",
+             {created_at} AS created_at, {topic} AS topic, {ord_out} AS outboxd_ord, \
+             {header_columns} AS header_columns",
+            header_columns = header_columns_sql(t),
             ord_out = if shape.ord_is_integer {
                 format!("o.{}::int8", q(t.order_column()))
             } else {
@@ -150,19 +189,27 @@ impl TableSql {
             aggregate_type = text_or_null(t.aggregate_type_column.as_ref()),
         );
         let (pending, modify, finish) = match t.on_published {
-            OnPublished::Delete => (
+            // Cursor lanes claim with statements of their own (see `cursor`); every row
+            // counts here, for the dead-row move.
+            OnPublished::Delete | OnPublished::Cursor => (
                 "TRUE".to_owned(),
                 format!("DELETE FROM {table} o USING c WHERE o.{id} = c.{id}"),
                 format!("DELETE FROM {table} WHERE {id} = ANY({id_array})"),
             ),
             OnPublished::Mark => {
-                let published = q(&t.published_at_column);
+                let published = q(&t.published_column);
+                let (pending, value) = match shape.uses.mark {
+                    Some(Mark::Flag) => (format!("o.{published} IS NOT TRUE"), "true"),
+                    _ => (format!("o.{published} IS NULL"), "now()"),
+                };
                 (
-                    format!("o.{published} IS NULL"),
+                    pending,
                     format!(
-                        "UPDATE {table} o SET {published} = now() FROM c WHERE o.{id} = c.{id}"
+                        "UPDATE {table} o SET {published} = {value} FROM c WHERE o.{id} = c.{id}"
                     ),
-                    format!("UPDATE {table} SET {published} = now() WHERE {id} = ANY({id_array})"),
+                    format!(
+                        "UPDATE {table} SET {published} = {value} WHERE {id} = ANY({id_array})"
+                    ),
                 )
             }
         };
@@ -181,11 +228,12 @@ impl TableSql {
             format!(
                 " ORDER BY o.{ord} LIMIT $1 FOR UPDATE SKIP LOCKED), d AS ({modify} RETURNING {returning}, o.{ord} AS outboxd_sort) \
                  SELECT id, key, payload, headers, event_id, event_type, aggregate_type, created_at, topic, \
-                 outboxd_ord FROM d ORDER BY outboxd_sort",
+                 outboxd_ord, header_columns FROM d ORDER BY outboxd_sort",
                 ord = q(t.order_column()),
             )
         };
         TableSql {
+            returning: returning.clone(),
             table: t.table.clone(),
             lanes: t.lanes,
             key: q(&t.key_column),
@@ -202,15 +250,27 @@ impl TableSql {
                 .to_owned(),
             move_dead: format!(
                 "WITH r AS (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]) AS r(id, reason, attempts)), \
-                 d AS (DELETE FROM {table} o USING r WHERE o.{id} = r.id::{id_type} \
-                       RETURNING r.id, r.reason, r.attempts, to_jsonb(o) AS row_data), \
+                 d AS ({take}), \
                  a AS (DELETE FROM outboxd_relay_attempts x USING d WHERE x.source_table = $1 AND x.row_id = d.id) \
                  INSERT INTO outboxd_dead_rows (source_table, row_id, reason, attempts, row_data) \
                  SELECT $1, d.id, d.reason, d.attempts, d.row_data FROM d",
-                id_type = shape.id_type,
+                // Cursor mode changes no row: a dead row is copied, and the lane's position
+                // passes it.
+                take = match t.on_published {
+                    OnPublished::Cursor => format!(
+                        "SELECT r.id, r.reason, r.attempts, to_jsonb(o) AS row_data FROM {table} o \
+                         JOIN r ON o.{id} = r.id::{id_type}",
+                        id_type = shape.id_type
+                    ),
+                    _ => format!(
+                        "DELETE FROM {table} o USING r WHERE o.{id} = r.id::{id_type} \
+                         RETURNING r.id, r.reason, r.attempts, to_jsonb(o) AS row_data",
+                        id_type = shape.id_type
+                    ),
+                },
             ),
-            purge: (t.on_published == OnPublished::Mark).then(|| {
-                let published = q(&t.published_at_column);
+            purge: (shape.uses.mark == Some(Mark::Time)).then(|| {
+                let published = q(&t.published_column);
                 format!(
                     "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
                      WHERE {published} < now() - make_interval(secs => $1) LIMIT {PURGE_BATCH} FOR UPDATE SKIP LOCKED)"
@@ -218,16 +278,30 @@ impl TableSql {
             }),
             stats: format!(
                 "SELECT count(*)::int8, {oldest} FROM {table} o WHERE {pending}",
-                oldest = match &t.created_at_column {
-                    None => "NULL::float8".to_owned(),
-                    Some(c) => format!("extract(epoch from now() - min(o.{}))::float8", q(c)),
+                pending = match t.on_published {
+                    OnPublished::Cursor => super::cursor::pending_sql(t),
+                    _ => pending.clone(),
+                },
+                oldest = match (&t.created_at_column, shape.uses.created_at) {
+                    (Some(c), Some(CreatedAt::Epoch)) => format!(
+                        "(extract(epoch from now()) - min({}))::float8",
+                        epoch_seconds_sql(&format!("o.{}", q(c)))
+                    ),
+                    (Some(c), _) => {
+                        format!("extract(epoch from now() - min(o.{}))::float8", q(c))
+                    }
+                    (None, _) => "NULL::float8".to_owned(),
                 },
             ),
-            cleanup_attempts: format!(
-                "DELETE FROM outboxd_relay_attempts a WHERE a.source_table = $1 AND NOT EXISTS \
-                 (SELECT 1 FROM {table} o WHERE o.{id} = a.row_id::{id_type} AND {pending})",
-                id_type = shape.id_type,
-            ),
+            cleanup_attempts: match t.on_published {
+                // A published row stays: its counter goes once it is older than any retry.
+                OnPublished::Cursor => super::cursor::CLEANUP_ATTEMPTS.to_owned(),
+                _ => format!(
+                    "DELETE FROM outboxd_relay_attempts a WHERE a.source_table = $1 AND NOT EXISTS \
+                     (SELECT 1 FROM {table} o WHERE o.{id} = a.row_id::{id_type} AND {pending})",
+                    id_type = shape.id_type,
+                ),
+            },
         }
     }
 
@@ -254,17 +328,24 @@ impl TableSql {
     }
 
     fn claim_with(&self, lane: u32, bound: &str) -> String {
+        format!(
+            "{}{bound}{}{}",
+            self.claim_head,
+            self.lane_filter(lane),
+            self.claim_tail
+        )
+    }
+
+    /// ` AND <the row's key hashes to lane>`, nothing with one lane.
+    pub(super) fn lane_filter(&self, lane: u32) -> String {
         if self.lanes <= 1 {
-            format!("{}{bound}{}", self.claim_head, self.claim_tail)
-        } else {
-            format!(
-                "{}{bound} AND (hashtext(coalesce(o.{key}::text, '')) & 2147483647) % {lanes} = {lane}{}",
-                self.claim_head,
-                self.claim_tail,
-                key = self.key,
-                lanes = self.lanes,
-            )
+            return String::new();
         }
+        format!(
+            " AND (hashtext(coalesce(o.{key}::text, '')) & 2147483647) % {lanes} = {lane}",
+            key = self.key,
+            lanes = self.lanes,
+        )
     }
 }
 
@@ -314,7 +395,7 @@ pub(super) async fn claim(
 /// `try_get` are skipped; decoding still checks NULLs and UTF-8. Headers `{}` read as none.
 /// A claimed row; only an id that cannot be read fails the claim (the row could not even
 /// be named), any other unreadable column makes the row a dead row.
-fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
+pub(super) fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
     let mut c = Lenient::new(r);
     let row = ClaimedRow::new(&Columns {
         id: r.try_get_unchecked(0)?,
@@ -329,6 +410,7 @@ fn decode(r: &PgRow) -> Result<ClaimedRow, StoreError> {
         aggregate_type: c.get_unchecked(6, "aggregate_type_column"),
         created_at: c.get_unchecked(7, "created_at_column"),
         topic: c.get_unchecked(8, "topic_column"),
+        header_columns: c.get_unchecked(10, "header_columns"),
     });
     Ok(c.finish(row))
 }
