@@ -90,8 +90,8 @@ pub struct TableConfig {
     /// the rows committed meanwhile whose keys that batch does not hold, up to the rest of
     /// `batch_size`, and sends them at once: a slow acknowledgement then no longer holds
     /// up every row committed while it is awaited. Each lane
-    /// then uses two connections. PostgreSQL only: MySQL and SQLite lanes always claim one
-    /// batch at a time.
+    /// then uses two connections. PostgreSQL only, and not in cursor mode: MySQL and SQLite
+    /// lanes, and cursor-mode lanes, always claim one batch at a time.
     pub prefetch: bool,
     /// How often an idle lane looks for rows when no NOTIFY arrives (notifications are lost
     /// while the LISTEN connection is down, and tables without the trigger never send one).
