@@ -1,6 +1,7 @@
 //! Subcommands and their exit codes, from the class of the error: 0 success, 78
-//! (EX_CONFIG) for a configuration error, 64 (EX_USAGE) for an unusable argument, 1 for
-//! every other failure.
+//! (EX_CONFIG) for a configuration error, 64 (EX_USAGE) for an unusable argument, 69
+//! (EX_UNAVAILABLE) when `check-config --connect` finds only services that do not
+//! answer, 1 for every other failure.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ pub const EX_CONFIG: u8 = 78;
 
 /// sysexits.h EX_USAGE: a command-line argument is unusable.
 pub const EX_USAGE: u8 = 64;
+
+/// sysexits.h EX_UNAVAILABLE: a service does not answer; trying again later may succeed.
+pub const EX_UNAVAILABLE: u8 = 69;
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -43,8 +47,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay (until SIGTERM/SIGINT, then drain).
     Run,
-    /// Validate the configuration without connecting, then print it with secrets redacted.
-    CheckConfig,
+    /// Validate the configuration, then print it with secrets redacted; with `--connect`,
+    /// check it against the database and the brokers instead (changing nothing).
+    CheckConfig {
+        /// Connect: the database answers, every table and mapped column exists with a
+        /// usable type, the database user has the privileges the relay needs, mark mode
+        /// has an index for pending rows, the brokers answer and every topic the
+        /// configuration names exists (or the brokers create topics). Exit 78 on any
+        /// problem, 69 when the only problems are a database or brokers that do not
+        /// answer (a restart may help).
+        #[arg(long)]
+        connect: bool,
+    },
     /// Apply the embedded database migrations and exit.
     Migrate,
     /// Insert one event into an outbox table, as an application would (a smoke test of the
@@ -166,6 +180,15 @@ pub enum CliError {
     /// `healthcheck`: not ready.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// `check-config --connect` found problems (each is printed).
+    #[error("check-config --connect: {problems} problem(s), listed above")]
+    Preflight {
+        /// How many.
+        problems: usize,
+        /// Whether each is a service that does not answer (nothing to fix in the
+        /// configuration, as far as could be seen).
+        unavailable: bool,
+    },
     /// The process could not set itself up (runtime, signal handlers).
     #[error("startup: {0}")]
     Startup(#[from] std::io::Error),
@@ -176,6 +199,10 @@ impl CliError {
     pub fn class(&self) -> ExitClass {
         match self {
             CliError::Config(_) => ExitClass::Config,
+            CliError::Preflight { unavailable, .. } => match unavailable {
+                true => ExitClass::Unavailable,
+                false => ExitClass::Config,
+            },
             CliError::Run(e) => e.class(),
             CliError::EmitInput(_) => ExitClass::Usage,
             CliError::Migrate(_)
@@ -192,6 +219,7 @@ impl CliError {
         match self.class() {
             ExitClass::Config => EX_CONFIG,
             ExitClass::Usage => EX_USAGE,
+            ExitClass::Unavailable => EX_UNAVAILABLE,
             ExitClass::Failure => 1,
         }
     }
@@ -203,7 +231,18 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
     crate::secrets::learn(&config);
     check_kafka_options(&config, &cli.config)?;
     match cli.command {
-        Command::CheckConfig => {
+        Command::CheckConfig { connect: true } => runtime()?.block_on(async {
+            let report = crate::preflight::check(&config).await;
+            print!("{}", crate::secrets::scrub(&report.to_string()));
+            match report.problems() {
+                0 => Ok(()),
+                problems => Err(CliError::Preflight {
+                    problems,
+                    unavailable: report.problems() == report.unanswered(),
+                }),
+            }
+        }),
+        Command::CheckConfig { connect: false } => {
             let text = toml::to_string_pretty(&config.redacted())
                 .map_err(|e| CliError::Startup(std::io::Error::other(e)))?;
             println!("# {}: valid\n{text}", cli.config.display());
@@ -448,6 +487,12 @@ mod tests {
             source: SetupError::NoDatabase,
         })));
         assert_eq!(handler.exit_code(), EX_CONFIG);
+        let preflight = |unavailable| CliError::Preflight {
+            problems: 2,
+            unavailable,
+        };
+        assert_eq!(preflight(false).exit_code(), EX_CONFIG);
+        assert_eq!(preflight(true).exit_code(), EX_UNAVAILABLE);
         // A client librdkafka could not set up, with properties it accepted when checked:
         // the environment, not the configuration; a restart may help.
         let client = CliError::Run(RunError::Consumer(StartError::Subscribe(

@@ -132,6 +132,51 @@ impl Database {
         }
     }
 
+    /// The embedded migrations not yet applied, as `(version, description)`.
+    pub async fn pending_migrations(&self) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success";
+        let applied: Vec<i64> = match self {
+            Database::Postgres { pool, .. } => {
+                let exists: bool =
+                    sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                        .fetch_one(pool)
+                        .await?;
+                match exists {
+                    true => sqlx::query_scalar(APPLIED).fetch_all(pool).await?,
+                    false => Vec::new(),
+                }
+            }
+            Database::MySql { pool, .. } => {
+                let exists: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.TABLES \
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = '_sqlx_migrations'",
+                )
+                .fetch_one(pool)
+                .await?;
+                match exists {
+                    0 => Vec::new(),
+                    _ => sqlx::query_scalar(APPLIED).fetch_all(pool).await?,
+                }
+            }
+            Database::Sqlite { pool, .. } => {
+                let exists: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+                )
+                .fetch_one(pool)
+                .await?;
+                match exists {
+                    0 => Vec::new(),
+                    _ => sqlx::query_scalar(APPLIED).fetch_all(pool).await?,
+                }
+            }
+        };
+        Ok(migrator(self.backend())
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| (m.version, m.description.to_string()))
+            .collect())
+    }
+
     /// Runs `SELECT 1` on the pool (readiness).
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         const PROBE: &str = "SELECT 1";

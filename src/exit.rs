@@ -7,6 +7,9 @@ pub enum ExitClass {
     Config,
     /// A command-line argument is unusable.
     Usage,
+    /// A service the configuration names (the database, the brokers) does not answer:
+    /// trying again later may succeed.
+    Unavailable,
     /// Anything else: the environment (database, Kafka, the network) or a bug.
     Failure,
 }

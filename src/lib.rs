@@ -18,6 +18,7 @@
 //!   `/readyz`; `shutdown`: signals -> cancellation token; `systemd`:
 //!   READY/WATCHDOG/STOPPING notifications;
 //! - `status`: what `outboxd status` reports; `dlq`: `outboxd dlq replay`;
+//!   `preflight`: what `outboxd check-config --connect` checks;
 //! - `reserved_headers`: the header names only outboxd may write; `glob`: topic globs;
 //!   `topic`: topic templates and names; `services`: what the relay and the consumer
 //!   share; `exit`: the classes of failure behind the exit codes.
@@ -38,6 +39,7 @@ mod handlers;
 mod http;
 mod kafka;
 pub mod metrics;
+mod preflight;
 pub mod relay;
 pub mod reload;
 mod reserved_headers;

@@ -21,6 +21,7 @@ mod dlq;
 mod faults;
 mod faults_infra;
 mod ops;
+mod preflight;
 mod quickstart;
 mod relay_backends;
 mod relay_bad_rows;

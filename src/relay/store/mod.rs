@@ -5,6 +5,7 @@
 
 pub mod mysql;
 pub mod postgres;
+pub mod preflight;
 mod row;
 pub mod sqlite;
 mod sqlite_lock;
@@ -167,6 +168,11 @@ pub trait Store: Send + Sync {
 
     /// The sessions holding the table's lanes, by lane.
     async fn lane_owners(&self) -> Result<Vec<LaneOwner>, StoreError>;
+
+    /// `check-config --connect`: the kinds of statement the relay runs on this table that
+    /// the database refuses, and in mark mode whether an index serves the claim of pending
+    /// rows. Changes nothing.
+    async fn preflight(&self) -> Result<preflight::TableCheck, StoreError>;
 
     /// Wakes the lanes through `wake` whenever rows are committed, until `stop`.
     /// Backends without notifications return at once: their lanes poll.

@@ -13,6 +13,7 @@ use sqlx::{ConnectOptions, Executor, Row};
 
 use crate::config::{Column, OnPublished, TableConfig};
 
+use super::preflight;
 use super::sqlite_lock::{self, LaneLock};
 use super::{
     check_column_use, check_columns, epoch_seconds_sql, position_after, purge_in_batches, Census,
@@ -272,6 +273,7 @@ pub struct SqliteStore {
     /// The database file, whose lock byte for this table is the lane lock; `None` for an
     /// in-memory database (one process by nature).
     database_file: Option<PathBuf>,
+    mark: Option<Mark>,
 }
 
 impl SqliteStore {
@@ -292,6 +294,7 @@ impl SqliteStore {
             opts,
             pool,
             database_file,
+            mark: uses.mark,
         })
     }
 
@@ -371,6 +374,11 @@ impl Store for SqliteStore {
             })
             .into_iter()
             .collect())
+    }
+
+    async fn preflight(&self) -> Result<preflight::TableCheck, StoreError> {
+        let names = preflight::Quoted::new(&self.config, q, quote_table);
+        preflight::sqlite(&self.pool, &self.config, &names, self.mark).await
     }
 }
 

@@ -17,8 +17,8 @@ use sqlx::{ConnectOptions, Executor, Row};
 use crate::config::TableConfig;
 
 use super::{
-    check_column_use, check_columns, purge_in_batches, ClaimedRow, Lane, LaneOwner, LaneSession,
-    Membership, NewEvent, Settled, Settlement, Store, StoreError,
+    check_column_use, check_columns, preflight, purge_in_batches, ClaimedRow, Lane, LaneOwner,
+    LaneSession, Mark, Membership, NewEvent, Settled, Settlement, Store, StoreError,
 };
 use locks::{get_lock, identity, LockNames, MEMBER_SLOTS};
 use statements::{columns, index_on, kind_of, placeholders, q, quote_table, TableSql};
@@ -42,6 +42,7 @@ pub struct MySqlStore {
     opts: MySqlConnectOptions,
     pool: MySqlPool,
     locks: LockNames,
+    mark: Option<Mark>,
 }
 
 impl MySqlStore {
@@ -66,6 +67,7 @@ impl MySqlStore {
             opts,
             pool,
             locks: LockNames::new(&identity(&mut conn, &t.table).await?),
+            mark: uses.mark,
         })
     }
 }
@@ -185,6 +187,11 @@ impl Store for MySqlStore {
             }
         }
         Ok(owners)
+    }
+
+    async fn preflight(&self) -> Result<preflight::TableCheck, StoreError> {
+        let names = preflight::Quoted::new(&self.config, q, quote_table);
+        preflight::mysql(&self.pool, &self.config, &names, self.mark).await
     }
 }
 

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{OnPublished, TableConfig};
 
 use super::{
-    random_slot, stable_hash, Census, Lane, LaneOwner, Membership, NewEvent, Store, StoreError,
+    preflight, random_slot, stable_hash, Census, Lane, LaneOwner, Mark, Membership, NewEvent,
+    Store, StoreError,
 };
 use lane::{LaneKeys, PgLane};
 use statements::{cleanup_attempts, introspect, purge, q, quote_table, stats, TableSql};
@@ -66,6 +67,7 @@ pub struct PgStore {
     member_class: i32,
     claim_class: i32,
     lanes_class: i32,
+    mark: Option<Mark>,
 }
 
 impl PgStore {
@@ -87,6 +89,7 @@ impl PgStore {
             member_class: classes.member,
             claim_class: classes.claim,
             lanes_class: classes.lanes,
+            mark: shape.uses.mark,
         })
     }
 }
@@ -184,6 +187,11 @@ impl Store for PgStore {
                 application: r.get(3),
             })
             .collect())
+    }
+
+    async fn preflight(&self) -> Result<preflight::TableCheck, StoreError> {
+        let names = preflight::Quoted::new(&self.config, statements::q, quote_table);
+        preflight::postgres(&self.pool, &self.config, &names, self.mark).await
     }
 
     async fn listen(&self, wake: watch::Sender<()>, stop: CancellationToken) {
