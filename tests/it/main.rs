@@ -18,6 +18,7 @@ mod consumer_handlers;
 mod consumer_keys;
 mod consumer_sql;
 mod dlq;
+mod docs;
 mod faults;
 mod faults_infra;
 mod ops;

@@ -267,18 +267,15 @@ async fn debeziums_outbox_table_gives_the_routers_messages() {
     let aggregate = format!("order{}", &table[table.len() - 6..]);
     let topic = format!("outbox.event.{aggregate}");
     let cluster = cluster(&topic, 1);
-    let toml = format!(
-        "[kafka]\nbrokers = \"{}\"\n[database]\nurl = \"{}\"\n{}",
-        cluster.bootstrap_servers(),
-        db.url,
-        std::fs::read_to_string("docs/debezium.md")
-            .unwrap()
-            .split("```toml\n")
-            .nth(1)
-            .and_then(|s| s.split("```").next())
-            .expect("docs/debezium.md has the configuration")
-            .replace("table = \"outboxevent\"", &format!("table = \"{table}\"")),
-    );
+    let toml = std::fs::read_to_string("docs/debezium.md")
+        .unwrap()
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("docs/debezium.md has the configuration")
+        .replace("postgres://app@127.0.0.1:5432/app", &db.url)
+        .replace("kafka-1:9092", &cluster.bootstrap_servers())
+        .replace("table = \"outboxevent\"", &format!("table = \"{table}\""));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outboxd.toml");
     std::fs::write(&path, toml).unwrap();
