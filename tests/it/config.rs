@@ -334,7 +334,8 @@ fn url_file_supplies_the_database_url() {
 }
 
 /// Every key of the configuration schema appears in config/outboxd.toml, the commented
-/// reference, and that file passes check-config.
+/// reference, and in the tables of docs/configuration.md, and the file passes
+/// check-config.
 #[test]
 fn the_reference_config_documents_every_key() {
     use crate::helpers::col;
@@ -381,6 +382,26 @@ fn the_reference_config_documents_every_key() {
     assert!(
         missing.is_empty(),
         "config/outboxd.toml does not document: {missing:?}"
+    );
+    // The reference page names each key in the first column of its tables.
+    let page = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let named: std::collections::BTreeSet<&str> = page
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split(" |").next())
+        .flat_map(|cell| cell.split(|c: char| !(c.is_alphanumeric() || c == '_')))
+        .collect();
+    let undocumented: Vec<&String> = keys
+        .iter()
+        .filter(|k| !named.contains(k.as_str()))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "docs/configuration.md does not name: {undocumented:?}"
     );
     let (code, _, err) = run_with(&["check-config"], &reference, &[]);
     assert_eq!(code, 0, "{err}");
