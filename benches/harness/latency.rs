@@ -53,6 +53,9 @@ pub struct Latency {
     /// The relay runs: the bucket (upper bound, ms) the 99th percentile of each phase of a
     /// batch falls in (`outboxd_relay_batch_phase_seconds`), by phase.
     pub phases_p99: Vec<(&'static str, f64)>,
+    /// The distribution's tail: `(share of rows slower, start -> arrival ms)` for shares
+    /// from 1 down to one row, ten points per decade.
+    pub tail: Vec<(f64, f64)>,
 }
 
 /// The bounds (seconds) the bare producer's acknowledgements are counted in: those of
@@ -248,6 +251,11 @@ fn summary(
         ack_within_20ms,
         slack_p99: None,
         phases_p99: Vec::new(),
+        tail: (0..)
+            .map(|k| 10f64.powf(-f64::from(k) / 10.0))
+            .take_while(|share| *share * ms.len() as f64 >= 1.0)
+            .map(|share| (share, at(1.0 - share)))
+            .collect(),
     }
 }
 

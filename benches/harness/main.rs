@@ -35,6 +35,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+mod charts;
 mod delay;
 mod dispatch;
 mod drain;
@@ -195,6 +196,7 @@ async fn main() -> Result<()> {
         .messages
         .unwrap_or(if a.broker == "mock" { 100_000 } else { 500_000 });
     let mut lines = Vec::new();
+    let mut results = charts::Results::default();
     let mut rss: BTreeMap<String, f64> = BTreeMap::new();
     let table = "bench_outbox";
     broker.create_topic("bench.BenchEvent", 6).await?;
@@ -258,6 +260,7 @@ async fn main() -> Result<()> {
                 relay_drain(&pool, &drain_broker, table, a.rows, &claim_url, &drain).await?;
             eprintln!("relay {name}: {rate:.0} rows/s, peak RSS {peak:.1} MiB");
             rss.insert(format!("relay drain, {name} (peak)"), peak);
+            results.drains.push((name.clone(), rate, raw));
             lines.push(Line {
                 scenario: format!("relay drain, {} rows, {name}", a.rows),
                 result: format!("{rate:.0} rows/s"),
@@ -299,6 +302,10 @@ async fn main() -> Result<()> {
             };
             let what = format!("{rows_per_sec} rows/s, {rows_per_txn} per transaction, {how}");
             latencies.push(latency_line(&what, &l));
+            if listen {
+                let name = format!("outboxd, {rows_per_sec} rows/s, {rows_per_txn} per txn");
+                results.curves.push((name, l.tail.clone()));
+            }
             // The baseline once per rate: a bare producer does not listen or poll.
             if listen {
                 let b = latency::bare(&latency_broker, &load).await?;
@@ -306,6 +313,8 @@ async fn main() -> Result<()> {
                     "baseline: bare producer, {rows_per_sec} messages/s, {rows_per_txn} at a time"
                 );
                 latencies.push(latency_line(&what, &b));
+                let name = format!("bare producer, {rows_per_sec}/s, {rows_per_txn} at a time");
+                results.curves.push((name, b.tail.clone()));
             }
         }
     }
@@ -344,6 +353,7 @@ async fn main() -> Result<()> {
             .copied()
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .expect("three bare runs");
+        results.bare = Some(bare);
         sqlx::raw_sql("DROP TABLE IF EXISTS bench_effects; CREATE TABLE bench_effects (n bigint)")
             .execute(&pool)
             .await?;
@@ -361,6 +371,7 @@ async fn main() -> Result<()> {
                 dispatch(&broker, &topic, messages, name, &handler, &url, ordering).await?;
             eprintln!("dispatch {name} ({ordering}): {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
             rss.insert(format!("dispatch, {name}, ordering {ordering} (peak)"), peak);
+            results.dispatches.push((name.into(), ordering.into(), rate));
             lines.push(Line {
                 scenario: format!(
                     "consumer dispatch, {messages} msgs / 6 partitions, {name} handler, ordering {ordering}"
@@ -384,6 +395,7 @@ async fn main() -> Result<()> {
             eprintln!("slow downstream ({ordering}): {rate:.0} msgs/s, peak RSS {peak:.1} MiB");
             rss.insert(format!("slow downstream, ordering {ordering} (peak)"), peak);
             rates.insert(ordering, rate);
+            results.slow.push((ordering.into(), rate));
         }
         lines.push(Line {
             scenario: format!("consumer, 10 ms endpoint, {n} msgs / 6 partitions / 1000 keys, max_in_flight 256, ordering key"),
@@ -479,13 +491,15 @@ async fn main() -> Result<()> {
                 )
             }
         };
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let charts_md = charts::write(&root.join("docs"), &results)?;
         let doc = format!(
-            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run (each relay drain right after a raw claim of its own, each on a freshly filled table after a `CHECKPOINT`); compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency to arrival is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row; latency to the delivery report is outboxd's `outboxd_relay_publish_delay_seconds` histogram (from the row's `created_at`, which the writer, one autocommit INSERT statement per transaction, sets to the time its INSERT ran, so an upper bound; by how much at most is the last column, the 99th percentile of the time from sending the INSERT to the COMMIT returning), given as the bucket the 99th percentile falls in and the share within 20 ms. The latency baseline is a bare producer with outboxd's fixed settings sending at the same rate, timed from each send.\n\n{table_md}\n",
+            "# Benchmarks\n\nMade by `scripts/bench.sh --write` on {}.\n\n- machine: {machine}\n- outboxd {} (release build), {}\n- PostgreSQL: {pg}\n- broker: {broker_desc}\n- settings: default relay settings (batch_size 1000, prefetch on, linger.ms 0), drains polling (no LISTEN); consumer defaults (max_in_flight 16); log level warn\n\nEvery scenario runs its baseline in the same run (each relay drain right after a raw claim of its own, each on a freshly filled table after a `CHECKPOINT`); compare ratios rather than absolute numbers between runs. Relay drain rates count from the first published row to the last (read from outboxd's `/metrics` every 20 ms); dispatch rates likewise from the first handled message to the last; the raw claim and the bare consumer from their first row or message to their last. Latency to arrival is from the writer's COMMIT returning to a consumer (assigned to every partition, `fetch.wait.max.ms=1`) receiving the row; latency to the delivery report is outboxd's `outboxd_relay_publish_delay_seconds` histogram (from the row's `created_at`, which the writer, one autocommit INSERT statement per transaction, sets to the time its INSERT ran, so an upper bound; by how much at most is the last column, the 99th percentile of the time from sending the INSERT to the COMMIT returning), given as the bucket the 99th percentile falls in and the share within 20 ms. The latency baseline is a bare producer with outboxd's fixed settings sending at the same rate, timed from each send.\n\n{table_md}\n{charts_md}",
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
             env!("CARGO_PKG_VERSION"),
             rustc_version(),
         );
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+        let path = root.join("BENCHMARKS.md");
         let previous = std::fs::read_to_string(&path).unwrap_or_default();
         let history = previous
             .split_once("\n## Notes\n")
