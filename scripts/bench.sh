@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark command: builds the release binary, then runs the harness
 # (benches/harness/main.rs). Arguments go to the harness:
-#   --write            also write BENCHMARKS.md
+#   --write            also write BENCHMARKS.md (the part above "## Notes") and its charts
+#                      (docs/bench-*.svg)
 #   --broker tansu|mock  Tansu as a separate process (default when `tansu` is installed:
 #                      cargo install tansu --locked --features dynostore) or the mock cluster
 #   --rows N           relay backlog rows (default 300000)

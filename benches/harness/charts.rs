@@ -8,7 +8,7 @@ const WIDTH: f64 = 860.0;
 const LEFT: f64 = 230.0;
 const RIGHT: f64 = 40.0;
 const COLOURS: &[&str] = &[
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#d62728", "#e377c2", "#17becf",
 ];
 
 /// One group of bars: its label, then each bar's series index and value.
@@ -168,7 +168,7 @@ pub fn tail(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
             x_of(hi),
             x_of(lo) - 6.0,
             y + 4.0,
-            share * 100.0
+            percent(share)
         );
         share /= 10.0;
     }
@@ -211,6 +211,12 @@ pub fn tail(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// `0.001` -> `0.1`: a share of 1 down to 10^-n as a percentage, with the digits it needs.
+fn percent(share: f64) -> String {
+    let digits = (-(share * 100.0).log10()).ceil().max(0.0) as usize;
+    format!("{:.*}", digits, share * 100.0)
 }
 
 /// `1500000` -> `1.5M`, `20000` -> `20k`, `0.5` -> `0.5`.
