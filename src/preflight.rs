@@ -154,7 +154,7 @@ async fn checked_database(config: &Config, db: &Database, report: &mut Report) {
         };
         let check = match checked {
             Ok(check) => check,
-            Err(_) if reference_table_comes && t.table == "outbox" => {
+            Err(store::StoreError::NoTable(_)) if reference_table_comes && t.table == "outbox" => {
                 let text = "does not exist yet: the migrations `outboxd run` applies at start create it (the reference table)";
                 report.add(Level::Warning, place, text);
                 continue;

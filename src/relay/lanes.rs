@@ -56,7 +56,8 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();
                 let text = e.to_string();
-                if matches!(e, StoreError::Schema(_)) && reported.as_deref() == Some(&text) {
+                let misfit = matches!(e, StoreError::Schema(_) | StoreError::NoTable(_));
+                if misfit && reported.as_deref() == Some(&text) {
                     tracing::debug!(error = %e, ?pause, "table still does not fit its mapping");
                 } else {
                     tracing::error!(error = %e, ?pause, "relay for table stopped; restarting");

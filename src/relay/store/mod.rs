@@ -121,6 +121,9 @@ pub enum StoreError {
     /// The database failed or is unreachable.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// The table does not exist.
+    #[error("table `{0}` does not exist (run `outboxd migrate` for the reference table, or fix relay.tables.table)")]
+    NoTable(String),
     /// The table does not match the configured mapping.
     #[error("{0}")]
     Schema(String),
@@ -375,10 +378,7 @@ pub fn required_columns(t: &TableConfig) -> Vec<(String, &str)> {
 /// an empty list means the table does not exist.
 pub fn check_columns(t: &TableConfig, columns: &[String]) -> Result<(), StoreError> {
     if columns.is_empty() {
-        return Err(StoreError::Schema(format!(
-            "table `{}` does not exist (run `outboxd migrate` for the reference table, or fix relay.tables.table)",
-            t.table
-        )));
+        return Err(StoreError::NoTable(t.table.clone()));
     }
     for (key, column) in required_columns(t) {
         if !columns.iter().any(|c| c == column) {
