@@ -3,13 +3,12 @@
 //! (EX_UNAVAILABLE) when `check-config --connect` finds only services that do not
 //! answer, 1 for every other failure.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Config, ConfigError, LogConfig, LogFormat};
+use crate::config::{self, Config, ConfigError};
 use crate::exit::ExitClass;
 use crate::metrics::Metrics;
 use crate::{db, kafka, shutdown, RunError};
@@ -249,7 +248,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Migrate => {
-            init_logging(&config.log);
+            crate::logging::init(&config.log);
             runtime()?.block_on(async {
                 let database = db::Database::open(&config.database).map_err(RunError::from)?;
                 let migrated = database.migrate().await;
@@ -300,7 +299,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }),
         Command::Run => {
-            let log_reload = init_logging(&config.log);
+            let log_reload = crate::logging::init(&config.log);
             runtime()?.block_on(async {
                 let mut signals = shutdown::install()?;
                 let running =
@@ -438,37 +437,6 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .enable_all()
         .thread_name("outboxd")
         .build()
-}
-
-/// Logs to stderr as configured (validation already checked the filter); returns the
-/// function a reload uses to change the filter. PostgreSQL's NOTICE messages (relayed by
-/// sqlx at info) are quieted unless the filter names sqlx.
-pub fn init_logging(log: &LogConfig) -> Option<crate::reload::LogReload> {
-    use tracing_subscriber::prelude::*;
-    let filter = |level: &str| {
-        let level = if level.contains("sqlx") {
-            level.to_owned()
-        } else {
-            format!("{level},sqlx::postgres::notice=warn")
-        };
-        tracing_subscriber::EnvFilter::try_new(level)
-    };
-    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(
-        filter(&log.level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    );
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(crate::secrets::ScrubbedStderr);
-    let registry = tracing_subscriber::registry().with(filter_layer);
-    let installed = match log.format {
-        LogFormat::Text => registry.with(fmt).try_init(),
-        LogFormat::Json => registry.with(fmt.json()).try_init(),
-    };
-    installed.ok()?;
-    Some(Box::new(move |level: &str| {
-        handle.reload(filter(level)?)?;
-        Ok(())
-    }))
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //!   sources as one line.
 //!
 //! Internal:
-//! - `kafka`: configuration -> librdkafka properties, the embedded broker;
+//! - `kafka`: configuration -> librdkafka properties, the embedded broker; `logging`:
+//!   stderr logging with a reloadable filter;
 //! - `consumer`: the consumer (partition workers, routing, retry, dead letters);
 //! - `handlers`: where consumed messages go (http, command, sql, kafka, log);
 //! - `backoff`: the shared reconnect/retry backoff; `http`: `/metrics`, `/healthz`,
@@ -38,6 +39,7 @@ mod glob;
 mod handlers;
 mod http;
 mod kafka;
+mod logging;
 pub mod metrics;
 mod preflight;
 pub mod relay;
