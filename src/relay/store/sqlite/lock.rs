@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{stable_hash, StoreError};
+use super::super::{stable_hash, StoreError};
 
 /// Where the lock bytes start: far beyond SQLite's lock bytes (at 1 GiB) and any real
 /// file size; a lock on bytes past the end of a file is allowed and changes nothing.
