@@ -47,6 +47,13 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Handler calls running now.
     pub consumer_in_flight: IntGaugeVec,
+    /// 1 while a handler is down (its downstream failing for many keys at once): no call
+    /// starts for it but one probe at a time. `handler="-"` is the dead-letter producer.
+    pub consumer_handler_down: IntGaugeVec,
+    /// Times a handler went down.
+    pub consumer_handler_outages_total: IntCounterVec,
+    /// Probe calls made while a handler was down.
+    pub consumer_probe_calls_total: IntCounterVec,
     /// 1 while this relay sees another relay of the table with a different `lanes` and so
     /// holds no lane.
     pub relay_lanes_conflict: IntGaugeVec,
@@ -190,6 +197,27 @@ impl Metrics {
                 &["handler"],
             )
             .unwrap(),
+            consumer_handler_down: IntGaugeVec::new(
+                Opts::new(
+                    "consumer_handler_down",
+                    "1 while the handler is down and only probed",
+                ),
+                &["handler"],
+            )
+            .unwrap(),
+            consumer_handler_outages_total: IntCounterVec::new(
+                Opts::new("consumer_handler_outages_total", "Times the handler went down"),
+                &["handler"],
+            )
+            .unwrap(),
+            consumer_probe_calls_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_probe_calls_total",
+                    "Probe calls made while the handler was down",
+                ),
+                &["handler"],
+            )
+            .unwrap(),
             consumer_pending: IntGaugeVec::new(
                 Opts::new(
                     "consumer_pending",
@@ -263,6 +291,9 @@ impl Metrics {
             Box::new(m.consumer_dead_letter_total.clone()),
             Box::new(m.consumer_lag.clone()),
             Box::new(m.consumer_in_flight.clone()),
+            Box::new(m.consumer_handler_down.clone()),
+            Box::new(m.consumer_handler_outages_total.clone()),
+            Box::new(m.consumer_probe_calls_total.clone()),
             Box::new(m.consumer_pending.clone()),
             Box::new(m.consumer_keys_in_retry.clone()),
             Box::new(m.consumer_already_final_total.clone()),

@@ -97,8 +97,8 @@ impl Reloader {
 }
 
 /// The `running` configuration with the parts a reload may change taken from `new`: the
-/// log level, the consumer's retry policy, each table's [`TableSettings`] (a table still at
-/// its place under the same name), and each handler's retry policy, http headers and
+/// log level, the consumer's retry and outage policies, each table's [`TableSettings`] (a table still at
+/// its place under the same name), and each handler's retry and outage policies, http headers and
 /// timeout and command timeout (a handler of the same name and kind).
 pub fn reloadable(running: &Config, new: &Config) -> Config {
     let mut merged = running.clone();
@@ -110,6 +110,7 @@ pub fn reloadable(running: &Config, new: &Config) -> Config {
     }
     if let (Some(mine), Some(theirs)) = (&mut merged.consumer, &new.consumer) {
         mine.retry = theirs.retry.clone();
+        mine.outage = theirs.outage.clone();
     }
     for (name, mine) in merged.handlers.iter_mut() {
         if let Some(theirs) = new.handlers.get(name) {
@@ -126,15 +127,15 @@ fn take_reloadable(mine: &mut HandlerConfig, theirs: &HandlerConfig) {
         (H::Http(m), H::Http(t)) => {
             m.headers = t.headers.clone();
             m.timeout = t.timeout;
-            m.retry = t.retry.clone();
+            (m.retry, m.outage) = (t.retry.clone(), t.outage.clone());
         }
         (H::Command(m), H::Command(t)) => {
             m.timeout = t.timeout;
-            m.retry = t.retry.clone();
+            (m.retry, m.outage) = (t.retry.clone(), t.outage.clone());
         }
-        (H::Sql(m), H::Sql(t)) => m.retry = t.retry.clone(),
-        (H::Kafka(m), H::Kafka(t)) => m.retry = t.retry.clone(),
-        (H::Log(m), H::Log(t)) => m.retry = t.retry.clone(),
+        (H::Sql(m), H::Sql(t)) => (m.retry, m.outage) = (t.retry.clone(), t.outage.clone()),
+        (H::Kafka(m), H::Kafka(t)) => (m.retry, m.outage) = (t.retry.clone(), t.outage.clone()),
+        (H::Log(m), H::Log(t)) => (m.retry, m.outage) = (t.retry.clone(), t.outage.clone()),
         _ => {}
     }
 }

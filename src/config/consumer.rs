@@ -51,6 +51,9 @@ pub struct ConsumerConfig {
     /// Default retry policy of every handler; `[handlers.NAME.retry]` overrides keys.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Default outage detection of every handler; `[handlers.NAME.outage]` overrides keys.
+    #[serde(default)]
+    pub outage: OutagePolicy,
     /// Routes, tried in order; the first match picks the handler.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -190,6 +193,86 @@ impl RetryOverride {
             max_delay: self.max_delay.unwrap_or(base.max_delay),
             max_attempts: self.max_attempts.unwrap_or(base.max_attempts),
             max_elapsed: self.max_elapsed.unwrap_or(base.max_elapsed),
+        }
+    }
+}
+
+/// `[consumer.outage]`: when a handler counts as *down* (its downstream failing for many
+/// keys at once) rather than one message being poison, and how it is probed while down.
+/// While a handler is down no call starts for it but one probe (a real waiting message) at
+/// a time; failures then use up no message's retry budget, and nothing is dead-lettered for
+/// the outage. The first call that succeeds brings it back, with its calls ramped up from
+/// one to `max_in_flight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutagePolicy {
+    /// Detect outages; `false` leaves every failure to the retry policy (each message
+    /// retried on its own, then dead-lettered).
+    pub enabled: bool,
+    /// Retryable failures in a row (no call of the handler succeeding or answering for good
+    /// between them) that make the handler down, ...
+    pub failures: u32,
+    /// ... when they came from at least this many different keys (with `ordering =
+    /// "partition"`, partitions), so that a poison key, or a few, never does ...
+    pub keys: u32,
+    /// ... within this long (older failures are forgotten).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Time from going down to the first probe call; it doubles after each failed probe.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Upper bound of the probe interval.
+    #[serde(with = "humantime_serde")]
+    pub max_probe_interval: Duration,
+}
+
+impl Default for OutagePolicy {
+    fn default() -> Self {
+        OutagePolicy {
+            enabled: true,
+            failures: 10,
+            keys: 3,
+            window: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(1),
+            max_probe_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[handlers.NAME.outage]`: any key left out comes from `[consumer.outage]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutageOverride {
+    /// See [`OutagePolicy::enabled`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// See [`OutagePolicy::failures`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u32>,
+    /// See [`OutagePolicy::keys`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u32>,
+    /// See [`OutagePolicy::window`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+    /// See [`OutagePolicy::probe_interval`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub probe_interval: Option<Duration>,
+    /// See [`OutagePolicy::max_probe_interval`].
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_probe_interval: Option<Duration>,
+}
+
+impl OutageOverride {
+    /// This override applied over `base`.
+    pub fn over(&self, base: &OutagePolicy) -> OutagePolicy {
+        OutagePolicy {
+            enabled: self.enabled.unwrap_or(base.enabled),
+            failures: self.failures.unwrap_or(base.failures),
+            keys: self.keys.unwrap_or(base.keys),
+            window: self.window.unwrap_or(base.window),
+            probe_interval: self.probe_interval.unwrap_or(base.probe_interval),
+            max_probe_interval: self.max_probe_interval.unwrap_or(base.max_probe_interval),
         }
     }
 }

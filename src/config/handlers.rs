@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::consumer::RetryOverride;
+use super::consumer::{OutageOverride, RetryOverride};
 
 /// One handler.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +36,17 @@ impl HandlerConfig {
             HandlerConfig::Log(h) => &h.retry,
         }
     }
+
+    /// The handler's outage override.
+    pub fn outage(&self) -> &OutageOverride {
+        match self {
+            HandlerConfig::Http(h) => &h.outage,
+            HandlerConfig::Command(h) => &h.outage,
+            HandlerConfig::Sql(h) => &h.outage,
+            HandlerConfig::Kafka(h) => &h.outage,
+            HandlerConfig::Log(h) => &h.outage,
+        }
+    }
 }
 
 /// `kind = "http"`: 2xx is done; 408, 429, 5xx, the `retry_statuses` and timeouts are
@@ -62,6 +73,9 @@ pub struct HttpHandlerConfig {
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
+    /// Overrides of `[consumer.outage]`.
+    #[serde(default)]
+    pub outage: OutageOverride,
 }
 
 fn default_http_timeout() -> Duration {
@@ -122,6 +136,9 @@ pub struct CommandHandlerConfig {
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
+    /// Overrides of `[consumer.outage]`.
+    #[serde(default)]
+    pub outage: OutageOverride,
 }
 
 fn default_command_timeout() -> Duration {
@@ -148,6 +165,9 @@ pub struct SqlHandlerConfig {
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
+    /// Overrides of `[consumer.outage]`.
+    #[serde(default)]
+    pub outage: OutageOverride,
 }
 
 /// `kind = "kafka"`: produce key, value and headers to `topic` and await the acknowledgement.
@@ -159,6 +179,9 @@ pub struct KafkaHandlerConfig {
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
+    /// Overrides of `[consumer.outage]`.
+    #[serde(default)]
+    pub outage: OutageOverride,
 }
 
 /// `kind = "log"`: log topic, partition, offset, key and event type at info; always done.
@@ -168,4 +191,7 @@ pub struct LogHandlerConfig {
     /// Overrides of `[consumer.retry]` (a log handler never fails; accepted for symmetry).
     #[serde(default)]
     pub retry: RetryOverride,
+    /// Overrides of `[consumer.outage]` (accepted for symmetry).
+    #[serde(default)]
+    pub outage: OutageOverride,
 }

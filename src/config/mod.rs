@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 pub use backend::Backend;
 pub use column::Column;
 pub use consumer::{
-    ConsumerConfig, DeadLetterDialect, Ordering, RetryOverride, RetryPolicy, RouteConfig, Unrouted,
+    ConsumerConfig, DeadLetterDialect, Ordering, OutageOverride, OutagePolicy, RetryOverride,
+    RetryPolicy, RouteConfig, Unrouted,
 };
 pub use handlers::{
     event_vars, CommandHandlerConfig, HandlerConfig, HttpHandlerConfig, KafkaHandlerConfig,

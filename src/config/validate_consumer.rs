@@ -1,7 +1,7 @@
 //! Checks of `[consumer]`, its routes and `[handlers.*]`, without connecting.
 
 use super::rules::{positive, Problems, ENV_PREFIX};
-use super::{Config, HandlerConfig, RetryPolicy};
+use super::{Config, HandlerConfig, OutagePolicy, RetryPolicy};
 use crate::topic::check_topic;
 
 /// Appends one message per problem to `p`, each starting with its key.
@@ -55,6 +55,7 @@ pub fn validate(config: &Config, p: &mut Problems) {
         }
     }
     retry_policy(p, "consumer.retry", &c.retry);
+    outage_policy(p, "consumer.outage", &c.outage);
     for (i, route) in c.routes.iter().enumerate() {
         let at = format!("consumer.routes[{i}]");
         if route.topic.is_empty() {
@@ -79,6 +80,7 @@ pub fn validate(config: &Config, p: &mut Problems) {
     for (name, handler) in &config.handlers {
         let at = format!("handlers.{name}");
         retry_policy(p, &format!("{at}.retry"), &handler.retry().over(&c.retry));
+        outage_policy(p, &format!("{at}.outage"), &handler.outage().over(&c.outage));
         match handler {
             HandlerConfig::Http(h) => {
                 if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
@@ -186,6 +188,31 @@ fn retry_policy(p: &mut Problems, at: &str, r: &RetryPolicy) {
     }
     if r.max_attempts == 0 {
         p.add(format!("{at}.max_attempts"), "must be at least 1");
+    }
+}
+
+fn outage_policy(p: &mut Problems, at: &str, o: &OutagePolicy) {
+    if o.failures == 0 {
+        p.add(format!("{at}.failures"), "must be at least 1");
+    }
+    if o.keys == 0 {
+        p.add(format!("{at}.keys"), "must be at least 1");
+    } else if o.keys > o.failures {
+        p.add(
+            format!("{at}.keys"),
+            format!(
+                "must be at most failures ({}): {} failures cannot come from more keys",
+                o.failures, o.failures
+            ),
+        );
+    }
+    positive(p, &format!("{at}.window"), o.window);
+    positive(p, &format!("{at}.probe_interval"), o.probe_interval);
+    if o.max_probe_interval < o.probe_interval {
+        p.add(
+            format!("{at}.max_probe_interval"),
+            "must be at least probe_interval",
+        );
     }
 }
 

@@ -16,13 +16,14 @@ use tokio_util::sync::CancellationToken;
 use super::context::Context;
 use super::dead_letter::{DeadLetters, Failure};
 use super::lanes::LaneId;
+use super::outage::{self, Admission, Gate, Verdict};
 use super::retry::Retrier;
 use super::routing::{Router, TopicRoutes};
-use crate::config::{Ordering, RetryPolicy, Unrouted};
+use crate::config::{Ordering, OutagePolicy, RetryPolicy, Unrouted};
 use crate::handlers::{ErrorClass, Event, Handler, Outcome};
 use crate::metrics::Metrics;
 
-/// A configured handler with its name and effective retry policy.
+/// A configured handler with its name, effective retry policy and outage gate.
 pub struct NamedHandler {
     /// `[handlers.NAME]`
     pub name: String,
@@ -30,6 +31,11 @@ pub struct NamedHandler {
     pub handler: Handler,
     /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
     pub policy: watch::Sender<RetryPolicy>,
+    /// `[consumer.outage]` with the handler's overrides applied; a reload may change it
+    /// (the gate follows it).
+    pub outage: watch::Sender<OutagePolicy>,
+    /// Where every call of the handler waits while it is down.
+    pub gate: Gate,
 }
 
 /// The bounds of one partition's window of fetched messages.
@@ -55,6 +61,11 @@ pub struct Shared {
     pub handlers: Vec<NamedHandler>,
     /// Dead-letter producer.
     pub dead_letters: DeadLetters,
+    /// Where dead letters wait while Kafka does not take them: one probe at a time
+    /// instead of each message retrying on its own.
+    pub dead_letter_gate: Gate,
+    /// Its policy: `[consumer.outage]`, down at the first failure.
+    pub dead_letter_outage: watch::Sender<OutagePolicy>,
     /// Policy for unrouted messages.
     pub unrouted: Unrouted,
     /// `max_in_flight` permits, each held during one handler call.
@@ -156,14 +167,44 @@ impl Job {
     pub fn message(&self) -> &OwnedMessage {
         &self.event.message
     }
+
+    /// The lane as the outage detector tells keys apart: the same for every message of
+    /// one key, different across topics and partitions.
+    fn spot(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        let m = self.message();
+        (m.topic(), m.partition(), self.lane).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// A call that failed in a way that may pass later, and counts against its message's
+/// attempts.
+pub struct Failed {
+    /// What went wrong.
+    pub error: String,
+    /// How long the call took.
+    pub took: Duration,
+    /// How long it waited at its handler's gate (and for a permit) before it began.
+    pub waited: Duration,
+    /// The least wait the downstream asked for (`Retry-After`), if any.
+    pub after: Option<Duration>,
 }
 
 /// What a step ended with.
 pub enum Step {
     /// The message's outcome is final.
     Final,
-    /// The call failed and may be retried; it took this long.
-    Retry(String, Duration),
+    /// The call failed and may be retried.
+    Retry(Failed),
+    /// The call failed because its handler is down: it does not count against the
+    /// message's attempts, nor this long against its retry time. The message waits at the
+    /// gate again.
+    Outage(Duration),
+    /// The message got through its handler's gate (after waiting this long): its call may
+    /// begin.
+    Admitted(Admission, Duration),
     /// The message must be dead-lettered.
     DeadLetter(ErrorClass, String),
     /// A retry's backoff pause is over: the next call may begin.
@@ -185,13 +226,27 @@ pub fn pause(job: Job, pause: Duration, stop: CancellationToken) -> Running {
     })
 }
 
-/// Calls `slot`'s handler with `job`, holding one `max_in_flight` permit during the call.
-/// A call that has not begun when `stop` comes does not begin.
+/// Waits at `slot`'s gate until `job`'s call may begin.
+pub fn admit(s: Arc<Shared>, job: Job, slot: usize, stop: CancellationToken) -> Running {
+    Box::pin(async move {
+        let began = Instant::now();
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => (job, Step::Stopped),
+            admission = s.handlers[slot].gate.enter() => (job, Step::Admitted(admission, began.elapsed())),
+        }
+    })
+}
+
+/// Calls `slot`'s handler with `job`, holding one `max_in_flight` permit during the call:
+/// through the handler's gate first unless `admitted`. A call that has not begun when
+/// `stop` comes does not begin.
 pub fn call(
     s: Arc<Shared>,
     local: Arc<Local>,
     mut job: Job,
     slot: usize,
+    admitted: Option<Admission>,
     stop: CancellationToken,
 ) -> Running {
     Box::pin(async move {
@@ -199,28 +254,67 @@ pub fn call(
         let meters = local.meters[slot]
             .as_ref()
             .expect("meters are resolved for every routed handler");
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return (job, Step::Stopped),
-            permit = s.permits.acquire() => permit.expect("semaphore is never closed"),
+        let entered = Instant::now();
+        let mut admitted = admitted;
+        let (admission, permit) = loop {
+            let admission = match admitted.take() {
+                Some(admission) => admission,
+                None => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return (job, Step::Stopped),
+                    admission = h.gate.enter() => admission,
+                },
+            };
+            let permit = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return (job, Step::Stopped),
+                permit = s.permits.acquire() => permit.expect("semaphore is never closed"),
+            };
+            // The handler may have gone down while this call waited for a permit: then it
+            // waits at the gate again instead of calling a dead downstream.
+            if h.gate.admits(&admission) {
+                break (admission, permit);
+            }
         };
+        let waited = entered.elapsed();
         let began = Instant::now();
         meters.in_flight.inc();
         let outcome = h.handler.handle(&job.event, job.calls + 1).await;
         meters.in_flight.dec();
         drop(permit);
-        job.calls += 1;
         let took = began.elapsed();
         meters.seconds.observe(took.as_secs_f64());
-        let step = match outcome {
+        let (error, after) = match outcome {
             Outcome::Done => {
+                h.gate.record(&admission, 0, outage::Result::Answered);
+                job.calls += 1;
                 meters.done.inc();
-                Step::Final
+                return (job, Step::Final);
             }
-            Outcome::DeadLetter(class, error) => Step::DeadLetter(class, error),
-            Outcome::Retry(error) => Step::Retry(error, took),
+            Outcome::DeadLetter(class, error) => {
+                h.gate.record(&admission, 0, outage::Result::Answered);
+                job.calls += 1;
+                return (job, Step::DeadLetter(class, error));
+            }
+            Outcome::Retry(error) => (error, None),
+            Outcome::RetryAfter(error, after) => {
+                (error, Some(after.min(h.policy.borrow().max_delay)))
+            }
         };
-        (job, step)
+        let failed = outage::Result::Failed(&error, after);
+        match h.gate.record(&admission, job.spot(), failed) {
+            Verdict::Outage => (job, Step::Outage(waited + took)),
+            Verdict::Counted => {
+                job.calls += 1;
+                let failed = Failed {
+                    error,
+                    took,
+                    waited,
+                    after,
+                };
+                (job, Step::Retry(failed))
+            }
+        }
     })
 }
 
@@ -254,10 +348,21 @@ async fn produce_dead_letter(
     failure: &Failure<'_>,
     stop: &CancellationToken,
 ) -> Step {
+    let gate = &s.dead_letter_gate;
     let mut retry = crate::backoff::exponential();
     let mut stripped: Option<String> = None;
     loop {
-        match s.dead_letters.send(m, failure, stripped.as_deref()).await {
+        let admission = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Step::Stopped,
+            admission = gate.enter() => admission,
+        };
+        let sent = s.dead_letters.send(m, failure, stripped.as_deref()).await;
+        if !matches!(&sent, Err(e) if !crate::kafka::is_refusal(e)) {
+            // Kafka answered.
+            gate.record(&admission, 0, outage::Result::Answered);
+        }
+        match sent {
             Ok(()) => {
                 tracing::warn!(
                     topic = m.topic(), partition = m.partition(), offset = m.offset(),
@@ -297,10 +402,22 @@ async fn produce_dead_letter(
                 return Step::Stopped;
             }
             Err(e) => {
+                let error = e.to_string();
+                gate.record(&admission, 0, outage::Result::Failed(&error, None));
+                drop(admission);
+                if gate.enabled() {
+                    // The gate holds this dead letter, and every other, until a probe
+                    // gets through.
+                    tracing::debug!(
+                        topic = m.topic(), partition = m.partition(), offset = m.offset(),
+                        %error, "cannot produce the dead letter; it waits for Kafka"
+                    );
+                    continue;
+                }
                 let pause = retry.next().unwrap_or_default();
                 tracing::error!(
                     topic = m.topic(), partition = m.partition(), offset = m.offset(),
-                    error = %e, ?pause,
+                    %error, ?pause,
                     "cannot produce the dead letter; the message's lane waits and retries"
                 );
                 tokio::select! {

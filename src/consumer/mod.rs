@@ -5,7 +5,9 @@
 //!   rebalances, statistics and errors; starts and retires one worker per assigned
 //!   partition, which reads the partition's own queue; commits offsets);
 //! - `worker`: one partition's window of messages, its lanes, its offset to commit;
-//! - `delivery`: one message's steps (call, retry pause, dead letter);
+//! - `delivery`: one message's steps (a wait at its handler's gate, call, retry pause,
+//!   dead letter);
+//! - `outage`: per handler, whether its downstream is down, and the gate its calls pass;
 //! - `lanes`, `offsets` (what is final, and the commit metadata), `commits` (the table of
 //!   offsets to commit), `input`, `routing`, `retry`, `dead_letter`, `context`
 //!   (rebalance, commit and statistics callbacks).
@@ -22,6 +24,7 @@ mod delivery;
 mod input;
 mod lanes;
 mod offsets;
+mod outage;
 mod retry;
 mod routing;
 mod worker;
@@ -37,12 +40,13 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::services::Services;
 use crate::systemd::Heartbeat;
 use context::{Change, Context};
 use dead_letter::DeadLetters;
+use outage::Gate;
 use delivery::{NamedHandler, Shared, Window};
 use routing::Router;
 
@@ -69,14 +73,33 @@ pub fn start(
         database,
         producer: producer.clone(),
     };
+    let gate = |name: &str, what: String, policy: &watch::Sender<OutagePolicy>| {
+        let meters = outage::Meters {
+            down: metrics.consumer_handler_down.with_label_values(&[name]),
+            outages: metrics
+                .consumer_handler_outages_total
+                .with_label_values(&[name]),
+            probes: metrics.consumer_probe_calls_total.with_label_values(&[name]),
+        };
+        Gate::new(what, policy.subscribe(), c.max_in_flight, meters)
+    };
     let mut handlers = Vec::new();
     for (name, hc) in &config.handlers {
+        let outage = watch::Sender::new(hc.outage().over(&c.outage));
         handlers.push(NamedHandler {
             name: name.clone(),
             handler: Handler::build(name, hc, &deps)?,
             policy: watch::Sender::new(hc.retry().over(&c.retry)),
+            gate: gate(name, format!("handler {name}"), &outage),
+            outage,
         });
     }
+    let dead_letter_outage = watch::Sender::new(dead_letter_policy(&c.outage));
+    let dead_letter_gate = gate(
+        "-",
+        "dead-letter producer".to_owned(),
+        &dead_letter_outage,
+    );
     let router = Router::new(&c.routes, |name| {
         handlers.iter().position(|h| h.name == name)
     })
@@ -120,6 +143,8 @@ pub fn start(
             c.dead_letter_headers,
             &c.group_id,
         ),
+        dead_letter_gate,
+        dead_letter_outage,
         unrouted: c.unrouted,
         permits: Semaphore::new(c.max_in_flight),
         window: Window {
@@ -182,7 +207,7 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Applies retry policies, http headers and timeouts and command timeouts from
+    /// Applies retry and outage policies, http headers and timeouts and command timeouts from
     /// `config` to the handlers that exist in it with the same kind.
     pub fn reconfigure(&self, config: &Config) -> Result<(), HandlerError> {
         let (Some(c), Some(shared)) = (&config.consumer, self.shared.upgrade()) else {
@@ -197,8 +222,23 @@ impl Handle {
                 source,
             })?;
             h.policy.send_replace(hc.retry().over(&c.retry));
+            h.outage.send_replace(hc.outage().over(&c.outage));
         }
+        shared
+            .dead_letter_outage
+            .send_replace(dead_letter_policy(&c.outage));
         Ok(())
+    }
+}
+
+/// The dead-letter producer's outage policy: `[consumer.outage]`, down at its first
+/// failure. Kafka refusing one dead letter is answered apart; any other failure to produce
+/// is Kafka out of reach, for every dead letter alike.
+fn dead_letter_policy(consumer: &OutagePolicy) -> OutagePolicy {
+    OutagePolicy {
+        failures: 1,
+        keys: 1,
+        ..consumer.clone()
     }
 }
 

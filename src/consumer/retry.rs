@@ -76,14 +76,25 @@ impl Retrier {
         self.attempts
     }
 
-    /// After a retryable failure: the jittered delay before the next attempt, or give up
+    /// Leaves `d` out of the retry clock: time the message spent waiting while its
+    /// handler was down does not use up `max_elapsed`.
+    pub fn exclude(&mut self, d: Duration) {
+        self.started += d;
+    }
+
+    /// After a retryable failure: the jittered delay before the next attempt (no less
+    /// than `after`, what the downstream asked for, capped by `max_delay`), or give up
     /// when the attempts are used up or the delay would end past `max_elapsed`.
-    pub fn next(&mut self) -> Next {
+    pub fn next(&mut self, after: Option<Duration>) -> Next {
         if self.attempts >= self.policy.max_attempts {
             return Next::GiveUp;
         }
         let bound = self.bounds.next().unwrap_or(self.policy.max_delay);
         let delay = bound.mul_f64(fastrand::f64());
+        let delay = match after {
+            Some(after) => delay.max(after.min(self.policy.max_delay)),
+            None => delay,
+        };
         if self.started.elapsed() + delay > self.policy.max_elapsed {
             return Next::GiveUp;
         }
@@ -110,7 +121,7 @@ mod tests {
         let mut r = Retrier::new(&policy(), Duration::ZERO);
         let bounds = [100, 200, 400, 800, 1000];
         for bound in bounds {
-            match r.next() {
+            match r.next(None) {
                 Next::RetryAfter(d) => {
                     assert!(d <= Duration::from_millis(bound), "{d:?} > {bound} ms")
                 }
@@ -119,7 +130,7 @@ mod tests {
             r.attempt();
         }
         assert_eq!(r.attempts(), 6);
-        assert_eq!(r.next(), Next::GiveUp, "max_attempts = 6 allows six calls");
+        assert_eq!(r.next(None), Next::GiveUp, "max_attempts = 6 allows six calls");
     }
 
     #[tokio::test(start_paused = true)]
@@ -133,7 +144,7 @@ mod tests {
         let mut r = Retrier::new(&p, Duration::ZERO);
         let delays: Vec<Duration> = (0..2000)
             .map(|_| {
-                let next = r.next();
+                let next = r.next(None);
                 r.attempt();
                 match next {
                     Next::RetryAfter(d) => d,
@@ -163,7 +174,7 @@ mod tests {
         tokio::time::sleep(first).await;
         let mut r = Retrier::new(&p, first);
         let mut slept = first;
-        while let Next::RetryAfter(d) = r.next() {
+        while let Next::RetryAfter(d) = r.next(None) {
             tokio::time::sleep(d).await;
             slept += d;
             r.attempt();
@@ -176,16 +187,51 @@ mod tests {
     async fn a_resumed_message_keeps_its_count_and_its_grown_delays() {
         let mut r = Retrier::resumed(&policy(), Duration::ZERO, 4);
         assert_eq!(r.attempts(), 4);
-        match r.next() {
+        match r.next(None) {
             Next::RetryAfter(d) => assert!(d <= Duration::from_millis(800), "{d:?}"),
             Next::GiveUp => panic!("two calls are left"),
         }
         r.attempt();
-        r.next();
+        r.next(None);
         r.attempt();
-        assert_eq!(r.next(), Next::GiveUp, "six calls in all");
+        assert_eq!(r.next(None), Next::GiveUp, "six calls in all");
         let mut spent = Retrier::resumed(&policy(), Duration::ZERO, 6);
-        assert_eq!(spent.next(), Next::GiveUp);
+        assert_eq!(spent.next(None), Next::GiveUp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_sets_the_least_delay_up_to_max_delay() {
+        let mut r = Retrier::new(&policy(), Duration::ZERO);
+        assert_eq!(
+            r.next(Some(Duration::from_millis(700))),
+            Next::RetryAfter(Duration::from_millis(700)),
+            "the first bound is 100 ms; the downstream asked for 700"
+        );
+        r.attempt();
+        assert_eq!(
+            r.next(Some(Duration::from_secs(3600))),
+            Next::RetryAfter(Duration::from_secs(1)),
+            "capped by max_delay"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_excluded_does_not_use_up_max_elapsed() {
+        let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(3),
+            max_attempts: 1000,
+            ..policy()
+        };
+        let mut r = Retrier::new(&p, Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(r.next(None), Next::GiveUp, "a minute is past max_elapsed");
+        let mut r = Retrier::new(&p, Duration::ZERO);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        r.exclude(Duration::from_secs(60));
+        assert!(
+            matches!(r.next(None), Next::RetryAfter(_)),
+            "a minute waiting for a downstream outage is not counted"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -196,7 +242,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut r = Retrier::new(&p, Duration::from_secs(3));
-        assert_eq!(r.next(), Next::GiveUp);
+        assert_eq!(r.next(None), Next::GiveUp);
         assert_eq!(r.attempts(), 1);
     }
 }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::commits::Generation;
 use super::delivery::{self, Job, Local, Running, Shared, Step};
+use super::outage::Admission;
 use super::input::Input;
 use super::lanes::{Lanes, Laning};
 use super::offsets::{Prior, Tracker};
@@ -196,17 +197,24 @@ impl Worker {
             let error = format!("{} calls were made before a restart", job.calls);
             return self.dead_letter(job, Some(slot), ErrorClass::RetryableExhausted, error);
         }
-        self.call(job, slot);
+        self.call(job, slot, None);
     }
 
-    fn call(&mut self, job: Job, slot: usize) {
+    fn call(&mut self, job: Job, slot: usize, admitted: Option<Admission>) {
         let f = delivery::call(
             self.s.clone(),
             self.local.clone(),
             job,
             slot,
+            admitted,
             self.stop.clone(),
         );
+        self.running.push(f);
+    }
+
+    /// `job` waits at its handler's gate before its next call.
+    fn wait_at_gate(&mut self, job: Job, slot: usize) {
+        let f = delivery::admit(self.s.clone(), job, slot, self.stop.clone());
         self.running.push(f);
     }
 
@@ -223,14 +231,33 @@ impl Worker {
             Step::Stopped => self.stopped(job),
             Step::DeadLetter(class, error) => self.dead_letter(job, slot, class, error),
             Step::Paused => {
+                let slot = slot.expect("only a routed message is retried");
+                self.wait_at_gate(job, slot);
+            }
+            Step::Admitted(admission, waited) => {
                 // The call is counted as it begins: a crash during it (or during the ones
-                // after it) does not give the message its calls back.
+                // after it) does not give the message its calls back. Time spent waiting
+                // at the gate while the handler was down is not retry time.
                 self.tracker.retrying(job.message().offset(), job.calls + 1);
                 self.dirty = true;
+                if let Some(r) = job.retrier.as_mut() {
+                    r.exclude(waited);
+                }
                 let slot = slot.expect("only a routed message is retried");
-                self.call(job, slot);
+                self.call(job, slot, Some(admission));
             }
-            Step::Retry(error, took) => {
+            Step::Outage(excluded) => {
+                // The handler is down: the call is not counted (its record as begun is
+                // taken back) and the message waits at the gate with its budget as it was.
+                self.tracker.retrying(job.message().offset(), job.calls);
+                self.dirty = true;
+                if let Some(r) = job.retrier.as_mut() {
+                    r.exclude(excluded);
+                }
+                let slot = slot.expect("only a routed message is called");
+                self.wait_at_gate(job, slot);
+            }
+            Step::Retry(failed) => {
                 let slot = slot.expect("only a routed message is called");
                 let h = &self.s.handlers[slot];
                 let next = {
@@ -238,12 +265,21 @@ impl Worker {
                     if job.retrier.is_none() {
                         self.in_retry += 1;
                     }
-                    let calls = job.calls;
-                    let retrier = job
-                        .retrier
-                        .get_or_insert_with(|| Retrier::resumed(&policy, took, calls));
-                    retrier.next()
+                    let retrier = match &mut job.retrier {
+                        Some(r) => {
+                            r.exclude(failed.waited);
+                            r
+                        }
+                        // Its clock starts with this call, after the wait.
+                        None => job.retrier.insert(Retrier::resumed(
+                            &policy,
+                            failed.took,
+                            job.calls,
+                        )),
+                    };
+                    retrier.next(failed.after)
                 };
+                let error = failed.error;
                 match next {
                     Next::GiveUp => {
                         self.dead_letter(job, Some(slot), ErrorClass::RetryableExhausted, error)

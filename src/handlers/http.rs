@@ -1,10 +1,10 @@
 //! `http`: POSTs the value with CloudEvents binary-mode headers on a shared keep-alive
-//! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry; other statuses
-//! dead-letter.
+//! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry (after at least
+//! what a 429's or 503's `Retry-After` asks); other statuses dead-letter.
 
 use std::sync::{Arc, OnceLock};
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::message::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
@@ -123,8 +123,12 @@ impl Handle for HttpHandler {
         match response {
             Ok(r) => {
                 let status = r.status();
+                let after = retry_after(&r, SystemTime::now());
                 drain(r).await;
-                classify(status, &self.retry_statuses)
+                match (classify(status, &self.retry_statuses), after) {
+                    (Outcome::Retry(error), Some(after)) => Outcome::RetryAfter(error, after),
+                    (outcome, _) => outcome,
+                }
             }
             Err(e) if e.is_builder() => Outcome::DeadLetter(
                 ErrorClass::Permanent,
@@ -184,6 +188,26 @@ async fn drain(mut response: reqwest::Response) {
     }
 }
 
+/// The wait a 429 or 503 answer asks for in `Retry-After`: seconds, or an HTTP date
+/// (a date in the past asks for none). Other statuses' `Retry-After` is not read.
+fn retry_after(response: &reqwest::Response, now: SystemTime) -> Option<Duration> {
+    let status = response.status().as_u16();
+    if status != 429 && status != 503 {
+        return None;
+    }
+    let value = response.headers().get(reqwest::header::RETRY_AFTER)?;
+    parse_retry_after(value.to_str().ok()?, now)
+}
+
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
 fn classify(status: reqwest::StatusCode, retry_statuses: &[u16]) -> Outcome {
     let code = status.as_u16();
     if status.is_success() {
@@ -208,6 +232,24 @@ mod tests {
         let url =
             reqwest::Url::parse("https://bot:pa55@hooks.example:8443/in/x?token=t#f").unwrap();
         assert_eq!(shown(&url), "https://hooks.example:8443/in/x");
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
     }
 
     #[test]

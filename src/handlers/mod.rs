@@ -93,6 +93,9 @@ pub enum Outcome {
     Done,
     /// Failed in a way that may pass later; retry per the policy.
     Retry(String),
+    /// As `Retry`, and the downstream asked not to be called again before this long
+    /// (HTTP `Retry-After`).
+    RetryAfter(String, std::time::Duration),
     /// Will never succeed as it is; dead-letter it now.
     DeadLetter(ErrorClass, String),
 }

@@ -3,13 +3,13 @@
 //! consumer, in process or as a separate `outboxd run`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use outboxd::config::Config;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -35,6 +35,12 @@ pub(crate) struct KeyState {
     /// Calls of this key from the given call number on (1-based) wait a minute.
     pub(crate) hang: Mutex<Option<(String, usize)>>,
     pub(crate) jitter_ms: AtomicUsize,
+    /// While set, every call is answered 503 (an outage of the whole endpoint).
+    pub(crate) down: AtomicBool,
+    /// Seconds sent as `Retry-After` with each 503, when above 0.
+    pub(crate) retry_after: AtomicUsize,
+    /// When each call answered 503 because of `down` arrived.
+    pub(crate) down_calls: Mutex<Vec<Instant>>,
     pub(crate) running: AtomicUsize,
     pub(crate) peak: AtomicUsize,
 }
@@ -80,7 +86,20 @@ impl KeyServer {
     }
 }
 
-pub(crate) async fn key_answer(State(s): State<Arc<KeyState>>, body: Bytes) -> StatusCode {
+pub(crate) async fn key_answer(
+    State(s): State<Arc<KeyState>>,
+    body: Bytes,
+) -> (StatusCode, HeaderMap) {
+    let status = key_status(&s, body).await;
+    let mut headers = HeaderMap::new();
+    let after = s.retry_after.load(AtomicOrdering::SeqCst);
+    if status == StatusCode::SERVICE_UNAVAILABLE && after > 0 {
+        headers.insert("retry-after", after.to_string().parse().unwrap());
+    }
+    (status, headers)
+}
+
+async fn key_status(s: &KeyState, body: Bytes) -> StatusCode {
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let (key, seq) = (
         v["k"].as_str().unwrap().to_owned(),
@@ -102,6 +121,10 @@ pub(crate) async fn key_answer(State(s): State<Arc<KeyState>>, body: Bytes) -> S
         tokio::time::sleep(Duration::from_micros(fastrand::u64(0..jitter * 1000))).await;
     }
     s.running.fetch_sub(1, AtomicOrdering::SeqCst);
+    if s.down.load(AtomicOrdering::SeqCst) {
+        s.down_calls.lock().unwrap().push(Instant::now());
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     if s.failing.lock().unwrap().contains(&key) {
         return StatusCode::SERVICE_UNAVAILABLE;
     }

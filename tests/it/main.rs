@@ -16,6 +16,7 @@ mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
 mod consumer_keys;
+mod consumer_outage;
 mod consumer_sql;
 mod dlq;
 mod docs;

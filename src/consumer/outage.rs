@@ -1,0 +1,807 @@
+//! Outage detection per handler: tells a downstream that is down for everyone from a
+//! message that fails on its own, and gates the handler's calls while it is down.
+//!
+//! - [`Detector`] holds the decisions, without I/O and with the time passed in: a run of
+//!   retryable failures with no success between them, from enough different keys within a
+//!   window, makes the handler down; while down only one probe call runs at a time, the
+//!   probes backing off; the first success (a probe's, or that of any call still running)
+//!   brings it back, its calls ramped up from one to `max_in_flight` (slow start: each
+//!   success admits one more).
+//! - [`Gate`] is what deliveries use: `enter` waits for an admission (at once while the
+//!   handler is up, without a lock), `record` reports a call's result and says whether the
+//!   call counts against the message's retry budget.
+//!
+//! One key failing, or a few, keeps the detector up while the other keys succeed: that is
+//! poison, and the message's own retries and the dead letter deal with it.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+use crate::config::OutagePolicy;
+
+/// The most failures remembered; `failures` beyond it behaves as this many.
+const REMEMBERED: usize = 1024;
+
+/// What a finished call tells the detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Result<'a> {
+    /// The downstream answered: the call succeeded, or failed for good (a 4xx, a
+    /// constraint), which is the message's fault, not the downstream's.
+    Answered,
+    /// A retryable failure (timeout, connection refused, 5xx, 429, a retryable exit code or
+    /// SQL error), with its text and the `Retry-After` it asked for, if any.
+    Failed(&'a str, Option<Duration>),
+}
+
+/// Whether a failed call uses up one of its message's attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It does: the handler is up (the message may be poison).
+    Counted,
+    /// It does not: the handler is down, or this failure made it so. The message waits at
+    /// the gate again, its budget as it was.
+    Outage,
+}
+
+/// How a call got through the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The handler is up (or detection is off).
+    Open,
+    /// One of the calls a recovering handler lets through; counted while it runs.
+    Ramp,
+    /// The one probe of a handler that is down.
+    Probe,
+}
+
+/// What the gate said to a waiting message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// Go on.
+    Admitted(Pass),
+    /// Wait for a change, or until this instant (a probe is due) at the latest.
+    Wait(Option<Instant>),
+}
+
+/// A change of state worth telling operators.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// The handler went down on this evidence.
+    Down {
+        /// Failed calls in the run that decided it.
+        calls: usize,
+        /// Different keys among them.
+        keys: usize,
+        /// The last failure's text.
+        error: String,
+    },
+    /// The handler is back.
+    Up {
+        /// How long it was down.
+        down_for: Duration,
+        /// Messages that waited at the gate meanwhile.
+        waited: u64,
+        /// Probe calls made.
+        probes: u64,
+    },
+}
+
+#[derive(Debug)]
+enum Phase {
+    Up,
+    Down {
+        since: Instant,
+        next_probe: Instant,
+        interval: Duration,
+        probing: bool,
+        waited: u64,
+        probes: u64,
+    },
+    /// Back, with at most `limit` calls at once until the limit reaches `max_in_flight`.
+    Ramping { limit: usize },
+}
+
+/// One handler's outage state, without I/O.
+#[derive(Debug)]
+pub struct Detector {
+    policy: OutagePolicy,
+    max_in_flight: usize,
+    phase: Phase,
+    /// The current run of failures (time, key), oldest first.
+    failures: VecDeque<(Instant, u64)>,
+    /// Calls let through while ramping, still running.
+    ramp_running: usize,
+    /// Messages waiting at the gate, by ticket (the oldest gets the next probe or ramp
+    /// slot, so probes go round the waiting messages).
+    waiting: BTreeSet<u64>,
+    next_ticket: u64,
+}
+
+impl Detector {
+    /// A detector that is up.
+    pub fn new(policy: OutagePolicy, max_in_flight: usize) -> Self {
+        Detector {
+            policy,
+            max_in_flight: max_in_flight.max(1),
+            phase: Phase::Up,
+            failures: VecDeque::new(),
+            ramp_running: 0,
+            waiting: BTreeSet::new(),
+            next_ticket: 0,
+        }
+    }
+
+    /// Takes a new policy (a reload); turning detection off ends an outage.
+    pub fn set_policy(&mut self, policy: OutagePolicy) -> Option<Transition> {
+        self.policy = policy;
+        if !self.policy.enabled && !matches!(self.phase, Phase::Up) {
+            self.failures.clear();
+            return self.resume(Instant::now(), true);
+        }
+        None
+    }
+
+    /// True while calls pass without waiting.
+    pub fn is_up(&self) -> bool {
+        matches!(self.phase, Phase::Up)
+    }
+
+    /// True while the handler is down.
+    pub fn is_down(&self) -> bool {
+        matches!(self.phase, Phase::Down { .. })
+    }
+
+    /// A message starts waiting: its ticket.
+    pub fn queue(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiting.insert(ticket);
+        if let Phase::Down { waited, .. } = &mut self.phase {
+            *waited += 1;
+        }
+        ticket
+    }
+
+    /// A waiting message gave up (its worker stops).
+    pub fn leave(&mut self, ticket: u64) {
+        self.waiting.remove(&ticket);
+    }
+
+    /// Whether the message holding `ticket` may call now.
+    pub fn enter(&mut self, ticket: u64, now: Instant) -> Entry {
+        let first = self.waiting.first() == Some(&ticket);
+        let entry = match &mut self.phase {
+            Phase::Up => Entry::Admitted(Pass::Open),
+            Phase::Down {
+                next_probe,
+                probing,
+                probes,
+                ..
+            } => {
+                if *probing {
+                    Entry::Wait(None)
+                } else if now < *next_probe {
+                    Entry::Wait(Some(*next_probe))
+                } else if first {
+                    *probing = true;
+                    *probes += 1;
+                    Entry::Admitted(Pass::Probe)
+                } else {
+                    // An older message takes the probe; this one hears of the outcome.
+                    Entry::Wait(None)
+                }
+            }
+            Phase::Ramping { limit } => {
+                if self.ramp_running < *limit && first {
+                    self.ramp_running += 1;
+                    Entry::Admitted(Pass::Ramp)
+                } else {
+                    Entry::Wait(None)
+                }
+            }
+        };
+        if matches!(entry, Entry::Admitted(_)) {
+            self.waiting.remove(&ticket);
+        }
+        entry
+    }
+
+    /// A call let through with `pass` ended (after [`Detector::record`], or cut short).
+    pub fn left(&mut self, pass: Pass) {
+        match pass {
+            Pass::Ramp => self.ramp_running = self.ramp_running.saturating_sub(1),
+            Pass::Probe => {
+                if let Phase::Down { probing, .. } = &mut self.phase {
+                    *probing = false;
+                }
+            }
+            Pass::Open => {}
+        }
+    }
+
+    /// A call of message `key` let through with `pass` ended with `result`.
+    pub fn record(
+        &mut self,
+        pass: Pass,
+        key: u64,
+        result: Result<'_>,
+        now: Instant,
+    ) -> (Verdict, Option<Transition>) {
+        if !self.policy.enabled {
+            return (Verdict::Counted, None);
+        }
+        let (error, after) = match result {
+            Result::Answered => {
+                self.failures.clear();
+                return (Verdict::Counted, self.resume(now, false));
+            }
+            Result::Failed(error, after) => (error, after),
+        };
+        let policy = &self.policy;
+        match &mut self.phase {
+            Phase::Down {
+                next_probe,
+                interval,
+                probing,
+                ..
+            } => {
+                if pass == Pass::Probe {
+                    *probing = false;
+                    *interval = (*interval * 2).min(policy.max_probe_interval);
+                    *next_probe = now + (*interval).max(after.unwrap_or_default());
+                }
+                (Verdict::Outage, None)
+            }
+            Phase::Up | Phase::Ramping { .. } => {
+                let horizon = now.checked_sub(policy.window);
+                while let Some(&(at, _)) = self.failures.front() {
+                    if horizon.is_some_and(|h| at < h) || self.failures.len() >= REMEMBERED {
+                        self.failures.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                self.failures.push_back((now, key));
+                let calls = self.failures.len();
+                if calls < (policy.failures as usize).min(REMEMBERED) {
+                    return (Verdict::Counted, None);
+                }
+                let keys = self
+                    .failures
+                    .iter()
+                    .map(|(_, k)| *k)
+                    .collect::<HashSet<u64>>()
+                    .len();
+                if keys < policy.keys as usize {
+                    return (Verdict::Counted, None);
+                }
+                let interval = policy.probe_interval;
+                self.phase = Phase::Down {
+                    since: now,
+                    next_probe: now + interval.max(after.unwrap_or_default()),
+                    interval,
+                    probing: false,
+                    waited: 0,
+                    probes: 0,
+                };
+                self.ramp_running = 0;
+                self.failures.clear();
+                let down = Transition::Down {
+                    calls,
+                    keys,
+                    error: error.to_owned(),
+                };
+                (Verdict::Outage, Some(down))
+            }
+        }
+    }
+
+    /// A success: a down handler starts ramping up, a ramping one admits one more call.
+    fn resume(&mut self, now: Instant, at_once: bool) -> Option<Transition> {
+        match &mut self.phase {
+            Phase::Up => None,
+            Phase::Ramping { limit } => {
+                *limit += 1;
+                if *limit >= self.max_in_flight || at_once {
+                    self.phase = Phase::Up;
+                }
+                None
+            }
+            Phase::Down {
+                since,
+                waited,
+                probes,
+                ..
+            } => {
+                let up = Transition::Up {
+                    down_for: now.saturating_duration_since(*since),
+                    waited: *waited,
+                    probes: *probes,
+                };
+                self.phase = if at_once || self.max_in_flight <= 1 {
+                    Phase::Up
+                } else {
+                    Phase::Ramping { limit: 1 }
+                };
+                self.ramp_running = 0;
+                Some(up)
+            }
+        }
+    }
+}
+
+/// What the gate reports to operators.
+pub struct Meters {
+    /// `outboxd_consumer_handler_down{handler}`
+    pub down: IntGauge,
+    /// `outboxd_consumer_handler_outages_total{handler}`
+    pub outages: IntCounter,
+    /// `outboxd_consumer_probe_calls_total{handler}`
+    pub probes: IntCounter,
+}
+
+/// One handler's gate, shared by every partition's deliveries.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// What the log lines name: `handler web`, `dead-letter producer`.
+    name: String,
+    /// Mirrors `Detector::is_up` so that a call of a handler that is up passes without a
+    /// lock.
+    up: AtomicBool,
+    /// Mirrors `policy.enabled`.
+    enabled: AtomicBool,
+    /// Up with no failure remembered: a success changes nothing.
+    quiet: AtomicBool,
+    detector: Mutex<Detector>,
+    changed: Notify,
+    meters: Meters,
+}
+
+/// A call let through the gate. Dropping it (the call ended, or was cut short) frees its
+/// place.
+pub struct Admission {
+    pass: Pass,
+    /// Held only by calls whose end the detector must hear of.
+    gate: Option<Arc<Inner>>,
+}
+
+impl Admission {
+    /// How it got through.
+    #[cfg(test)]
+    pub fn pass(&self) -> Pass {
+        self.pass
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(inner) = self.gate.take() {
+            inner.lock().left(self.pass);
+            inner.changed.notify_waiters();
+        }
+    }
+}
+
+/// A waiting message's place in line, given back if it stops waiting.
+struct Ticket<'a> {
+    inner: &'a Inner,
+    number: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.inner.lock().leave(self.number);
+        // The next in line may be the one to go now.
+        self.inner.changed.notify_waiters();
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Detector> {
+        // A panic while holding the lock leaves a consistent detector (every change is
+        // one assignment), so a poisoned lock is taken as it is.
+        self.detector.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sync(&self, d: &Detector) {
+        self.up.store(d.is_up(), AtomicOrdering::Release);
+        self.quiet
+            .store(d.is_up() && d.failures.is_empty(), AtomicOrdering::Release);
+        self.enabled
+            .store(d.policy.enabled, AtomicOrdering::Release);
+        self.meters.down.set(i64::from(d.is_down()));
+    }
+
+    fn tell(&self, transition: Option<Transition>) {
+        match transition {
+            None => {}
+            Some(Transition::Down { calls, keys, error }) => {
+                self.meters.outages.inc();
+                tracing::error!(
+                    target = %self.name, calls, keys, last_error = %error,
+                    "downstream down: its last calls failed across many keys; no call starts for it but one probe at a time, and its messages wait with their retry budgets kept"
+                );
+            }
+            Some(Transition::Up {
+                down_for,
+                waited,
+                probes,
+            }) => {
+                tracing::warn!(
+                    target = %self.name, ?down_for, waited, probes,
+                    "downstream back: calls ramp up again, the waiting messages go on in order"
+                );
+            }
+        }
+    }
+}
+
+impl Gate {
+    /// A gate for `name` under `policy`, `max_in_flight` being where a ramp ends. The
+    /// policy's later values (reloads) arrive through `policy`.
+    pub fn new(
+        name: String,
+        mut policy: watch::Receiver<OutagePolicy>,
+        max_in_flight: usize,
+        meters: Meters,
+    ) -> Self {
+        let detector = Detector::new(policy.borrow_and_update().clone(), max_in_flight);
+        let inner = Arc::new(Inner {
+            name,
+            up: AtomicBool::new(true),
+            quiet: AtomicBool::new(true),
+            enabled: AtomicBool::new(detector.policy.enabled),
+            detector: Mutex::new(detector),
+            changed: Notify::new(),
+            meters,
+        });
+        inner.meters.down.set(0);
+        let weak = Arc::downgrade(&inner);
+        // Ends when the policy's sender (the handler) or the gate is gone.
+        tokio::spawn(async move {
+            while policy.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else { return };
+                let new = policy.borrow_and_update().clone();
+                let transition = {
+                    let mut d = inner.lock();
+                    let t = d.set_policy(new);
+                    inner.sync(&d);
+                    t
+                };
+                inner.tell(transition);
+                inner.changed.notify_waiters();
+            }
+        });
+        Gate { inner }
+    }
+
+    /// False when detection is off: a failure is left to the caller's own backoff.
+    pub fn enabled(&self) -> bool {
+        self.inner.enabled.load(AtomicOrdering::Acquire)
+    }
+
+    /// False when `admission` let its call through while the handler was up, and it is
+    /// not any more: the call should wait at the gate again.
+    pub fn admits(&self, admission: &Admission) -> bool {
+        admission.pass != Pass::Open || self.inner.up.load(AtomicOrdering::Acquire)
+    }
+
+    /// Waits until a call may start. Cancel-safe: a waiter dropped gives its place back.
+    pub async fn enter(&self) -> Admission {
+        if self.inner.up.load(AtomicOrdering::Acquire) {
+            return Admission {
+                pass: Pass::Open,
+                gate: None,
+            };
+        }
+        let inner = &*self.inner;
+        let ticket = Ticket {
+            inner,
+            number: inner.lock().queue(),
+        };
+        loop {
+            let changed = inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let entry = inner.lock().enter(ticket.number, Instant::now());
+            match entry {
+                Entry::Admitted(pass) => {
+                    // Admitted: the ticket is spent, nothing to give back.
+                    std::mem::forget(ticket);
+                    if pass == Pass::Probe {
+                        inner.meters.probes.inc();
+                    }
+                    let gate = (pass != Pass::Open).then(|| self.inner.clone());
+                    return Admission { pass, gate };
+                }
+                Entry::Wait(None) => changed.await,
+                Entry::Wait(Some(until)) => {
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep_until(until) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reports how the call let through by `admission` for message `key` ended; says
+    /// whether it counts against the message's budget.
+    pub fn record(&self, admission: &Admission, key: u64, result: Result<'_>) -> Verdict {
+        if result == Result::Answered
+            && admission.pass == Pass::Open
+            && self.inner.quiet.load(AtomicOrdering::Acquire)
+        {
+            // The common case: a success while up, with no run of failures to forget.
+            return Verdict::Counted;
+        }
+        let (verdict, transition) = {
+            let mut d = self.inner.lock();
+            let out = d.record(admission.pass, key, result, Instant::now());
+            self.inner.sync(&d);
+            out
+        };
+        if transition.is_some() {
+            self.inner.tell(transition);
+            self.inner.changed.notify_waiters();
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> OutagePolicy {
+        OutagePolicy::default()
+    }
+
+    fn failed() -> Result<'static> {
+        Result::Failed("HTTP 503", None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_poison_key_never_opens_it() {
+        let mut d = Detector::new(policy(), 16);
+        for _ in 0..1000 {
+            let (verdict, t) = d.record(Pass::Open, 7, failed(), Instant::now());
+            assert_eq!(verdict, Verdict::Counted);
+            assert_eq!(t, None);
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        assert!(d.is_up());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_of_many_keys_in_a_row_open_it() {
+        let mut d = Detector::new(policy(), 16);
+        for key in 0..9 {
+            let (verdict, _) = d.record(Pass::Open, key % 3, failed(), Instant::now());
+            assert_eq!(verdict, Verdict::Counted, "failure {key} counts");
+        }
+        let (verdict, t) = d.record(Pass::Open, 9, failed(), Instant::now());
+        assert_eq!(verdict, Verdict::Outage, "the tenth failure opens it");
+        assert_eq!(
+            t,
+            Some(Transition::Down {
+                calls: 10,
+                keys: 4,
+                error: "HTTP 503".into()
+            })
+        );
+        assert!(d.is_down());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_between_failures_starts_the_run_again() {
+        let mut d = Detector::new(policy(), 16);
+        for round in 0..100 {
+            for key in 0..9 {
+                d.record(Pass::Open, key, failed(), Instant::now());
+            }
+            let (verdict, _) = d.record(Pass::Open, 100 + round, Result::Answered, Instant::now());
+            assert_eq!(verdict, Verdict::Counted);
+        }
+        assert!(d.is_up(), "nine failures between successes never open it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn too_few_keys_keep_it_up() {
+        let mut d = Detector::new(policy(), 16);
+        for i in 0..500 {
+            d.record(Pass::Open, i % 2, failed(), Instant::now());
+        }
+        assert!(d.is_up(), "two poison keys are not an outage (keys = 3)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_older_than_the_window_are_forgotten() {
+        let mut d = Detector::new(policy(), 16);
+        for key in 0..50 {
+            d.record(Pass::Open, key, failed(), Instant::now());
+            // One failure every 4 s: never ten within 30 s.
+            tokio::time::advance(Duration::from_secs(4)).await;
+            assert!(d.is_up(), "after failure {key}");
+        }
+    }
+
+    fn open(d: &mut Detector) {
+        for key in 0..10 {
+            d.record(Pass::Open, key, failed(), Instant::now());
+        }
+        assert!(d.is_down());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_down_one_probe_at_a_time_goes_to_the_oldest_waiter_on_a_backed_off_schedule() {
+        let mut d = Detector::new(policy(), 16);
+        open(&mut d);
+        let (a, b, c) = (d.queue(), d.queue(), d.queue());
+        let t0 = Instant::now();
+        assert_eq!(
+            d.enter(a, t0),
+            Entry::Wait(Some(t0 + Duration::from_secs(1))),
+            "the first probe is due after probe_interval"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(d.enter(b, Instant::now()), Entry::Wait(None), "a is older");
+        assert_eq!(d.enter(a, Instant::now()), Entry::Admitted(Pass::Probe));
+        assert_eq!(d.enter(c, Instant::now()), Entry::Wait(None), "one probe at a time");
+        let (verdict, t) = d.record(Pass::Probe, 0, failed(), Instant::now());
+        assert_eq!((verdict, t), (Verdict::Outage, None), "a probe costs no attempt");
+        d.left(Pass::Probe);
+        let a = d.queue();
+        // The schedule doubles: 2 s, 4 s, ... up to 30 s.
+        let mut intervals = Vec::new();
+        let mut order = Vec::new();
+        let mut line = VecDeque::from([b, c, a]);
+        for _ in 0..8 {
+            let started = Instant::now();
+            let next = line.pop_front().unwrap();
+            let due = match d.enter(next, started) {
+                Entry::Wait(Some(due)) => due,
+                other => panic!("{other:?}"),
+            };
+            tokio::time::advance(due - started).await;
+            assert_eq!(d.enter(next, Instant::now()), Entry::Admitted(Pass::Probe));
+            intervals.push((due - started).as_secs());
+            order.push(next);
+            d.record(Pass::Probe, next, failed(), Instant::now());
+            d.left(Pass::Probe);
+            line.push_back(d.queue());
+        }
+        assert_eq!(intervals, [2, 4, 8, 16, 30, 30, 30, 30]);
+        assert_eq!(&order[..3], &[b, c, a], "probes go round the waiting messages");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_delays_the_next_probe() {
+        let mut d = Detector::new(policy(), 16);
+        for key in 0..9 {
+            d.record(Pass::Open, key, failed(), Instant::now());
+        }
+        let now = Instant::now();
+        d.record(
+            Pass::Open,
+            9,
+            Result::Failed("HTTP 503", Some(Duration::from_secs(20))),
+            now,
+        );
+        let t = d.queue();
+        assert_eq!(
+            d.enter(t, now),
+            Entry::Wait(Some(now + Duration::from_secs(20)))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_probe_ramps_calls_up_to_max_in_flight() {
+        let mut d = Detector::new(policy(), 4);
+        open(&mut d);
+        let tickets: Vec<u64> = (0..6).map(|_| d.queue()).collect();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(d.enter(tickets[0], Instant::now()), Entry::Admitted(Pass::Probe));
+        let (verdict, t) = d.record(Pass::Probe, 0, Result::Answered, Instant::now());
+        assert_eq!(verdict, Verdict::Counted);
+        assert!(matches!(
+            t,
+            Some(Transition::Up { waited: 6, probes: 1, .. })
+        ));
+        d.left(Pass::Probe);
+        assert!(!d.is_down() && !d.is_up(), "ramping");
+        assert_eq!(d.enter(tickets[1], Instant::now()), Entry::Admitted(Pass::Ramp));
+        assert_eq!(
+            d.enter(tickets[2], Instant::now()),
+            Entry::Wait(None),
+            "one call at a time at first"
+        );
+        d.record(Pass::Ramp, 1, Result::Answered, Instant::now());
+        d.left(Pass::Ramp);
+        assert_eq!(d.enter(tickets[2], Instant::now()), Entry::Admitted(Pass::Ramp));
+        assert_eq!(d.enter(tickets[3], Instant::now()), Entry::Admitted(Pass::Ramp), "two now");
+        assert_eq!(d.enter(tickets[4], Instant::now()), Entry::Wait(None));
+        d.record(Pass::Ramp, 2, Result::Answered, Instant::now());
+        d.record(Pass::Ramp, 3, Result::Answered, Instant::now());
+        assert!(d.is_up(), "the limit reached max_in_flight");
+        assert_eq!(d.enter(tickets[4], Instant::now()), Entry::Admitted(Pass::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn turned_off_it_counts_every_failure_and_ends_an_outage() {
+        let mut d = Detector::new(policy(), 16);
+        open(&mut d);
+        let t = d.set_policy(OutagePolicy {
+            enabled: false,
+            ..policy()
+        });
+        assert!(matches!(t, Some(Transition::Up { .. })));
+        assert!(d.is_up());
+        for key in 0..100 {
+            assert_eq!(
+                d.record(Pass::Open, key, failed(), Instant::now()).0,
+                Verdict::Counted
+            );
+        }
+    }
+
+    fn meters() -> Meters {
+        Meters {
+            down: IntGauge::new("d", "d").unwrap(),
+            outages: IntCounter::new("o", "o").unwrap(),
+            probes: IntCounter::new("p", "p").unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_holds_calls_while_down_and_lets_one_probe_through() {
+        let (_tx, rx) = watch::channel(policy());
+        let gate = Gate::new("handler test".into(), rx, 8, meters());
+        for key in 0..10 {
+            let a = gate.enter().await;
+            gate.record(&a, key, failed());
+        }
+        assert_eq!(gate.inner.meters.down.get(), 1);
+        let (admitted, mut passes) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..5 {
+            let (g, admitted) = (gate.clone(), admitted.clone());
+            tokio::spawn(async move { admitted.send(g.enter().await).unwrap() });
+        }
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(passes.try_recv().is_err(), "no call before the probe is due");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let probe = passes.try_recv().expect("the probe is due");
+        assert_eq!(probe.pass(), Pass::Probe);
+        assert!(passes.try_recv().is_err(), "one probe at a time");
+        assert_eq!(gate.inner.meters.probes.get(), 1);
+        // The probe fails: the next one is due 2 s later.
+        assert_eq!(gate.record(&probe, 0, failed()), Verdict::Outage);
+        drop(probe);
+        tokio::time::sleep(Duration::from_millis(1999)).await;
+        assert!(passes.try_recv().is_err(), "the probes back off");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let probe = passes.try_recv().expect("the second probe");
+        // It succeeds: the handler is back and the others pass as the ramp allows.
+        assert_eq!(gate.record(&probe, 1, Result::Answered), Verdict::Counted);
+        drop(probe);
+        assert_eq!(gate.inner.meters.down.get(), 0);
+        for _ in 0..3 {
+            let a = tokio::time::timeout(Duration::from_secs(1), passes.recv())
+                .await
+                .expect("admitted after the recovery")
+                .unwrap();
+            assert_eq!(a.pass(), Pass::Ramp);
+            gate.record(&a, 2, Result::Answered);
+        }
+    }
+}
