@@ -206,7 +206,10 @@ impl Metrics {
             )
             .unwrap(),
             consumer_handler_outages_total: IntCounterVec::new(
-                Opts::new("consumer_handler_outages_total", "Times the handler went down"),
+                Opts::new(
+                    "consumer_handler_outages_total",
+                    "Times the handler went down",
+                ),
                 &["handler"],
             )
             .unwrap(),

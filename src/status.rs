@@ -1,5 +1,6 @@
 //! `outboxd status`: per relay table the backlog, dead rows and lane owners; per consumer
-//! partition the committed offset, high watermark and lag. Reads only.
+//! partition the committed offset, high watermark and lag; which handlers of the outboxd
+//! running here are down. Reads only.
 
 use std::time::Duration;
 
@@ -43,6 +44,18 @@ pub struct GroupStatus {
     pub group: String,
     /// One entry per partition of every configured topic.
     pub partitions: Vec<PartitionStatus>,
+    /// The handlers of the outboxd that serves `http.listen` on this host, as its
+    /// `/metrics` tells; None when none answers there.
+    pub handlers: Option<Vec<HandlerStatus>>,
+}
+
+/// One handler of the running process.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct HandlerStatus {
+    /// `[handlers.NAME]`, or `-` for the dead-letter producer.
+    pub handler: String,
+    /// Down: its downstream fails for many keys at once; only probed.
+    pub down: bool,
 }
 
 /// One partition.
@@ -110,13 +123,13 @@ pub async fn gather(config: &Config, bootstrap: &str) -> Result<Status, StatusEr
         Some(c) => {
             let (bootstrap, kafka) = (bootstrap.to_owned(), config.kafka.clone());
             let (group, topics) = (c.group_id.clone(), c.topics.clone());
-            Some(
-                tokio::task::spawn_blocking(move || {
-                    group_status(&bootstrap, &kafka, &group, &topics)
-                })
-                .await
-                .map_err(StatusError::Task)??,
-            )
+            let mut status = tokio::task::spawn_blocking(move || {
+                group_status(&bootstrap, &kafka, &group, &topics)
+            })
+            .await
+            .map_err(StatusError::Task)??;
+            status.handlers = running_handlers(config.http.listen).await;
+            Some(status)
         }
         None => None,
     };
@@ -200,7 +213,47 @@ fn group_status(
     Ok(GroupStatus {
         group: group.to_owned(),
         partitions,
+        handlers: None,
     })
+}
+
+/// Which handlers of the outboxd listening on `listen` are down, from its `/metrics`.
+async fn running_handlers(mut listen: std::net::SocketAddr) -> Option<Vec<HandlerStatus>> {
+    if listen.ip().is_unspecified() {
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    Some(handlers_down(&response.text().await.ok()?))
+}
+
+/// The `outboxd_consumer_handler_down` samples of a Prometheus text exposition.
+fn handlers_down(metrics: &str) -> Vec<HandlerStatus> {
+    let mut out: Vec<HandlerStatus> = metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("outboxd_consumer_handler_down{")?;
+            let (labels, value) = rest.split_once('}')?;
+            let handler = labels.split_once("handler=\"")?.1.split_once('"')?.0;
+            let value: f64 = value.trim().parse().ok()?;
+            Some(HandlerStatus {
+                handler: handler.to_owned(),
+                down: value > 0.0,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.handler.cmp(&b.handler));
+    out
 }
 
 impl std::fmt::Display for Status {
@@ -262,7 +315,51 @@ impl std::fmt::Display for Status {
                     p.topic, p.partition, committed, p.high_watermark, p.lag
                 )?;
             }
+            match &g.handlers {
+                None => writeln!(f, "handlers: no outboxd answers at http.listen here")?,
+                Some(handlers) => {
+                    writeln!(f, "{:<40} state", "handler")?;
+                    for h in handlers {
+                        let name = match h.handler.as_str() {
+                            "-" => "(dead-letter producer)",
+                            name => name,
+                        };
+                        let state = if h.down {
+                            "down: only probed; its messages wait"
+                        } else {
+                            "up"
+                        };
+                        writeln!(f, "{name:<40} {state}")?;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handlers_down_are_read_from_the_metrics() {
+        let text = "# HELP outboxd_consumer_handler_down 1 while down\n\
+            outboxd_consumer_handler_down{handler=\"web\"} 1\n\
+            outboxd_consumer_handler_down{handler=\"-\"} 0\n\
+            outboxd_consumer_in_flight{handler=\"web\"} 3\n";
+        assert_eq!(
+            handlers_down(text),
+            vec![
+                HandlerStatus {
+                    handler: "-".into(),
+                    down: false
+                },
+                HandlerStatus {
+                    handler: "web".into(),
+                    down: true
+                },
+            ]
+        );
     }
 }

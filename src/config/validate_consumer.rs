@@ -80,7 +80,11 @@ pub fn validate(config: &Config, p: &mut Problems) {
     for (name, handler) in &config.handlers {
         let at = format!("handlers.{name}");
         retry_policy(p, &format!("{at}.retry"), &handler.retry().over(&c.retry));
-        outage_policy(p, &format!("{at}.outage"), &handler.outage().over(&c.outage));
+        outage_policy(
+            p,
+            &format!("{at}.outage"),
+            &handler.outage().over(&c.outage),
+        );
         match handler {
             HandlerConfig::Http(h) => {
                 if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {

@@ -255,27 +255,24 @@ pub fn call(
             .as_ref()
             .expect("meters are resolved for every routed handler");
         let entered = Instant::now();
-        let mut admitted = admitted;
-        let (admission, permit) = loop {
-            let admission = match admitted.take() {
-                Some(admission) => admission,
-                None => tokio::select! {
-                    biased;
-                    _ = stop.cancelled() => return (job, Step::Stopped),
-                    admission = h.gate.enter() => admission,
-                },
-            };
-            let permit = tokio::select! {
+        let admission = match admitted {
+            Some(admission) => admission,
+            None => tokio::select! {
                 biased;
                 _ = stop.cancelled() => return (job, Step::Stopped),
-                permit = s.permits.acquire() => permit.expect("semaphore is never closed"),
-            };
-            // The handler may have gone down while this call waited for a permit: then it
-            // waits at the gate again instead of calling a dead downstream.
-            if h.gate.admits(&admission) {
-                break (admission, permit);
-            }
+                admission = h.gate.enter() => admission,
+            },
         };
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return (job, Step::Stopped),
+            permit = s.permits.acquire() => permit.expect("semaphore is never closed"),
+        };
+        if !h.gate.admits(&admission) {
+            // The handler went down while this call waited for a permit: it waits at the
+            // gate again instead of calling a dead downstream, its call not counted.
+            return (job, Step::Outage(entered.elapsed()));
+        }
         let waited = entered.elapsed();
         let began = Instant::now();
         meters.in_flight.inc();

@@ -46,8 +46,8 @@ use crate::services::Services;
 use crate::systemd::Heartbeat;
 use context::{Change, Context};
 use dead_letter::DeadLetters;
-use outage::Gate;
 use delivery::{NamedHandler, Shared, Window};
+use outage::Gate;
 use routing::Router;
 
 /// Messages that reached the consumer's main queue (only if a partition could not be
@@ -79,7 +79,9 @@ pub fn start(
             outages: metrics
                 .consumer_handler_outages_total
                 .with_label_values(&[name]),
-            probes: metrics.consumer_probe_calls_total.with_label_values(&[name]),
+            probes: metrics
+                .consumer_probe_calls_total
+                .with_label_values(&[name]),
         };
         Gate::new(what, policy.subscribe(), c.max_in_flight, meters)
     };
@@ -95,11 +97,7 @@ pub fn start(
         });
     }
     let dead_letter_outage = watch::Sender::new(dead_letter_policy(&c.outage));
-    let dead_letter_gate = gate(
-        "-",
-        "dead-letter producer".to_owned(),
-        &dead_letter_outage,
-    );
+    let dead_letter_gate = gate("-", "dead-letter producer".to_owned(), &dead_letter_outage);
     let router = Router::new(&c.routes, |name| {
         handlers.iter().position(|h| h.name == name)
     })

@@ -104,7 +104,9 @@ enum Phase {
         probes: u64,
     },
     /// Back, with at most `limit` calls at once until the limit reaches `max_in_flight`.
-    Ramping { limit: usize },
+    Ramping {
+        limit: usize,
+    },
 }
 
 /// One handler's outage state, without I/O.
@@ -657,9 +659,17 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(d.enter(b, Instant::now()), Entry::Wait(None), "a is older");
         assert_eq!(d.enter(a, Instant::now()), Entry::Admitted(Pass::Probe));
-        assert_eq!(d.enter(c, Instant::now()), Entry::Wait(None), "one probe at a time");
+        assert_eq!(
+            d.enter(c, Instant::now()),
+            Entry::Wait(None),
+            "one probe at a time"
+        );
         let (verdict, t) = d.record(Pass::Probe, 0, failed(), Instant::now());
-        assert_eq!((verdict, t), (Verdict::Outage, None), "a probe costs no attempt");
+        assert_eq!(
+            (verdict, t),
+            (Verdict::Outage, None),
+            "a probe costs no attempt"
+        );
         d.left(Pass::Probe);
         let a = d.queue();
         // The schedule doubles: 2 s, 4 s, ... up to 30 s.
@@ -682,7 +692,11 @@ mod tests {
             line.push_back(d.queue());
         }
         assert_eq!(intervals, [2, 4, 8, 16, 30, 30, 30, 30]);
-        assert_eq!(&order[..3], &[b, c, a], "probes go round the waiting messages");
+        assert_eq!(
+            &order[..3],
+            &[b, c, a],
+            "probes go round the waiting messages"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -711,16 +725,26 @@ mod tests {
         open(&mut d);
         let tickets: Vec<u64> = (0..6).map(|_| d.queue()).collect();
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(d.enter(tickets[0], Instant::now()), Entry::Admitted(Pass::Probe));
+        assert_eq!(
+            d.enter(tickets[0], Instant::now()),
+            Entry::Admitted(Pass::Probe)
+        );
         let (verdict, t) = d.record(Pass::Probe, 0, Result::Answered, Instant::now());
         assert_eq!(verdict, Verdict::Counted);
         assert!(matches!(
             t,
-            Some(Transition::Up { waited: 6, probes: 1, .. })
+            Some(Transition::Up {
+                waited: 6,
+                probes: 1,
+                ..
+            })
         ));
         d.left(Pass::Probe);
         assert!(!d.is_down() && !d.is_up(), "ramping");
-        assert_eq!(d.enter(tickets[1], Instant::now()), Entry::Admitted(Pass::Ramp));
+        assert_eq!(
+            d.enter(tickets[1], Instant::now()),
+            Entry::Admitted(Pass::Ramp)
+        );
         assert_eq!(
             d.enter(tickets[2], Instant::now()),
             Entry::Wait(None),
@@ -728,13 +752,23 @@ mod tests {
         );
         d.record(Pass::Ramp, 1, Result::Answered, Instant::now());
         d.left(Pass::Ramp);
-        assert_eq!(d.enter(tickets[2], Instant::now()), Entry::Admitted(Pass::Ramp));
-        assert_eq!(d.enter(tickets[3], Instant::now()), Entry::Admitted(Pass::Ramp), "two now");
+        assert_eq!(
+            d.enter(tickets[2], Instant::now()),
+            Entry::Admitted(Pass::Ramp)
+        );
+        assert_eq!(
+            d.enter(tickets[3], Instant::now()),
+            Entry::Admitted(Pass::Ramp),
+            "two now"
+        );
         assert_eq!(d.enter(tickets[4], Instant::now()), Entry::Wait(None));
         d.record(Pass::Ramp, 2, Result::Answered, Instant::now());
         d.record(Pass::Ramp, 3, Result::Answered, Instant::now());
         assert!(d.is_up(), "the limit reached max_in_flight");
-        assert_eq!(d.enter(tickets[4], Instant::now()), Entry::Admitted(Pass::Open));
+        assert_eq!(
+            d.enter(tickets[4], Instant::now()),
+            Entry::Admitted(Pass::Open)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -778,7 +812,10 @@ mod tests {
             tokio::spawn(async move { admitted.send(g.enter().await).unwrap() });
         }
         tokio::time::sleep(Duration::from_millis(999)).await;
-        assert!(passes.try_recv().is_err(), "no call before the probe is due");
+        assert!(
+            passes.try_recv().is_err(),
+            "no call before the probe is due"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
         let probe = passes.try_recv().expect("the probe is due");
         assert_eq!(probe.pass(), Pass::Probe);

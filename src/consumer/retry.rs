@@ -130,7 +130,11 @@ mod tests {
             r.attempt();
         }
         assert_eq!(r.attempts(), 6);
-        assert_eq!(r.next(None), Next::GiveUp, "max_attempts = 6 allows six calls");
+        assert_eq!(
+            r.next(None),
+            Next::GiveUp,
+            "max_attempts = 6 allows six calls"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::commits::Generation;
 use super::delivery::{self, Job, Local, Running, Shared, Step};
-use super::outage::Admission;
 use super::input::Input;
 use super::lanes::{Lanes, Laning};
 use super::offsets::{Prior, Tracker};
+use super::outage::Admission;
 use super::retry::{Next, Retrier};
 use crate::config::Unrouted;
 use crate::handlers::ErrorClass;
@@ -271,11 +271,10 @@ impl Worker {
                             r
                         }
                         // Its clock starts with this call, after the wait.
-                        None => job.retrier.insert(Retrier::resumed(
-                            &policy,
-                            failed.took,
-                            job.calls,
-                        )),
+                        None => {
+                            job.retrier
+                                .insert(Retrier::resumed(&policy, failed.took, job.calls))
+                        }
                     };
                     retrier.next(failed.after)
                 };

@@ -112,11 +112,18 @@ async fn a_sixty_second_outage_dead_letters_nothing_and_keeps_each_keys_order() 
         0.0
     );
     assert_eq!(
-        daemon.metric("outboxd_consumer_handler_outages_total", &[("handler", "web")]),
+        daemon.metric(
+            "outboxd_consumer_handler_outages_total",
+            &[("handler", "web")]
+        ),
         1.0,
         "one outage"
     );
-    assert_eq!(dead_letters(&daemon), 0.0, "nothing dead-lettered for the outage");
+    assert_eq!(
+        dead_letters(&daemon),
+        0.0,
+        "nothing dead-lettered for the outage"
+    );
     daemon.stop().await.unwrap();
     assert_in_order_once(&server, keys, rounds);
 
@@ -171,9 +178,7 @@ async fn a_poison_key_is_dead_lettered_and_never_marks_the_handler_down() {
     eventually(
         "the healthy keys delivered and k0's messages dead-lettered",
         Duration::from_secs(120),
-        || async {
-            server.delivered_count() >= healthy && dead_letters(&daemon) >= rounds as f64
-        },
+        || async { server.delivered_count() >= healthy && dead_letters(&daemon) >= rounds as f64 },
     )
     .await;
     assert_eq!(
@@ -257,9 +262,11 @@ async fn a_restart_while_the_handler_is_down_dead_letters_nothing() {
         let mut child = spawn(&config);
         let before = server.state.down_calls.lock().unwrap().len();
         // Detection, then at least two probes.
-        eventually("calls to the dead endpoint", Duration::from_secs(60), || async {
-            server.state.down_calls.lock().unwrap().len() >= before + 12
-        })
+        eventually(
+            "calls to the dead endpoint",
+            Duration::from_secs(60),
+            || async { server.state.down_calls.lock().unwrap().len() >= before + 12 },
+        )
         .await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         kill(&mut child);
@@ -321,4 +328,140 @@ async fn retry_after_sets_the_next_call_of_the_message() {
             "Retry-After: 2 asked for 2 s between calls, got {gap:?} (the backoff alone stays under 0.2 s here)"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_handlers_database_going_away_pauses_and_resumes_the_handler() {
+    let admin = db().await;
+    let name = unique("outage_db");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = {
+        let base = database_url();
+        let (server, _) = base.rsplit_once('/').unwrap();
+        format!("{server}/{name}")
+    };
+    let (topic, _cluster, bootstrap) = consuming("sqloutage", 2);
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "apply")],
+        vec![(
+            "apply",
+            handler(
+                "kind = \"sql\"\nstatement = \"INSERT INTO applied (k, s) VALUES ($1, $2)\"\nparams = [\"/k\", \"/s\"]",
+            ),
+        )],
+    );
+    cfg.database.url = Some(url.clone());
+    cfg.database.connect_timeout = Duration::from_secs(2);
+    {
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        outboxd::db::migrator(outboxd::db::Backend::Postgres)
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE applied (id bigserial PRIMARY KEY, k text NOT NULL, s bigint NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let (keys, per_key) = (30usize, 4u64);
+    produce_keys(&bootstrap, &topic, 2, keys, 1, false).await;
+    let daemon = Daemon::start(cfg).await;
+    let check = sqlx::PgPool::connect(&url).await.unwrap();
+    let applied = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM applied")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    eventually(
+        "the first round applied",
+        Duration::from_secs(30),
+        || async { applied(check.clone()).await == keys as i64 },
+    )
+    .await;
+    check.close().await;
+    // The database goes away: it refuses connections and its sessions are ended.
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    // Rounds 1.. of every key, as produce_keys numbers them (k<i>, s = round).
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    for seq in 1..per_key {
+        for i in 0..keys {
+            let (key, value) = (format!("k{i}"), format!(r#"{{"k": "k{i}", "s": {seq}}}"#));
+            let record: FutureRecord<'_, str, str> = FutureRecord::to(topic.as_str())
+                .partition((i % 2) as i32)
+                .key(key.as_str())
+                .payload(value.as_str());
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    }
+    eventually(
+        "the handler is marked down",
+        Duration::from_secs(30),
+        || async { daemon.metric("outboxd_consumer_handler_down", &[("handler", "apply")]) == 1.0 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        dead_letters(&daemon),
+        0.0,
+        "nothing dead-lettered while down"
+    );
+    sqlx::query(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    eventually("the handler is back", Duration::from_secs(60), || async {
+        daemon.metric("outboxd_consumer_handler_down", &[("handler", "apply")]) == 0.0
+    })
+    .await;
+    let check = sqlx::PgPool::connect(&url).await.unwrap();
+    eventually("every event applied", Duration::from_secs(60), || async {
+        applied(check.clone()).await == (keys as i64) * per_key as i64
+    })
+    .await;
+    assert_eq!(dead_letters(&daemon), 0.0);
+    daemon.stop().await.unwrap();
+    // Each key's events in order, once each.
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT k, s FROM applied ORDER BY id")
+        .fetch_all(&check)
+        .await
+        .unwrap();
+    let mut seen: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    for (k, s) in rows {
+        seen.entry(k).or_default().push(s);
+    }
+    let want: Vec<i64> = (0..per_key as i64).collect();
+    assert_eq!(seen.len(), keys);
+    assert!(
+        seen.values().all(|s| *s == want),
+        "each key once and in order"
+    );
+    check.close().await;
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
 }
