@@ -214,16 +214,20 @@ mod tests {
         if let crate::config::HandlerConfig::Http(h) = new.handlers.get_mut("web").unwrap() {
             h.headers.insert("x-tenant".into(), "acme".into());
             h.url = "http://elsewhere/x".into();
+            h.outage.enabled = Some(false);
         }
         new.consumer.as_mut().unwrap().retry.max_attempts = 3;
+        new.consumer.as_mut().unwrap().outage.failures = 20;
         new.http.listen = "127.0.0.1:1".parse().unwrap();
         let merged = reloadable(&old, &new);
         let (ok, restart) = (changed_keys(&old, &merged), changed_keys(&merged, &new));
         assert_eq!(
             ok,
             [
+                "consumer.outage.failures",
                 "consumer.retry.max_attempts",
                 "handlers.web.headers.x-tenant",
+                "handlers.web.outage.enabled",
                 "log.level",
                 "relay.tables[0].poll_interval"
             ]

@@ -48,6 +48,37 @@ async fn produce_steadily(
     }
 }
 
+/// The `handlers` that `outboxd status --json` reports of the outboxd at `listen`.
+fn handlers_in_status(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    listen: std::net::SocketAddr,
+) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kafka]\nbrokers = \"{bootstrap}\"\n[http]\nlisten = \"{listen}\"\n\
+             [consumer]\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["status", "--json", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    status["consumer"]["handlers"].clone()
+}
+
 fn dead_letters(daemon: &Daemon) -> f64 {
     daemon.metric("outboxd_consumer_dead_letter_total", &[])
 }
@@ -214,6 +245,14 @@ async fn a_poison_message_inside_an_outage_keeps_its_whole_budget() {
     )
     .await;
     let k0_before = server.calls_of("k0");
+    assert_eq!(
+        handlers_in_status(&bootstrap, &topic, &group, daemon.http_addr),
+        serde_json::json!([
+            {"handler": "-", "down": false},
+            {"handler": "web", "down": true},
+        ]),
+        "outboxd status shows the handler down"
+    );
     // Long enough for several probes, several of them k0's.
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(dead_letters(&daemon), 0.0);
