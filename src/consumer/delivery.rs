@@ -19,7 +19,7 @@ use super::lanes::LaneId;
 use super::outage::{self, Admission, Gate, Verdict};
 use super::retry::Retrier;
 use super::routing::{Router, TopicRoutes};
-use crate::config::{Ordering, OutagePolicy, RetryPolicy, Unrouted};
+use crate::config::{Ordering, RetryPolicy, Unrouted};
 use crate::handlers::{ErrorClass, Event, Handler, Outcome};
 use crate::metrics::Metrics;
 
@@ -31,10 +31,8 @@ pub struct NamedHandler {
     pub handler: Handler,
     /// `[consumer.retry]` with the handler's overrides applied; a reload may change it.
     pub policy: watch::Sender<RetryPolicy>,
-    /// `[consumer.outage]` with the handler's overrides applied; a reload may change it
-    /// (the gate follows it).
-    pub outage: watch::Sender<OutagePolicy>,
-    /// Where every call of the handler waits while it is down.
+    /// Where every call of the handler waits while it is down; it holds `[consumer.outage]`
+    /// with the handler's overrides applied, which a reload may change.
     pub gate: Gate,
 }
 
@@ -62,10 +60,9 @@ pub struct Shared {
     /// Dead-letter producer.
     pub dead_letters: DeadLetters,
     /// Where dead letters wait while Kafka does not take them: one probe at a time
-    /// instead of each message retrying on its own.
+    /// instead of each message retrying on its own (`[consumer.outage]`, down at the first
+    /// failure).
     pub dead_letter_gate: Gate,
-    /// Its policy: `[consumer.outage]`, down at the first failure.
-    pub dead_letter_outage: watch::Sender<OutagePolicy>,
     /// Policy for unrouted messages.
     pub unrouted: Unrouted,
     /// `max_in_flight` permits, each held during one handler call.

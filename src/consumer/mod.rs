@@ -73,7 +73,7 @@ pub fn start(
         database,
         producer: producer.clone(),
     };
-    let gate = |name: &str, what: String, policy: &watch::Sender<OutagePolicy>| {
+    let gate = |name: &str, what: String, policy: OutagePolicy| {
         let meters = outage::Meters {
             down: metrics.consumer_handler_down.with_label_values(&[name]),
             outages: metrics
@@ -83,21 +83,23 @@ pub fn start(
                 .consumer_probe_calls_total
                 .with_label_values(&[name]),
         };
-        Gate::new(what, policy.subscribe(), c.max_in_flight, meters)
+        Gate::new(what, policy, c.max_in_flight, meters)
     };
     let mut handlers = Vec::new();
     for (name, hc) in &config.handlers {
-        let outage = watch::Sender::new(hc.outage().over(&c.outage));
+        let outage = hc.outage().over(&c.outage);
         handlers.push(NamedHandler {
             name: name.clone(),
             handler: Handler::build(name, hc, &deps)?,
             policy: watch::Sender::new(hc.retry().over(&c.retry)),
-            gate: gate(name, format!("handler {name}"), &outage),
-            outage,
+            gate: gate(name, format!("handler {name}"), outage),
         });
     }
-    let dead_letter_outage = watch::Sender::new(dead_letter_policy(&c.outage));
-    let dead_letter_gate = gate("-", "dead-letter producer".to_owned(), &dead_letter_outage);
+    let dead_letter_gate = gate(
+        "-",
+        "dead-letter producer".to_owned(),
+        dead_letter_policy(&c.outage),
+    );
     let router = Router::new(&c.routes, |name| {
         handlers.iter().position(|h| h.name == name)
     })
@@ -142,7 +144,6 @@ pub fn start(
             &c.group_id,
         ),
         dead_letter_gate,
-        dead_letter_outage,
         unrouted: c.unrouted,
         permits: Semaphore::new(c.max_in_flight),
         window: Window {
@@ -220,11 +221,11 @@ impl Handle {
                 source,
             })?;
             h.policy.send_replace(hc.retry().over(&c.retry));
-            h.outage.send_replace(hc.outage().over(&c.outage));
+            h.gate.set_policy(hc.outage().over(&c.outage));
         }
         shared
-            .dead_letter_outage
-            .send_replace(dead_letter_policy(&c.outage));
+            .dead_letter_gate
+            .set_policy(dead_letter_policy(&c.outage));
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::OutagePolicy;
@@ -449,15 +449,9 @@ impl Inner {
 }
 
 impl Gate {
-    /// A gate for `name` under `policy`, `max_in_flight` being where a ramp ends. The
-    /// policy's later values (reloads) arrive through `policy`.
-    pub fn new(
-        name: String,
-        mut policy: watch::Receiver<OutagePolicy>,
-        max_in_flight: usize,
-        meters: Meters,
-    ) -> Self {
-        let detector = Detector::new(policy.borrow_and_update().clone(), max_in_flight);
+    /// A gate for `name` under `policy`, `max_in_flight` being where a ramp ends.
+    pub fn new(name: String, policy: OutagePolicy, max_in_flight: usize, meters: Meters) -> Self {
+        let detector = Detector::new(policy, max_in_flight);
         let inner = Arc::new(Inner {
             name,
             up: AtomicBool::new(true),
@@ -468,23 +462,19 @@ impl Gate {
             meters,
         });
         inner.meters.down.set(0);
-        let weak = Arc::downgrade(&inner);
-        // Ends when the policy's sender (the handler) or the gate is gone.
-        tokio::spawn(async move {
-            while policy.changed().await.is_ok() {
-                let Some(inner) = weak.upgrade() else { return };
-                let new = policy.borrow_and_update().clone();
-                let transition = {
-                    let mut d = inner.lock();
-                    let t = d.set_policy(new);
-                    inner.sync(&d);
-                    t
-                };
-                inner.tell(transition);
-                inner.changed.notify_waiters();
-            }
-        });
         Gate { inner }
+    }
+
+    /// Takes a new policy (a reload); turning detection off ends an outage at once.
+    pub fn set_policy(&self, policy: OutagePolicy) {
+        let transition = {
+            let mut d = self.inner.lock();
+            let t = d.set_policy(policy);
+            self.inner.sync(&d);
+            t
+        };
+        self.inner.tell(transition);
+        self.inner.changed.notify_waiters();
     }
 
     /// False when detection is off: a failure is left to the caller's own backoff.
@@ -799,8 +789,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_gate_holds_calls_while_down_and_lets_one_probe_through() {
-        let (_tx, rx) = watch::channel(policy());
-        let gate = Gate::new("handler test".into(), rx, 8, meters());
+        let gate = Gate::new("handler test".into(), policy(), 8, meters());
         for key in 0..10 {
             let a = gate.enter().await;
             gate.record(&a, key, failed());
