@@ -196,8 +196,8 @@ fn retry_policy(p: &mut Problems, at: &str, r: &RetryPolicy) {
 }
 
 fn outage_policy(p: &mut Problems, at: &str, o: &OutagePolicy) {
-    if o.failures == 0 {
-        p.add(format!("{at}.failures"), "must be at least 1");
+    if !(1..=1024).contains(&o.failures) {
+        p.add(format!("{at}.failures"), "must be between 1 and 1024");
     }
     if o.keys == 0 {
         p.add(format!("{at}.keys"), "must be at least 1");

@@ -352,10 +352,17 @@ async fn produce_dead_letter(
             admission = gate.enter() => admission,
         };
         let sent = s.dead_letters.send(m, failure, stripped.as_deref()).await;
-        if !matches!(&sent, Err(e) if !crate::kafka::is_refusal(e)) {
+        let error = match &sent {
+            Err(e) if !crate::kafka::is_refusal(e) => Some(e.to_string()),
             // Kafka answered.
-            gate.record(&admission, 0, outage::Result::Answered);
-        }
+            _ => None,
+        };
+        let result = match &error {
+            Some(error) => outage::Result::Failed(error, None),
+            None => outage::Result::Answered,
+        };
+        gate.record(&admission, 0, result);
+        drop(admission);
         match sent {
             Ok(()) => {
                 tracing::warn!(
@@ -395,10 +402,8 @@ async fn produce_dead_letter(
                 held(s, m, stop).await;
                 return Step::Stopped;
             }
-            Err(e) => {
-                let error = e.to_string();
-                gate.record(&admission, 0, outage::Result::Failed(&error, None));
-                drop(admission);
+            Err(_) => {
+                let error = error.unwrap_or_default();
                 if gate.enabled() {
                     // The gate holds this dead letter, and every other, until a probe
                     // gets through.

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::OutagePolicy;
 
-/// The most failures remembered; `failures` beyond it behaves as this many.
+/// The most failures remembered (validation keeps `failures` within it).
 const REMEMBERED: usize = 1024;
 
 /// What a finished call tells the detector.
@@ -119,6 +119,9 @@ pub struct Detector {
     failures: VecDeque<(Instant, u64)>,
     /// Calls let through while ramping, still running.
     ramp_running: usize,
+    /// Counts the outages and ramps: a probe or ramp call that ends after its outage or
+    /// ramp did changes nothing of the next one.
+    epoch: u64,
     /// Messages waiting at the gate, by ticket (the oldest gets the next probe or ramp
     /// slot, so probes go round the waiting messages).
     waiting: BTreeSet<u64>,
@@ -134,6 +137,7 @@ impl Detector {
             phase: Phase::Up,
             failures: VecDeque::new(),
             ramp_running: 0,
+            epoch: 0,
             waiting: BTreeSet::new(),
             next_ticket: 0,
         }
@@ -154,6 +158,11 @@ impl Detector {
         matches!(self.phase, Phase::Up)
     }
 
+    /// The current outage or ramp, for [`Detector::left`] and [`Detector::record`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// True while the handler is down.
     pub fn is_down(&self) -> bool {
         matches!(self.phase, Phase::Down { .. })
@@ -170,9 +179,11 @@ impl Detector {
         ticket
     }
 
-    /// A waiting message gave up (its worker stops).
-    pub fn leave(&mut self, ticket: u64) {
+    /// A waiting message gave up (its worker stops); true if it was the first in line.
+    pub fn leave(&mut self, ticket: u64) -> bool {
+        let first = self.waiting.first() == Some(&ticket);
         self.waiting.remove(&ticket);
+        first
     }
 
     /// Whether the message holding `ticket` may call now.
@@ -214,8 +225,12 @@ impl Detector {
         entry
     }
 
-    /// A call let through with `pass` ended (after [`Detector::record`], or cut short).
-    pub fn left(&mut self, pass: Pass) {
+    /// A call let through with `pass` in `epoch` ended (after [`Detector::record`], or
+    /// cut short).
+    pub fn left(&mut self, pass: Pass, epoch: u64) {
+        if epoch != self.epoch {
+            return;
+        }
         match pass {
             Pass::Ramp => self.ramp_running = self.ramp_running.saturating_sub(1),
             Pass::Probe => {
@@ -231,6 +246,7 @@ impl Detector {
     pub fn record(
         &mut self,
         pass: Pass,
+        epoch: u64,
         key: u64,
         result: Result<'_>,
         now: Instant,
@@ -253,7 +269,7 @@ impl Detector {
                 probing,
                 ..
             } => {
-                if pass == Pass::Probe {
+                if pass == Pass::Probe && epoch == self.epoch {
                     *probing = false;
                     *interval = (*interval * 2).min(policy.max_probe_interval);
                     *next_probe = now + (*interval).max(after.unwrap_or_default());
@@ -293,6 +309,7 @@ impl Detector {
                     probes: 0,
                 };
                 self.ramp_running = 0;
+                self.epoch += 1;
                 self.failures.clear();
                 let down = Transition::Down {
                     calls,
@@ -332,6 +349,7 @@ impl Detector {
                     Phase::Ramping { limit: 1 }
                 };
                 self.ramp_running = 0;
+                self.epoch += 1;
                 Some(up)
             }
         }
@@ -373,13 +391,13 @@ struct Inner {
 /// place.
 pub struct Admission {
     pass: Pass,
+    epoch: u64,
     /// Held only by calls whose end the detector must hear of.
     gate: Option<Arc<Inner>>,
 }
 
 impl Admission {
     /// How it got through.
-    #[cfg(test)]
     pub fn pass(&self) -> Pass {
         self.pass
     }
@@ -388,7 +406,7 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(inner) = self.gate.take() {
-            inner.lock().left(self.pass);
+            inner.lock().left(self.pass, self.epoch);
             inner.changed.notify_waiters();
         }
     }
@@ -402,9 +420,10 @@ struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.inner.lock().leave(self.number);
-        // The next in line may be the one to go now.
-        self.inner.changed.notify_waiters();
+        if self.inner.lock().leave(self.number) {
+            // The next in line may be the one to go now.
+            self.inner.changed.notify_waiters();
+        }
     }
 }
 
@@ -493,6 +512,7 @@ impl Gate {
         if self.inner.up.load(AtomicOrdering::Acquire) {
             return Admission {
                 pass: Pass::Open,
+                epoch: 0,
                 gate: None,
             };
         }
@@ -505,16 +525,22 @@ impl Gate {
             let changed = inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let entry = inner.lock().enter(ticket.number, Instant::now());
+            let (entry, epoch) = {
+                let mut d = inner.lock();
+                (d.enter(ticket.number, Instant::now()), d.epoch())
+            };
             match entry {
                 Entry::Admitted(pass) => {
                     // Admitted: the ticket is spent, nothing to give back.
                     std::mem::forget(ticket);
-                    if pass == Pass::Probe {
-                        inner.meters.probes.inc();
+                    match pass {
+                        Pass::Probe => inner.meters.probes.inc(),
+                        // The next in line may take another slot of the ramp.
+                        Pass::Ramp => inner.changed.notify_waiters(),
+                        Pass::Open => {}
                     }
                     let gate = (pass != Pass::Open).then(|| self.inner.clone());
-                    return Admission { pass, gate };
+                    return Admission { pass, epoch, gate };
                 }
                 Entry::Wait(None) => changed.await,
                 Entry::Wait(Some(until)) => {
@@ -537,14 +563,17 @@ impl Gate {
             // The common case: a success while up, with no run of failures to forget.
             return Verdict::Counted;
         }
-        let (verdict, transition) = {
+        let (verdict, transition, down) = {
             let mut d = self.inner.lock();
-            let out = d.record(admission.pass, key, result, Instant::now());
+            let (verdict, transition) =
+                d.record(admission.pass, admission.epoch, key, result, Instant::now());
             self.inner.sync(&d);
-            out
+            (verdict, transition, d.is_down())
         };
-        if transition.is_some() {
-            self.inner.tell(transition);
+        let changed = transition.is_some();
+        self.inner.tell(transition);
+        if changed || !down {
+            // Back, or ramping further: waiters may go on.
             self.inner.changed.notify_waiters();
         }
         verdict
@@ -567,7 +596,7 @@ mod tests {
     async fn one_poison_key_never_opens_it() {
         let mut d = Detector::new(policy(), 16);
         for _ in 0..1000 {
-            let (verdict, t) = d.record(Pass::Open, 7, failed(), Instant::now());
+            let (verdict, t) = d.record(Pass::Open, d.epoch(), 7, failed(), Instant::now());
             assert_eq!(verdict, Verdict::Counted);
             assert_eq!(t, None);
             tokio::time::advance(Duration::from_millis(100)).await;
@@ -579,10 +608,10 @@ mod tests {
     async fn failures_of_many_keys_in_a_row_open_it() {
         let mut d = Detector::new(policy(), 16);
         for key in 0..9 {
-            let (verdict, _) = d.record(Pass::Open, key % 3, failed(), Instant::now());
+            let (verdict, _) = d.record(Pass::Open, d.epoch(), key % 3, failed(), Instant::now());
             assert_eq!(verdict, Verdict::Counted, "failure {key} counts");
         }
-        let (verdict, t) = d.record(Pass::Open, 9, failed(), Instant::now());
+        let (verdict, t) = d.record(Pass::Open, d.epoch(), 9, failed(), Instant::now());
         assert_eq!(verdict, Verdict::Outage, "the tenth failure opens it");
         assert_eq!(
             t,
@@ -600,9 +629,15 @@ mod tests {
         let mut d = Detector::new(policy(), 16);
         for round in 0..100 {
             for key in 0..9 {
-                d.record(Pass::Open, key, failed(), Instant::now());
+                d.record(Pass::Open, d.epoch(), key, failed(), Instant::now());
             }
-            let (verdict, _) = d.record(Pass::Open, 100 + round, Result::Answered, Instant::now());
+            let (verdict, _) = d.record(
+                Pass::Open,
+                d.epoch(),
+                100 + round,
+                Result::Answered,
+                Instant::now(),
+            );
             assert_eq!(verdict, Verdict::Counted);
         }
         assert!(d.is_up(), "nine failures between successes never open it");
@@ -612,7 +647,7 @@ mod tests {
     async fn too_few_keys_keep_it_up() {
         let mut d = Detector::new(policy(), 16);
         for i in 0..500 {
-            d.record(Pass::Open, i % 2, failed(), Instant::now());
+            d.record(Pass::Open, d.epoch(), i % 2, failed(), Instant::now());
         }
         assert!(d.is_up(), "two poison keys are not an outage (keys = 3)");
     }
@@ -621,7 +656,7 @@ mod tests {
     async fn failures_older_than_the_window_are_forgotten() {
         let mut d = Detector::new(policy(), 16);
         for key in 0..50 {
-            d.record(Pass::Open, key, failed(), Instant::now());
+            d.record(Pass::Open, d.epoch(), key, failed(), Instant::now());
             // One failure every 4 s: never ten within 30 s.
             tokio::time::advance(Duration::from_secs(4)).await;
             assert!(d.is_up(), "after failure {key}");
@@ -630,7 +665,7 @@ mod tests {
 
     fn open(d: &mut Detector) {
         for key in 0..10 {
-            d.record(Pass::Open, key, failed(), Instant::now());
+            d.record(Pass::Open, d.epoch(), key, failed(), Instant::now());
         }
         assert!(d.is_down());
     }
@@ -654,13 +689,13 @@ mod tests {
             Entry::Wait(None),
             "one probe at a time"
         );
-        let (verdict, t) = d.record(Pass::Probe, 0, failed(), Instant::now());
+        let (verdict, t) = d.record(Pass::Probe, d.epoch(), 0, failed(), Instant::now());
         assert_eq!(
             (verdict, t),
             (Verdict::Outage, None),
             "a probe costs no attempt"
         );
-        d.left(Pass::Probe);
+        d.left(Pass::Probe, d.epoch());
         let a = d.queue();
         // The schedule doubles: 2 s, 4 s, ... up to 30 s.
         let mut intervals = Vec::new();
@@ -677,8 +712,8 @@ mod tests {
             assert_eq!(d.enter(next, Instant::now()), Entry::Admitted(Pass::Probe));
             intervals.push((due - started).as_secs());
             order.push(next);
-            d.record(Pass::Probe, next, failed(), Instant::now());
-            d.left(Pass::Probe);
+            d.record(Pass::Probe, d.epoch(), next, failed(), Instant::now());
+            d.left(Pass::Probe, d.epoch());
             line.push_back(d.queue());
         }
         assert_eq!(intervals, [2, 4, 8, 16, 30, 30, 30, 30]);
@@ -690,14 +725,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_probe_ending_after_its_outage_does_not_free_the_next_outages_probe() {
+        let mut d = Detector::new(policy(), 16);
+        open(&mut d);
+        let old = d.queue();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(d.enter(old, Instant::now()), Entry::Admitted(Pass::Probe));
+        let stale = d.epoch();
+        // A call from before the outage succeeds: back; then the handler fails again.
+        d.record(Pass::Open, 0, 0, Result::Answered, Instant::now());
+        open(&mut d);
+        let (p2, p3) = (d.queue(), d.queue());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(d.enter(p2, Instant::now()), Entry::Admitted(Pass::Probe));
+        // The first outage's probe ends now.
+        d.record(Pass::Probe, stale, 0, failed(), Instant::now());
+        d.left(Pass::Probe, stale);
+        assert_eq!(
+            d.enter(p3, Instant::now()),
+            Entry::Wait(None),
+            "still one probe at a time"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retry_after_delays_the_next_probe() {
         let mut d = Detector::new(policy(), 16);
         for key in 0..9 {
-            d.record(Pass::Open, key, failed(), Instant::now());
+            d.record(Pass::Open, d.epoch(), key, failed(), Instant::now());
         }
         let now = Instant::now();
         d.record(
             Pass::Open,
+            d.epoch(),
             9,
             Result::Failed("HTTP 503", Some(Duration::from_secs(20))),
             now,
@@ -719,7 +779,7 @@ mod tests {
             d.enter(tickets[0], Instant::now()),
             Entry::Admitted(Pass::Probe)
         );
-        let (verdict, t) = d.record(Pass::Probe, 0, Result::Answered, Instant::now());
+        let (verdict, t) = d.record(Pass::Probe, d.epoch(), 0, Result::Answered, Instant::now());
         assert_eq!(verdict, Verdict::Counted);
         assert!(matches!(
             t,
@@ -729,7 +789,7 @@ mod tests {
                 ..
             })
         ));
-        d.left(Pass::Probe);
+        d.left(Pass::Probe, d.epoch());
         assert!(!d.is_down() && !d.is_up(), "ramping");
         assert_eq!(
             d.enter(tickets[1], Instant::now()),
@@ -740,8 +800,8 @@ mod tests {
             Entry::Wait(None),
             "one call at a time at first"
         );
-        d.record(Pass::Ramp, 1, Result::Answered, Instant::now());
-        d.left(Pass::Ramp);
+        d.record(Pass::Ramp, d.epoch(), 1, Result::Answered, Instant::now());
+        d.left(Pass::Ramp, d.epoch());
         assert_eq!(
             d.enter(tickets[2], Instant::now()),
             Entry::Admitted(Pass::Ramp)
@@ -752,8 +812,8 @@ mod tests {
             "two now"
         );
         assert_eq!(d.enter(tickets[4], Instant::now()), Entry::Wait(None));
-        d.record(Pass::Ramp, 2, Result::Answered, Instant::now());
-        d.record(Pass::Ramp, 3, Result::Answered, Instant::now());
+        d.record(Pass::Ramp, d.epoch(), 2, Result::Answered, Instant::now());
+        d.record(Pass::Ramp, d.epoch(), 3, Result::Answered, Instant::now());
         assert!(d.is_up(), "the limit reached max_in_flight");
         assert_eq!(
             d.enter(tickets[4], Instant::now()),
@@ -773,7 +833,8 @@ mod tests {
         assert!(d.is_up());
         for key in 0..100 {
             assert_eq!(
-                d.record(Pass::Open, key, failed(), Instant::now()).0,
+                d.record(Pass::Open, d.epoch(), key, failed(), Instant::now())
+                    .0,
                 Verdict::Counted
             );
         }

@@ -21,7 +21,7 @@ use super::delivery::{self, Job, Local, Running, Shared, Step};
 use super::input::Input;
 use super::lanes::{Lanes, Laning};
 use super::offsets::{Prior, Tracker};
-use super::outage::Admission;
+use super::outage::{Admission, Pass};
 use super::retry::{Next, Retrier};
 use crate::config::Unrouted;
 use crate::handlers::ErrorClass;
@@ -236,10 +236,13 @@ impl Worker {
             }
             Step::Admitted(admission, waited) => {
                 // The call is counted as it begins: a crash during it (or during the ones
-                // after it) does not give the message its calls back. Time spent waiting
-                // at the gate while the handler was down is not retry time.
-                self.tracker.retrying(job.message().offset(), job.calls + 1);
-                self.dirty = true;
+                // after it) does not give the message its calls back. A probe's is not: it
+                // fails uncounted, or its success makes the message final. Time spent
+                // waiting at the gate while the handler was down is not retry time.
+                if admission.pass() != Pass::Probe {
+                    self.tracker.retrying(job.message().offset(), job.calls + 1);
+                    self.dirty = true;
+                }
                 if let Some(r) = job.retrier.as_mut() {
                     r.exclude(waited);
                 }
@@ -326,6 +329,10 @@ impl Worker {
     /// The job stopped without a final outcome (the worker is stopping): its offset stays
     /// open, with its calls so far recorded.
     fn stopped(&mut self, job: Job) {
+        // A call recorded as begun may have stopped before it began (waiting for a
+        // permit): the record keeps only the calls made.
+        self.tracker.retrying(job.message().offset(), job.calls);
+        self.dirty = true;
         self.release(&job);
     }
 
