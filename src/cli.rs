@@ -25,6 +25,9 @@ pub const EX_USAGE: u8 = 64;
 /// sysexits.h EX_UNAVAILABLE: a service does not answer; trying again later may succeed.
 pub const EX_UNAVAILABLE: u8 = 69;
 
+/// sysexits.h EX_SOFTWARE: a part of the daemon ended or panicked; restart the process.
+pub const EX_SOFTWARE: u8 = 70;
+
 /// Command line.
 #[derive(Debug, Parser)]
 #[command(
@@ -219,6 +222,7 @@ impl CliError {
             ExitClass::Config => EX_CONFIG,
             ExitClass::Usage => EX_USAGE,
             ExitClass::Unavailable => EX_UNAVAILABLE,
+            ExitClass::Software => EX_SOFTWARE,
             ExitClass::Failure => 1,
         }
     }
@@ -300,6 +304,7 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
         }),
         Command::Run => {
             let log_reload = crate::logging::init(&config.log);
+            crate::logging::log_panics();
             runtime()?.block_on(async {
                 let mut signals = shutdown::install()?;
                 let running =

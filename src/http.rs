@@ -1,4 +1,5 @@
-//! The operations endpoint: `/metrics`, `/healthz` (the process answers) and `/readyz`
+//! The operations endpoint: `/metrics`, `/healthz` (every loop lives and makes progress,
+//! else 503 naming the loops that died or stalled) and `/readyz`
 //! (database and Kafka reachable, else 503 with a short reason that holds no secret; the
 //! full error goes to the log). Probes run one at a time: requests that arrive while one
 //! runs share its result, so a flood of probes costs one round trip each way at a time.
@@ -34,7 +35,12 @@ pub struct HttpState {
     pub producer: Arc<ProducerSlot>,
     /// The last probe: when it finished, and the problems it found.
     pub last_probe: Mutex<Option<(Instant, Vec<String>)>>,
+    /// The loops whose heartbeats `/healthz` reads.
+    pub liveness: Arc<crate::systemd::Liveness>,
 }
+
+/// A loop silent this long fails `/healthz` (the shipped unit's `WatchdogSec`).
+const HEALTH_SILENCE: Duration = Duration::from_secs(120);
 
 /// Binds `listen` and serves until `stop`; returns the bound address and the server task.
 pub async fn serve(
@@ -46,7 +52,7 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Arc::new(state));
     let task = tokio::spawn(async move {
@@ -65,6 +71,17 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// 200 while every loop lives and makes progress; else 503 naming the loops that died or
+/// stalled.
+async fn healthz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
+    let unwell = state.liveness.unwell(HEALTH_SILENCE);
+    if unwell.is_empty() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, unwell.to_string())
+    }
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {

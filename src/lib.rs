@@ -8,7 +8,8 @@
 //! - [`relay`]: the outbox relay (lanes, claim loop, publishing, wake-up, storage);
 //! - [`reload`]: SIGHUP reloads; [`metrics`]: every Prometheus metric;
 //! - [`secrets`]: scrubs secrets from outgoing text; [`error_text`]: an error and its
-//!   sources as one line.
+//!   sources as one line; [`faults`]: panics the test suite arms (empty without the
+//!   `fault-hooks` feature).
 //!
 //! Internal:
 //! - `kafka`: configuration -> librdkafka properties, the embedded broker; `logging`:
@@ -35,6 +36,7 @@ pub mod db;
 mod dlq;
 pub mod error_text;
 mod exit;
+pub mod faults;
 mod glob;
 mod handlers;
 mod http;
@@ -59,6 +61,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +95,15 @@ pub enum RunError {
         /// Why binding failed.
         source: std::io::Error,
     },
+    /// A part that cannot be restarted on its own ended (or panicked) before shutdown, or
+    /// panicked during the drain; the rest was drained.
+    #[error("{part} {how}; the rest was drained")]
+    PartFailed {
+        /// Which part: `relay table T`, `consumer`, `operations endpoint`.
+        part: String,
+        /// `panicked` or `ended before shutdown`.
+        how: &'static str,
+    },
     /// The drain did not finish within `shutdown_timeout`; open transactions are rolled
     /// back by the database when the process exits, so their rows stay in the outbox.
     #[error("drain did not finish within shutdown_timeout ({0:?}); unfinished batches roll back and their rows stay in the outbox")]
@@ -107,6 +119,7 @@ impl RunError {
             RunError::Kafka(_) | RunError::Http { .. } | RunError::DrainTimeout(_) => {
                 ExitClass::Failure
             }
+            RunError::PartFailed { .. } => ExitClass::Software,
         }
     }
 }
@@ -121,7 +134,8 @@ pub struct Running {
     pub reloader: Arc<reload::Reloader>,
     shutdown_timeout: Duration,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// The relay's tables and the consumer, by name: none of them ends before shutdown.
+    tasks: Vec<(String, JoinHandle<()>)>,
     http_stop: CancellationToken,
     http: JoinHandle<()>,
     metrics: Arc<Metrics>,
@@ -162,6 +176,7 @@ pub async fn start(
         database: database.clone(),
         producer: producer.clone(),
         last_probe: Default::default(),
+        liveness: liveness.clone(),
     };
     let (http_addr, http) = http::serve(config.http.listen, state, http_stop.clone())
         .await
@@ -172,10 +187,17 @@ pub async fn start(
     let budget = DrainBudget {
         total: config.shutdown_timeout,
     };
-    let (mut tasks, tunables) = match &database {
+    let (relay_tasks, tunables) = match &database {
         Some(database) => relay::start(&config.relay, budget.relay_grace(), database, &services)?,
         None => (Vec::new(), Vec::new()),
     };
+    let mut tasks: Vec<(String, JoinHandle<()>)> = config
+        .relay
+        .tables
+        .iter()
+        .map(|t| format!("relay table {}", t.table))
+        .zip(relay_tasks)
+        .collect();
     let consumer = consumer::start(
         &config,
         &brokers.bootstrap,
@@ -184,7 +206,7 @@ pub async fn start(
         budget.consumer_calls(),
     )?;
     let consumer = consumer.map(|(task, handle)| {
-        tasks.push(task);
+        tasks.push(("consumer".to_owned(), task));
         handle
     });
     let reloader = Arc::new(reload::Reloader::new(config.clone(), tunables, consumer));
@@ -213,30 +235,82 @@ pub async fn start(
 }
 
 impl Running {
-    /// Waits for `shutdown`, then drains: lanes finish their batches in flight, committing
-    /// each, or rolling it back if Kafka has not acknowledged it within half the timeout.
-    /// Fails if the lanes take longer than `shutdown_timeout`.
+    /// Waits for `shutdown`, or for a part to end before it (which starts the shutdown of
+    /// the rest), then drains: lanes finish their batches in flight, committing each, or
+    /// rolling it back if Kafka has not acknowledged it within half the timeout. Fails if
+    /// a part ended early or panicked (exit code 70), or the drain takes longer than
+    /// `shutdown_timeout`.
     pub async fn wait(self) -> Result<(), RunError> {
-        self.shutdown.cancelled().await;
+        let mut parts: FuturesUnordered<_> = self
+            .tasks
+            .into_iter()
+            .map(|(name, task)| async move { (name, task.await) })
+            .collect();
+        let mut http = self.http;
+        let mut http_ended = false;
+        let mut failed = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            Some((part, ended)) = parts.next(), if !parts.is_empty() => {
+                Some(part_failed(&self.metrics, part, ended))
+            }
+            ended = &mut http => {
+                http_ended = true;
+                Some(part_failed(&self.metrics, "operations endpoint".into(), ended))
+            }
+        };
+        if let Some(e) = &failed {
+            tracing::error!(error = %e, "stopping: a part of outboxd that cannot be restarted alone is gone");
+            self.shutdown.cancel();
+        }
         systemd::stopping();
         let started = tokio::time::Instant::now();
         let deadline = self.shutdown_timeout;
-        let drained = tokio::time::timeout(deadline, futures::future::join_all(self.tasks)).await;
+        let drained = tokio::time::timeout(deadline, async {
+            while let Some((part, ended)) = parts.next().await {
+                if let Err(e) = ended {
+                    let e = part_failed(&self.metrics, part, Err(e));
+                    tracing::error!(error = %e, "during the drain");
+                    failed.get_or_insert(e);
+                }
+            }
+        })
+        .await;
         // Every committed batch was acknowledged in full, so the producer holds only
         // messages of rolled-back batches, whose rows stay in the outbox: drop them rather
         // than deliver them late (each would become one more duplicate).
         self.producer.discard_queued();
         self.metrics.up.set(0);
         self.http_stop.cancel();
-        let _ = self.http.await;
-        match drained {
-            Ok(_) => {
+        if !http_ended {
+            // It stops gracefully; how it ended after the drain changes nothing.
+            let _ = http.await;
+        }
+        match (failed, drained) {
+            (Some(e), _) => Err(e),
+            (None, Ok(())) => {
                 tracing::info!(took = ?started.elapsed(), "drained; bye");
                 Ok(())
             }
-            Err(_) => Err(RunError::DrainTimeout(deadline)),
+            (None, Err(_)) => Err(RunError::DrainTimeout(deadline)),
         }
     }
+}
+
+/// A part that cannot be restarted alone ended: counted when it panicked.
+fn part_failed(
+    metrics: &Metrics,
+    part: String,
+    ended: Result<(), tokio::task::JoinError>,
+) -> RunError {
+    let how = match ended {
+        Err(e) if e.is_panic() => {
+            metrics.task_panics_total.with_label_values(&[&part]).inc();
+            "panicked"
+        }
+        Err(_) => "was cancelled",
+        Ok(()) => "ended before shutdown",
+    };
+    RunError::PartFailed { part, how }
 }
 
 /// Starts and waits: the whole life of the daemon.

@@ -34,3 +34,27 @@ pub fn init(log: &LogConfig) -> Option<crate::reload::LogReload> {
         Ok(())
     }))
 }
+
+/// Logs every panic at error with its place (thread, file and line), through the same
+/// log as everything else, before the task or thread that panicked unwinds.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let place = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        tracing::error!(
+            panic = %crate::secrets::scrub(&message),
+            place,
+            thread = thread.name().unwrap_or("-"),
+            "panicked"
+        );
+    }));
+}

@@ -1,5 +1,6 @@
 //! The `outboxd` binary: parse the command line, run the subcommand, map errors to exit
-//! codes (0 ok, 78 configuration, 64 usage, 1 other).
+//! codes (0 ok, 78 configuration, 64 usage, 69 unavailable, 70 a part of the daemon died,
+//! 1 other).
 
 use std::process::ExitCode;
 

@@ -73,6 +73,9 @@ pub struct Metrics {
     /// even stripped, or an unrouted message with `unrouted = "fail"`); above 0 is an
     /// alert.
     pub consumer_partition_stopped: IntGaugeVec,
+    /// Tasks that panicked, by task (`relay lane`, `partition worker`, ...): each was
+    /// restarted, or the process stopped with exit code 70.
+    pub task_panics_total: IntCounterVec,
     /// Constant 1, labelled with the version.
     pub build_info: IntGaugeVec,
     /// 1 while the daemon runs.
@@ -269,6 +272,14 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .unwrap(),
+            task_panics_total: IntCounterVec::new(
+                Opts::new(
+                    "task_panics_total",
+                    "Tasks that panicked (restarted, or the process stopped)",
+                ),
+                &["task"],
+            )
+            .unwrap(),
             build_info: IntGaugeVec::new(
                 Opts::new("build_info", "Build information"),
                 &["version"],
@@ -303,6 +314,7 @@ impl Metrics {
             Box::new(m.consumer_offset_metadata_overflow_total.clone()),
             Box::new(m.consumer_partition_stopped.clone()),
             Box::new(m.relay_lanes_conflict.clone()),
+            Box::new(m.task_panics_total.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),
         ];

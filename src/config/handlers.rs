@@ -162,12 +162,23 @@ pub struct SqlHandlerConfig {
     /// payload). A pointer that finds nothing binds NULL.
     #[serde(default)]
     pub params: Vec<String>,
+    /// On PostgreSQL, the longest the transaction's statements may run or wait for a lock
+    /// (`statement_timeout` and `lock_timeout` of the transaction); past it the call fails
+    /// and is retried. MySQL waits for locks as long as the server's
+    /// `innodb_lock_wait_timeout` says (50 s by default), SQLite 10 s for a locked
+    /// database (outboxd's busy timeout).
+    #[serde(with = "humantime_serde", default = "default_sql_timeout")]
+    pub timeout: Duration,
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
     /// Overrides of `[consumer.outage]`.
     #[serde(default)]
     pub outage: OutageOverride,
+}
+
+fn default_sql_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `kind = "kafka"`: produce key, value and headers to `topic` and await the acknowledgement.

@@ -36,8 +36,8 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OutagePolicy};
@@ -243,8 +243,26 @@ fn dead_letter_policy(consumer: &OutagePolicy) -> OutagePolicy {
 
 struct Worker {
     strays: mpsc::Sender<OwnedMessage>,
+    /// Strays its channel had no room for, in order; its partition is paused meanwhile.
+    overflow: std::collections::VecDeque<OwnedMessage>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// Resolves once the worker ended (its sender dropped), for a later worker of the same
+    /// partition to wait on.
+    ended: oneshot::Receiver<()>,
+}
+
+/// Pauses (or resumes) fetching `topic`/`partition`.
+fn pause(consumer: &StreamConsumer<Context>, topic: &str, partition: i32, paused: bool) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let done = if paused {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = done {
+        tracing::warn!(topic, partition, paused, error = %e, "cannot pause or resume the partition");
+    }
 }
 
 /// Per topic, per partition.
@@ -253,8 +271,11 @@ type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
 struct Dispatcher {
     shared: Arc<Shared>,
     workers: ByPartition<Worker>,
-    /// Workers of revoked partitions still finishing their message in flight.
-    retiring: ByPartition<JoinHandle<()>>,
+    /// How workers of revoked partitions still finishing their message in flight tell that
+    /// they ended.
+    retiring: ByPartition<oneshot::Receiver<()>>,
+    /// Every worker task: their ends are observed here.
+    tasks: JoinSet<()>,
 }
 
 impl Dispatcher {
@@ -263,6 +284,7 @@ impl Dispatcher {
             shared,
             workers: HashMap::new(),
             retiring: HashMap::new(),
+            tasks: JoinSet::new(),
         }
     }
 
@@ -276,12 +298,27 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = beat.tick() => heartbeat.beat(),
-                _ = commit.tick() => self.commit(false, CommitMode::Async),
+                _ = commit.tick() => {
+                    self.hand_on_overflow();
+                    self.commit(false, CommitMode::Async);
+                }
                 _ = shared.consumer.context().changed.notified() => self.apply_changes(),
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    // A worker ends only when stopped; a panic loses the messages it took
+                    // off its partition's queue, which only a restart from the committed
+                    // offsets hands out again: the consumer stops, and so the process.
+                    if let Err(e) = joined {
+                        if e.is_panic() {
+                            shared.metrics.task_panics_total.with_label_values(&["partition worker"]).inc();
+                            tracing::error!("a partition worker panicked: the consumer stops, and outboxd with it (exit code 70), so that a restart hands its messages out again from the committed offsets");
+                            break;
+                        }
+                    }
+                }
                 received = shared.consumer.recv() => {
                     self.apply_changes();
                     match received {
-                        Ok(m) => self.stray(m.detach()).await,
+                        Ok(m) => self.stray(m.detach()),
                         Err(e) => {
                             tracing::warn!(error = %e, "kafka consumer error");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -323,16 +360,61 @@ impl Dispatcher {
 
     /// A message that came through the main queue: its partition has no queue of its own,
     /// so its worker reads these (all of the partition's messages, in order).
-    async fn stray(&mut self, m: OwnedMessage) {
+    ///
+    /// Never waits for the worker: a message its channel has no room for waits in the
+    /// worker's overflow, in order, with the partition paused at librdkafka until the
+    /// overflow is handed on (at the next commit tick or later).
+    fn stray(&mut self, m: OwnedMessage) {
         let (topic, partition) = (m.topic().to_owned(), m.partition());
         self.start_worker(&topic, partition);
-        let worker = &self.workers[&topic][&partition];
-        if worker.strays.send(m).await.is_err() {
-            tracing::debug!(
-                topic,
-                partition,
-                "worker gone; the next owner reads the message again"
-            );
+        let consumer = self.shared.consumer.clone();
+        let worker = self
+            .workers
+            .get_mut(&topic)
+            .and_then(|t| t.get_mut(&partition))
+            .expect("started above");
+        if !worker.overflow.is_empty() {
+            worker.overflow.push_back(m);
+            return;
+        }
+        match worker.strays.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    "worker gone; the next owner reads the message again"
+                );
+            }
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                worker.overflow.push_back(m);
+                pause(&consumer, &topic, partition, true);
+            }
+        }
+    }
+
+    /// Hands what waits in the workers' overflows on as far as their channels take it,
+    /// resuming the partitions whose overflow emptied.
+    fn hand_on_overflow(&mut self) {
+        let consumer = self.shared.consumer.clone();
+        for (topic, partitions) in &mut self.workers {
+            for (partition, worker) in partitions {
+                if worker.overflow.is_empty() {
+                    continue;
+                }
+                while let Some(m) = worker.overflow.pop_front() {
+                    if let Err(e) = worker.strays.try_send(m) {
+                        match e {
+                            mpsc::error::TrySendError::Full(m) => worker.overflow.push_front(m),
+                            mpsc::error::TrySendError::Closed(_) => worker.overflow.clear(),
+                        }
+                        break;
+                    }
+                }
+                if worker.overflow.is_empty() {
+                    pause(&consumer, topic, *partition, false);
+                }
+            }
         }
     }
 
@@ -346,6 +428,7 @@ impl Dispatcher {
         }
         let (strays, receiver) = mpsc::channel(STRAYS);
         let stop = CancellationToken::new();
+        let (ending, ended) = oneshot::channel::<()>();
         let previous = self
             .retiring
             .get_mut(topic)
@@ -364,17 +447,21 @@ impl Dispatcher {
                 .commits
                 .open(topic, partition),
         };
-        let task = tokio::spawn(worker::run(
-            self.shared.clone(),
-            at,
-            input,
-            stop.clone(),
-            previous,
-        ));
-        self.workers
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(partition, Worker { strays, stop, task });
+        let run = worker::run(self.shared.clone(), at, input, stop.clone(), previous);
+        self.tasks.spawn(async move {
+            // Dropped when the worker ends, a panic included.
+            let _ending = ending;
+            run.await
+        });
+        self.workers.entry(topic.to_owned()).or_default().insert(
+            partition,
+            Worker {
+                strays,
+                overflow: Default::default(),
+                stop,
+                ended,
+            },
+        );
     }
 
     /// Stops the worker of a partition revoked by a rebalance after its message in
@@ -388,42 +475,39 @@ impl Dispatcher {
             return;
         };
         worker.stop.cancel();
-        let older = self
-            .retiring
-            .get_mut(&topic)
-            .and_then(|t| t.remove(&partition));
-        let task = worker.task;
-        let retiring = tokio::spawn(async move {
-            if let Some(older) = older {
-                let _ = older.await;
-            }
-            let _ = task.await;
-        });
+        // A worker starts only once the one before it ended, so this one ending means
+        // every older one of the partition has.
         self.retiring
             .entry(topic)
             .or_default()
-            .insert(partition, retiring);
+            .insert(partition, worker.ended);
     }
 
     /// Workers finish their calls in flight (a message sleeping in backoff is left for
     /// the next start, its calls so far recorded), then every partition's offset and map
     /// are committed.
-    async fn drain(self, deadline: Duration) {
-        let mut tasks = Vec::new();
-        for (_, partitions) in self.workers {
-            for (_, worker) in partitions {
-                worker.stop.cancel();
-                tasks.push(worker.task);
-            }
+    async fn drain(mut self, deadline: Duration) {
+        for worker in self.workers.values().flat_map(HashMap::values) {
+            worker.stop.cancel();
         }
-        tasks.extend(self.retiring.into_values().flat_map(HashMap::into_values));
-        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(deadline, futures::future::join_all(tasks))
-            .await
-            .is_err()
-        {
+        let joined = tokio::time::timeout(deadline, async {
+            while let Some(joined) = self.tasks.join_next().await {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        self.shared
+                            .metrics
+                            .task_panics_total
+                            .with_label_values(&["partition worker"])
+                            .inc();
+                    }
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
             tracing::warn!("handler calls still running at the drain deadline were cut; their messages are delivered again after restart");
-            aborts.iter().for_each(|a| a.abort());
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
         }
         let consumer = self.shared.consumer.clone();
         let (tpl, _) = consumer.context().commits.take(true);

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use prometheus::{IntCounter, IntGauge};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::task::JoinHandle;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -52,19 +52,27 @@ pub async fn run(
     at: Assignment,
     mut input: Input,
     stop: CancellationToken,
-    previous: Option<JoinHandle<()>>,
+    previous: Option<oneshot::Receiver<()>>,
 ) {
     if let Some(previous) = previous {
+        // Resolves when the previous worker ended, however it ended (its sender is
+        // dropped then, a panic included).
         let _ = previous.await;
     }
     let restored = {
         let (consumer, topic) = (shared.consumer.clone(), at.topic.clone());
         let partition = at.partition;
-        tokio::task::spawn_blocking(move || {
+        let restored = tokio::task::spawn_blocking(move || {
             super::commits::restore(consumer.as_ref(), &topic, partition)
         })
-        .await
-        .unwrap_or_default()
+        .await;
+        restored.unwrap_or_else(|e| {
+            tracing::error!(
+                topic = %at.topic, partition = at.partition, error = %e,
+                "reading the partition's commit metadata failed; going on from the committed offset alone (messages final above it are handled again)"
+            );
+            Default::default()
+        })
     };
     let mut w = Worker::new(shared, at, Tracker::new(restored), stop.clone());
     let mut batch = Vec::with_capacity(BATCH);

@@ -97,6 +97,8 @@ pub struct SqlHandler {
     pointers: Vec<String>,
     database: Database,
     params: OnceCell<Vec<Param>>,
+    /// `timeout` in milliseconds, as PostgreSQL's settings take it.
+    timeout_ms: u128,
 }
 
 impl SqlHandler {
@@ -108,6 +110,7 @@ impl SqlHandler {
             pointers: c.params.clone(),
             database,
             params: OnceCell::new(),
+            timeout_ms: c.timeout.as_millis().max(1),
         }
     }
 
@@ -242,6 +245,15 @@ impl SqlHandler {
         args: PgArguments,
     ) -> Result<(), sqlx::Error> {
         let mut tx = pool.begin().await?;
+        // For this transaction only: a statement or lock wait past `timeout` fails it
+        // (SQLSTATE 57014 or 55P03, retried) instead of holding a call slot and a
+        // connection indefinitely.
+        sqlx::query(
+            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
+        )
+        .bind(self.timeout_ms.to_string())
+        .execute(&mut *tx)
+        .await?;
         let fresh = sqlx::query(
             "INSERT INTO outboxd_inbox (handler, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -74,7 +74,7 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
 
 struct OwnedLane {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: tokio::task::Id,
 }
 
 struct Manager<'a> {
@@ -83,8 +83,9 @@ struct Manager<'a> {
     membership: Box<dyn Membership>,
     slot: u32,
     owned: BTreeMap<u32, OwnedLane>,
+    /// Every lane task; a lane's end is learned from its join, whatever way it ended.
+    tasks: JoinSet<()>,
     wake: watch::Sender<()>,
-    exited: mpsc::UnboundedSender<u32>,
 }
 
 async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), StoreError> {
@@ -111,15 +112,14 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     }
     helper_tasks.spawn(maintenance::run(rt.clone(), helpers.clone()).in_current_span());
 
-    let (exited, mut exits) = mpsc::unbounded_channel();
     let mut m = Manager {
         ctx,
         rt,
         membership,
         slot: store::random_slot() as u32,
         owned: BTreeMap::new(),
+        tasks: JoinSet::new(),
         wake,
-        exited,
     };
     let mut tick = tokio::time::interval(ctx.config.rebalance_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -129,16 +129,14 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            // A lane ended (error or connection loss): forget it; it is re-acquired at the
-            // next tick, which also spaces out retries.
-            Some(lane) = exits.recv() => {
-                if m.owned.get(&lane).is_some_and(|l| l.task.is_finished()) {
-                    m.owned.remove(&lane);
-                    m.publish_gauge();
-                }
+            // A lane ended (error, connection loss or panic): forget it; it is
+            // re-acquired at the next tick, which also spaces out retries.
+            Some(joined) = m.tasks.join_next_with_id(), if !m.tasks.is_empty() => {
+                m.ended(joined);
             }
             _ = tick.tick() => {
                 heartbeat.beat();
+                crate::faults::manager(&ctx.config.table);
                 if let Err(e) = m.rebalance().await {
                     break Err(e);
                 }
@@ -182,10 +180,10 @@ impl Manager<'_> {
         let (members, taken) = (census.members, census.taken);
         let share = lanes.div_ceil(members);
         while self.owned.len() as u32 > share {
-            let (lane, owned) = self.owned.pop_last().expect("owned is not empty");
+            let (&lane, owned) = self.owned.last_key_value().expect("owned is not empty");
             tracing::info!(lane, members, "handing lane over to another replica");
             owned.stop.cancel();
-            let _ = owned.task.await;
+            self.join(lane).await;
         }
         let start = self.slot % lanes;
         for lane in (0..lanes).map(|i| (start + i) % lanes) {
@@ -213,22 +211,68 @@ impl Manager<'_> {
         let stop = CancellationToken::new();
         let rt = self.rt.clone();
         let wake = self.wake.subscribe();
-        let exited = self.exited.clone();
         let token = stop.clone();
         let heartbeat = self
             .ctx
             .liveness
             .register(format!("relay lane {}/{lane}", self.ctx.config.table));
-        let task = tokio::spawn(
+        let task = self.tasks.spawn(
             async move {
+                crate::faults::lane(&rt.config.table, lane);
                 if let Err(e) = run_lane(rt, held, token, wake, heartbeat).await {
                     tracing::error!(error = %e, "lane failed; its lock is released and it will be re-acquired");
                 }
-                let _ = exited.send(lane);
             }
             .instrument(tracing::info_span!("lane", lane)),
         );
-        self.owned.insert(lane, OwnedLane { stop, task });
+        self.owned.insert(
+            lane,
+            OwnedLane {
+                stop,
+                task: task.id(),
+            },
+        );
+    }
+
+    /// A lane task ended: it is no longer owned (a panic is logged and counted; the lane
+    /// is re-acquired at the next rebalance like any lane that ended).
+    fn ended(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
+        let id = match joined {
+            Ok((id, ())) => id,
+            Err(e) => {
+                let id = e.id();
+                if e.is_panic() {
+                    self.rt
+                        .metrics
+                        .task_panics_total
+                        .with_label_values(&["relay lane"])
+                        .inc();
+                    tracing::error!(table = %self.ctx.config.table, "a relay lane panicked; its connection and lock are gone and it will be re-acquired");
+                }
+                id
+            }
+        };
+        let lane = self
+            .owned
+            .iter()
+            .find_map(|(lane, owned)| (owned.task == id).then_some(*lane));
+        if let Some(lane) = lane {
+            self.owned.remove(&lane);
+            self.publish_gauge();
+        }
+    }
+
+    /// Waits until `lane`'s task (stopped by the caller) has ended; other lanes that end
+    /// meanwhile are forgotten too.
+    async fn join(&mut self, lane: u32) {
+        while self.owned.contains_key(&lane) {
+            match self.tasks.join_next_with_id().await {
+                Some(joined) => self.ended(joined),
+                None => {
+                    self.owned.remove(&lane);
+                }
+            }
+        }
     }
 
     fn publish_gauge(&self) {
@@ -244,9 +288,10 @@ impl Manager<'_> {
         for owned in self.owned.values() {
             owned.stop.cancel();
         }
-        while let Some((_, owned)) = self.owned.pop_first() {
-            let _ = owned.task.await;
+        while let Some(joined) = self.tasks.join_next_with_id().await {
+            self.ended(joined);
         }
+        self.owned.clear();
         self.publish_gauge();
     }
 }

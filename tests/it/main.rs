@@ -34,3 +34,4 @@ mod relay_lane_identity;
 mod relay_pipeline;
 mod relay_shutdown;
 mod relay_tables;
+mod supervision;
