@@ -1,5 +1,5 @@
-//! Fault hooks for the test suite: a panic armed for one relay lane or one table's lane
-//! manager, taken once. Without the `fault-hooks` feature (which only the integration
+//! Fault hooks for the test suite: a panic (or an early end) armed for one relay lane, or
+//! a panic for one table's lane manager, each taken once. Without the `fault-hooks` feature (which only the integration
 //! tests turn on) every hook is an empty function.
 
 #[cfg(feature = "fault-hooks")]
@@ -10,6 +10,7 @@ use std::sync::Mutex;
 #[derive(Debug, PartialEq, Eq)]
 enum Fault {
     Lane(String, u32),
+    LaneEnds(String, u32),
     Manager(String),
 }
 
@@ -37,6 +38,16 @@ pub fn arm_lane_panic(table: &str, lane: u32) {
         .push(Fault::Lane(table.to_owned(), lane));
 }
 
+/// Makes the next start of `table`'s lane `lane` end at once, as a lane whose connection
+/// failed does.
+#[cfg(feature = "fault-hooks")]
+pub fn arm_lane_end(table: &str, lane: u32) {
+    ARMED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Fault::LaneEnds(table.to_owned(), lane));
+}
+
 /// Makes the next rebalance of `table`'s lane manager panic.
 #[cfg(feature = "fault-hooks")]
 pub fn arm_manager_panic(table: &str) {
@@ -46,13 +57,19 @@ pub fn arm_manager_panic(table: &str) {
         .push(Fault::Manager(table.to_owned()));
 }
 
-/// A lane of `table` starts.
+/// A lane of `table` starts: panics, or says to end at once (true), as armed.
 #[allow(unused_variables)]
-pub fn lane(table: &str, lane: u32) {
+pub fn lane(table: &str, lane: u32) -> bool {
     #[cfg(feature = "fault-hooks")]
-    if take(Fault::Lane(table.to_owned(), lane)) {
-        panic!("fault hook: lane {lane} of {table}");
+    {
+        if take(Fault::Lane(table.to_owned(), lane)) {
+            panic!("fault hook: lane {lane} of {table}");
+        }
+        if take(Fault::LaneEnds(table.to_owned(), lane)) {
+            return true;
+        }
     }
+    false
 }
 
 /// `table`'s lane manager rebalances.

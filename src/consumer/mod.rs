@@ -156,11 +156,8 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let task = tokio::spawn(Dispatcher::new(shared.clone()).run(
-        services.shutdown.clone(),
-        drain,
-        heartbeat,
-    ));
+    let dispatcher = Dispatcher::new(shared.clone(), services.shutdown.clone());
+    let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), drain, heartbeat));
     Ok(Some((
         task,
         Handle {
@@ -276,15 +273,18 @@ struct Dispatcher {
     retiring: ByPartition<oneshot::Receiver<()>>,
     /// Every worker task: their ends are observed here.
     tasks: JoinSet<()>,
+    /// The daemon's shutdown: each worker's stop is a child of it.
+    shutdown: CancellationToken,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>) -> Self {
+    fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
             retiring: HashMap::new(),
             tasks: JoinSet::new(),
+            shutdown,
         }
     }
 
@@ -427,7 +427,7 @@ impl Dispatcher {
             return;
         }
         let (strays, receiver) = mpsc::channel(STRAYS);
-        let stop = CancellationToken::new();
+        let stop = self.shutdown.child_token();
         let (ending, ended) = oneshot::channel::<()>();
         let previous = self
             .retiring

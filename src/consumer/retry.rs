@@ -13,13 +13,12 @@ pub struct Retrier {
     policy: RetryPolicy,
     bounds: ExponentialBackoff,
     started: Instant,
-    attempts: u32,
 }
 
 impl std::fmt::Debug for Retrier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Retrier")
-            .field("attempts", &self.attempts)
+            .field("started", &self.started)
             .finish_non_exhaustive()
     }
 }
@@ -60,20 +59,7 @@ impl Retrier {
             bounds,
             policy: policy.clone(),
             started: now.checked_sub(last).unwrap_or(now),
-            attempts,
         }
-    }
-
-    /// Records a further attempt about to run; returns its number (from 2).
-    pub fn attempt(&mut self) -> u32 {
-        self.attempts += 1;
-        self.attempts
-    }
-
-    /// Attempts so far.
-    #[cfg(test)]
-    pub fn attempts(&self) -> u32 {
-        self.attempts
     }
 
     /// Leaves `d` out of the retry clock: time the message spent waiting while its
@@ -82,11 +68,12 @@ impl Retrier {
         self.started += d;
     }
 
-    /// After a retryable failure: the jittered delay before the next attempt (no less
-    /// than `after`, what the downstream asked for, capped by `max_delay`), or give up
-    /// when the attempts are used up or the delay would end past `max_elapsed`.
-    pub fn next(&mut self, after: Option<Duration>) -> Next {
-        if self.attempts >= self.policy.max_attempts {
+    /// After a retryable failure that brought the message's calls to `calls` (the job
+    /// owns the count): the jittered delay before the next attempt (no less than `after`,
+    /// what the downstream asked for, capped by `max_delay`), or give up when the attempts
+    /// are used up or the delay would end past `max_elapsed`.
+    pub fn next(&mut self, calls: u32, after: Option<Duration>) -> Next {
+        if calls >= self.policy.max_attempts {
             return Next::GiveUp;
         }
         let bound = self.bounds.next().unwrap_or(self.policy.max_delay);
@@ -120,18 +107,19 @@ mod tests {
     async fn delays_stay_within_growing_bounds_and_attempts_are_limited() {
         let mut r = Retrier::new(&policy(), Duration::ZERO);
         let bounds = [100, 200, 400, 800, 1000];
+        let mut calls = 1;
         for bound in bounds {
-            match r.next(None) {
+            match r.next(calls, None) {
                 Next::RetryAfter(d) => {
                     assert!(d <= Duration::from_millis(bound), "{d:?} > {bound} ms")
                 }
                 Next::GiveUp => panic!("gave up early"),
             }
-            r.attempt();
+            calls += 1;
         }
-        assert_eq!(r.attempts(), 6);
+        assert_eq!(calls, 6);
         assert_eq!(
-            r.next(None),
+            r.next(calls, None),
             Next::GiveUp,
             "max_attempts = 6 allows six calls"
         );
@@ -147,13 +135,9 @@ mod tests {
         };
         let mut r = Retrier::new(&p, Duration::ZERO);
         let delays: Vec<Duration> = (0..2000)
-            .map(|_| {
-                let next = r.next(None);
-                r.attempt();
-                match next {
-                    Next::RetryAfter(d) => d,
-                    Next::GiveUp => panic!("gave up"),
-                }
+            .map(|calls| match r.next(calls, None) {
+                Next::RetryAfter(d) => d,
+                Next::GiveUp => panic!("gave up"),
             })
             .collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(100)));
@@ -178,42 +162,39 @@ mod tests {
         tokio::time::sleep(first).await;
         let mut r = Retrier::new(&p, first);
         let mut slept = first;
-        while let Next::RetryAfter(d) = r.next(None) {
+        let mut calls = 1;
+        while let Next::RetryAfter(d) = r.next(calls, None) {
             tokio::time::sleep(d).await;
             slept += d;
-            r.attempt();
+            calls += 1;
         }
         assert!(slept <= Duration::from_secs(3), "slept {slept:?}");
-        assert!(r.attempts() > 3, "retried until the time was used up");
+        assert!(calls > 3, "retried until the time was used up");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_resumed_message_keeps_its_count_and_its_grown_delays() {
         let mut r = Retrier::resumed(&policy(), Duration::ZERO, 4);
-        assert_eq!(r.attempts(), 4);
-        match r.next(None) {
+        match r.next(4, None) {
             Next::RetryAfter(d) => assert!(d <= Duration::from_millis(800), "{d:?}"),
             Next::GiveUp => panic!("two calls are left"),
         }
-        r.attempt();
-        r.next(None);
-        r.attempt();
-        assert_eq!(r.next(None), Next::GiveUp, "six calls in all");
+        assert!(matches!(r.next(5, None), Next::RetryAfter(_)));
+        assert_eq!(r.next(6, None), Next::GiveUp, "six calls in all");
         let mut spent = Retrier::resumed(&policy(), Duration::ZERO, 6);
-        assert_eq!(spent.next(None), Next::GiveUp);
+        assert_eq!(spent.next(6, None), Next::GiveUp);
     }
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_sets_the_least_delay_up_to_max_delay() {
         let mut r = Retrier::new(&policy(), Duration::ZERO);
         assert_eq!(
-            r.next(Some(Duration::from_millis(700))),
+            r.next(1, Some(Duration::from_millis(700))),
             Next::RetryAfter(Duration::from_millis(700)),
             "the first bound is 100 ms; the downstream asked for 700"
         );
-        r.attempt();
         assert_eq!(
-            r.next(Some(Duration::from_secs(3600))),
+            r.next(2, Some(Duration::from_secs(3600))),
             Next::RetryAfter(Duration::from_secs(1)),
             "capped by max_delay"
         );
@@ -228,12 +209,16 @@ mod tests {
         };
         let mut r = Retrier::new(&p, Duration::ZERO);
         tokio::time::sleep(Duration::from_secs(60)).await;
-        assert_eq!(r.next(None), Next::GiveUp, "a minute is past max_elapsed");
+        assert_eq!(
+            r.next(1, None),
+            Next::GiveUp,
+            "a minute is past max_elapsed"
+        );
         let mut r = Retrier::new(&p, Duration::ZERO);
         tokio::time::sleep(Duration::from_secs(60)).await;
         r.exclude(Duration::from_secs(60));
         assert!(
-            matches!(r.next(None), Next::RetryAfter(_)),
+            matches!(r.next(1, None), Next::RetryAfter(_)),
             "a minute waiting for a downstream outage is not counted"
         );
     }
@@ -246,7 +231,6 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut r = Retrier::new(&p, Duration::from_secs(3));
-        assert_eq!(r.next(None), Next::GiveUp);
-        assert_eq!(r.attempts(), 1);
+        assert_eq!(r.next(1, None), Next::GiveUp);
     }
 }

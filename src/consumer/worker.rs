@@ -287,7 +287,7 @@ impl Worker {
                                 .insert(Retrier::resumed(&policy, failed.took, job.calls))
                         }
                     };
-                    retrier.next(failed.after)
+                    retrier.next(job.calls, failed.after)
                 };
                 let error = failed.error;
                 match next {
@@ -307,9 +307,6 @@ impl Worker {
                             .with_label_values(&[&h.name])
                             .inc();
                         let offset = m.offset();
-                        if let Some(r) = job.retrier.as_mut() {
-                            r.attempt();
-                        }
                         self.tracker.retrying(offset, job.calls);
                         self.dirty = true;
                         self.running

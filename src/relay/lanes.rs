@@ -83,6 +83,8 @@ struct Manager<'a> {
     membership: Box<dyn Membership>,
     slot: u32,
     owned: BTreeMap<u32, OwnedLane>,
+    /// The daemon's shutdown: each lane's stop is a child of it.
+    shutdown: CancellationToken,
     /// Every lane task; a lane's end is learned from its join, whatever way it ended.
     tasks: JoinSet<()>,
     wake: watch::Sender<()>,
@@ -118,6 +120,7 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
         membership,
         slot: store::random_slot() as u32,
         owned: BTreeMap::new(),
+        shutdown: shutdown.clone(),
         tasks: JoinSet::new(),
         wake,
     };
@@ -208,7 +211,7 @@ impl Manager<'_> {
     }
 
     fn spawn_lane(&mut self, lane: u32, held: Lane) {
-        let stop = CancellationToken::new();
+        let stop = self.shutdown.child_token();
         let rt = self.rt.clone();
         let wake = self.wake.subscribe();
         let token = stop.clone();
@@ -218,7 +221,9 @@ impl Manager<'_> {
             .register(format!("relay lane {}/{lane}", self.ctx.config.table));
         let task = self.tasks.spawn(
             async move {
-                crate::faults::lane(&rt.config.table, lane);
+                if crate::faults::lane(&rt.config.table, lane) {
+                    return;
+                }
                 if let Err(e) = run_lane(rt, held, token, wake, heartbeat).await {
                     tracing::error!(error = %e, "lane failed; its lock is released and it will be re-acquired");
                 }

@@ -38,7 +38,16 @@ async fn unavailable_dead_letter_topic_holds_the_partition_until_it_recovers() {
         || async { server.count() == 1 },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The dead letter waits for Kafka at the dead-letter producer's gate, probed twice.
+    eventually(
+        "the dead-letter producer down and probed twice",
+        Duration::from_secs(30),
+        || async {
+            daemon.metric("outboxd_consumer_handler_down", &[("handler", "-")]) == 1.0
+                && daemon.metric("outboxd_consumer_probe_calls_total", &[("handler", "-")]) >= 2.0
+        },
+    )
+    .await;
     assert_eq!(server.count(), 1, "the partition waits for its dead letter");
     assert_eq!(
         committed(&bootstrap, &group, &topic, 0),

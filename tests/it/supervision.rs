@@ -45,6 +45,31 @@ async fn a_relay_lane_that_panics_is_reacquired_and_its_keys_flow_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_lane_that_ends_while_its_manager_acquires_another_is_reacquired() {
+    let Relayed {
+        pool,
+        table,
+        topic,
+        cluster,
+    } = relayed("laneends", 2).await;
+    let mut cfg = config(&table, &cluster.bootstrap_servers());
+    cfg.relay.tables[0].lanes = 2;
+    // Lane 0 ends as soon as it starts, while the manager goes on to acquire lane 1: its
+    // end is learned from its join, whenever the manager gets to it.
+    outboxd::faults::arm_lane_end(&table, 0);
+    insert_rows(&pool, &table, 0, 200, 20).await;
+    let daemon = Daemon::start(cfg).await;
+    drained(&pool, &table, Duration::from_secs(30)).await;
+    eventually("both lanes owned", Duration::from_secs(10), || async {
+        daemon.metric("outboxd_relay_lanes_owned", &[]) == 2.0
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    let received = consume_all_in_order(&cluster.bootstrap_servers(), &topic, 200).await;
+    assert_exactly_once(&received, 0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_manager_that_panics_fails_healthz_and_ends_run_with_exit_class_70() {
     let Relayed {
         pool: _pool,
