@@ -126,10 +126,13 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 // What the workers published so far: commit it before the partitions move
-                // to another member, and take no later publication of theirs.
+                // to another member, and take no later publication of theirs. The commit
+                // is synchronous, so the next owner reads it: it handles nothing that was
+                // final here. (This blocks the dispatcher for one round trip to the group
+                // coordinator, during a rebalance only.)
                 let last = self.commits.close(tpl);
-                if let Err(e) = commit(consumer, &last, CommitMode::Async) {
-                    tracing::debug!(error = %e, "commit on revoke");
+                if let Err(e) = commit(consumer, &last, CommitMode::Sync) {
+                    tracing::info!(error = %e, "commit on revoke failed; the next owner handles the messages final since the last commit again");
                 }
                 for e in tpl.elements() {
                     tracing::info!(

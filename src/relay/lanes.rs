@@ -56,7 +56,10 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             Err(e) => {
                 let pause = retry.next().unwrap_or_default();
                 let text = e.to_string();
-                let misfit = matches!(e, StoreError::Schema(_) | StoreError::NoTable(_));
+                let misfit = matches!(
+                    e,
+                    TableError::Store(StoreError::Schema(_) | StoreError::NoTable(_))
+                );
                 if misfit && reported.as_deref() == Some(&text) {
                     tracing::debug!(error = %e, ?pause, "table still does not fit its mapping");
                 } else {
@@ -70,6 +73,17 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Why a table's manager stopped (and starts again after a backoff).
+#[derive(Debug, thiserror::Error)]
+enum TableError {
+    /// The database or the table's mapping.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The table's LISTEN wake-up or maintenance task ended while the table ran.
+    #[error("the table's {0}")]
+    Helper(String),
 }
 
 struct OwnedLane {
@@ -90,7 +104,7 @@ struct Manager<'a> {
     wake: watch::Sender<()>,
 }
 
-async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), StoreError> {
+async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), TableError> {
     let store = store::open(&ctx.database, &ctx.config).await?;
     let rt = Arc::new(TableRuntime {
         store: store.clone(),
@@ -110,9 +124,27 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
     let (wake, _) = watch::channel(());
     {
         let (store, wake, stop) = (store.clone(), wake.clone(), helpers.clone());
-        helper_tasks.spawn(async move { store.listen(wake, stop).await }.in_current_span());
+        helper_tasks.spawn(
+            async move {
+                store.listen(wake, stop.clone()).await;
+                // A store without notifications returns at once: its task waits for the
+                // table's end like the others.
+                stop.cancelled().await;
+                "LISTEN wake-up"
+            }
+            .in_current_span(),
+        );
     }
-    helper_tasks.spawn(maintenance::run(rt.clone(), helpers.clone()).in_current_span());
+    {
+        let (rt, stop) = (rt.clone(), helpers.clone());
+        helper_tasks.spawn(
+            async move {
+                maintenance::run(rt, stop).await;
+                "maintenance"
+            }
+            .in_current_span(),
+        );
+    }
 
     let mut m = Manager {
         ctx,
@@ -137,11 +169,27 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
             Some(joined) = m.tasks.join_next_with_id(), if !m.tasks.is_empty() => {
                 m.ended(joined);
             }
+            // The helpers run until the table ends: one that ended first (a panic, say)
+            // restarts the table's manager, which starts them again.
+            Some(joined) = helper_tasks.join_next() => {
+                let what = match joined {
+                    Ok(helper) => format!("{helper} ended"),
+                    Err(e) if e.is_panic() => {
+                        ctx.metrics
+                            .task_panics_total
+                            .with_label_values(&["relay helper"])
+                            .inc();
+                        "LISTEN wake-up or maintenance panicked".to_owned()
+                    }
+                    Err(_) => "LISTEN wake-up or maintenance was cancelled".to_owned(),
+                };
+                break Err(TableError::Helper(what));
+            }
             _ = tick.tick() => {
                 heartbeat.beat();
                 crate::faults::manager(&ctx.config.table);
                 if let Err(e) = m.rebalance().await {
-                    break Err(e);
+                    break Err(e.into());
                 }
             }
         }
