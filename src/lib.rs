@@ -249,6 +249,8 @@ impl Running {
         let mut http = self.http;
         let mut http_ended = false;
         let mut failed = tokio::select! {
+            // First: a part that ended because the shutdown came is not a failure.
+            biased;
             _ = self.shutdown.cancelled() => None,
             Some((part, ended)) = parts.next(), if !parts.is_empty() => {
                 Some(part_failed(&self.metrics, part, ended))

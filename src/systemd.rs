@@ -99,6 +99,12 @@ impl Liveness {
         }
     }
 
+    /// A supervisor restarted (or will restart) the loop `name` that died: it no longer
+    /// counts as dead.
+    pub fn recovered(&self, name: &str) {
+        lock(&self.died).retain(|died| died != name);
+    }
+
     /// Names of registered loops that have not beaten for `max_silence`.
     pub fn stalled(&self, max_silence: Duration) -> Vec<String> {
         let loops = lock(&self.loops);

@@ -275,6 +275,8 @@ struct Dispatcher {
     tasks: JoinSet<()>,
     /// The daemon's shutdown: each worker's stop is a child of it.
     shutdown: CancellationToken,
+    /// What a worker panicked with: passed on once the rest drained.
+    panic: Option<Panic>,
 }
 
 impl Dispatcher {
@@ -285,6 +287,7 @@ impl Dispatcher {
             retiring: HashMap::new(),
             tasks: JoinSet::new(),
             shutdown,
+            panic: None,
         }
     }
 
@@ -307,12 +310,10 @@ impl Dispatcher {
                     // A worker ends only when stopped; a panic loses the messages it took
                     // off its partition's queue, which only a restart from the committed
                     // offsets hands out again: the consumer stops, and so the process.
-                    if let Err(e) = joined {
-                        if e.is_panic() {
-                            shared.metrics.task_panics_total.with_label_values(&["partition worker"]).inc();
-                            tracing::error!("a partition worker panicked: the consumer stops, and outboxd with it (exit code 70), so that a restart hands its messages out again from the committed offsets");
-                            break;
-                        }
+                    if let Some(panic) = self.panicked(joined) {
+                        tracing::error!("a partition worker panicked: the consumer stops, and outboxd with it (exit code 70), so that a restart hands its messages out again from the committed offsets");
+                        self.panic = Some(panic);
+                        break;
                     }
                 }
                 received = shared.consumer.recv() => {
@@ -327,7 +328,21 @@ impl Dispatcher {
                 }
             }
         }
-        self.drain(drain).await;
+        if let Some(panic) = self.drain(drain).await {
+            // The consumer's task ends as the worker did: the daemon exits non-zero.
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// A worker task joined: what it panicked with, counted, if it did.
+    fn panicked(&self, joined: Result<(), tokio::task::JoinError>) -> Option<Panic> {
+        let panic = joined.err()?.try_into_panic().ok()?;
+        self.shared
+            .metrics
+            .task_panics_total
+            .with_label_values(&["partition worker"])
+            .inc();
+        Some(panic)
     }
 
     /// Commits the offsets the workers published since the last commit (all of them with
@@ -426,6 +441,9 @@ impl Dispatcher {
         {
             return;
         }
+        // librdkafka keeps a pause across a revoke and a new assignment: a partition paused
+        // for an earlier worker's overflow is fetched again.
+        pause(&self.shared.consumer, topic, partition, false);
         let (strays, receiver) = mpsc::channel(STRAYS);
         let stop = self.shutdown.child_token();
         let (ending, ended) = oneshot::channel::<()>();
@@ -486,21 +504,15 @@ impl Dispatcher {
     /// Workers finish their calls in flight (a message sleeping in backoff is left for
     /// the next start, its calls so far recorded), then every partition's offset and map
     /// are committed.
-    async fn drain(mut self, deadline: Duration) {
+    async fn drain(mut self, deadline: Duration) -> Option<Panic> {
         for worker in self.workers.values().flat_map(HashMap::values) {
             worker.stop.cancel();
         }
+        let mut panic = self.panic.take();
         let joined = tokio::time::timeout(deadline, async {
             while let Some(joined) = self.tasks.join_next().await {
-                if let Err(e) = joined {
-                    if e.is_panic() {
-                        self.shared
-                            .metrics
-                            .task_panics_total
-                            .with_label_values(&["partition worker"])
-                            .inc();
-                    }
-                }
+                let panicked = self.panicked(joined);
+                panic = panic.take().or(panicked);
             }
         })
         .await;
@@ -523,5 +535,9 @@ impl Dispatcher {
             Err(e) => tracing::warn!(error = %e, "final commit failed"),
         }
         self.shared.consumer.context().release_queues();
+        panic
     }
 }
+
+/// What a task panicked with.
+type Panic = Box<dyn std::any::Any + Send + 'static>;

@@ -167,7 +167,8 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
             // A lane ended (error, connection loss or panic): forget it; it is
             // re-acquired at the next tick, which also spaces out retries.
             Some(joined) = m.tasks.join_next_with_id(), if !m.tasks.is_empty() => {
-                m.ended(joined);
+                // A panic was logged and counted; the lane is re-acquired.
+                let _ = m.ended(joined);
             }
             // The helpers run until the table ends: one that ended first (a panic, say)
             // restarts the table's manager, which starts them again.
@@ -194,14 +195,26 @@ async fn manage(ctx: &TableContext, shutdown: &CancellationToken) -> Result<(), 
             }
         }
     };
-    m.release_all().await;
+    let panicked = m.release_all().await;
     // Once the lanes are done, nothing needs the helpers: a maintenance statement in
     // flight (a gauge query, a purge batch) is not waited for.
     helpers.cancel();
     helper_tasks.abort_all();
     while helper_tasks.join_next().await.is_some() {}
+    if let (Some(panic), true) = (panicked, shutdown.is_cancelled()) {
+        // No re-acquiring now: the panic goes on to the daemon, which exits non-zero.
+        std::panic::resume_unwind(panic);
+    }
     result
 }
+
+/// A lane's name as liveness reports it.
+fn lane_loop(table: &str, lane: u32) -> String {
+    format!("relay lane {table}/{lane}")
+}
+
+/// What a task panicked with.
+type Panic = Box<dyn std::any::Any + Send + 'static>;
 
 impl Manager<'_> {
     async fn rebalance(&mut self) -> Result<(), StoreError> {
@@ -220,7 +233,9 @@ impl Manager<'_> {
                 );
             }
             conflict.set(1);
-            self.release_all().await;
+            // A panic among them was counted; the lanes are re-acquired once one lanes
+            // setting is left.
+            let _ = self.release_all().await;
             self.publish_gauge();
             return Ok(());
         }
@@ -266,7 +281,7 @@ impl Manager<'_> {
         let heartbeat = self
             .ctx
             .liveness
-            .register(format!("relay lane {}/{lane}", self.ctx.config.table));
+            .register(lane_loop(&self.ctx.config.table, lane));
         let task = self.tasks.spawn(
             async move {
                 if crate::faults::lane(&rt.config.table, lane) {
@@ -288,22 +303,15 @@ impl Manager<'_> {
     }
 
     /// A lane task ended: it is no longer owned (a panic is logged and counted; the lane
-    /// is re-acquired at the next rebalance like any lane that ended).
-    fn ended(&mut self, joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
-        let id = match joined {
-            Ok((id, ())) => id,
-            Err(e) => {
-                let id = e.id();
-                if e.is_panic() {
-                    self.rt
-                        .metrics
-                        .task_panics_total
-                        .with_label_values(&["relay lane"])
-                        .inc();
-                    tracing::error!(table = %self.ctx.config.table, "a relay lane panicked; its connection and lock are gone and it will be re-acquired");
-                }
-                id
-            }
+    /// is re-acquired at the next rebalance like any lane that ended, and its heartbeat
+    /// no longer counts as dead). Returns what it panicked with, if it did.
+    fn ended(
+        &mut self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) -> Option<Panic> {
+        let (id, panic) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(e) => (e.id(), e.try_into_panic().ok()),
         };
         let lane = self
             .owned
@@ -313,6 +321,20 @@ impl Manager<'_> {
             self.owned.remove(&lane);
             self.publish_gauge();
         }
+        if panic.is_some() {
+            self.rt
+                .metrics
+                .task_panics_total
+                .with_label_values(&["relay lane"])
+                .inc();
+            tracing::error!(table = %self.ctx.config.table, lane, "a relay lane panicked; its connection and lock are gone and it will be re-acquired");
+            if let Some(lane) = lane {
+                self.ctx
+                    .liveness
+                    .recovered(&lane_loop(&self.ctx.config.table, lane));
+            }
+        }
+        panic
     }
 
     /// Waits until `lane`'s task (stopped by the caller) has ended; other lanes that end
@@ -320,7 +342,9 @@ impl Manager<'_> {
     async fn join(&mut self, lane: u32) {
         while self.owned.contains_key(&lane) {
             match self.tasks.join_next_with_id().await {
-                Some(joined) => self.ended(joined),
+                Some(joined) => {
+                    self.ended(joined);
+                }
                 None => {
                     self.owned.remove(&lane);
                 }
@@ -336,15 +360,19 @@ impl Manager<'_> {
             .set(self.owned.len() as i64);
     }
 
-    /// Stops every lane after its batch in flight and waits for them.
-    async fn release_all(&mut self) {
+    /// Stops every lane after its batch in flight and waits for them; returns the first
+    /// panic among them.
+    async fn release_all(&mut self) -> Option<Panic> {
         for owned in self.owned.values() {
             owned.stop.cancel();
         }
+        let mut first = None;
         while let Some(joined) = self.tasks.join_next_with_id().await {
-            self.ended(joined);
+            let panic = self.ended(joined);
+            first = first.or(panic);
         }
         self.owned.clear();
         self.publish_gauge();
+        first
     }
 }
