@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::services::Services;
-use crate::systemd::Heartbeat;
+use crate::systemd::{Heartbeat, Liveness};
 use context::{Change, Context};
 use dead_letter::DeadLetters;
 use delivery::{NamedHandler, Shared, Window};
@@ -156,7 +156,11 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let dispatcher = Dispatcher::new(shared.clone(), services.shutdown.clone());
+    let dispatcher = Dispatcher::new(
+        shared.clone(),
+        services.shutdown.clone(),
+        services.liveness.clone(),
+    );
     let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), drain, heartbeat));
     Ok(Some((
         task,
@@ -277,10 +281,12 @@ struct Dispatcher {
     shutdown: CancellationToken,
     /// What a worker panicked with: passed on once the rest drained.
     panic: Option<Panic>,
+    /// Where each worker's heartbeat registers.
+    liveness: Arc<Liveness>,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
+    fn new(shared: Arc<Shared>, shutdown: CancellationToken, liveness: Arc<Liveness>) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
@@ -288,6 +294,7 @@ impl Dispatcher {
             tasks: JoinSet::new(),
             shutdown,
             panic: None,
+            liveness,
         }
     }
 
@@ -465,7 +472,17 @@ impl Dispatcher {
                 .commits
                 .open(topic, partition),
         };
-        let run = worker::run(self.shared.clone(), at, input, stop.clone(), previous);
+        let heartbeat = self
+            .liveness
+            .register(format!("consumer worker {topic}/{partition}"));
+        let run = worker::run(
+            self.shared.clone(),
+            at,
+            input,
+            stop.clone(),
+            previous,
+            heartbeat,
+        );
         self.tasks.spawn(async move {
             // Dropped when the worker ends, a panic included.
             let _ending = ending;
