@@ -388,3 +388,292 @@ impl Drop for Worker {
         self.retry_gauge.set(0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The worker's decisions after each step, on the worker's real parts: a consumer
+    //! client and a producer on librdkafka's in-process mock cluster, a `command` handler
+    //! and the real gate. Steps are handed to `stepped` as a call would end; what it
+    //! decided shows in the offset map it publishes (read back as a new owner would) and
+    //! in the next step its future resolves to.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::StreamConsumer;
+    use rdkafka::message::OwnedMessage;
+    use rdkafka::mocking::MockCluster;
+    use tokio::sync::{watch, Semaphore};
+
+    use super::*;
+    use crate::config::{
+        DeadLetterDialect, HandlerConfig, Ordering, OutagePolicy, RetryPolicy, RouteConfig,
+        Unrouted,
+    };
+    use crate::consumer::context::Context;
+    use crate::consumer::dead_letter::DeadLetters;
+    use crate::consumer::delivery::{Failed, NamedHandler, Window};
+    use crate::consumer::offsets::Restored;
+    use crate::consumer::outage::{self, Gate, Meters, Pass};
+    use crate::consumer::routing::Router;
+    use crate::handlers::{Handler, HandlerDeps};
+    use crate::kafka::ProducerSlot;
+    use crate::metrics::Metrics;
+
+    const TOPIC: &str = "steps";
+
+    struct Parts {
+        // Kept alive for the clients.
+        _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        worker: Worker,
+    }
+
+    fn parts(max_attempts: u32) -> Parts {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        cluster.create_topic(&format!("{TOPIC}.dlq"), 1, 1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let metrics = Arc::new(Metrics::new());
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "steps")
+            .create_with_context(Context::new(metrics.clone()))
+            .unwrap();
+        let consumer = Arc::new(consumer);
+        consumer.context().attach(&consumer);
+        let producer = Arc::new(
+            ProducerSlot::new(crate::kafka::producer_config(
+                &Default::default(),
+                &bootstrap,
+            ))
+            .unwrap(),
+        );
+        let deps = HandlerDeps {
+            database: None,
+            producer: producer.clone(),
+        };
+        let config: HandlerConfig =
+            toml::from_str("kind = \"command\"\nprogram = \"/bin/true\"").unwrap();
+        let meters = |name: &str| Meters {
+            down: metrics.consumer_handler_down.with_label_values(&[name]),
+            outages: metrics
+                .consumer_handler_outages_total
+                .with_label_values(&[name]),
+            probes: metrics
+                .consumer_probe_calls_total
+                .with_label_values(&[name]),
+        };
+        let quick = OutagePolicy {
+            probe_interval: Duration::from_millis(10),
+            ..OutagePolicy::default()
+        };
+        let handlers = vec![NamedHandler {
+            name: "cmd".into(),
+            handler: Handler::build("cmd", &config, &deps).unwrap(),
+            policy: watch::Sender::new(RetryPolicy {
+                max_attempts,
+                initial: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+                ..RetryPolicy::default()
+            }),
+            gate: Gate::new("handler cmd".into(), quick.clone(), 4, meters("cmd")),
+        }];
+        let routes = [RouteConfig {
+            topic: TOPIC.into(),
+            event_type: None,
+            handler: "cmd".into(),
+        }];
+        let router = Router::new(&routes, |name| (name == "cmd").then_some(0)).unwrap();
+        let generation = consumer.context().commits.open(TOPIC, 0);
+        let shared = Arc::new(Shared {
+            consumer,
+            router,
+            handlers,
+            dead_letters: DeadLetters::new(
+                producer,
+                "{topic}.dlq",
+                DeadLetterDialect::Outboxd,
+                "steps",
+            ),
+            dead_letter_gate: Gate::new("dead letters".into(), quick, 4, meters("-")),
+            unrouted: Unrouted::DeadLetter,
+            permits: Semaphore::new(4),
+            window: Window {
+                ordering: Ordering::Key,
+                max_pending: 100,
+                max_bytes: 1 << 20,
+                max_metadata: 4096,
+            },
+            metrics,
+        });
+        let at = Assignment {
+            topic: TOPIC.into(),
+            partition: 0,
+            generation,
+        };
+        let worker = Worker::new(
+            shared,
+            at,
+            Tracker::new(Restored::default()),
+            CancellationToken::new(),
+        );
+        Parts {
+            _cluster: cluster,
+            worker,
+        }
+    }
+
+    fn message(offset: i64) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            Some(b"k".to_vec()),
+            TOPIC.into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            offset,
+            None,
+        )
+    }
+
+    /// `offset` fetched into `w`'s window, with `recorded` calls in its offset map, as a
+    /// job (whose calls the test sets).
+    fn fetched(w: &mut Worker, offset: i64, recorded: u32) -> Job {
+        w.tracker.fetched(offset);
+        if recorded > 0 {
+            w.tracker.retrying(offset, recorded);
+        }
+        let m = message(offset);
+        let lane = w.laning.lane(&m);
+        let job = Job::new(m, lane, 0);
+        w.bytes += job.size;
+        job
+    }
+
+    /// The calls a new owner would read for `offset` from what `w` publishes now.
+    fn published_calls(w: &Worker, offset: i64) -> Option<u32> {
+        let commit = w.tracker.commit(4096)?;
+        let mut restored = Restored::decode(commit.offset, &commit.metadata).unwrap_or_default();
+        match restored.take(offset) {
+            crate::consumer::offsets::Prior::Calls(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    fn failed() -> Failed {
+        Failed {
+            error: "exit code 75".into(),
+            took: Duration::from_millis(1),
+            waited: Duration::ZERO,
+            after: None,
+        }
+    }
+
+    /// The step the only future running resolves to.
+    async fn next_step(w: &mut Worker) -> (Job, Step) {
+        assert_eq!(w.running.len(), 1, "one step running");
+        tokio::time::timeout(Duration::from_secs(30), w.running.next())
+            .await
+            .expect("the step ends")
+            .expect("a step")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_counted_failure_is_recorded_and_paused_then_admitted_and_recorded_as_begun() {
+        let Parts {
+            mut worker,
+            _cluster,
+        } = parts(3);
+        let w = &mut worker;
+        let mut job = fetched(w, 0, 0);
+        job.calls = 1;
+        w.stepped(job, Step::Retry(failed()));
+        assert_eq!(published_calls(w, 0), Some(1), "the call is recorded");
+        assert_eq!(w.in_retry, 1);
+        let (job, step) = next_step(w).await;
+        assert!(matches!(step, Step::Paused), "a backoff pause");
+        w.stepped(job, step);
+        let (job, step) = next_step(w).await;
+        let Step::Admitted(admission, _) = &step else {
+            panic!("the gate is up: admitted at once");
+        };
+        assert_eq!(admission.pass(), Pass::Open);
+        w.stepped(job, step);
+        assert_eq!(
+            published_calls(w, 0),
+            Some(2),
+            "the second call is recorded as it begins"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_last_counted_failure_dead_letters_the_message() {
+        let Parts {
+            mut worker,
+            _cluster,
+        } = parts(3);
+        let w = &mut worker;
+        let mut job = fetched(w, 0, 2);
+        job.calls = 3;
+        w.stepped(job, Step::Retry(failed()));
+        let (job, step) = next_step(w).await;
+        assert!(
+            matches!(step, Step::Final),
+            "dead-lettered and acknowledged"
+        );
+        w.stepped(job, step);
+        let commit = w.tracker.commit(4096).unwrap();
+        assert_eq!(commit.offset, 1, "final: the offset moves past it");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outage_failure_takes_back_the_call_recorded_as_begun() {
+        let Parts {
+            mut worker,
+            _cluster,
+        } = parts(3);
+        let w = &mut worker;
+        // The message was in retry after 1 call; its second call was recorded as begun.
+        let mut job = fetched(w, 0, 2);
+        job.calls = 1;
+        w.stepped(job, Step::Outage(Duration::from_secs(5)));
+        assert_eq!(
+            published_calls(w, 0),
+            Some(1),
+            "the call the outage failed is not counted"
+        );
+        let (_, step) = next_step(w).await;
+        assert!(
+            matches!(step, Step::Admitted(..)),
+            "it waits at the gate again (up here, so it passes at once)"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_is_not_recorded_as_begun() {
+        let Parts {
+            mut worker,
+            _cluster,
+        } = parts(3);
+        let w = &mut worker;
+        let gate = w.s.handlers[0].gate.clone();
+        for key in 0..10 {
+            let a = gate.enter().await;
+            gate.record(&a, key, outage::Result::Failed("HTTP 503", None));
+        }
+        let mut job = fetched(w, 0, 1);
+        job.calls = 1;
+        w.stepped(job, Step::Paused);
+        let (job, step) = next_step(w).await;
+        let Step::Admitted(admission, _) = &step else {
+            panic!("the probe is let through");
+        };
+        assert_eq!(admission.pass(), Pass::Probe);
+        w.stepped(job, step);
+        assert_eq!(
+            published_calls(w, 0),
+            Some(1),
+            "a probe's failure is never counted, so its call is not recorded as begun"
+        );
+    }
+}
