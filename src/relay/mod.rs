@@ -19,6 +19,8 @@ mod plan;
 pub mod publish;
 mod runtime;
 pub use runtime::TableSettings;
+#[cfg(test)]
+mod paired_lane_tests;
 mod settle;
 pub mod store;
 

@@ -16,7 +16,8 @@ use super::store::{ClaimedRow, LaneSession, Settlement, StoreError};
 /// `rows` is still open: undoes the claim, then, in a second transaction, deletes what Kafka
 /// acknowledged (unless an earlier row of its key failed), counts refusals and moves dead
 /// rows. The lane lock keeps every other relay away from these rows meanwhile. Returns
-/// what the lane does next: back off after a Kafka failure or a refusal, else `done`.
+/// what the lane does next: back off after a Kafka failure or a refusal, claim again at
+/// once when rows were held back behind a row that is dead now, else `done`.
 pub(super) async fn failed_batch(
     rt: &TableRuntime,
     session: &mut dyn LaneSession,
@@ -74,10 +75,19 @@ pub(super) async fn failed_batch(
     for d in &dead {
         tracing::error!(row_id = %d.id, reason = %d.reason, "row moved to outboxd_dead_rows");
     }
+    // Rows of the batch neither published, refused nor dead: later rows of a key whose
+    // earlier row was refused or bad, kept to go out after it.
+    let held_back = rows
+        .len()
+        .saturating_sub(plan.finished.len() + plan.refused.len() + plan.bad.len());
     Ok(if !plan.failed.is_empty() {
         BatchEnd::KafkaFailed
     } else if still_refused > 0 {
         BatchEnd::Refused
+    } else if held_back > 0 {
+        // What held them back is dead now: they go at once, not at the next notification
+        // or poll.
+        BatchEnd::More
     } else {
         done
     })
