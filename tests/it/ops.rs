@@ -85,6 +85,7 @@ async fn status_reports_backlog_lane_owners_and_consumer_lag() {
     } = relayed("status", 1).await;
     let bootstrap = cluster.bootstrap_servers();
     let mut cfg = config(&table, &bootstrap);
+    cfg.database.url = Some(format!("{}?application_name={table}", database_url()));
     let t = &mut cfg.relay.tables[0];
     t.lanes = 2;
     t.notify_channel = None;
@@ -94,8 +95,23 @@ async fn status_reports_backlog_lane_owners_and_consumer_lag() {
         daemon.metric("outboxd_relay_lanes_owned", &[]) == 2.0
     })
     .await;
-    // Lanes poll hourly and nothing notifies them: these rows stay pending.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both lanes made their first (empty) claim, which ends with its COMMIT; they poll
+    // hourly and nothing notifies them, so rows inserted now stay pending.
+    let claimed_once = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' AND state = 'idle' AND query = 'COMMIT'"
+    );
+    eventually(
+        "both lanes' first claim",
+        Duration::from_secs(15),
+        || async {
+            sqlx::query_scalar::<_, i64>(&claimed_once)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                >= 2
+        },
+    )
+    .await;
     insert_rows(&pool, &table, 0, 10, 3).await;
 
     crate::consumer_helpers::produce_events(&bootstrap, &topic, 0, "s", "E", 0..5).await;
@@ -175,12 +191,15 @@ async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file(
         .unwrap();
     };
     write("warn", "1h", "127.0.0.1:0");
+    // The log goes to a file the test reads as it goes.
+    let log = dir.path().join("stderr.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args(["run", "--config"])
         .arg(&path)
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let logged = |needle: &str| std::fs::read_to_string(&log).unwrap().contains(needle);
     let hup = |pid: u32| {
         assert!(Command::new("kill")
             .args(["-HUP", &pid.to_string()])
@@ -199,13 +218,33 @@ async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file(
             >= 2
     })
     .await;
-    // The lane has claimed once and now sleeps for an hour.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The lane has claimed once (an empty claim ends with its COMMIT) and now waits for
+    // an hour.
+    let claimed_once = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' AND state = 'idle' AND query = 'COMMIT'"
+    );
+    eventually(
+        "the lane's first claim",
+        Duration::from_secs(15),
+        || async {
+            sqlx::query_scalar::<_, i64>(&claimed_once)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                >= 1
+        },
+    )
+    .await;
     insert_rows(&pool, &table, 0, 5, 1).await;
 
     std::fs::write(&path, "[relay\nbroken").unwrap();
     hup(child.id());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(
+        "the bad file is refused",
+        Duration::from_secs(10),
+        || async { logged("reload failed; still running on the previous configuration") },
+    )
+    .await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "a bad file does not stop outboxd"
@@ -215,8 +254,12 @@ async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file(
     write("info", "100ms", "127.0.0.1:1");
     hup(child.id());
     drained(&pool, &table, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let (code, stderr) = terminate(&mut child, Duration::from_secs(10)).await;
+    eventually("info lines logged", Duration::from_secs(10), || async {
+        logged("relay progress")
+    })
+    .await;
+    let (code, _) = terminate(&mut child, Duration::from_secs(10)).await;
+    let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains("reload failed; still running on the previous configuration"),
