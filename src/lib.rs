@@ -132,7 +132,8 @@ pub struct Running {
     pub producer: Arc<ProducerSlot>,
     /// Applies configuration reloads (SIGHUP).
     pub reloader: Arc<reload::Reloader>,
-    shutdown_timeout: Duration,
+    /// How the drain splits `shutdown_timeout`; the whole of it bounds `wait`'s drain.
+    budget: DrainBudget,
     shutdown: CancellationToken,
     /// The relay's tables and the consumer, by name: none of them ends before shutdown.
     tasks: Vec<(String, JoinHandle<()>)>,
@@ -224,7 +225,7 @@ pub async fn start(
         http_addr,
         reloader,
         producer,
-        shutdown_timeout: config.shutdown_timeout,
+        budget,
         shutdown,
         tasks,
         http_stop,
@@ -266,7 +267,7 @@ impl Running {
         }
         systemd::stopping();
         let started = tokio::time::Instant::now();
-        let deadline = self.shutdown_timeout;
+        let deadline = self.budget.total;
         let drained = tokio::time::timeout(deadline, async {
             while let Some((part, ended)) = parts.next().await {
                 if let Err(e) = ended {

@@ -10,10 +10,12 @@ use crate::kafka::ProducerSlot;
 use crate::metrics::Metrics;
 use crate::systemd;
 
-/// How the drain splits `shutdown_timeout`. The relay's batches in flight wait for Kafka
-/// at most half of it and then roll back (their rows stay in the outbox); the consumer's
-/// calls in flight get three quarters, leaving the rest for the final offset commit and
-/// closing the client; whatever is still running at the whole of it is abandoned.
+/// How the drain splits `shutdown_timeout`, the one place that does. The relay's batches
+/// in flight wait for Kafka at most half of it and then roll back (their rows stay in the
+/// outbox); the consumer's calls in flight get three quarters, leaving the rest for the
+/// final offset commit and closing the client; whatever is still running at the whole of
+/// it is abandoned. Every part learns of the stop from one shutdown token (lanes and
+/// partition workers through child tokens of it) and counts its share from then.
 #[derive(Debug, Clone, Copy)]
 pub struct DrainBudget {
     /// `shutdown_timeout`.
