@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::Context;
 use super::dead_letter::{DeadLetters, Failure};
+use super::gate::{Admission, Gate};
 use super::lanes::LaneId;
-use super::outage::{self, Admission, Gate, Verdict};
+use super::outage::{self, Verdict};
 use super::retry::Retrier;
 use super::routing::{Router, TopicRoutes};
 use crate::config::{Ordering, RetryPolicy, Unrouted};

@@ -7,7 +7,8 @@
 //! - `worker`: one partition's window of messages, its lanes, its offset to commit;
 //! - `delivery`: one message's steps (a wait at its handler's gate, call, retry pause,
 //!   dead letter);
-//! - `outage`: per handler, whether its downstream is down, and the gate its calls pass;
+//! - `outage`: per handler, whether its downstream is down (the decisions, no I/O);
+//!   `gate`: what each call of a handler passes, built on it;
 //! - `lanes`, `offsets` (what is final, and the commit metadata), `commits` (the table of
 //!   offsets to commit), `input`, `routing`, `retry`, `dead_letter`, `context`
 //!   (rebalance, commit and statistics callbacks).
@@ -21,6 +22,7 @@ mod commits;
 mod context;
 mod dead_letter;
 mod delivery;
+mod gate;
 mod input;
 mod lanes;
 mod offsets;
@@ -47,7 +49,7 @@ use crate::systemd::{Heartbeat, Liveness};
 use context::{Change, Context};
 use dead_letter::DeadLetters;
 use delivery::{NamedHandler, Shared, Window};
-use outage::Gate;
+use gate::Gate;
 use routing::Router;
 
 /// Messages that reached the consumer's main queue (only if a partition could not be
@@ -74,7 +76,7 @@ pub fn start(
         producer: producer.clone(),
     };
     let gate = |name: &str, what: String, policy: OutagePolicy| {
-        let meters = outage::Meters {
+        let meters = gate::Meters {
             down: metrics.consumer_handler_down.with_label_values(&[name]),
             outages: metrics
                 .consumer_handler_outages_total

@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::commits::Generation;
 use super::delivery::{self, Job, Local, Running, Shared, Step};
+use super::gate::Admission;
 use super::input::Input;
 use super::lanes::{Lanes, Laning};
 use super::offsets::{Prior, Tracker};
-use super::outage::{Admission, Pass};
+use super::outage::Pass;
 use super::retry::{Next, Retrier};
 use crate::config::Unrouted;
 use crate::handlers::ErrorClass;
@@ -414,8 +415,9 @@ mod tests {
     use crate::consumer::context::Context;
     use crate::consumer::dead_letter::DeadLetters;
     use crate::consumer::delivery::{Failed, NamedHandler, Window};
+    use crate::consumer::gate::{Gate, Meters};
     use crate::consumer::offsets::Restored;
-    use crate::consumer::outage::{self, Gate, Meters, Pass};
+    use crate::consumer::outage::{self, Pass};
     use crate::consumer::routing::Router;
     use crate::handlers::{Handler, HandlerDeps};
     use crate::kafka::ProducerSlot;
