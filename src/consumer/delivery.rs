@@ -184,7 +184,8 @@ pub struct Failed {
     pub error: String,
     /// How long the call took.
     pub took: Duration,
-    /// How long it waited at its handler's gate (and for a permit) before it began.
+    /// How long it waited at its handler's gate (and then for a permit) before it began,
+    /// when the gate was not up as it arrived; else zero.
     pub waited: Duration,
     /// The least wait the downstream asked for (`Retry-After`), if any.
     pub after: Option<Duration>,
@@ -252,7 +253,9 @@ pub fn call(
         let meters = local.meters[slot]
             .as_ref()
             .expect("meters are resolved for every routed handler");
-        let entered = Instant::now();
+        // The time a call waits at a gate that is not up is left out of its retry clock;
+        // an open gate costs no clock read.
+        let entered = (!h.gate.is_up()).then(Instant::now);
         let admission = match admitted {
             Some(admission) => admission,
             None => tokio::select! {
@@ -269,10 +272,11 @@ pub fn call(
         if !h.gate.admits(&admission) {
             // The handler went down while this call waited for a permit: it waits at the
             // gate again instead of calling a dead downstream, its call not counted.
-            return (job, Step::Outage(entered.elapsed()));
+            let waited = entered.map_or(Duration::ZERO, |e| e.elapsed());
+            return (job, Step::Outage(waited));
         }
-        let waited = entered.elapsed();
         let began = Instant::now();
+        let waited = entered.map_or(Duration::ZERO, |e| began - e);
         meters.in_flight.inc();
         let outcome = h.handler.handle(&job.event, job.calls + 1).await;
         meters.in_flight.dec();

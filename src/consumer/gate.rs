@@ -157,6 +157,11 @@ impl Gate {
         self.inner.enabled.load(AtomicOrdering::Acquire)
     }
 
+    /// True while calls pass without waiting.
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(AtomicOrdering::Acquire)
+    }
+
     /// False when `admission` let its call through while the handler was up, and it is
     /// not any more: the call should wait at the gate again.
     pub fn admits(&self, admission: &Admission) -> bool {
