@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::services::Services;
-use crate::systemd::{Heartbeat, Liveness};
+use crate::systemd::Heartbeat;
 use context::{Change, Context};
 use dead_letter::DeadLetters;
 use delivery::{NamedHandler, Shared, Window};
@@ -158,11 +158,7 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let dispatcher = Dispatcher::new(
-        shared.clone(),
-        services.shutdown.clone(),
-        services.liveness.clone(),
-    );
+    let dispatcher = Dispatcher::new(shared.clone(), services.shutdown.clone());
     let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), drain, heartbeat));
     Ok(Some((
         task,
@@ -283,12 +279,10 @@ struct Dispatcher {
     shutdown: CancellationToken,
     /// What a worker panicked with: passed on once the rest drained.
     panic: Option<Panic>,
-    /// Where each worker's heartbeat registers.
-    liveness: Arc<Liveness>,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>, shutdown: CancellationToken, liveness: Arc<Liveness>) -> Self {
+    fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
@@ -296,7 +290,6 @@ impl Dispatcher {
             tasks: JoinSet::new(),
             shutdown,
             panic: None,
-            liveness,
         }
     }
 
@@ -474,17 +467,7 @@ impl Dispatcher {
                 .commits
                 .open(topic, partition),
         };
-        let heartbeat = self
-            .liveness
-            .register(format!("consumer worker {topic}/{partition}"));
-        let run = worker::run(
-            self.shared.clone(),
-            at,
-            input,
-            stop.clone(),
-            previous,
-            heartbeat,
-        );
+        let run = worker::run(self.shared.clone(), at, input, stop.clone(), previous);
         self.tasks.spawn(async move {
             // Dropped when the worker ends, a panic included.
             let _ending = ending;

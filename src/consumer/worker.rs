@@ -26,7 +26,6 @@ use super::outage::Pass;
 use super::retry::{Next, Retrier};
 use crate::config::Unrouted;
 use crate::handlers::ErrorClass;
-use crate::systemd::Heartbeat;
 
 /// Messages a worker takes from its queue at a time (fewer when fewer are waiting or the
 /// window has less room): one wake-up per batch instead of one per message.
@@ -36,9 +35,6 @@ const BATCH: usize = 64;
 /// nothing else to do); it bounds what a rebalance makes the next owner handle again
 /// beyond the messages in flight, together with the commit interval.
 const PUBLISH_EVERY: Duration = Duration::from_millis(10);
-
-/// Turns of a busy worker's loop between two heartbeats.
-const BEAT_EVERY: u32 = 1024;
 
 /// Which partition a worker serves, and which assignment of it.
 pub struct Assignment {
@@ -58,7 +54,6 @@ pub async fn run(
     mut input: Input,
     stop: CancellationToken,
     previous: Option<oneshot::Receiver<()>>,
-    heartbeat: Heartbeat,
 ) {
     if let Some(previous) = previous {
         // Resolves when the previous worker ended, however it ended (its sender is
@@ -82,16 +77,7 @@ pub async fn run(
     };
     let mut w = Worker::new(shared, at, Tracker::new(restored), stop.clone());
     let mut batch = Vec::with_capacity(BATCH);
-    // The loop beats while idle (the tick, polled when nothing else is ready) and while
-    // busy (every BEAT_EVERY turns), so the watchdog sees a worker stuck in one turn.
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut turns: u32 = 0;
     loop {
-        turns = turns.wrapping_add(1);
-        if turns.is_multiple_of(BEAT_EVERY) {
-            heartbeat.beat();
-        }
         let stopping = stop.is_cancelled();
         if stopping && w.running.is_empty() {
             break;
@@ -109,7 +95,6 @@ pub async fn run(
                 }
             }
             _ = tokio::time::sleep_until(w.publish_due), if w.dirty => {}
-            _ = tick.tick() => heartbeat.beat(),
         }
         w.publish_if_due();
     }
