@@ -256,7 +256,8 @@ pub fn call(
         // The time a call waits at a gate that is not up is left out of its retry clock;
         // an open gate costs no clock read.
         let entered = (!h.gate.is_up()).then(Instant::now);
-        let admission = match admitted {
+        // An open gate passes without a future (and without registering with `stop`).
+        let admission = match admitted.or_else(|| h.gate.pass_if_up()) {
             Some(admission) => admission,
             None => tokio::select! {
                 biased;

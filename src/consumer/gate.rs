@@ -168,14 +168,22 @@ impl Gate {
         admission.pass != Pass::Open || self.inner.up.load(AtomicOrdering::Acquire)
     }
 
-    /// Waits until a call may start. Cancel-safe: a waiter dropped gives its place back.
-    pub async fn enter(&self) -> Admission {
-        if self.inner.up.load(AtomicOrdering::Acquire) {
-            return Admission {
+    /// An admission at once while the handler is up: no future, no wait.
+    pub fn pass_if_up(&self) -> Option<Admission> {
+        self.inner
+            .up
+            .load(AtomicOrdering::Acquire)
+            .then_some(Admission {
                 pass: Pass::Open,
                 epoch: 0,
                 gate: None,
-            };
+            })
+    }
+
+    /// Waits until a call may start. Cancel-safe: a waiter dropped gives its place back.
+    pub async fn enter(&self) -> Admission {
+        if let Some(open) = self.pass_if_up() {
+            return open;
         }
         let inner = &*self.inner;
         let ticket = Ticket {
