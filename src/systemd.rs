@@ -1,7 +1,8 @@
 //! systemd integration: `READY=1` once every configured half runs, `STOPPING=1` on drain,
 //! and `WATCHDOG=1` pings at half of `WATCHDOG_USEC` for as long as every registered loop
-//! (relay lanes and their managers, the consumer dispatcher) keeps beating and none died
-//! by a panic: a stuck or dead loop stops the pings and systemd
+//! (relay lanes and their managers, the consumer dispatcher, and on each partition
+//! worker's behalf the dispatcher while that worker's turns move) keeps beating and none
+//! died by a panic: a stuck or dead loop stops the pings and systemd
 //! restarts the service (`/healthz` reads the same). Without `NOTIFY_SOCKET` the
 //! notifications are no-ops.
 

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::services::Services;
-use crate::systemd::Heartbeat;
+use crate::systemd::{Heartbeat, Liveness};
 use context::{Change, Context};
 use dead_letter::DeadLetters;
 use delivery::{NamedHandler, Shared, Window};
@@ -158,7 +158,11 @@ pub fn start(
     });
     tracing::info!(group = %c.group_id, topics = ?c.topics, "consumer subscribed");
     let heartbeat = services.liveness.register("consumer dispatcher");
-    let dispatcher = Dispatcher::new(shared.clone(), services.shutdown.clone());
+    let dispatcher = Dispatcher::new(
+        shared.clone(),
+        services.shutdown.clone(),
+        services.liveness.clone(),
+    );
     let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), drain, heartbeat));
     Ok(Some((
         task,
@@ -248,6 +252,11 @@ struct Worker {
     /// Resolves once the worker ended (its sender dropped), for a later worker of the same
     /// partition to wait on.
     ended: oneshot::Receiver<()>,
+    /// The worker's turns, and their count when last read.
+    turns: (Arc<worker::Turns>, u64),
+    /// Beaten on the worker's behalf while its turns move (or it waits): silent only while
+    /// one turn does not end.
+    heartbeat: Heartbeat,
 }
 
 /// Pauses (or resumes) fetching `topic`/`partition`.
@@ -277,18 +286,21 @@ struct Dispatcher {
     tasks: JoinSet<()>,
     /// The daemon's shutdown: each worker's stop is a child of it.
     shutdown: CancellationToken,
+    /// Where each worker's heartbeat registers.
+    liveness: Arc<Liveness>,
     /// What a worker panicked with: passed on once the rest drained.
     panic: Option<Panic>,
 }
 
 impl Dispatcher {
-    fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
+    fn new(shared: Arc<Shared>, shutdown: CancellationToken, liveness: Arc<Liveness>) -> Self {
         Dispatcher {
             shared,
             workers: HashMap::new(),
             retiring: HashMap::new(),
             tasks: JoinSet::new(),
             shutdown,
+            liveness,
             panic: None,
         }
     }
@@ -302,7 +314,10 @@ impl Dispatcher {
             // through each partition's own queue); polling it never waits for a handler.
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = beat.tick() => heartbeat.beat(),
+                _ = beat.tick() => {
+                    heartbeat.beat();
+                    self.beat_for_workers();
+                }
                 _ = commit.tick() => {
                     self.hand_on_overflow();
                     self.commit(false, CommitMode::Async);
@@ -333,6 +348,16 @@ impl Dispatcher {
         if let Some(panic) = self.drain(drain).await {
             // The consumer's task ends as the worker did: the daemon exits non-zero.
             std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Beats for each worker whose loop is not stuck inside one turn.
+    fn beat_for_workers(&mut self) {
+        for worker in self.workers.values_mut().flat_map(HashMap::values_mut) {
+            let (turns, seen) = &mut worker.turns;
+            if turns.moving(seen) {
+                worker.heartbeat.beat();
+            }
         }
     }
 
@@ -467,7 +492,18 @@ impl Dispatcher {
                 .commits
                 .open(topic, partition),
         };
-        let run = worker::run(self.shared.clone(), at, input, stop.clone(), previous);
+        let turns = Arc::new(worker::Turns::default());
+        let heartbeat = self
+            .liveness
+            .register(format!("consumer worker {topic}/{partition}"));
+        let run = worker::run(
+            self.shared.clone(),
+            at,
+            input,
+            stop.clone(),
+            previous,
+            turns.clone(),
+        );
         self.tasks.spawn(async move {
             // Dropped when the worker ends, a panic included.
             let _ending = ending;
@@ -480,6 +516,8 @@ impl Dispatcher {
                 overflow: Default::default(),
                 stop,
                 ended,
+                turns: (turns, 0),
+                heartbeat,
             },
         );
     }

@@ -4,6 +4,7 @@
 //! publishes the offset to commit (the lowest one without a final outcome) with the map of
 //! what is final above it.
 
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,23 @@ const BATCH: usize = 64;
 /// beyond the messages in flight, together with the commit interval.
 const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
+/// How a worker shows that it is not stuck inside one turn of its loop: the count goes up
+/// by one as a turn begins (odd) and as the worker waits again (even). Two plain stores
+/// a turn; the dispatcher reads it each second.
+#[derive(Debug, Default)]
+pub struct Turns(AtomicU64);
+
+impl Turns {
+    /// Since the value `last` read before: a turn ended or began, or the worker waits.
+    /// Updates `last`.
+    pub fn moving(&self, last: &mut u64) -> bool {
+        let now = self.0.load(AtomicOrdering::Relaxed);
+        let moving = now != *last || now.is_multiple_of(2);
+        *last = now;
+        moving
+    }
+}
+
 /// Which partition a worker serves, and which assignment of it.
 pub struct Assignment {
     /// The topic.
@@ -54,6 +72,7 @@ pub async fn run(
     mut input: Input,
     stop: CancellationToken,
     previous: Option<oneshot::Receiver<()>>,
+    turns: Arc<Turns>,
 ) {
     if let Some(previous) = previous {
         // Resolves when the previous worker ended, however it ended (its sender is
@@ -77,26 +96,30 @@ pub async fn run(
     };
     let mut w = Worker::new(shared, at, Tracker::new(restored), stop.clone());
     let mut batch = Vec::with_capacity(BATCH);
+    let mut turn: u64 = 0;
     loop {
+        turns.0.store(2 * turn, AtomicOrdering::Relaxed);
         let stopping = stop.is_cancelled();
         if stopping && w.running.is_empty() {
             break;
         }
         let room = if stopping { 0 } else { w.room() };
-        tokio::select! {
+        let woke = tokio::select! {
             biased;
-            _ = stop.cancelled(), if !stopping => {}
-            Some((job, step)) = w.running.next(), if !w.running.is_empty() => {
-                w.stepped(job, step);
-            }
-            _ = input.next_batch(&mut batch, room), if room > 0 => {
-                for m in batch.drain(..) {
-                    w.admit(m);
-                }
-            }
-            _ = tokio::time::sleep_until(w.publish_due), if w.dirty => {}
+            _ = stop.cancelled(), if !stopping => None,
+            Some(stepped) = w.running.next(), if !w.running.is_empty() => Some(stepped),
+            _ = input.next_batch(&mut batch, room), if room > 0 => None,
+            _ = tokio::time::sleep_until(w.publish_due), if w.dirty => None,
+        };
+        turns.0.store(2 * turn + 1, AtomicOrdering::Relaxed);
+        if let Some((job, step)) = woke {
+            w.stepped(job, step);
+        }
+        for m in batch.drain(..) {
+            w.admit(m);
         }
         w.publish_if_due();
+        turn += 1;
     }
     w.publish();
 }
@@ -563,6 +586,25 @@ mod tests {
             .await
             .expect("the step ends")
             .expect("a step")
+    }
+
+    #[test]
+    fn turns_move_unless_one_turn_does_not_end() {
+        let turns = Turns::default();
+        let mut seen = 0;
+        assert!(turns.moving(&mut seen), "waiting before the first turn");
+        turns.0.store(1, AtomicOrdering::Relaxed);
+        assert!(turns.moving(&mut seen), "a turn began");
+        assert!(
+            !turns.moving(&mut seen),
+            "the same turn, still running: stuck"
+        );
+        turns.0.store(2, AtomicOrdering::Relaxed);
+        assert!(turns.moving(&mut seen), "the turn ended");
+        assert!(
+            turns.moving(&mut seen),
+            "waiting for work is not being stuck"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
