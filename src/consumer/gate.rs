@@ -14,6 +14,21 @@ use tokio::time::Instant;
 use super::outage::{Detector, Entry, Pass, Result, Transition, Verdict};
 use crate::config::OutagePolicy;
 
+impl Meters {
+    /// The meters of `handler` (`-` for the dead-letter producer) in `metrics`.
+    pub fn of(metrics: &crate::metrics::Metrics, handler: &str) -> Self {
+        Meters {
+            down: metrics.consumer_handler_down.with_label_values(&[handler]),
+            outages: metrics
+                .consumer_handler_outages_total
+                .with_label_values(&[handler]),
+            probes: metrics
+                .consumer_probe_calls_total
+                .with_label_values(&[handler]),
+        }
+    }
+}
+
 /// What the gate reports to operators.
 pub struct Meters {
     /// `outboxd_consumer_handler_down{handler}`

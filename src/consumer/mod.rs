@@ -76,16 +76,12 @@ pub fn start(
         producer: producer.clone(),
     };
     let gate = |name: &str, what: String, policy: OutagePolicy| {
-        let meters = gate::Meters {
-            down: metrics.consumer_handler_down.with_label_values(&[name]),
-            outages: metrics
-                .consumer_handler_outages_total
-                .with_label_values(&[name]),
-            probes: metrics
-                .consumer_probe_calls_total
-                .with_label_values(&[name]),
-        };
-        Gate::new(what, policy, c.max_in_flight, meters)
+        Gate::new(
+            what,
+            policy,
+            c.max_in_flight,
+            gate::Meters::of(&metrics, name),
+        )
     };
     let mut handlers = Vec::new();
     for (name, hc) in &config.handlers {

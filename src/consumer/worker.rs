@@ -465,15 +465,7 @@ mod tests {
         };
         let config: HandlerConfig =
             toml::from_str("kind = \"command\"\nprogram = \"/bin/true\"").unwrap();
-        let meters = |name: &str| Meters {
-            down: metrics.consumer_handler_down.with_label_values(&[name]),
-            outages: metrics
-                .consumer_handler_outages_total
-                .with_label_values(&[name]),
-            probes: metrics
-                .consumer_probe_calls_total
-                .with_label_values(&[name]),
-        };
+        let meters = |name: &str| Meters::of(&metrics, name);
         let quick = OutagePolicy {
             probe_interval: Duration::from_millis(10),
             ..OutagePolicy::default()

@@ -97,21 +97,7 @@ async fn status_reports_backlog_lane_owners_and_consumer_lag() {
     .await;
     // Both lanes made their first (empty) claim, which ends with its COMMIT; they poll
     // hourly and nothing notifies them, so rows inserted now stay pending.
-    let claimed_once = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' AND state = 'idle' AND query = 'COMMIT'"
-    );
-    eventually(
-        "both lanes' first claim",
-        Duration::from_secs(15),
-        || async {
-            sqlx::query_scalar::<_, i64>(&claimed_once)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                >= 2
-        },
-    )
-    .await;
+    lanes_claimed_once(&pool, &table, 2).await;
     insert_rows(&pool, &table, 0, 10, 3).await;
 
     crate::consumer_helpers::produce_events(&bootstrap, &topic, 0, "s", "E", 0..5).await;
@@ -220,21 +206,7 @@ async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file(
     .await;
     // The lane has claimed once (an empty claim ends with its COMMIT) and now waits for
     // an hour.
-    let claimed_once = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' AND state = 'idle' AND query = 'COMMIT'"
-    );
-    eventually(
-        "the lane's first claim",
-        Duration::from_secs(15),
-        || async {
-            sqlx::query_scalar::<_, i64>(&claimed_once)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-                >= 1
-        },
-    )
-    .await;
+    lanes_claimed_once(&pool, &table, 1).await;
     insert_rows(&pool, &table, 0, 5, 1).await;
 
     std::fs::write(&path, "[relay\nbroken").unwrap();
@@ -385,4 +357,24 @@ async fn readiness_reasons_are_short_and_hold_no_secret() {
     );
     cluster.broker_up(1).unwrap();
     daemon.stop().await.unwrap();
+}
+
+/// Waits until `lanes` lanes of the outboxd whose connections are named `table` made their
+/// first (empty) claim: it ends with its COMMIT, and the session then waits.
+async fn lanes_claimed_once(pool: &sqlx::PgPool, table: &str, lanes: i64) {
+    let claimed_once = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{table}' AND state = 'idle' AND query = 'COMMIT'"
+    );
+    eventually(
+        "the lanes' first claims",
+        Duration::from_secs(15),
+        || async {
+            sqlx::query_scalar::<_, i64>(&claimed_once)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+                >= lanes
+        },
+    )
+    .await;
 }
