@@ -10,7 +10,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::config::{Config, HandlerConfig, OnPublished};
+use crate::config::{Config, HandlerConfig, OnPublished, TableConfig};
 use crate::db::Database;
 use crate::error_text::describe;
 use crate::kafka::Brokers;
@@ -174,6 +174,9 @@ async fn checked_database(config: &Config, db: &Database, report: &mut Report) {
             );
             report.add(Level::Warning, &place, text);
         }
+        if let Some(rows) = check.whole_table_claims {
+            report.add(Level::Warning, &place, whole_table_claims(t, rows));
+        }
         if check.denied.is_empty() {
             let mode = match t.on_published {
                 OnPublished::Delete => "delete",
@@ -187,6 +190,23 @@ async fn checked_database(config: &Config, db: &Database, report: &mut Report) {
     if own_tables_exist {
         own_tables(config, db, report).await;
     }
+}
+
+/// The warning for a cursor-mode table of about `rows` rows without a transaction-id
+/// column, with the remedy spelled out for it.
+fn whole_table_claims(t: &TableConfig, rows: i64) -> String {
+    let name = t.table.rsplit('.').next().unwrap_or(&t.table);
+    let quoted: Vec<String> = t.table.split('.').map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "holds about {rows} rows, and every cursor-mode claim reads all of them (about 1 µs a row) \
+         because relay.tables.xid_column is not set: add a transaction-id column \
+         (`ALTER TABLE {table} ADD COLUMN txid xid8; ALTER TABLE {table} ALTER COLUMN txid \
+         SET DEFAULT pg_current_xact_id(); CREATE INDEX CONCURRENTLY \"{name}_xid\" ON {table} (txid, {ord})`) \
+         and set xid_column = \"txid\"; rows written before it are still relayed \
+         (docs/architecture.md, Cursor mode)",
+        table = quoted.join("."),
+        ord = format_args!("\"{}\"", t.order_column()),
+    )
 }
 
 /// The privileges on outboxd's own tables.

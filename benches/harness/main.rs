@@ -51,6 +51,7 @@ use sqlx::Row;
 
 struct Args {
     write: bool,
+mod store;
     broker: String,
     rows: i64,
     messages: Option<i64>,
@@ -284,6 +285,20 @@ async fn main() -> Result<()> {
             (1000, 10, false),
             (10_000, 1, false),
             (10_000, 10, false),
+    // Event stores in cursor mode (only when asked for: it fills 2,000,000 rows three
+    // times).
+    if a.only.iter().any(|s| s == "store") {
+        for (name, rates) in store::run(&pool, &url, &a.broker, 3).await? {
+            let text: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            lines.push(Line {
+                scenario: format!("event store: {name}"),
+                result: format!("{} rows/s", text.join(" / ")),
+                baseline: "the delete-mode drain above it".into(),
+                ratio: "-".into(),
+            });
+        }
+    }
+
         ] {
             if !a.runs_load(rows_per_sec, rows_per_txn, listen) {
                 continue;

@@ -50,6 +50,15 @@ pub struct TableConfig {
     /// The column that orders rows (publication order). Defaults to `id_column`; set it when
     /// the id is not monotonic, e.g. a uuid id with a separate bigserial sequence column.
     pub order_column: Option<Column>,
+    /// Cursor mode on PostgreSQL: a column holding the id of the transaction that wrote the
+    /// row (`xid8 DEFAULT pg_current_xact_id()`), indexed together with the order column
+    /// (`CREATE INDEX ... (xid_column, order_column)`). Claims then read an index range
+    /// after the lane's position instead of the whole table, with the same fence on
+    /// transactions still running. Rows written before the column existed (NULL) are
+    /// still published, in the order of the transactions that wrote them. Unset: claims
+    /// read the whole table, which suits tables of up to a few hundred thousand rows.
+    #[serde(with = "column::optional")]
+    pub xid_column: Option<Column>,
     /// Stable event id, sent as the `event-id` header so consumers can deduplicate.
     /// Empty: the `id_column` value is sent instead.
     #[serde(with = "column::optional")]
@@ -195,6 +204,7 @@ impl Default for TableConfig {
             key_column: known("aggregate_id"),
             id_column: known("id"),
             order_column: None,
+            xid_column: None,
             event_id_column: Some(known("event_id")),
             payload_column: known("payload"),
             headers_column: Some(known("headers")),

@@ -157,6 +157,7 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
         ("created_at_column", &t.created_at_column),
         ("order_column", &t.order_column),
         ("topic_column", &t.topic_column),
+        ("xid_column", &t.xid_column),
     ];
     let named = [
         ("key_column", &t.key_column),
@@ -226,6 +227,12 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
     if t.on_published == OnPublished::Mark {
         positive(p, &format!("{at}.retention"), t.retention);
     }
+    if t.xid_column.is_some() && t.on_published != OnPublished::Cursor {
+        p.add(
+            format!("{at}.xid_column"),
+            "orders the claims of cursor mode only; set on_published = \"cursor\" or remove it",
+        );
+    }
 
     if let Some(channel) = t.notify_channel.as_deref().filter(|c| !is_identifier(c)) {
         p.add(
@@ -278,12 +285,22 @@ fn validate_header_names(t: &TableConfig, at: &str, p: &mut Problems) {
 }
 
 /// What a backend cannot do: several lanes on SQLite (one writer), a LISTEN channel
-/// anywhere but PostgreSQL, cursor mode on MySQL.
+/// anywhere but PostgreSQL, cursor mode on MySQL, a transaction-id column anywhere but
+/// PostgreSQL.
 fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Problems) {
     if backend == Backend::MySql && t.on_published == OnPublished::Cursor {
         p.add(
             format!("{at}.on_published"),
             "\"cursor\" is not available on MySQL/MariaDB: InnoDB hands out AUTO_INCREMENT values to concurrent transactions that commit in another order, and MySQL shows no transaction horizon to wait for, so a position could pass over a row committed late; use \"mark\" or \"delete\"",
+        );
+    }
+    if t.xid_column.is_some() && backend != Backend::Postgres {
+        p.add(
+            format!("{at}.xid_column"),
+            format!(
+                "needs PostgreSQL (transaction ids in an xid8 column); {} has none, remove it",
+                backend.name()
+            ),
         );
     }
     if backend == Backend::Sqlite && t.lanes > 1 {

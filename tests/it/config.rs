@@ -128,6 +128,16 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "relay.tables[0].on_published",
         ),
         (
+            "a transaction-id column outside cursor mode",
+            format!("{base}{table}xid_column = \"txid\"\n"),
+            "relay.tables[0].xid_column",
+        ),
+        (
+            "a transaction-id column on SQLite",
+            format!("[database]\nurl = \"sqlite://x.db\"\n[kafka]\nbrokers = \"embedded\"\n{table}on_published = \"cursor\"\nxid_column = \"txid\"\nnotify_channel = \"\"\n"),
+            "relay.tables[0].xid_column",
+        ),
+        (
             "a reserved header name",
             format!("{base}{table}header_columns = {{ outboxd-replay-count = \"n\" }}\n"),
             "relay.tables[0].header_columns.outboxd-replay-count",

@@ -23,6 +23,7 @@ mod docs;
 mod faults;
 mod faults_infra;
 mod ops;
+mod layout;
 mod preflight;
 mod quickstart;
 mod relay_backends;

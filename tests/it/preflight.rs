@@ -363,3 +363,70 @@ async fn migrations_not_applied_are_named_unless_run_applies_them() {
         "{out}"
     );
 }
+
+/// An event store past a few hundred thousand rows in cursor mode without a
+/// transaction-id column is a warning that spells out the column; once it is there, its
+/// index is checked, and a column of another type is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cursor_table_is_told_how_to_claim_an_index_range() {
+    let db = TestDb::new(Kind::Postgres).await;
+    let table = unique("pf_store");
+    db.exec(&format!(
+        "CREATE TABLE {table} (id bigserial PRIMARY KEY, aggregate_id text NOT NULL, \
+         event_type text NOT NULL, version integer NOT NULL, data jsonb NOT NULL); \
+         INSERT INTO {table} (aggregate_id, event_type, version, data) \
+         SELECT 'a' || (g % 100), 'Deposited', g, '{{}}' FROM generate_series(1, 260000) g; \
+         ANALYZE {table}"
+    ))
+    .await;
+    let cluster = cluster("orders", 1);
+    let toml = |xid: &str| {
+        format!(
+            "{}\n[[relay.tables]]\ntable = \"{table}\"\ntopic = \"orders\"\n\
+             on_published = \"cursor\"\npayload_column = \"data\"\nxid_column = \"{xid}\"\n\
+             aggregate_type_column = \"\"\nheaders_column = \"\"\nevent_id_column = \"\"\n\
+             created_at_column = \"\"\n",
+            head(&db.url, &cluster.bootstrap_servers())
+        )
+    };
+    let (code, out) = preflight(&toml(""));
+    assert_eq!(code, 0, "a warning alone passes:\n{out}");
+    let warning = format!("warning  relay table {table}: holds about 2");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&warning))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("every cursor-mode claim reads all of them")
+            && line.contains("set xid_column = \"txid\""),
+        "{line}"
+    );
+    // The statements the warning gives, one at a time (CREATE INDEX CONCURRENTLY runs
+    // outside a transaction).
+    let advice = line.split('`').nth(1).expect("the statements in backticks");
+    for statement in advice.split(';') {
+        db.exec(statement).await;
+    }
+    let (code, out) = preflight(&toml("txid"));
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    // Without the index each claim would read the whole table again.
+    db.exec(&format!("DROP INDEX {table}_xid")).await;
+    let (code, out) = preflight(&toml("txid"));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "warning  relay table {table}: no index serves the claim of pending rows, so each claim reads the whole table: \
+             CREATE INDEX CONCURRENTLY {table}_xid ON \"{table}\" (\"txid\", \"id\")"
+        )),
+        "{out}"
+    );
+    let (code, out) = preflight(&toml("version"));
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains(&format!(
+            "problem  relay table {table}: table `{table}`: `version` (relay.tables.xid_column) is of type integer; it must be xid8"
+        )),
+        "{out}"
+    );
+}

@@ -1,7 +1,8 @@
 //! Existing tables as they are, each with an independent writer: a hand-written relay's
 //! table (boolean mark, epoch-seconds creation time, rows kept), an append-only event store
-//! in cursor mode (with a transaction that commits late behind later rows), and Debezium's
-//! outbox reference table read as a Debezium consumer reads the router's output.
+//! in cursor mode (with a transaction that commits late behind later rows, with and
+//! without a transaction-id column, and the column added to a store already relayed), and
+//! Debezium's outbox reference table read as a Debezium consumer reads the router's output.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -195,11 +196,42 @@ async fn an_event_store_is_relayed_in_cursor_mode_without_changing_a_row(kind: K
 /// arrives, once (a position by id alone would have passed over it).
 #[tokio::test]
 async fn cursor_mode_publishes_a_row_committed_late_behind_published_rows() {
+    late_commit(false).await;
+}
+
+/// As above, with claims that read an index range of a transaction-id column.
+#[tokio::test]
+async fn cursor_claims_by_transaction_id_column_publish_a_row_committed_late() {
+    late_commit(true).await;
+}
+
+/// Adds the transaction-id column `txid` and its index to `table`, as an operator does to
+/// a store that is already relayed: the rows already there keep NULL.
+async fn add_xid_column(db: &TestDb, table: &str) {
+    db.exec(&format!(
+        "ALTER TABLE {table} ADD COLUMN txid xid8; \
+         ALTER TABLE {table} ALTER COLUMN txid SET DEFAULT pg_current_xact_id(); \
+         CREATE INDEX {table}_xid ON {table} (txid, id)"
+    ))
+    .await;
+}
+
+fn with_xid_column(mut cfg: outboxd::config::Config) -> outboxd::config::Config {
+    cfg.relay.tables[0].xid_column = Some(col("txid"));
+    cfg
+}
+
+async fn late_commit(xid_column: bool) {
     let db = TestDb::new(Kind::Postgres).await;
     let table = event_store(&db).await;
     let topic = topic_of(&table);
     let cluster = cluster(&topic, 1);
-    let daemon = Daemon::start(cursor_config(&db, &table, &cluster.bootstrap_servers())).await;
+    let mut cfg = cursor_config(&db, &table, &cluster.bootstrap_servers());
+    if xid_column {
+        add_xid_column(&db, &table).await;
+        cfg = with_xid_column(cfg);
+    }
+    let daemon = Daemon::start(cfg).await;
     let mut early = sqlx::PgConnection::connect(&db.url).await.unwrap();
     let mut late = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // `early` gets the older transaction id, `late` the lower row id.
@@ -247,6 +279,66 @@ async fn cursor_mode_publishes_a_row_committed_late_behind_published_rows() {
         received[1].n, 0,
         "the late row is next, before the younger ones"
     );
+    daemon.stop().await.unwrap();
+}
+
+/// A store relayed in cursor mode without the transaction-id column gets one while rows
+/// are waiting: the rows written before it (NULL) and after it each arrive once, in
+/// per-key order, and the lane's position carries over.
+#[tokio::test]
+async fn a_transaction_id_column_added_to_a_relayed_store_passes_over_no_row() {
+    let db = TestDb::new(Kind::Postgres).await;
+    let table = event_store(&db).await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 2);
+    let cfg = cursor_config(&db, &table, &cluster.bootstrap_servers());
+    let daemon = Daemon::start(cfg.clone()).await;
+    for n in 0..100 {
+        db.exec(&event_insert(&db, &table, n)).await;
+    }
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        100,
+        Duration::from_millis(700),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_each_once(&received, 100);
+    daemon.stop().await.unwrap();
+    // Rows written while the relay is away, before and after the column.
+    for n in 100..150 {
+        db.exec(&event_insert(&db, &table, n)).await;
+    }
+    add_xid_column(&db, &table).await;
+    for n in 150..200 {
+        db.exec(&event_insert(&db, &table, n)).await;
+    }
+    let daemon = Daemon::start(with_xid_column(cfg)).await;
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        200,
+        Duration::from_millis(1500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_each_once(&received, 200);
+    assert_first_deliveries_in_key_order(&received);
+    // Once no NULL row is left after the position the claims read the index alone.
+    for n in 200..240 {
+        db.exec(&event_insert(&db, &table, n)).await;
+    }
+    let received = consume(
+        &cluster.bootstrap_servers(),
+        &topic,
+        240,
+        Duration::from_millis(1500),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_each_once(&received, 240);
+    assert_first_deliveries_in_key_order(&received);
     daemon.stop().await.unwrap();
 }
 

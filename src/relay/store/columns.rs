@@ -15,6 +15,7 @@ pub fn required_columns(t: &TableConfig) -> Vec<(String, &str)> {
         ("aggregate_type_column", t.aggregate_type_column.as_ref()),
         ("created_at_column", t.created_at_column.as_ref()),
         ("topic_column", t.topic_column.as_ref()),
+        ("xid_column", t.xid_column.as_ref()),
         (
             "published_column",
             Some(&t.published_column).filter(|_| t.on_published == OnPublished::Mark),

@@ -2,8 +2,10 @@
 //! whether the database user may run each kind of statement the relay runs on a table
 //! and on outboxd's own tables (PostgreSQL and MySQL EXPLAIN one statement of each kind,
 //! which checks its privileges without running it; SQLite, which has no privileges but
-//! may be read-only, runs each in a transaction it rolls back), and whether mark mode's
-//! claims of pending rows have an index to read. Every probe matches no row.
+//! may be read-only, runs each in a transaction it rolls back), whether the claims of mark
+//! mode and of cursor mode by transaction-id column have an index to read, and whether a
+//! cursor-mode table without that column is large enough for its claims to hurt. Every
+//! probe matches no row.
 
 use sqlx::{MySqlPool, PgPool, Pool, SqlitePool};
 
@@ -16,10 +18,18 @@ use crate::db::Database;
 pub struct TableCheck {
     /// The kinds of statement the relay runs on the table that the database refused.
     pub denied: Vec<Denied>,
-    /// Mark mode without an index that serves the claim of pending rows: the statement
-    /// that creates one.
+    /// Mark mode without an index that serves the claim of pending rows, or cursor mode
+    /// with a transaction-id column and no index that starts with it and the order
+    /// column: the statement that creates one.
     pub missing_index: Option<String>,
+    /// Cursor mode without a transaction-id column on a table of more than
+    /// [`LARGE_CURSOR_TABLE`] rows (PostgreSQL): about how many rows every claim reads.
+    pub whole_table_claims: Option<i64>,
 }
+
+/// The rows above which a cursor-mode claim that reads the whole table costs more than
+/// a few hundred milliseconds (about 1 µs per row).
+pub const LARGE_CURSOR_TABLE: i64 = 250_000;
 
 /// A kind of statement the database user may not run, and the database's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +56,8 @@ pub(super) struct Quoted {
     pub mark_column: String,
     /// The order column.
     pub order_column: String,
+    /// The transaction-id column (cursor mode), if any.
+    pub xid_column: Option<String>,
 }
 
 impl Quoted {
@@ -64,6 +76,7 @@ impl Quoted {
             columns: columns.join(", "),
             mark_column: q(&t.published_column),
             order_column: q(t.order_column()),
+            xid_column: t.xid_column.as_ref().map(|c| q(c)),
         }
     }
 }
@@ -254,8 +267,8 @@ pub(super) async fn postgres(
     mark: Option<Mark>,
 ) -> Result<TableCheck, StoreError> {
     let denied = explained(pool, &table_probes(t, q, mark, true)).await?;
-    let missing_index = match (t.on_published, mark) {
-        (OnPublished::Mark, Some(mark)) => {
+    let missing_index = match (t.on_published, mark, &t.xid_column) {
+        (OnPublished::Mark, Some(mark), _) => {
             let predicates: Vec<String> = sqlx::query_scalar(
                 "SELECT pg_get_expr(indpred, indrelid) FROM pg_index \
                  WHERE indrelid = to_regclass($1) AND indpred IS NOT NULL",
@@ -270,11 +283,56 @@ pub(super) async fn postgres(
                 &format!("{}_pending", split_schema(&t.table).1),
             )
         }
+        (OnPublished::Cursor, _, Some(xid)) => {
+            let serving: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) \
+                 AND i.indpred IS NULL AND i.indnatts >= 2 \
+                 AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = $2) \
+                 AND i.indkey[1] = (SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = $3)",
+            )
+            .bind(&q.table)
+            .bind(xid.as_str())
+            .bind(t.order_column().as_str())
+            .fetch_one(pool)
+            .await?;
+            (serving == 0).then(|| {
+                format!(
+                    "CREATE INDEX CONCURRENTLY {}_xid ON {} ({}, {})",
+                    split_schema(&t.table).1,
+                    q.table,
+                    q.xid_column.as_deref().unwrap_or_default(),
+                    q.order_column
+                )
+            })
+        }
         _ => None,
+    };
+    let whole_table_claims = if t.on_published == OnPublished::Cursor && t.xid_column.is_none() {
+        // The planner's estimate; a table never analysed is counted, up to the limit.
+        let estimate: f32 =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)")
+                .bind(&q.table)
+                .fetch_one(pool)
+                .await?;
+        let rows = if estimate < 0.0 {
+            sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {} LIMIT {}) r",
+                q.table,
+                LARGE_CURSOR_TABLE + 1
+            ))
+            .fetch_one(pool)
+            .await?
+        } else {
+            estimate as i64
+        };
+        (rows > LARGE_CURSOR_TABLE).then_some(rows)
+    } else {
+        None
     };
     Ok(TableCheck {
         denied,
         missing_index,
+        whole_table_claims,
     })
 }
 
@@ -311,6 +369,7 @@ pub(super) async fn mysql(
     Ok(TableCheck {
         denied,
         missing_index,
+        whole_table_claims: None,
     })
 }
 
@@ -357,6 +416,7 @@ pub(super) async fn sqlite(
     Ok(TableCheck {
         denied,
         missing_index,
+        whole_table_claims: None,
     })
 }
 
@@ -387,6 +447,7 @@ mod tests {
             columns: "\"id\"".into(),
             mark_column: "\"published_at\"".into(),
             order_column: "\"id\"".into(),
+            xid_column: None,
         };
         let needs = |t: &TableConfig, mark| -> Vec<String> {
             table_probes(t, &q, mark, true)

@@ -7,9 +7,15 @@
 //! oldest transaction still running), ordered by that transaction's id, then by the order
 //! column. Every transaction that ends later has an id at or above that `xmin`, so its
 //! rows come after every row taken so far, whatever order values it drew and whenever it
-//! commits: no row is passed over. Row transaction ids are the 32-bit `xmin`, widened to
-//! 64 bits against the snapshot's; a row too old to be told apart (frozen, more than 2^31
-//! transactions back) sorts first.
+//! commits: no row is passed over.
+//!
+//! A row's transaction id is its `xid_column` where the table has one (`xid8 DEFAULT
+//! pg_current_xact_id()`): a claim is then one range of an index on `(xid_column, order
+//! column)` and costs what its batch costs. Without the column it is the row's 32-bit
+//! `xmin`, widened to 64 bits against the snapshot's, and every claim reads the whole lane;
+//! rows written before the column was added (NULL) are read that way too, until none is
+//! left after the lane's position. Both are full transaction ids, so a lane's position
+//! holds across adding the column.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,12 +31,6 @@ use crate::relay::store::{
     position_after, ClaimedRow, LaneSession, Position, Settled, Settlement, StoreError,
 };
 
-/// `$1 = table`: attempt counters untouched for a day. In cursor mode a published row
-/// stays in the table, so a counter cannot go with its row; a row still being retried
-/// touches its counter far more often than that.
-pub(super) const CLEANUP_ATTEMPTS: &str = "DELETE FROM outboxd_relay_attempts \
-     WHERE source_table = $1 AND updated_at < now() - interval '1 day'";
-
 /// `$1 = table, $2 = lanes, $3 = lane, $4 = xid, $5 = order value, $6 = highest order
 /// value published`.
 const ADVANCE: &str =
@@ -39,49 +39,120 @@ const ADVANCE: &str =
      SET xid = EXCLUDED.xid, position = EXCLUDED.position, \
      high = greatest(outboxd_relay_cursors.high, EXCLUDED.high), updated_at = now()";
 
-/// The rows after the lanes' positions, for the backlog gauge: those whose order value is
-/// above the lowest highest one any lane published (every row while a lane has none).
-pub(super) fn pending_sql(t: &TableConfig) -> String {
-    format!(
-        "o.{ord} > coalesce((SELECT CASE WHEN count(*) = {lanes} THEN min(high) END \
-         FROM outboxd_relay_cursors WHERE source_table = '{table}' AND lanes = {lanes}), \
-         -9223372036854775808)",
-        ord = q(t.order_column()),
-        lanes = t.lanes,
-        // Validation restricted the name to letters, digits, `_`, `$` and one `.`.
-        table = t.table,
-    )
-}
-
-/// The claim of lane `lane` (`$1 = limit, $2 = table, $3 = lanes, $4 = lane`): the rows
+/// The claims of one lane (`$1 = limit, $2 = table, $3 = lanes, $4 = lane`): the rows
 /// after its position, or, when the lane has none yet but the table ran with another lane
 /// count, after the lowest position of those (rows may then go out twice, none is
 /// skipped); from the start otherwise.
-pub(super) fn claim_sql(t: &TableConfig, sql: &TableSql, lane: u32) -> String {
-    format!(
-        "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS x, \
-                    pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS xmax), \
-         p AS (SELECT xid, position FROM ( \
-                 SELECT xid, position, 0 AS pref FROM outboxd_relay_cursors \
-                 WHERE source_table = $2 AND lanes = $3 AND lane = $4 \
-                 UNION ALL SELECT xid, position, 1 FROM outboxd_relay_cursors \
-                 WHERE source_table = $2 AND lanes <> $3) c \
-               ORDER BY pref, xid, position LIMIT 1), \
-         b AS (SELECT coalesce((SELECT xid FROM p), -1) AS xid, \
-                      coalesce((SELECT position FROM p), -9223372036854775808) AS position) \
-         SELECT {returning}, v.xid AS outboxd_xid \
-         FROM {table} o CROSS JOIN s CROSS JOIN b CROSS JOIN LATERAL ( \
-           SELECT CASE WHEN w.back BETWEEN 1 AND 2147483648 THEN s.x - w.back \
-                       WHEN w.back = 0 OR 4294967296 - w.back < s.xmax - s.x THEN NULL \
-                       ELSE 0 END AS xid \
-           FROM (SELECT ((s.x % 4294967296) - o.xmin::text::int8 + 4294967296) % 4294967296 AS back) w) v \
-         WHERE v.xid IS NOT NULL AND (v.xid, o.{ord}::int8) > (b.xid, b.position){lane} \
-         ORDER BY v.xid, o.{ord} LIMIT $1",
-        returning = sql.returning,
-        table = quote_table(&t.table),
-        ord = q(t.order_column()),
-        lane = sql.lane_filter(lane),
-    )
+pub(super) struct Claims {
+    /// The claim of the lane's next rows.
+    pub(super) claim: String,
+    /// With a transaction-id column, while rows written before the column existed (NULL)
+    /// may still lie after the lane's position.
+    pub(super) legacy: Option<Legacy>,
+}
+
+/// The claims of a table whose transaction-id column came after some of its rows.
+pub(super) struct Legacy {
+    /// The claim over both kinds of row: NULL ones by their `xmin`, the others by the
+    /// column.
+    pub(super) claim: String,
+    /// One NULL row after the lane's position, if any (same parameters, `$1 = 1`).
+    pub(super) probe: String,
+}
+
+impl Claims {
+    /// Renders the claims of lane `lane` of table `t`.
+    pub(super) fn new(t: &TableConfig, sql: &TableSql, lane: u32) -> Self {
+        let parts = Parts {
+            table: quote_table(&t.table),
+            ord: q(t.order_column()),
+            returning: &sql.returning,
+            lane: sql.lane_filter(lane),
+            lane_case: sql.lane_case(lane),
+        };
+        let Some(xid) = t.xid_column.as_ref().map(|c| q(c)) else {
+            return Claims {
+                claim: format!("{PLACE} {}", parts.by_row_xmin("")),
+                legacy: None,
+            };
+        };
+        let legacy = format!(" AND o.{xid} IS NULL");
+        Claims {
+            claim: format!("{PLACE} {}", parts.by_column(&xid)),
+            legacy: Some(Legacy {
+                claim: format!(
+                    "{PLACE} SELECT * FROM (({}) UNION ALL ({})) u \
+                     ORDER BY outboxd_xid, outboxd_ord LIMIT $1",
+                    parts.by_row_xmin(&legacy),
+                    parts.by_column(&xid),
+                ),
+                probe: format!("{PLACE} {}", parts.by_row_xmin(&legacy)),
+            }),
+        }
+    }
+}
+
+/// The common table expressions of every claim: `s`, the claim snapshot's horizon (`x8`
+/// as xid8, `x` and `xmax` as int8); `b`, the lane's position (`xid`, `position`).
+const PLACE: &str = "WITH s AS (SELECT pg_snapshot_xmin(c.snap) AS x8, \
+                pg_snapshot_xmin(c.snap)::text::int8 AS x, \
+                pg_snapshot_xmax(c.snap)::text::int8 AS xmax \
+              FROM (SELECT pg_current_snapshot() AS snap) c), \
+     p AS (SELECT xid, position FROM ( \
+             SELECT xid, position, 0 AS pref FROM outboxd_relay_cursors \
+             WHERE source_table = $2 AND lanes = $3 AND lane = $4 \
+             UNION ALL SELECT xid, position, 1 FROM outboxd_relay_cursors \
+             WHERE source_table = $2 AND lanes <> $3) c \
+           ORDER BY pref, xid, position LIMIT 1), \
+     b AS (SELECT coalesce((SELECT xid FROM p), -1) AS xid, \
+                  coalesce((SELECT position FROM p), -9223372036854775808) AS position)";
+
+/// The pieces a claim statement is made of.
+struct Parts<'a> {
+    table: String,
+    ord: String,
+    returning: &'a str,
+    lane: String,
+    /// The lane filter as the index range needs it.
+    lane_case: String,
+}
+
+impl Parts<'_> {
+    /// The rows after the position by their `xmin`, widened to 64 bits against the
+    /// snapshot's (a row too old to be told apart, frozen or more than 2^31 transactions
+    /// back, sorts first), that also match `filter`. Reads every row of the lane.
+    fn by_row_xmin(&self, filter: &str) -> String {
+        format!(
+            "SELECT {returning}, v.xid AS outboxd_xid \
+             FROM {table} o CROSS JOIN s CROSS JOIN b CROSS JOIN LATERAL ( \
+               SELECT CASE WHEN w.back BETWEEN 1 AND 2147483648 THEN s.x - w.back \
+                           WHEN w.back = 0 OR 4294967296 - w.back < s.xmax - s.x THEN NULL \
+                           ELSE 0 END AS xid \
+               FROM (SELECT ((s.x % 4294967296) - o.xmin::text::int8 + 4294967296) % 4294967296 AS back) w) v \
+             WHERE v.xid IS NOT NULL AND (v.xid, o.{ord}::int8) > (b.xid, b.position){filter}{lane} \
+             ORDER BY v.xid, o.{ord} LIMIT $1",
+            returning = self.returning,
+            table = self.table,
+            ord = self.ord,
+            lane = self.lane,
+        )
+    }
+
+    /// The rows after the position by the transaction-id column `xid`: one range of an
+    /// index on `(xid, order column)`, bounded by the snapshot's horizon. A row whose
+    /// column is NULL is not among them.
+    fn by_column(&self, xid: &str) -> String {
+        format!(
+            "SELECT {returning}, o.{xid}::text::int8 AS outboxd_xid FROM {table} o \
+             WHERE (o.{xid}, o.{ord}) > ((SELECT greatest(xid, 0) FROM b)::text::xid8, (SELECT position FROM b)) \
+             AND o.{xid} < (SELECT x8 FROM s){lane} \
+             ORDER BY o.{xid}, o.{ord} LIMIT $1",
+            returning = self.returning,
+            table = self.table,
+            ord = self.ord,
+            lane = self.lane_case,
+        )
+    }
 }
 
 /// A cursor-mode lane: its claims are plain reads, and its position advances in one short
@@ -89,7 +160,9 @@ pub(super) fn claim_sql(t: &TableConfig, sql: &TableSql, lane: u32) -> String {
 pub(super) struct CursorLane {
     pub(super) conn: PgConnection,
     pub(super) sql: Arc<TableSql>,
-    pub(super) claim: String,
+    /// Its claims; `claims.legacy` goes once no NULL row lies after the position (each
+    /// claim asks first while it is there).
+    pub(super) claims: Claims,
     pub(super) table: String,
     pub(super) lanes: u32,
     pub(super) lane: u32,
@@ -121,7 +194,25 @@ impl CursorLane {
 impl LaneSession for CursorLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
         self.claimed.clear();
-        let mut stream = sqlx::query(&self.claim)
+        if let Some(legacy) = &self.claims.legacy {
+            // Rows are never written with a NULL column again: once none lies after the
+            // position, the claims read the index range alone.
+            let probe = sqlx::query(&legacy.probe)
+                .bind(1_i64)
+                .bind(&self.table)
+                .bind(self.lanes as i32)
+                .bind(self.lane as i32)
+                .fetch_optional(&mut self.conn)
+                .await?;
+            if probe.is_none() {
+                self.claims.legacy = None;
+            }
+        }
+        let statement = match &self.claims.legacy {
+            Some(legacy) => &legacy.claim,
+            None => &self.claims.claim,
+        };
+        let mut stream = sqlx::query(statement)
             .bind(i64::from(limit))
             .bind(&self.table)
             .bind(self.lanes as i32)

@@ -3,6 +3,8 @@
 //! LISTEN.
 
 mod cursor;
+#[cfg(test)]
+mod cursor_plan_tests;
 mod lane;
 mod statements;
 
@@ -119,7 +121,7 @@ impl Store for PgStore {
         if self.config.on_published == OnPublished::Cursor {
             return Ok(Some(Lane::Single(Box::new(cursor::CursorLane {
                 conn,
-                claim: cursor::claim_sql(&self.config, &self.sql, lane),
+                claims: cursor::Claims::new(&self.config, &self.sql, lane),
                 sql: self.sql.clone(),
                 table: self.config.table.clone(),
                 lanes: self.config.lanes,
