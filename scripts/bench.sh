@@ -9,7 +9,11 @@
 #   --messages N       consumer messages (default 500000 with Tansu, 100000 with the mock,
 #                      which keeps only 5 MiB per partition)
 #   --only relay,latency,dispatch,slow   a subset of the scenarios (slow: the consumer
-#                      against a 10 ms endpoint, key order against partition order)
+#                      against a 10 ms endpoint, key order against partition order);
+#                      `store` (only when named) relays the seed's event store in cursor
+#                      mode at 100,000 and 2,000,000 rows, three rounds; `sqlbatch`
+#                      (only when named) builds a read model through the sql handler,
+#                      batched against one transaction per event and a bare client
 #   --handlers log,http,sql   a subset of the dispatch handlers
 #   --drains 1,1-noprefetch,4   a subset of the relay drains (lanes 1, lanes 1 without
 #                      prefetch, lanes 4)

@@ -54,6 +54,10 @@ pub struct Metrics {
     pub consumer_handler_outages_total: IntCounterVec,
     /// Probe calls made while a handler was down.
     pub consumer_probe_calls_total: IntCounterVec,
+    /// Events per transaction of a batching handler (`sql` with `batch_size` above 1).
+    pub consumer_batch_size: HistogramVec,
+    /// Batches run again without a message that failed for good inside them.
+    pub consumer_batch_splits_total: IntCounterVec,
     /// 1 while this relay sees another relay of the table with a different `lanes` and so
     /// holds no lane.
     pub relay_lanes_conflict: IntGaugeVec,
@@ -224,6 +228,22 @@ impl Metrics {
                 &["handler"],
             )
             .unwrap(),
+            consumer_batch_size: HistogramVec::new(
+                HistogramOpts::new("consumer_batch_size", "Events per handler transaction")
+                    .buckets(vec![
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                    ]),
+                &["handler"],
+            )
+            .unwrap(),
+            consumer_batch_splits_total: IntCounterVec::new(
+                Opts::new(
+                    "consumer_batch_splits_total",
+                    "Batches run again without a message that failed for good inside them",
+                ),
+                &["handler"],
+            )
+            .unwrap(),
             consumer_pending: IntGaugeVec::new(
                 Opts::new(
                     "consumer_pending",
@@ -308,6 +328,8 @@ impl Metrics {
             Box::new(m.consumer_handler_down.clone()),
             Box::new(m.consumer_handler_outages_total.clone()),
             Box::new(m.consumer_probe_calls_total.clone()),
+            Box::new(m.consumer_batch_size.clone()),
+            Box::new(m.consumer_batch_splits_total.clone()),
             Box::new(m.consumer_pending.clone()),
             Box::new(m.consumer_keys_in_retry.clone()),
             Box::new(m.consumer_already_final_total.clone()),

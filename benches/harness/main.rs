@@ -19,8 +19,16 @@
 //!    messages (1,000 keys, 6 partitions) in key order against partition order, and the
 //!    delay of healthy messages from produce to delivery at 400 msgs/s while 1 % fail
 //!    three times first. The dispatch runs of 3. run in both orders too.
+//! 6. event stores (`store`, only when named in `--only`): the seed's `events` table in
+//!    cursor mode with a transaction-id column at 100,000 and 2,000,000 rows and without
+//!    it at 100,000, against a delete-mode drain of 100,000 rows of the reference table;
+//!    three rounds, alternated (`store.rs`);
+//! 7. a read model (`sqlbatch`, only when named in `--only`): the account projection
+//!    through the `sql` handler in key order, one transaction per event against batches of
+//!    100, and a bare client writing the same statements 100 per transaction; three rounds,
+//!    alternated (`projection.rs`).
 //!
-//! `--only relay,latency,dispatch,slow` runs a subset, `--drains 1,1-noprefetch,4` a subset of
+//! `--only relay,latency,dispatch,slow,store,sqlbatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
 //! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers, `--loads
 //! 1000x1,1000x10-poll` a subset of the latency loads; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
@@ -41,7 +49,9 @@ mod dispatch;
 mod drain;
 mod latency;
 mod processes;
+mod projection;
 mod slow;
+mod store;
 
 use anyhow::{bail, Context, Result};
 use dispatch::{bare_consumer, dispatch, http_sink, produce, OUTBOXD_QUEUES};
@@ -51,7 +61,6 @@ use sqlx::Row;
 
 struct Args {
     write: bool,
-mod store;
     broker: String,
     rows: i64,
     messages: Option<i64>,
@@ -135,7 +144,12 @@ fn args() -> Result<Args> {
             "--broker" => a.broker = it.next().context("--broker tansu|mock")?,
             "--rows" => a.rows = it.next().context("--rows N")?.parse()?,
             "--messages" => a.messages = Some(it.next().context("--messages N")?.parse()?),
-            "--only" => a.only = list(it.next(), "--only relay,latency,dispatch,slow")?,
+            "--only" => {
+                a.only = list(
+                    it.next(),
+                    "--only relay,latency,dispatch,slow,store,sqlbatch",
+                )?
+            }
             "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
             "--drains" => a.drains = list(it.next(), "--drains 1,1-noprefetch,4")?,
             "--loads" => a.loads = list(it.next(), "--loads 1000x1,1000x10-poll,...")?,
@@ -271,20 +285,6 @@ async fn main() -> Result<()> {
         }
     }
 
-    // 2. Relay latency.
-    let mut latencies = Vec::new();
-    if a.runs("latency") {
-        // A fresh broker: Tansu's in-memory log of the drains above slows it down.
-        let latency_broker = Broker::start(&a.broker)?;
-        for (rows_per_sec, rows_per_txn, listen) in [
-            (1000, 1, true),
-            (1000, 10, true),
-            (10_000, 1, true),
-            (10_000, 10, true),
-            (1000, 1, false),
-            (1000, 10, false),
-            (10_000, 1, false),
-            (10_000, 10, false),
     // Event stores in cursor mode (only when asked for: it fills 2,000,000 rows three
     // times).
     if a.only.iter().any(|s| s == "store") {
@@ -299,6 +299,20 @@ async fn main() -> Result<()> {
         }
     }
 
+    // 2. Relay latency.
+    let mut latencies = Vec::new();
+    if a.runs("latency") {
+        // A fresh broker: Tansu's in-memory log of the drains above slows it down.
+        let latency_broker = Broker::start(&a.broker)?;
+        for (rows_per_sec, rows_per_txn, listen) in [
+            (1000, 1, true),
+            (1000, 10, true),
+            (10_000, 1, true),
+            (10_000, 10, true),
+            (1000, 1, false),
+            (1000, 10, false),
+            (10_000, 1, false),
+            (10_000, 10, false),
         ] {
             if !a.runs_load(rows_per_sec, rows_per_txn, listen) {
                 continue;
@@ -397,6 +411,22 @@ async fn main() -> Result<()> {
             });
         }
     }
+    }
+
+    // A read model built by the sql handler (only when asked for).
+    if a.only.iter().any(|s| s == "sqlbatch") {
+        let topic = format!("bench.projection.{}", std::process::id());
+        broker.create_topic(&topic, 6).await?;
+        produce(&broker, &topic, messages).await?;
+        for (name, rates) in projection::run(&pool, &broker, &url, &topic, messages).await? {
+            let text: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            lines.push(Line {
+                scenario: format!("read model, {messages} msgs / 6 partitions / 1000 keys: {name}"),
+                result: format!("{} msgs/s", text.join(" / ")),
+                baseline: "the bare client below".into(),
+                ratio: "-".into(),
+            });
+        }
     }
 
     // 4. A slow downstream (10 ms per call): a backlog's throughput, and the delay of

@@ -169,6 +169,21 @@ pub struct SqlHandlerConfig {
     /// database (outboxd's busy timeout).
     #[serde(with = "humantime_serde", default = "default_sql_timeout")]
     pub timeout: Duration,
+    /// Events applied in one transaction: calls that arrive while a transaction runs wait
+    /// for the next one, which takes up to this many (the heads of different keys, never
+    /// two messages of one key), with one multi-row inbox insert on PostgreSQL and one
+    /// commit. A message that fails for good inside a batch is taken out and the others
+    /// run again without it; a batch that fails retryably is retried, each message on its
+    /// own. Up to four batches run at once, each on a connection of its own. Calls in
+    /// flight are bounded by `consumer.max_in_flight` over all handlers, so batches are at
+    /// most that large. 1: one transaction per event.
+    #[serde(default = "default_sql_batch_size")]
+    pub batch_size: usize,
+    /// How long the first call of a batch waits for more when fewer than `batch_size` are
+    /// waiting. Zero (the default): it runs at once, and the calls that arrive while it
+    /// runs make the next batch.
+    #[serde(with = "humantime_serde", default)]
+    pub batch_linger: Duration,
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
@@ -179,6 +194,10 @@ pub struct SqlHandlerConfig {
 
 fn default_sql_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_sql_batch_size() -> usize {
+    100
 }
 
 /// `kind = "kafka"`: produce key, value and headers to `topic` and await the acknowledgement.

@@ -140,6 +140,12 @@ pub fn validate(config: &Config, p: &mut Problems) {
                         p.add(format!("{at}.params[{i}]"), format!("`{pointer}` is not a JSON pointer (\"/field\", \"/a/0/b\" or \"\")"));
                     }
                 }
+                if !(1..=10_000).contains(&h.batch_size) {
+                    p.add(
+                        format!("{at}.batch_size"),
+                        format!("{} is not between 1 and 10000", h.batch_size),
+                    );
+                }
                 let highest = highest_placeholder(&h.statement);
                 if highest > h.params.len() {
                     p.add(

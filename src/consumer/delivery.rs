@@ -191,6 +191,17 @@ pub struct Failed {
     pub after: Option<Duration>,
 }
 
+impl Failed {
+    fn new(error: String, took: Duration, waited: Duration, after: Option<Duration>) -> Self {
+        Failed {
+            error,
+            took,
+            waited,
+            after,
+        }
+    }
+}
+
 /// What a step ended with.
 pub enum Step {
     /// The message's outcome is final.
@@ -300,22 +311,30 @@ pub fn call(
             Outcome::RetryAfter(error, after) => {
                 (error, Some(after.min(h.policy.borrow().max_delay)))
             }
-        };
-        let failed = outage::Result::Failed(&error, after);
-        match h.gate.record(&admission, job.spot(), failed) {
-            Verdict::Outage => (job, Step::Outage(waited + took)),
-            Verdict::Counted => {
-                job.calls += 1;
-                let failed = Failed {
-                    error,
-                    took,
-                    waited,
-                    after,
-                };
-                (job, Step::Retry(failed))
+            Outcome::RetryShared(error) => {
+                // The batch's failure was recorded once, by the call that carries it.
+                let verdict = h.gate.shared_failure(&admission, job.spot(), &error);
+                return retry_step(job, verdict, Failed::new(error, took, waited, None));
             }
-        }
+        };
+        let verdict = h.gate.record(
+            &admission,
+            job.spot(),
+            outage::Result::Failed(&error, after),
+        );
+        retry_step(job, verdict, Failed::new(error, took, waited, after))
     })
+}
+
+/// The step after a retryable failure the gate judged `verdict`.
+fn retry_step(mut job: Job, verdict: Verdict, failed: Failed) -> (Job, Step) {
+    match verdict {
+        Verdict::Outage => (job, Step::Outage(failed.waited + failed.took)),
+        Verdict::Counted => {
+            job.calls += 1;
+            (job, Step::Retry(failed))
+        }
+    }
 }
 
 /// Produces the dead letter, retrying with backoff until Kafka acknowledges it; the

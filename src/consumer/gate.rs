@@ -237,6 +237,22 @@ impl Gate {
         }
     }
 
+    /// A retryable failure of a call that failed together with others in one batch, the
+    /// failure recorded once by one of them: a call that passed an open gate is not
+    /// counted again, and is judged by the state that recording left (down: it waits at
+    /// the gate, uncounted); a probe or ramp call is recorded as any failure is, its pass
+    /// being its own.
+    pub fn shared_failure(&self, admission: &Admission, key: u64, error: &str) -> Verdict {
+        if admission.pass == Pass::Open {
+            return if self.is_up() {
+                Verdict::Counted
+            } else {
+                Verdict::Outage
+            };
+        }
+        self.record(admission, key, Result::Failed(error, None))
+    }
+
     /// Reports how the call let through by `admission` for message `key` ended; says
     /// whether it counts against the message's budget.
     pub fn record(&self, admission: &Admission, key: u64, result: Result<'_>) -> Verdict {
@@ -328,5 +344,31 @@ mod tests {
             assert_eq!(a.pass(), Pass::Ramp);
             gate.record(&a, 2, Result::Answered);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_fails_together_counts_once() {
+        let gate = Gate::new("handler test".into(), policy(), 64, meters());
+        // Nine batches of twenty calls on twenty keys each fail: nine failures.
+        for batch in 0..9_u64 {
+            let calls: Vec<Admission> = (0..20).map(|_| gate.pass_if_up().unwrap()).collect();
+            for (i, a) in calls.iter().enumerate() {
+                let key = batch * 20 + i as u64;
+                let verdict = match i {
+                    0 => gate.record(a, key, failed()),
+                    _ => gate.shared_failure(a, key, "HTTP 503"),
+                };
+                assert_eq!(verdict, Verdict::Counted, "batch {batch}, call {i}");
+            }
+        }
+        assert!(gate.is_up(), "nine failures are below the threshold of ten");
+        // The tenth takes it down; the calls that failed with it wait, uncounted.
+        let calls: Vec<Admission> = (0..3).map(|_| gate.pass_if_up().unwrap()).collect();
+        assert_eq!(gate.record(&calls[0], 900, failed()), Verdict::Outage);
+        assert_eq!(
+            gate.shared_failure(&calls[1], 901, "HTTP 503"),
+            Verdict::Outage
+        );
+        assert_eq!(gate.inner.meters.down.get(), 1);
     }
 }

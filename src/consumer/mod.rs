@@ -74,6 +74,7 @@ pub fn start(
     let deps = HandlerDeps {
         database,
         producer: producer.clone(),
+        metrics: metrics.clone(),
     };
     let gate = |name: &str, what: String, policy: OutagePolicy| {
         Gate::new(

@@ -462,6 +462,7 @@ mod tests {
         let deps = HandlerDeps {
             database: None,
             producer: producer.clone(),
+            metrics: metrics.clone(),
         };
         let config: HandlerConfig =
             toml::from_str("kind = \"command\"\nprogram = \"/bin/true\"").unwrap();

@@ -1,11 +1,13 @@
 //! Handlers: where consumed messages are delivered. One file per kind; each implements
 //! [`Handle`], and [`Handler`] dispatches statically (no boxed future per message).
 
+mod batch;
 mod command;
 mod http;
 mod kafka;
 mod log;
 mod sql;
+mod sql_batch;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -96,6 +98,9 @@ pub enum Outcome {
     /// As `Retry`, and the downstream asked not to be called again before this long
     /// (HTTP `Retry-After`).
     RetryAfter(String, std::time::Duration),
+    /// As `Retry`, for a call that failed together with others in one batch: outage
+    /// detection counts the batch's failure once, on the call that carries `Retry`.
+    RetryShared(String),
     /// Will never succeed as it is; dead-letter it now.
     DeadLetter(ErrorClass, String),
 }
@@ -112,6 +117,8 @@ pub struct HandlerDeps {
     pub database: Option<crate::db::Database>,
     /// The shared producer, for `kafka` handlers.
     pub producer: Arc<ProducerSlot>,
+    /// The metrics, for batching handlers.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why a handler could not be built or take a reload.
@@ -188,7 +195,12 @@ impl Handler {
             HandlerConfig::Command(c) => Handler::Command(command::CommandHandler::new(c)),
             HandlerConfig::Sql(c) => {
                 let database = deps.database.clone().ok_or(SetupError::NoDatabase)?;
-                Handler::Sql(Box::new(sql::SqlHandler::new(name, c, database)))
+                Handler::Sql(Box::new(sql::SqlHandler::new(
+                    name,
+                    c,
+                    database,
+                    &deps.metrics,
+                )))
             }
             HandlerConfig::Kafka(c) => {
                 Handler::Kafka(kafka::KafkaHandler::new(c, deps.producer.clone()))

@@ -2,9 +2,12 @@
 //! in one transaction with an insert into `outboxd_inbox`, so each event has its effect
 //! once. On PostgreSQL parameter types come from the statement as the server prepares it;
 //! MySQL and SQLite convert values themselves, so JSON values bind as what they are.
+//! Events that arrive together run in one transaction (`sql_batch`).
 
 use std::str::FromStr;
+use std::sync::Arc;
 
+use prometheus::{Histogram, IntCounter};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use sqlx::error::ErrorKind;
@@ -12,13 +15,15 @@ use sqlx::postgres::{PgArguments, PgTypeInfo};
 use sqlx::{Arguments, Either, Executor, Statement, TypeInfo};
 use tokio::sync::OnceCell;
 
+use super::batch::Batcher;
 use super::{ErrorClass, Event, Handle, Outcome};
 use crate::config::SqlHandlerConfig;
 use crate::db::Database;
+use crate::metrics::Metrics;
 
 /// The Rust type a statement parameter is bound as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Param {
+pub(super) enum Param {
     Bool,
     Int2,
     Int4,
@@ -52,70 +57,56 @@ impl Param {
     }
 }
 
-/// MySQL and SQLite: the inbox insert and the statement in one transaction, the
-/// statement's parameters bound as the JSON values' own types.
-macro_rules! apply_dynamic {
-    ($handler:expr, $pool:expr, $inbox:expr, $event:expr, $values:expr) => {
-        async {
-            let mut tx = $pool.begin().await?;
-            let fresh = sqlx::query($inbox)
-                .bind(&$handler.name)
-                .bind($event.event_id().as_ref())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                == 1;
-            if fresh {
-                let mut query = sqlx::query(&$handler.statement);
-                for value in $values {
-                    query = match value {
-                        None => query.bind(None::<String>),
-                        Some(Value::Bool(b)) => query.bind(*b),
-                        Some(Value::Number(n)) if n.is_i64() => query.bind(n.as_i64()),
-                        Some(Value::Number(n)) if n.is_f64() => query.bind(n.as_f64()),
-                        Some(Value::String(s)) => query.bind(s.clone()),
-                        // u64 beyond i64, arrays and objects: their JSON text.
-                        Some(other) => query.bind(other.to_string()),
-                    };
-                }
-                query.execute(&mut *tx).await?;
-                tx.commit().await?;
-            } else {
-                $handler.already_handled($event);
-                tx.rollback().await?;
-            }
-            Ok::<(), sqlx::Error>(())
-        }
-        .await
-    };
+/// One statement, applied to batches of events (see [`super::batch`]).
+pub struct SqlHandler {
+    core: Arc<Core>,
+    /// With `batch_size` above 1: first calls of messages go through it.
+    batcher: Option<Batcher<Item, Arc<Core>>>,
 }
 
-/// One statement.
-pub struct SqlHandler {
-    name: String,
-    statement: String,
+/// What applying events needs: the statement, its parameters, the database.
+pub(super) struct Core {
+    pub(super) name: String,
+    pub(super) statement: String,
     pointers: Vec<String>,
-    database: Database,
+    pub(super) database: Database,
     params: OnceCell<Vec<Param>>,
     /// `timeout` in milliseconds, as PostgreSQL's settings take it.
-    timeout_ms: u128,
+    pub(super) timeout_ms: u128,
+    pub(super) batch_size: Histogram,
+    pub(super) splits: IntCounter,
+}
+
+/// One event to apply: its id (the inbox key) and the values its parameters bind.
+pub(super) struct Item {
+    pub(super) id: String,
+    pub(super) values: Vec<Option<Value>>,
 }
 
 impl SqlHandler {
     /// A handler running the configured statement on `database`.
-    pub fn new(name: &str, c: &SqlHandlerConfig, database: Database) -> Self {
-        SqlHandler {
+    pub fn new(name: &str, c: &SqlHandlerConfig, database: Database, metrics: &Metrics) -> Self {
+        let core = Arc::new(Core {
             name: name.to_owned(),
             statement: c.statement.clone(),
             pointers: c.params.clone(),
             database,
             params: OnceCell::new(),
             timeout_ms: c.timeout.as_millis().max(1),
-        }
+            batch_size: metrics.consumer_batch_size.with_label_values(&[name]),
+            splits: metrics
+                .consumer_batch_splits_total
+                .with_label_values(&[name]),
+        });
+        let batcher =
+            (c.batch_size > 1).then(|| Batcher::new(core.clone(), c.batch_size, c.batch_linger));
+        SqlHandler { core, batcher }
     }
+}
 
+impl Core {
     /// Parameter types, from the statement as the database prepares it (once).
-    async fn params(&self) -> Result<&[Param], String> {
+    pub(super) async fn params(&self) -> Result<&[Param], String> {
         let params = self
             .params
             .get_or_try_init(|| async {
@@ -178,105 +169,65 @@ impl SqlHandler {
     }
 
     /// The payload values the pointers find (`None` binds NULL).
-    fn values<'v>(&self, payload: &'v Value) -> Vec<Option<&'v Value>> {
+    fn values(&self, payload: &Value) -> Vec<Option<Value>> {
         self.pointers
             .iter()
-            .map(|pointer| payload.pointer(pointer).filter(|v| !v.is_null()))
+            .map(|pointer| payload.pointer(pointer).filter(|v| !v.is_null()).cloned())
             .collect()
     }
 
-    fn arguments(&self, payload: &Value, params: &[Param]) -> Result<PgArguments, String> {
+    /// PostgreSQL: the values bound as the statement's parameter types.
+    pub(super) fn arguments(
+        &self,
+        values: &[Option<Value>],
+        params: &[Param],
+    ) -> Result<PgArguments, String> {
         let mut args = PgArguments::default();
-        for (i, (pointer, param)) in self.pointers.iter().zip(params).enumerate() {
-            let value = payload.pointer(pointer).filter(|v| !v.is_null());
-            bind(&mut args, *param, value)
+        for (i, ((pointer, param), value)) in
+            self.pointers.iter().zip(params).zip(values).enumerate()
+        {
+            bind(&mut args, *param, value.as_ref())
                 .map_err(|e| format!("parameter ${} ({pointer}): {e}", i + 1))?;
         }
         Ok(args)
     }
+
+    pub(super) fn already_handled(&self, id: &str) {
+        tracing::debug!(handler = %self.name, event_id = %id, "event already in the inbox; no second effect");
+    }
 }
 
 impl Handle for SqlHandler {
-    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+    async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
+        let core = &self.core;
         let payload: Value = match serde_json::from_slice(event.value()) {
             Ok(v) => v,
             Err(e) => {
                 return Outcome::DeadLetter(ErrorClass::Decode, format!("payload is not JSON: {e}"))
             }
         };
-        let params = match self.params().await {
+        let params = match core.params().await {
             Ok(p) => p,
             Err(e) => return Outcome::Retry(e),
         };
-        let applied = match &self.database {
-            Database::Postgres { pool, .. } => {
-                let args = match self.arguments(&payload, params) {
-                    Ok(args) => args,
-                    Err(e) => return Outcome::DeadLetter(ErrorClass::Decode, e),
-                };
-                self.apply_pg(pool, event, args).await
+        let values = core.values(&payload);
+        if matches!(core.database, Database::Postgres { .. }) {
+            // A value that does not convert fails this message alone, before any batch.
+            if let Err(e) = core.arguments(&values, params) {
+                return Outcome::DeadLetter(ErrorClass::Decode, e);
             }
-            Database::MySql { pool, .. } => {
-                // Keyed by the SHA-256 of the whole id, compared byte for byte: ids that
-                // differ only in case or past their first 255 characters are distinct.
-                let inbox = "INSERT IGNORE INTO outboxd_inbox (handler, event_id, event_hash) \
-                             SELECT ?, e.id, UNHEX(SHA2(e.id, 256)) FROM (SELECT ? AS id) e";
-                apply_dynamic!(self, pool, inbox, event, self.values(&payload))
-            }
-            Database::Sqlite { pool, .. } => {
-                let inbox = "INSERT INTO outboxd_inbox (handler, event_id) VALUES (?, ?) ON CONFLICT DO NOTHING";
-                apply_dynamic!(self, pool, inbox, event, self.values(&payload))
-            }
+        }
+        let item = Item {
+            id: event.event_id().into_owned(),
+            values,
         };
-        match applied {
-            Ok(()) => Outcome::Done,
-            Err(e) => classify(&e),
+        match &self.batcher {
+            // A retry runs alone: a message that keeps failing takes no other with it.
+            Some(batcher) if attempt <= 1 => batcher.submit(item).await,
+            _ => core.apply_all(vec![item]).await.pop().unwrap_or_else(|| {
+                Outcome::Retry("the event was applied without an outcome".to_owned())
+            }),
         }
-    }
-}
-
-impl SqlHandler {
-    /// Inbox insert and statement in one transaction; an event already in the inbox is a
-    /// success without running the statement again.
-    async fn apply_pg(
-        &self,
-        pool: &sqlx::PgPool,
-        event: &Event,
-        args: PgArguments,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = pool.begin().await?;
-        // For this transaction only: a statement or lock wait past `timeout` fails it
-        // (SQLSTATE 57014 or 55P03, retried) instead of holding a call slot and a
-        // connection indefinitely.
-        sqlx::query(
-            "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $1, true)",
-        )
-        .bind(self.timeout_ms.to_string())
-        .execute(&mut *tx)
-        .await?;
-        let fresh = sqlx::query(
-            "INSERT INTO outboxd_inbox (handler, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.name)
-        .bind(event.event_id().as_ref())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if fresh {
-            sqlx::query_with(&self.statement, args)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-        } else {
-            self.already_handled(event);
-            tx.rollback().await?;
-        }
-        Ok(())
-    }
-
-    fn already_handled(&self, event: &Event) {
-        tracing::debug!(handler = %self.name, event_id = %event.event_id(), "event already in the inbox; no second effect");
     }
 }
 
@@ -369,7 +320,7 @@ fn as_uuid(v: &Value) -> Result<uuid::Uuid, String> {
 /// Serialization failures, deadlocks, lock timeouts, shutdowns and connection trouble are
 /// retried; integrity violations (SQLSTATE 23xxx, or any constraint on SQLite) and data
 /// errors (22xxx) will fail again and dead-letter.
-fn classify(e: &sqlx::Error) -> Outcome {
+pub(super) fn classify(e: &sqlx::Error) -> Outcome {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
