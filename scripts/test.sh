@@ -8,6 +8,7 @@
 # `test` database is created if missing, and a local MariaDB that is down is started.
 # SQLite: files in temporary directories; nothing to prepare.
 # Kafka: the tests start librdkafka's mock cluster in process; nothing to prepare.
+# Python: the CloudEvents SDK for the http batch tests' receiver, installed if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +52,12 @@ if [[ -z "${MYSQL_URL:-}" ]]; then
         echo "test.sh: no MySQL/MariaDB answers at $MYSQL_URL (set MYSQL_URL)" >&2
         exit 1
     fi
+fi
+
+# The http batch tests' receiver parses CloudEvents with the Python SDK.
+if ! python3 -c 'import cloudevents.core.formats.json' >/dev/null 2>&1; then
+    echo "test.sh: installing the CloudEvents Python SDK (pip install cloudevents)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check 'cloudevents>=2,<3'
 fi
 
 # The fault suite runs the mock broker as a process of its own (examples/mock_broker.rs).

@@ -54,9 +54,11 @@ pub struct Metrics {
     pub consumer_handler_outages_total: IntCounterVec,
     /// Probe calls made while a handler was down.
     pub consumer_probe_calls_total: IntCounterVec,
-    /// Events per transaction of a batching handler (`sql` with `batch_size` above 1).
+    /// Events per transaction of a `sql` handler, or per request of an `http` handler with
+    /// `batch_size` above 1.
     pub consumer_batch_size: HistogramVec,
-    /// Batches run again without a message that failed for good inside them.
+    /// Batches run again without a message that failed for good inside them (`sql`), or
+    /// split in halves after a status that dead-letters (`http`).
     pub consumer_batch_splits_total: IntCounterVec,
     /// 1 while this relay sees another relay of the table with a different `lanes` and so
     /// holds no lane.
@@ -229,17 +231,20 @@ impl Metrics {
             )
             .unwrap(),
             consumer_batch_size: HistogramVec::new(
-                HistogramOpts::new("consumer_batch_size", "Events per handler transaction")
-                    .buckets(vec![
-                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
-                    ]),
+                HistogramOpts::new(
+                    "consumer_batch_size",
+                    "Events per handler transaction or request",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+                ]),
                 &["handler"],
             )
             .unwrap(),
             consumer_batch_splits_total: IntCounterVec::new(
                 Opts::new(
                     "consumer_batch_splits_total",
-                    "Batches run again without a message that failed for good inside them",
+                    "Batches run again, or split, after a message failed for good inside them",
                 ),
                 &["handler"],
             )

@@ -56,7 +56,8 @@ impl HandlerConfig {
 pub struct HttpHandlerConfig {
     /// Endpoint receiving `POST` with the message value as body and CloudEvents binary-mode
     /// headers (`ce-specversion`, `ce-id`, `ce-type`, `ce-source`, `ce-time`), plus
-    /// `traceparent`/`tracestate` when the message carries them.
+    /// `traceparent`/`tracestate` when the message carries them; with `batch_size` above 1,
+    /// batches of structured events instead.
     pub url: String,
     /// Whole-request timeout; a timeout is retried.
     #[serde(with = "humantime_serde", default = "default_http_timeout")]
@@ -70,6 +71,18 @@ pub struct HttpHandlerConfig {
     /// arrived; other 4xx (and 3xx) dead-letter at once.
     #[serde(default)]
     pub retry_statuses: Vec<u16>,
+    /// Above 1: the events that arrive together, up to this many (the heads of different
+    /// keys), go in one POST in CloudEvents batched content mode
+    /// (`application/cloudevents-batch+json`, a JSON array of structured events) instead of
+    /// one POST each in binary mode. A 2xx makes every event of the batch final; a status
+    /// that dead-letters splits the batch in halves, sent again apart, until the event at
+    /// fault is alone; a retryable failure retries each event alone (a batch of one). Up to
+    /// four batches run at once; `consumer.max_in_flight` bounds the calls in flight.
+    #[serde(default = "default_one")]
+    pub batch_size: usize,
+    /// How long the first call of a batch waits for more while fewer than `batch_size` wait.
+    #[serde(with = "humantime_serde", default)]
+    pub batch_linger: Duration,
     /// Overrides of `[consumer.retry]`.
     #[serde(default)]
     pub retry: RetryOverride,
@@ -80,6 +93,10 @@ pub struct HttpHandlerConfig {
 
 fn default_http_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_one() -> usize {
+    1
 }
 
 /// The variables that describe the event to a `command` handler's child. A configuration

@@ -91,6 +91,7 @@ pub fn validate(config: &Config, p: &mut Problems) {
                     p.add(format!("{at}.url"), "must start with http:// or https://");
                 }
                 positive(p, &format!("{at}.timeout"), h.timeout);
+                batch_size(p, &at, h.batch_size);
                 for (i, status) in h.retry_statuses.iter().enumerate() {
                     if !(300..=599).contains(status) {
                         p.add(
@@ -140,12 +141,7 @@ pub fn validate(config: &Config, p: &mut Problems) {
                         p.add(format!("{at}.params[{i}]"), format!("`{pointer}` is not a JSON pointer (\"/field\", \"/a/0/b\" or \"\")"));
                     }
                 }
-                if !(1..=10_000).contains(&h.batch_size) {
-                    p.add(
-                        format!("{at}.batch_size"),
-                        format!("{} is not between 1 and 10000", h.batch_size),
-                    );
-                }
+                batch_size(p, &at, h.batch_size);
                 let highest = highest_placeholder(&h.statement);
                 if highest > h.params.len() {
                     p.add(
@@ -246,6 +242,16 @@ fn highest_placeholder(statement: &str) -> usize {
         }
     }
     highest
+}
+
+/// A handler's `batch_size`: 1 (no batches) to 10,000.
+fn batch_size(p: &mut Problems, at: &str, size: usize) {
+    if !(1..=10_000).contains(&size) {
+        p.add(
+            format!("{at}.batch_size"),
+            format!("{size} is not between 1 and 10000"),
+        );
+    }
 }
 
 #[cfg(test)]

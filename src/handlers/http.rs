@@ -1,6 +1,8 @@
 //! `http`: POSTs the value with CloudEvents binary-mode headers on a shared keep-alive
-//! client. 2xx done; 408, 429, 5xx, timeouts and connection errors retry (after at least
-//! what a 429's or 503's `Retry-After` asks); other statuses dead-letter.
+//! client, or, with `batch_size` above 1, the events that arrive together as one batch of
+//! structured events (`http_batch`). 2xx done; 408, 429, 5xx, timeouts and connection
+//! errors retry (after at least what a 429's or 503's `Retry-After` asks); other statuses
+//! dead-letter.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,14 +12,24 @@ use rdkafka::message::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio::sync::watch;
 
+use prometheus::{Histogram, IntCounter};
+use serde_json::Value;
+
+use super::batch::{Apply, Batcher};
+use super::http_batch::{send_all, structured, BATCH_CONTENT_TYPE, PASSED_THROUGH};
 use super::{ErrorClass, Event, Handle, Outcome, SetupError};
 use crate::config::HttpHandlerConfig;
-
-/// Headers carried over from the message when present.
-const PASSED_THROUGH: &[&str] = &["traceparent", "tracestate"];
+use crate::metrics::Metrics;
 
 /// One endpoint.
 pub struct HttpHandler {
+    endpoint: Arc<Endpoint>,
+    /// With `batch_size` above 1: every call goes through it, a retry as a batch of its own.
+    batcher: Option<Batcher<Value, Arc<Endpoint>>>,
+}
+
+/// Where and how requests go.
+struct Endpoint {
     /// The shared client.
     client: reqwest::Client,
     url: reqwest::Url,
@@ -27,6 +39,8 @@ pub struct HttpHandler {
     retry_statuses: Vec<u16>,
     /// Headers and timeout; a reload replaces them.
     settings: watch::Sender<Arc<Settings>>,
+    batch_size: Histogram,
+    splits: IntCounter,
 }
 
 /// The reloadable part of an http handler.
@@ -74,27 +88,86 @@ fn shared_client() -> Result<reqwest::Client, SetupError> {
 
 impl HttpHandler {
     /// A handler for the configured endpoint (validated URL and header names).
-    pub fn new(c: &HttpHandlerConfig) -> Result<Self, SetupError> {
+    pub fn new(name: &str, c: &HttpHandlerConfig, metrics: &Metrics) -> Result<Self, SetupError> {
         let url = reqwest::Url::parse(&c.url).map_err(SetupError::Url)?;
         let settings = watch::Sender::new(Arc::new(settings(c)?));
-        Ok(HttpHandler {
+        let endpoint = Arc::new(Endpoint {
             client: shared_client()?,
             shown: shown(&url),
             retry_statuses: c.retry_statuses.clone(),
             url,
             settings,
-        })
+            batch_size: metrics.consumer_batch_size.with_label_values(&[name]),
+            splits: metrics
+                .consumer_batch_splits_total
+                .with_label_values(&[name]),
+        });
+        let batcher = (c.batch_size > 1)
+            .then(|| Batcher::new(endpoint.clone(), c.batch_size, c.batch_linger));
+        Ok(HttpHandler { endpoint, batcher })
     }
 
     /// Takes new headers and timeout (a reload).
     pub fn reconfigure(&self, c: &HttpHandlerConfig) -> Result<(), SetupError> {
-        self.settings.send_replace(Arc::new(settings(c)?));
+        self.endpoint.settings.send_replace(Arc::new(settings(c)?));
         Ok(())
     }
 }
 
 impl Handle for HttpHandler {
-    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+    async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
+        match &self.batcher {
+            // A retry goes alone: a message that keeps failing takes no other with it.
+            Some(batcher) if attempt <= 1 => batcher.submit(structured(event)).await,
+            Some(_) => self.endpoint.send_alone(structured(event)).await,
+            None => self.endpoint.send(event).await,
+        }
+    }
+}
+
+impl Apply<Value> for Arc<Endpoint> {
+    async fn apply(&self, events: Vec<Value>) -> Vec<Outcome> {
+        self.batch_size.observe(events.len() as f64);
+        send_all(&events, &|batch| self.post_batch(batch), &self.splits).await
+    }
+}
+
+impl Endpoint {
+    /// One event, as a batch of its own.
+    async fn send_alone(&self, event: Value) -> Outcome {
+        self.batch_size.observe(1.0);
+        let events = [event];
+        let mut outcomes = send_all(&events, &|batch| self.post_batch(batch), &self.splits).await;
+        outcomes.pop().unwrap_or(Outcome::Done)
+    }
+
+    /// POSTs `events` as one batch of structured events; the request's outcome.
+    fn post_batch(&self, events: &[Value]) -> impl std::future::Future<Output = Outcome> + '_ {
+        // Encoded before the future, which then borrows only the endpoint.
+        let body = serde_json::to_vec(events);
+        self.post_body(body)
+    }
+
+    async fn post_body(&self, body: serde_json::Result<Vec<u8>>) -> Outcome {
+        let settings = self.settings.borrow().clone();
+        let body = match body {
+            Ok(body) => body,
+            Err(e) => return Outcome::Retry(format!("encoding the batch: {e}")),
+        };
+        let response = self
+            .client
+            .post(self.url.clone())
+            .timeout(settings.timeout)
+            .headers(settings.headers.clone())
+            .header(CONTENT_TYPE, BATCH_CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await;
+        self.answer(response, settings.timeout).await
+    }
+
+    /// POSTs `event`'s value in binary mode.
+    async fn send(&self, event: &Event) -> Outcome {
         let m = &event.message;
         let settings = self.settings.borrow().clone();
         let mut request = self
@@ -120,6 +193,15 @@ impl Handle for HttpHandler {
             }
         }
         let response = request.body(event.value().to_vec()).send().await;
+        self.answer(response, settings.timeout).await
+    }
+
+    /// The outcome of a request from its response.
+    async fn answer(
+        &self,
+        response: reqwest::Result<reqwest::Response>,
+        timeout: Duration,
+    ) -> Outcome {
         match response {
             Ok(r) => {
                 let status = r.status();
@@ -134,10 +216,9 @@ impl Handle for HttpHandler {
                 ErrorClass::Permanent,
                 format!("cannot build the request to {}: {}", self.shown, chain(e)),
             ),
-            Err(e) if e.is_timeout() => Outcome::Retry(format!(
-                "no answer within {:?} from {}",
-                settings.timeout, self.shown
-            )),
+            Err(e) if e.is_timeout() => {
+                Outcome::Retry(format!("no answer within {timeout:?} from {}", self.shown))
+            }
             Err(e) => Outcome::Retry(format!("POST {} failed: {}", self.shown, chain(e))),
         }
     }

@@ -4,6 +4,7 @@
 mod batch;
 mod command;
 mod http;
+mod http_batch;
 mod kafka;
 mod log;
 mod sql;
@@ -191,7 +192,9 @@ impl Handler {
 
     fn of_kind(name: &str, config: &HandlerConfig, deps: &HandlerDeps) -> Result<Self, SetupError> {
         Ok(match config {
-            HandlerConfig::Http(c) => Handler::Http(http::HttpHandler::new(c)?),
+            HandlerConfig::Http(c) => {
+                Handler::Http(http::HttpHandler::new(name, c, &deps.metrics)?)
+            }
             HandlerConfig::Command(c) => Handler::Command(command::CommandHandler::new(c)),
             HandlerConfig::Sql(c) => {
                 let database = deps.database.clone().ok_or(SetupError::NoDatabase)?;

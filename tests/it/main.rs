@@ -15,6 +15,7 @@ mod consumer_command;
 mod consumer_delivery;
 mod consumer_faults;
 mod consumer_handlers;
+mod consumer_http_batch;
 mod consumer_keys;
 mod consumer_outage;
 mod consumer_sql;
