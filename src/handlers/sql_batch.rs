@@ -30,6 +30,31 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
+/// MySQL and SQLite: per event, the inbox insert and, when it inserted, the statement
+/// (its values bound as what they are), all in one transaction on `$pool`.
+macro_rules! each_in_one_transaction {
+    ($core:expr, $pool:expr, $inbox:expr, $items:expr, $which:expr, $ids:expr) => {{
+        let mut tx = $pool.begin().await?;
+        for (k, &i) in $which.iter().enumerate() {
+            let inserted = sqlx::query($inbox)
+                .bind(&$core.name)
+                .bind($ids[k])
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if inserted == 1 {
+                bind_dynamic(sqlx::query(&$core.statement), &$items[i].values)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| Failure::At(k, e))?;
+            } else {
+                $core.already_handled($ids[k]);
+            }
+        }
+        tx.commit().await?;
+    }};
+}
+
 impl Apply<Item> for Arc<Core> {
     async fn apply(&self, items: Vec<Item>) -> Vec<Outcome> {
         self.apply_all(items).await
@@ -150,45 +175,11 @@ impl Core {
                 // differ only in case or past their first 255 characters are distinct.
                 let inbox = "INSERT IGNORE INTO outboxd_inbox (handler, event_id, event_hash) \
                              SELECT ?, e.id, UNHEX(SHA2(e.id, 256)) FROM (SELECT ? AS id) e";
-                let mut tx = pool.begin().await?;
-                for (k, &i) in which.iter().enumerate() {
-                    let inserted = sqlx::query(inbox)
-                        .bind(&self.name)
-                        .bind(ids[k])
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if inserted == 1 {
-                        bind_dynamic(sqlx::query(&self.statement), &items[i].values)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(|e| Failure::At(k, e))?;
-                    } else {
-                        self.already_handled(ids[k]);
-                    }
-                }
-                tx.commit().await?;
+                each_in_one_transaction!(self, pool, inbox, items, which, ids);
             }
             Database::Sqlite { pool, .. } => {
                 let inbox = "INSERT INTO outboxd_inbox (handler, event_id) VALUES (?, ?) ON CONFLICT DO NOTHING";
-                let mut tx = pool.begin().await?;
-                for (k, &i) in which.iter().enumerate() {
-                    let inserted = sqlx::query(inbox)
-                        .bind(&self.name)
-                        .bind(ids[k])
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    if inserted == 1 {
-                        bind_dynamic(sqlx::query(&self.statement), &items[i].values)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(|e| Failure::At(k, e))?;
-                    } else {
-                        self.already_handled(ids[k]);
-                    }
-                }
-                tx.commit().await?;
+                each_in_one_transaction!(self, pool, inbox, items, which, ids);
             }
         }
         Ok(())
