@@ -200,8 +200,8 @@ fn whole_table_claims(t: &TableConfig, rows: i64) -> String {
     format!(
         "holds about {rows} rows, and every cursor-mode claim reads all of them (about 1 µs a row) \
          because relay.tables.xid_column is not set: add a transaction-id column \
-         (`ALTER TABLE {table} ADD COLUMN txid xid8; ALTER TABLE {table} ALTER COLUMN txid \
-         SET DEFAULT pg_current_xact_id(); CREATE INDEX CONCURRENTLY \"{name}_xid\" ON {table} (txid, {ord})`) \
+         (`ALTER TABLE {table} ADD COLUMN txid xid8; CREATE INDEX CONCURRENTLY \"{name}_xid\" ON {table} (txid, {ord}); \
+         ALTER TABLE {table} ALTER COLUMN txid SET DEFAULT pg_current_xact_id()`, the last with outboxd stopped) \
          and set xid_column = \"txid\"; rows written before it are still relayed \
          (docs/architecture.md, Cursor mode)",
         table = quoted.join("."),

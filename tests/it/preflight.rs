@@ -421,6 +421,16 @@ async fn a_large_cursor_table_is_told_how_to_claim_an_index_range() {
         )),
         "{out}"
     );
+    db.exec(&format!(
+        "ALTER TABLE {table} ALTER COLUMN txid DROP DEFAULT"
+    ))
+    .await;
+    let (code, out) = preflight(&toml("txid"));
+    assert_eq!(code, 78, "{out}");
+    assert!(
+        out.contains("must have DEFAULT pg_current_xact_id() (it has none)"),
+        "{out}"
+    );
     let (code, out) = preflight(&toml("version"));
     assert_eq!(code, 78, "{out}");
     assert!(

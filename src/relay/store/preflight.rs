@@ -155,7 +155,8 @@ impl OwnTables {
             add("outboxd_relay_cursors", "source_table", &upsert);
         }
         if self.inbox {
-            add("outboxd_inbox", "handler", &["INSERT"]);
+            // SELECT: PostgreSQL's batch insert returns the ids it inserted.
+            add("outboxd_inbox", "handler", &["SELECT", "INSERT"]);
         }
         probes
     }
@@ -286,7 +287,7 @@ pub(super) async fn postgres(
         (OnPublished::Cursor, _, Some(xid)) => {
             let serving: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_index i WHERE i.indrelid = to_regclass($1) \
-                 AND i.indpred IS NULL AND i.indnatts >= 2 \
+                 AND i.indpred IS NULL AND i.indisvalid AND i.indnatts >= 2 \
                  AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = $2) \
                  AND i.indkey[1] = (SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND attname = $3)",
             )

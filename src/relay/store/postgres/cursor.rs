@@ -14,11 +14,12 @@
 //! column)` and costs what its batch costs. Without the column it is the row's 32-bit
 //! `xmin`, widened to 64 bits against the snapshot's, and every claim reads the whole lane;
 //! rows written before the column was added (NULL) are read that way too, until none is
-//! left after the lane's position. Both are full transaction ids, so a lane's position
-//! holds across adding the column.
+//! left after the lane's position (and again whenever a later probe finds one). Both are
+//! full transaction ids, so a lane's position holds across adding the column.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -30,6 +31,10 @@ use crate::config::TableConfig;
 use crate::relay::store::{
     position_after, ClaimedRow, LaneSession, Position, Settled, Settlement, StoreError,
 };
+
+/// How often a lane whose claims read the index alone looks for rows with a NULL
+/// transaction-id column after its position.
+pub(super) const LEGACY_RECHECK: Duration = Duration::from_secs(60);
 
 /// `$1 = table, $2 = lanes, $3 = lane, $4 = xid, $5 = order value, $6 = highest order
 /// value published`.
@@ -56,7 +61,8 @@ pub(super) struct Legacy {
     /// The claim over both kinds of row: NULL ones by their `xmin`, the others by the
     /// column.
     pub(super) claim: String,
-    /// One NULL row after the lane's position, if any (same parameters, `$1 = 1`).
+    /// One NULL row after the lane's position or written by a transaction still running,
+    /// if any (same parameters, `$1 = 1`).
     pub(super) probe: String,
 }
 
@@ -86,7 +92,7 @@ impl Claims {
                     parts.by_row_xmin(&legacy),
                     parts.by_column(&xid),
                 ),
-                probe: format!("{PLACE} {}", parts.by_row_xmin(&legacy)),
+                probe: format!("{PLACE} {}", parts.null_after(&xid)),
             }),
         }
     }
@@ -138,6 +144,23 @@ impl Parts<'_> {
         )
     }
 
+    /// A row whose transaction-id column `xid` is NULL and that lies after the position,
+    /// or whose transaction is still running.
+    fn null_after(&self, xid: &str) -> String {
+        format!(
+            "SELECT 1 FROM {table} o CROSS JOIN s CROSS JOIN b CROSS JOIN LATERAL ( \
+               SELECT CASE WHEN w.back BETWEEN 1 AND 2147483648 THEN s.x - w.back \
+                           WHEN w.back = 0 OR 4294967296 - w.back < s.xmax - s.x THEN NULL \
+                           ELSE 0 END AS xid \
+               FROM (SELECT ((s.x % 4294967296) - o.xmin::text::int8 + 4294967296) % 4294967296 AS back) w) v \
+             WHERE o.{xid} IS NULL AND (v.xid IS NULL OR (v.xid, o.{ord}::int8) > (b.xid, b.position)){lane} \
+             LIMIT $1",
+            table = self.table,
+            ord = self.ord,
+            lane = self.lane,
+        )
+    }
+
     /// The rows after the position by the transaction-id column `xid`: one range of an
     /// index on `(xid, order column)`, bounded by the snapshot's horizon. A row whose
     /// column is NULL is not among them.
@@ -160,9 +183,14 @@ impl Parts<'_> {
 pub(super) struct CursorLane {
     pub(super) conn: PgConnection,
     pub(super) sql: Arc<TableSql>,
-    /// Its claims; `claims.legacy` goes once no NULL row lies after the position (each
-    /// claim asks first while it is there).
+    /// Its claims.
     pub(super) claims: Claims,
+    /// Whether claims read the NULL rows too (`claims.legacy`): until a probe finds none
+    /// after the position; while they do not, a probe looks again every
+    /// [`LEGACY_RECHECK`], for a row written with an explicit NULL.
+    pub(super) legacy_on: bool,
+    /// When the last probe ran.
+    pub(super) legacy_checked: Instant,
     pub(super) table: String,
     pub(super) lanes: u32,
     pub(super) lane: u32,
@@ -195,22 +223,33 @@ impl LaneSession for CursorLane {
     async fn claim(&mut self, limit: u32) -> Result<Vec<ClaimedRow>, StoreError> {
         self.claimed.clear();
         if let Some(legacy) = &self.claims.legacy {
-            // Rows are never written with a NULL column again: once none lies after the
-            // position, the claims read the index range alone.
-            let probe = sqlx::query(&legacy.probe)
-                .bind(1_i64)
-                .bind(&self.table)
-                .bind(self.lanes as i32)
-                .bind(self.lane as i32)
-                .fetch_optional(&mut self.conn)
-                .await?;
-            if probe.is_none() {
-                self.claims.legacy = None;
+            if self.legacy_on || self.legacy_checked.elapsed() >= LEGACY_RECHECK {
+                let found = sqlx::query(&legacy.probe)
+                    .bind(1_i64)
+                    .bind(&self.table)
+                    .bind(self.lanes as i32)
+                    .bind(self.lane as i32)
+                    .fetch_optional(&mut self.conn)
+                    .await?
+                    .is_some();
+                self.legacy_checked = Instant::now();
+                match (self.legacy_on, found) {
+                    (true, false) => tracing::info!(
+                        table = %self.table, lane = self.lane,
+                        "no row without a transaction id is left after the lane's position; claims read the index alone"
+                    ),
+                    (false, true) => tracing::warn!(
+                        table = %self.table, lane = self.lane,
+                        "a row with a NULL transaction-id column (relay.tables.xid_column) lies after the lane's position: claims read the whole table again until it is published; leave the column to its default"
+                    ),
+                    _ => {}
+                }
+                self.legacy_on = found;
             }
         }
         let statement = match &self.claims.legacy {
-            Some(legacy) => &legacy.claim,
-            None => &self.claims.claim,
+            Some(legacy) if self.legacy_on => &legacy.claim,
+            _ => &self.claims.claim,
         };
         let mut stream = sqlx::query(statement)
             .bind(i64::from(limit))

@@ -122,6 +122,8 @@ impl Store for PgStore {
             return Ok(Some(Lane::Single(Box::new(cursor::CursorLane {
                 conn,
                 claims: cursor::Claims::new(&self.config, &self.sql, lane),
+                legacy_on: true,
+                legacy_checked: std::time::Instant::now(),
                 sql: self.sql.clone(),
                 table: self.config.table.clone(),
                 lanes: self.config.lanes,

@@ -166,6 +166,23 @@ pub(super) async fn introspect(
                 t.table
             )));
         }
+        // A row written without the default would sort by no transaction of its own.
+        let default: Option<String> = sqlx::query_scalar(
+            "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a \
+             ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+             WHERE d.adrelid = to_regclass($1) AND a.attname = $2",
+        )
+        .bind(quote_table(&t.table))
+        .bind(xid.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if default.as_deref() != Some("pg_current_xact_id()") {
+            return Err(StoreError::Schema(format!(
+                "table `{table}`: `{xid}` (relay.tables.xid_column) must have DEFAULT pg_current_xact_id() (it has {}): ALTER TABLE {table} ALTER COLUMN {xid} SET DEFAULT pg_current_xact_id()",
+                default.as_deref().unwrap_or("none"),
+                table = t.table,
+            )));
+        }
     }
     Ok(TableShape {
         uses,
