@@ -74,12 +74,27 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Consumer group tools.
+    Consumer {
+        /// What to do.
+        #[command(subcommand)]
+        command: ConsumerCommand,
+    },
     /// Show relay backlogs, dead rows and lane owners, and consumer offsets and lag.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `outboxd consumer ...`
+#[derive(Debug, Subcommand)]
+pub enum ConsumerCommand {
+    /// Move the group's committed offsets to the start or end of its topics, or to a
+    /// time, to rebuild a read model from its topics; refused while the group has other
+    /// members (stop its consumers first).
+    Reset(crate::reset::ResetArgs),
 }
 
 /// `outboxd dlq ...`
@@ -176,6 +191,12 @@ pub enum CliError {
     /// `dlq replay` failed.
     #[error("dlq replay")]
     Dlq(#[source] crate::dlq::ReplayError),
+    /// A command was given something unusable.
+    #[error("{0}")]
+    Usage(String),
+    /// `consumer reset` failed or was refused.
+    #[error("consumer reset")]
+    Reset(#[source] crate::reset::ResetError),
     /// `status` could not read the database or Kafka.
     #[error("status")]
     Status(#[source] crate::status::StatusError),
@@ -206,10 +227,11 @@ impl CliError {
                 false => ExitClass::Config,
             },
             CliError::Run(e) => e.class(),
-            CliError::EmitInput(_) => ExitClass::Usage,
+            CliError::EmitInput(_) | CliError::Usage(_) => ExitClass::Usage,
             CliError::Migrate(_)
             | CliError::Emit(_)
             | CliError::Dlq(_)
+            | CliError::Reset(_)
             | CliError::Status(_)
             | CliError::NotReady(_)
             | CliError::Startup(_) => ExitClass::Failure,
@@ -284,6 +306,17 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             let report =
                 crate::dlq::run(&config, &brokers.bootstrap, &replay).map_err(CliError::Dlq)?;
             print!("{}{report}", if args.dry_run { "dry run: " } else { "" });
+            Ok(())
+        }
+        Command::Consumer {
+            command: ConsumerCommand::Reset(args),
+        } => {
+            let reset = crate::reset::Reset::new(&config, args).map_err(CliError::Usage)?;
+            let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())
+                .map_err(RunError::from)?;
+            let report = crate::reset::run(&config, &brokers.bootstrap, &reset, &runtime()?)
+                .map_err(CliError::Reset)?;
+            print!("{report}");
             Ok(())
         }
         Command::Status { json } => runtime()?.block_on(async {

@@ -47,6 +47,7 @@ mod preflight;
 pub mod relay;
 pub mod reload;
 mod reserved_headers;
+mod reset;
 pub mod secrets;
 mod services;
 mod shutdown;

@@ -76,8 +76,9 @@ pub struct HttpHandlerConfig {
     /// (`application/cloudevents-batch+json`, a JSON array of structured events) instead of
     /// one POST each in binary mode. A 2xx makes every event of the batch final; a status
     /// that dead-letters splits the batch in halves, sent again apart, until the event at
-    /// fault is alone; a retryable failure retries each event alone (a batch of one). Up to
-    /// four batches run at once; `consumer.max_in_flight` bounds the calls in flight.
+    /// fault is alone; a retryable failure retries each event alone (a batch of one), so
+    /// batches need `max_attempts` of at least 2. Up to four batches run at once;
+    /// `consumer.max_in_flight` bounds the calls in flight.
     #[serde(default = "default_one")]
     pub batch_size: usize,
     /// How long the first call of a batch waits for more while fewer than `batch_size` wait.
@@ -191,9 +192,10 @@ pub struct SqlHandlerConfig {
     /// two messages of one key), with one multi-row inbox insert on PostgreSQL and one
     /// commit. A message that fails for good inside a batch is taken out and the others
     /// run again without it; a batch that fails retryably is retried, each message on its
-    /// own. Up to four batches run at once, each on a connection of its own. Calls in
-    /// flight are bounded by `consumer.max_in_flight` over all handlers, so batches are at
-    /// most that large. 1: one transaction per event.
+    /// own, so batches need `max_attempts` of at least 2. Up to four batches run at once,
+    /// each on a connection of its own (one on SQLite). Calls in flight are bounded by
+    /// `consumer.max_in_flight` over all handlers, so batches are at most that large. 1: one
+    /// transaction per event.
     #[serde(default = "default_sql_batch_size")]
     pub batch_size: usize,
     /// How long the first call of a batch waits for more when fewer than `batch_size` are

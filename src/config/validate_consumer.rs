@@ -79,7 +79,19 @@ pub fn validate(config: &Config, p: &mut Problems) {
     }
     for (name, handler) in &config.handlers {
         let at = format!("handlers.{name}");
-        retry_policy(p, &format!("{at}.retry"), &handler.retry().over(&c.retry));
+        let retry = handler.retry().over(&c.retry);
+        retry_policy(p, &format!("{at}.retry"), &retry);
+        let batch = match handler {
+            HandlerConfig::Http(h) => h.batch_size,
+            HandlerConfig::Sql(h) => h.batch_size,
+            _ => 1,
+        };
+        if batch > 1 && retry.max_attempts < 2 {
+            p.add(
+                format!("{at}.batch_size"),
+                "batches need max_attempts of at least 2: the events of a batch that fails retryably are each retried alone; set batch_size = 1 or raise max_attempts",
+            );
+        }
         outage_policy(
             p,
             &format!("{at}.outage"),

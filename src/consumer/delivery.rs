@@ -311,10 +311,11 @@ pub fn call(
             Outcome::RetryAfter(error, after) => {
                 (error, Some(after.min(h.policy.borrow().max_delay)))
             }
-            Outcome::RetryShared(error) => {
+            Outcome::RetryShared(error, after) => {
                 // The batch's failure was recorded once, by the call that carries it.
+                let after = after.map(|a| a.min(h.policy.borrow().max_delay));
                 let verdict = h.gate.shared_failure(&admission, job.spot(), &error);
-                return retry_step(job, verdict, Failed::new(error, took, waited, None));
+                return retry_step(job, verdict, Failed::new(error, took, waited, after));
             }
         };
         let verdict = h.gate.record(

@@ -1,15 +1,16 @@
 //! Group commit for handlers that apply several events at once: calls that arrive while
 //! the handler's batches run wait together, and the next batch takes them all (up to its
 //! size), so a busy handler runs few large batches and an idle one answers each call at
-//! once. Up to [`CONCURRENT`] batches of a handler run at a time (each a transaction on
-//! a connection of its own).
+//! once. Up to a handler's limit of batches run at a time (each a transaction, or a
+//! request, of its own): [`CONCURRENT`], or one where the database has one writer.
 //!
 //! Calls in flight at the same time are the heads of different key lanes (a lane has one
 //! call at a time, and its next starts only once the batch with its last one answered),
 //! so no batch, and no two batches running side by side, hold two messages of one key. A
 //! batch runs in a task of its own, so a call that stops waiting (the consumer stopping)
-//! does not cut a batch short for the others; a batch task that panics leaves its calls,
-//! and those queued, without an outcome, which they take as a retryable failure.
+//! does not cut a batch short for the others; a batch task that panics leaves its calls
+//! (and, when no other task runs, those queued) without an outcome, which they take as a
+//! retryable failure that outage detection does not count: it is no downstream's.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -18,8 +19,9 @@ use tokio::sync::{oneshot, Notify};
 
 use super::Outcome;
 
-/// Batch tasks of one handler running at once: the read-model benchmark's rate rose from
-/// 2.8 to 4.8 times one transaction per event going from one to four (BENCHMARKS.md).
+/// Batch tasks of one handler running at once, where the downstream takes several: the
+/// read-model benchmark's rate rose from 2.8 to 4.5-4.9 times one transaction per event
+/// going from one to four (BENCHMARKS.md).
 pub const CONCURRENT: usize = 4;
 
 /// Applies a batch: one outcome per item, in order.
@@ -37,6 +39,8 @@ struct Inner<T, A> {
     apply: A,
     size: usize,
     linger: Duration,
+    /// Batch tasks that may run at once.
+    concurrent: usize,
     state: Mutex<State<T>>,
     /// The queue reached `size` (ends a linger early).
     full: Notify,
@@ -49,13 +53,15 @@ struct State<T> {
 }
 
 impl<T: Send + 'static, A: Apply<T>> Batcher<T, A> {
-    /// Batches of at most `size` items, the first of which waits up to `linger` for more.
-    pub fn new(apply: A, size: usize, linger: Duration) -> Self {
+    /// Batches of at most `size` items, the first of which waits up to `linger` for more;
+    /// at most `concurrent` at once.
+    pub fn new(apply: A, size: usize, linger: Duration, concurrent: usize) -> Self {
         Batcher {
             inner: Arc::new(Inner {
                 apply,
                 size: size.max(1),
                 linger,
+                concurrent: concurrent.max(1),
                 state: Mutex::new(State {
                     queue: Vec::new(),
                     running: 0,
@@ -74,7 +80,7 @@ impl<T: Send + 'static, A: Apply<T>> Batcher<T, A> {
             if state.queue.len() >= self.inner.size {
                 self.inner.full.notify_one();
             }
-            let start = state.running < CONCURRENT;
+            let start = state.running < self.inner.concurrent;
             if start {
                 state.running += 1;
             }
@@ -84,7 +90,8 @@ impl<T: Send + 'static, A: Apply<T>> Batcher<T, A> {
             tokio::spawn(run(self.inner.clone()));
         }
         rx.await.unwrap_or_else(|_| {
-            Outcome::Retry("the batch this call was in ended without an outcome".to_owned())
+            let error = "the batch this call was in ended without an outcome".to_owned();
+            Outcome::RetryShared(error, None)
         })
     }
 }
@@ -137,8 +144,11 @@ impl<T, A> Drop for Ending<'_, T, A> {
     fn drop(&mut self) {
         if !self.ended {
             let mut state = self.inner.lock();
-            state.queue.clear();
             state.running -= 1;
+            // The other tasks take the queued calls; with none left, they are answered.
+            if state.running == 0 {
+                state.queue.clear();
+            }
         }
     }
 }
@@ -163,7 +173,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn calls_that_arrive_while_batches_run_go_together_in_the_next() {
         let recorder = Recorder::default();
-        let batcher = Arc::new(Batcher::new(recorder.clone(), 4, Duration::ZERO));
+        let batcher = Arc::new(Batcher::new(
+            recorder.clone(),
+            4,
+            Duration::ZERO,
+            CONCURRENT,
+        ));
         // Eleven calls queued before any batch task ran: four, four, three.
         let calls: Vec<_> = (0..11)
             .map(|i| {
@@ -199,7 +214,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_first_call_lingers_for_more() {
         let recorder = Recorder::default();
-        let batcher = Arc::new(Batcher::new(recorder.clone(), 3, Duration::from_millis(5)));
+        let batcher = Arc::new(Batcher::new(
+            recorder.clone(),
+            3,
+            Duration::from_millis(5),
+            CONCURRENT,
+        ));
         let first = {
             let b = batcher.clone();
             tokio::spawn(async move { b.submit(1).await })
@@ -217,10 +237,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_that_panics_answers_its_calls_and_the_next_call_goes_on() {
         let recorder = Recorder::default();
-        let batcher = Arc::new(Batcher::new(recorder.clone(), 4, Duration::ZERO));
+        let batcher = Arc::new(Batcher::new(
+            recorder.clone(),
+            4,
+            Duration::ZERO,
+            CONCURRENT,
+        ));
         let outcome = batcher.submit(99).await;
         assert!(
-            matches!(&outcome, Outcome::Retry(e) if e.contains("without an outcome")),
+            matches!(&outcome, Outcome::RetryShared(e, None) if e.contains("without an outcome")),
             "{outcome:?}"
         );
         assert_eq!(batcher.submit(5).await, Outcome::Done);

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use prometheus::{Histogram, IntCounter};
 use serde_json::Value;
 
-use super::batch::{Apply, Batcher};
+use super::batch::{Apply, Batcher, CONCURRENT};
 use super::http_batch::{send_all, structured, BATCH_CONTENT_TYPE, PASSED_THROUGH};
 use super::{ErrorClass, Event, Handle, Outcome, SetupError};
 use crate::config::HttpHandlerConfig;
@@ -103,7 +103,7 @@ impl HttpHandler {
                 .with_label_values(&[name]),
         });
         let batcher = (c.batch_size > 1)
-            .then(|| Batcher::new(endpoint.clone(), c.batch_size, c.batch_linger));
+            .then(|| Batcher::new(endpoint.clone(), c.batch_size, c.batch_linger, CONCURRENT));
         Ok(HttpHandler { endpoint, batcher })
     }
 

@@ -96,15 +96,17 @@ where
         }
         dead @ Outcome::DeadLetter(..) => vec![dead],
         retry => {
-            let error = match &retry {
-                Outcome::Retry(e) | Outcome::RetryAfter(e, _) | Outcome::RetryShared(e) => {
-                    e.clone()
-                }
-                _ => String::new(),
+            let (error, after) = match &retry {
+                Outcome::RetryAfter(e, after) => (e.clone(), Some(*after)),
+                Outcome::Retry(e) => (e.clone(), None),
+                Outcome::RetryShared(e, after) => (e.clone(), *after),
+                Outcome::Done | Outcome::DeadLetter(..) => (String::new(), None),
             };
-            // The first carries the failure for outage detection; the others share it.
+            let shared = Outcome::RetryShared(error, after);
+            // The first carries the failure for outage detection; the others share it,
+            // with the wait the downstream asked for.
             let mut outcomes = vec![retry];
-            outcomes.resize(events.len(), Outcome::RetryShared(error));
+            outcomes.resize(events.len(), shared);
             outcomes
         }
     }

@@ -99,9 +99,10 @@ pub enum Outcome {
     /// As `Retry`, and the downstream asked not to be called again before this long
     /// (HTTP `Retry-After`).
     RetryAfter(String, std::time::Duration),
-    /// As `Retry`, for a call that failed together with others in one batch: outage
-    /// detection counts the batch's failure once, on the call that carries `Retry`.
-    RetryShared(String),
+    /// As `Retry` (with the wait the downstream asked for, if any), for a call that failed
+    /// together with others in one batch: outage detection counts the batch's failure
+    /// once, on the call that carries `Retry` or `RetryAfter`.
+    RetryShared(String, Option<std::time::Duration>),
     /// Will never succeed as it is; dead-letter it now.
     DeadLetter(ErrorClass, String),
 }

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgArguments, PgTypeInfo};
 use sqlx::{Arguments, Either, Executor, Statement, TypeInfo};
 use tokio::sync::OnceCell;
 
-use super::batch::Batcher;
+use super::batch::{Batcher, CONCURRENT};
 use super::{ErrorClass, Event, Handle, Outcome};
 use crate::config::SqlHandlerConfig;
 use crate::db::Database;
@@ -98,8 +98,13 @@ impl SqlHandler {
                 .consumer_batch_splits_total
                 .with_label_values(&[name]),
         });
-        let batcher =
-            (c.batch_size > 1).then(|| Batcher::new(core.clone(), c.batch_size, c.batch_linger));
+        // SQLite has one writer: a second batch at once would only wait for the first.
+        let concurrent = match core.database {
+            Database::Sqlite { .. } => 1,
+            _ => CONCURRENT,
+        };
+        let batcher = (c.batch_size > 1)
+            .then(|| Batcher::new(core.clone(), c.batch_size, c.batch_linger, concurrent));
         SqlHandler { core, batcher }
     }
 }

@@ -98,7 +98,7 @@ impl Core {
                 }
                 retry => {
                     let error = match retry {
-                        Outcome::Retry(e) | Outcome::RetryShared(e) => e,
+                        Outcome::Retry(e) | Outcome::RetryShared(e, _) => e,
                         Outcome::RetryAfter(e, _) | Outcome::DeadLetter(_, e) => e,
                         Outcome::Done => String::new(),
                     };
@@ -106,7 +106,7 @@ impl Core {
                         outcomes[i] = Some(if k == lead {
                             Outcome::Retry(error.clone())
                         } else {
-                            Outcome::RetryShared(error.clone())
+                            Outcome::RetryShared(error.clone(), None)
                         });
                     }
                     break;

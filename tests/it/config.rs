@@ -288,6 +288,8 @@ fn bad_configurations_exit_78_and_name_the_key() {
         ("bad JSON pointer", format!("[database]\nurl = \"postgres://x@h/db\"\n{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT $1\"\nparams = [\"amount\"]\n"), "handlers.h.params[0]"),
         ("too few params", format!("[database]\nurl = \"postgres://x@h/db\"\n{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT $1, $2\"\nparams = [\"/a\"]\n"), "handlers.h.params"),
         ("sql without database", format!("{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n"), "database.url"),
+        ("batches without a retry", format!("[database]\nurl = \"postgres://x@h/db\"\n{consumer}{route}[handlers.h]\nkind = \"sql\"\nstatement = \"SELECT 1\"\n[handlers.h.retry]\nmax_attempts = 1\n"), "handlers.h.batch_size"),
+        ("http batch of zero", format!("{consumer}{route}[handlers.h]\nkind = \"http\"\nurl = \"http://x/\"\nbatch_size = 0\n"), "handlers.h.batch_size"),
         ("retry multiplier", format!("{consumer}{route}[handlers.h]\nkind = \"log\"\n[handlers.h.retry]\nmultiplier = 0.5\n"), "handlers.h.retry.multiplier"),
         ("no topics", "[kafka]\nbrokers = \"embedded\"\n[consumer]\ngroup_id = \"g\"\ntopics = []\n".to_string(), "consumer.topics"),
         ("bad unrouted", format!("{consumer}unrouted = \"drop\"\n"), "unrouted"),

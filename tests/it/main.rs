@@ -18,6 +18,7 @@ mod consumer_handlers;
 mod consumer_http_batch;
 mod consumer_keys;
 mod consumer_outage;
+mod consumer_reset;
 mod consumer_sql;
 mod consumer_sql_batch;
 mod dlq;
