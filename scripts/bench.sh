@@ -14,7 +14,8 @@
 #                      mode at 100,000 and 2,000,000 rows, three rounds; `sqlbatch`
 #                      (only when named) builds a read model through the sql handler,
 #                      batched against one transaction per event and a bare client
-#   --handlers log,http,sql   a subset of the dispatch handlers
+#   --handlers log,http,http-batch,sql   a subset of the dispatch handlers (http-batch:
+#                      the http handler with batch_size = 100)
 #   --drains 1,1-noprefetch,4   a subset of the relay drains (lanes 1, lanes 1 without
 #                      prefetch, lanes 4)
 #   --loads 1000x1,1000x10,10000x1-poll   a subset of the latency loads (rows/s x rows

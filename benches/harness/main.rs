@@ -29,7 +29,8 @@
 //!    alternated (`projection.rs`).
 //!
 //! `--only relay,latency,dispatch,slow,store,sqlbatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
-//! the relay drains, `--handlers log,http,sql` a subset of the dispatch handlers, `--loads
+//! the relay drains, `--handlers log,http,http-batch,sql` a subset of the dispatch handlers
+//! (`http-batch`: the http handler with `batch_size = 100`), `--loads
 //! 1000x1,1000x10-poll` a subset of the latency loads; `--latency-secs N` (default 30) sets the
 //! length of each latency run; `--batch-size N` sets the relay drains' `batch_size`;
 //! `--kafka-option key=value` (repeatable) adds a librdkafka property to every outboxd;
@@ -150,7 +151,7 @@ fn args() -> Result<Args> {
                     "--only relay,latency,dispatch,slow,store,sqlbatch",
                 )?
             }
-            "--handlers" => a.handlers = list(it.next(), "--handlers log,http,sql")?,
+            "--handlers" => a.handlers = list(it.next(), "--handlers log,http,http-batch,sql")?,
             "--drains" => a.drains = list(it.next(), "--drains 1,1-noprefetch,4")?,
             "--loads" => a.loads = list(it.next(), "--loads 1000x1,1000x10-poll,...")?,
             "--latency-secs" => a.latency_secs = it.next().context("--latency-secs N")?.parse()?,
@@ -390,6 +391,7 @@ async fn main() -> Result<()> {
         for (name, handler) in [
         ("log", "kind = \"log\"".to_owned()),
         ("http", format!("kind = \"http\"\nurl = \"{sink}\"")),
+        ("http-batch", format!("kind = \"http\"\nurl = \"{sink}\"\nbatch_size = 100")),
         ("sql", "kind = \"sql\"\nstatement = \"INSERT INTO bench_effects (n) VALUES ($1)\"\nparams = [\"/n\"]".to_owned()),
     ] {
         if !a.runs_handler(name) {
