@@ -220,6 +220,8 @@ fn offsets(config: &Config, bootstrap: &str, r: &Reset) -> Result<Vec<Moved>, Re
     for (k, v) in config.kafka.consumer_properties() {
         client.set(k, v.to_string());
     }
+    // A static member's id would make the reset take a running member's place.
+    client.remove("group.instance.id");
     let consumer: BaseConsumer = client
         .set("bootstrap.servers", bootstrap)
         .set("group.id", &r.group)
