@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tokio::sync::Notify;
 
@@ -43,11 +44,15 @@ pub struct Context {
     pub changed: Notify,
     /// Every assigned partition's offset to commit.
     pub commits: Commits,
+    /// The group's assignment is incremental (`partition.assignment.strategy` names the
+    /// cooperative-sticky assignor), decided from the configuration once.
+    cooperative: bool,
 }
 
 impl Context {
-    /// A context reporting into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// A context reporting into `metrics`, for a consumer whose
+    /// `partition.assignment.strategy` is `strategy` (librdkafka's default when `None`).
+    pub fn new(metrics: Arc<Metrics>, strategy: Option<&str>) -> Self {
         Context {
             changes: Mutex::new(Vec::new()),
             metrics,
@@ -55,6 +60,7 @@ impl Context {
             queues: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             commits: Commits::default(),
+            cooperative: strategy.is_some_and(|s| s.contains("cooperative")),
         }
     }
 
@@ -122,6 +128,47 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
+    /// As rdkafka's own, without asking librdkafka for the rebalance protocol: that
+    /// question waits, with no time limit, for the group's thread, which no longer answers
+    /// once the consumer is closing, and the close that revokes the partitions then never
+    /// ends (seen as a stop that hung after a rebalance).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => {
+                tracing::warn!(error = ?err, "rebalance failed");
+                Rebalance::Error(rdkafka::error::KafkaError::Rebalance(err.into()))
+            }
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let client = rdkafka::consumer::Consumer::client(consumer).native_ptr();
+        // SAFETY: the client pointer is the live consumer's, and `tpl` is the list
+        // librdkafka handed to this callback.
+        unsafe {
+            match (err, self.cooperative) {
+                (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true) => {
+                    rdkafka::bindings::rd_kafka_incremental_assign(client, tpl.ptr());
+                }
+                (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, false) => {
+                    rdkafka::bindings::rd_kafka_assign(client, tpl.ptr());
+                }
+                (_, true) => {
+                    rdkafka::bindings::rd_kafka_incremental_unassign(client, tpl.ptr());
+                }
+                (_, false) => {
+                    rdkafka::bindings::rd_kafka_assign(client, std::ptr::null());
+                }
+            }
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {

@@ -125,8 +125,11 @@ pub fn start(
         .set("group.id", &c.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
+    let strategy = client
+        .get("partition.assignment.strategy")
+        .map(str::to_owned);
     let consumer: StreamConsumer<Context> = client
-        .create_with_context(Context::new(metrics.clone()))
+        .create_with_context(Context::new(metrics.clone(), strategy.as_deref()))
         .map_err(StartError::Client)?;
     let topics: Vec<&str> = c.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(StartError::Subscribe)?;

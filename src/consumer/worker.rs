@@ -448,7 +448,7 @@ mod tests {
         let consumer: StreamConsumer<Context> = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", "steps")
-            .create_with_context(Context::new(metrics.clone()))
+            .create_with_context(Context::new(metrics.clone(), None))
             .unwrap();
         let consumer = Arc::new(consumer);
         consumer.context().attach(&consumer);
