@@ -51,6 +51,32 @@ pub async fn produce(bootstrap: &str, topic: &str, messages: &[Msg<'_>]) {
     }
 }
 
+/// An event to produce: partition, key, value, event id.
+pub type Identified = (i32, String, String, String);
+
+/// Produces `events`, each with its `event-id` header and the `extra` headers.
+pub async fn produce_identified(
+    bootstrap: &str,
+    topic: &str,
+    events: &[Identified],
+    extra: &[(&str, &str)],
+) {
+    let headers: Vec<Vec<(&str, &str)>> = events
+        .iter()
+        .map(|(.., id)| {
+            std::iter::once(("event-id", id.as_str()))
+                .chain(extra.iter().copied())
+                .collect()
+        })
+        .collect();
+    let messages: Vec<Msg<'_>> = events
+        .iter()
+        .zip(&headers)
+        .map(|((p, k, v, _), h)| (*p, k.as_str(), v.as_bytes(), &h[..]))
+        .collect();
+    produce(bootstrap, topic, &messages).await;
+}
+
 /// `n` JSON events `{"n": i}` on `partition`, each with event-id `<prefix>-<i>` and
 /// event type `type`.
 pub async fn produce_events(

@@ -57,27 +57,23 @@ async fn cloudevents_batches_deliver_each_event_once_and_dead_letter_only_the_po
     let receiver = Receiver::start();
     let (topic, _cluster, bootstrap) = consuming("cebatch", 2);
     let (keys, per_key) = (30, 10);
-    let mut values = Vec::new();
+    let mut values: Vec<Identified> = Vec::new();
     for s in 0..per_key {
         for k in 0..keys {
             let value = format!(r#"{{"k": "k{k}", "s": {s}}}"#);
-            values.push((k % 2, format!("k{k}"), value, format!("{topic}-{k}-{s}")));
+            values.push((
+                (k % 2) as i32,
+                format!("k{k}"),
+                value,
+                format!("{topic}-{k}-{s}"),
+            ));
             if k == 5 && s == 4 {
                 let poison = r#"{"k": "k5", "s": -1, "poison": true}"#.to_owned();
                 values.push((1, "k5".into(), poison, format!("{topic}-poison")));
             }
         }
     }
-    let headers: Vec<[(&str, &str); 2]> = values
-        .iter()
-        .map(|(.., id)| [("event-id", id.as_str()), ("event-type", "Counted")])
-        .collect();
-    let messages: Vec<Msg<'_>> = values
-        .iter()
-        .zip(&headers)
-        .map(|((p, k, v, _), h)| (*p as i32, k.as_str(), v.as_bytes(), &h[..]))
-        .collect();
-    produce(&bootstrap, &topic, &messages).await;
+    produce_identified(&bootstrap, &topic, &values, &[("event-type", "Counted")]).await;
     let url = format!("http://{}/events", receiver.addr);
     let mut cfg = consumer_config(
         &bootstrap,

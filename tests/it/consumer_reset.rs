@@ -21,22 +21,13 @@ async fn a_read_model_rebuilt_after_a_reset_equals_the_live_one() {
     ))
     .await;
     let (topic, _cluster, bootstrap) = consuming("reset", 4);
-    let mut events = Vec::new();
+    let mut events: Vec<Identified> = Vec::new();
     for n in 0..200 {
         let account = format!("acc-{}", n % 10);
         let value = format!(r#"{{"accountId": "{account}", "amount": {}}}"#, n % 7 + 1);
         events.push((n % 4, account, value, format!("{summary}-{n}")));
     }
-    let headers: Vec<[(&str, &str); 1]> = events
-        .iter()
-        .map(|(.., id)| [("event-id", id.as_str())])
-        .collect();
-    let messages: Vec<Msg<'_>> = events
-        .iter()
-        .zip(&headers)
-        .map(|((p, k, v, _), h)| (*p, k.as_str(), v.as_bytes(), &h[..]))
-        .collect();
-    produce(&bootstrap, &topic, &messages).await;
+    produce_identified(&bootstrap, &topic, &events, &[]).await;
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],

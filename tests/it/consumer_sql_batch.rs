@@ -102,16 +102,7 @@ async fn a_batched_projection_equals_the_write_side_after_a_kill(kind: Kind) {
         }
     }
     for chunk in events.chunks(2000) {
-        let headers: Vec<[(&str, &str); 1]> = chunk
-            .iter()
-            .map(|(.., id)| [("event-id", id.as_str())])
-            .collect();
-        let messages: Vec<Msg<'_>> = chunk
-            .iter()
-            .zip(&headers)
-            .map(|((p, k, v, _), h)| (*p, k.as_str(), v.as_bytes(), &h[..]))
-            .collect();
-        produce(&bootstrap, &topic, &messages).await;
+        produce_identified(&bootstrap, &topic, chunk, &[]).await;
     }
     let dir = tempfile::tempdir().unwrap();
     let listen = free_port();
@@ -231,23 +222,14 @@ async fn a_poison_event_inside_a_batch_is_the_only_one_dead_lettered(kind: Kind)
     let (topic, _cluster, bootstrap) = consuming("batchpoison", 1);
     // Twenty keys, one message each, the poison (a negative amount) among them: every one
     // is the head of its key, and the linger lets them all into one batch.
-    let values: Vec<(String, String, String)> = (0..20)
+    let values: Vec<Identified> = (0..20)
         .map(|n| {
             let amount = if n == 13 { -5 } else { n + 1 };
             let value = format!(r#"{{"accountId": "acc-{n}", "amount": {amount}}}"#);
-            (format!("acc-{n}"), value, format!("{ledger}-{n}"))
+            (0, format!("acc-{n}"), value, format!("{ledger}-{n}"))
         })
         .collect();
-    let headers: Vec<[(&str, &str); 1]> = values
-        .iter()
-        .map(|(.., id)| [("event-id", id.as_str())])
-        .collect();
-    let messages: Vec<Msg<'_>> = values
-        .iter()
-        .zip(&headers)
-        .map(|((k, v, _), h)| (0, k.as_str(), v.as_bytes(), &h[..]))
-        .collect();
-    produce(&bootstrap, &topic, &messages).await;
+    produce_identified(&bootstrap, &topic, &values, &[]).await;
     let mut cfg = consumer_config(
         &bootstrap,
         &[&topic],
