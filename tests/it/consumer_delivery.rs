@@ -350,11 +350,13 @@ async fn unrouted_fail_stops_only_that_partition() {
         committed(&bootstrap, &group, &topic, 1) == Some(2)
     })
     .await;
-    assert_eq!(
-        committed(&bootstrap, &group, &topic, 0),
-        Some(1),
-        "partition 0 stops at the unrouted message"
-    );
+    // Partition 0's commits are its own: it may commit after partition 1 did.
+    eventually(
+        "partition 0 committed up to the unrouted message",
+        Duration::from_secs(10),
+        || async { committed(&bootstrap, &group, &topic, 0) == Some(1) },
+    )
+    .await;
     let mut bodies = server.bodies();
     bodies.sort();
     assert_eq!(bodies, ["p0-first", "p1-first", "p1-second"]);
