@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
 use crate::config::DeadLetterDialect;
-use crate::handlers::ErrorClass;
+use crate::handlers::{ErrorClass, Received};
 use crate::kafka::ProducerSlot;
 use crate::reserved_headers::{is_reserved, REPLAY_COUNT};
 
@@ -68,7 +68,7 @@ impl DeadLetters {
     /// [`STRIPPED`] says why (Kafka refused the whole dead letter).
     pub async fn send(
         &self,
-        m: &OwnedMessage,
+        m: &Received,
         failure: &Failure<'_>,
         stripped: Option<&str>,
     ) -> Result<(), KafkaError> {
@@ -109,7 +109,7 @@ impl DeadLetters {
     /// Context headers in the configured dialect. Fields a dialect has no name for keep
     /// their `outboxd-dlt-*` name. Spring reads partition, offset and timestamp as
     /// big-endian binary numbers.
-    fn context(&self, m: &OwnedMessage, f: &Failure<'_>) -> Vec<(&'static str, Vec<u8>)> {
+    fn context(&self, m: &Received, f: &Failure<'_>) -> Vec<(&'static str, Vec<u8>)> {
         let text = |s: &str| s.as_bytes().to_vec();
         let timestamp = m.timestamp().to_millis().unwrap_or(-1);
         let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
@@ -175,7 +175,7 @@ impl DeadLetters {
 /// The message's own headers without the reserved ones; a replay count it carried (a
 /// replayed message that failed again) is kept as a number, so the loop guard goes on
 /// counting.
-fn original_headers(m: &OwnedMessage) -> OwnedHeaders {
+fn original_headers(m: &Received) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     let mut replays = None;
     for h in m.headers().iter().flat_map(|h| h.iter()) {

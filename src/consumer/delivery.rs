@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use prometheus::{Histogram, IntCounter, IntGauge};
 use rdkafka::consumer::StreamConsumer;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,7 @@ use super::outage::{self, Verdict};
 use super::retry::Retrier;
 use super::routing::{Router, TopicRoutes};
 use crate::config::{Ordering, RetryPolicy, Unrouted};
-use crate::handlers::{ErrorClass, Event, Handler, Outcome};
+use crate::handlers::{ErrorClass, Event, Handler, Outcome, Received};
 use crate::metrics::Metrics;
 
 /// A configured handler with its name, effective retry policy and outage gate.
@@ -122,16 +122,8 @@ impl Local {
 const OVERHEAD: usize = 512;
 
 /// The memory a message held in the window takes, as the byte bound counts it.
-fn footprint(message: &OwnedMessage) -> usize {
-    let headers = message.headers().map_or(0, |h| {
-        h.iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
-            .sum()
-    });
-    OVERHEAD
-        + headers
-        + message.key().map_or(0, <[u8]>::len)
-        + message.payload().map_or(0, <[u8]>::len)
+fn footprint(message: &Received) -> usize {
+    OVERHEAD + message.bytes()
 }
 
 /// A message in delivery.
@@ -144,13 +136,14 @@ pub struct Job {
     pub size: usize,
     /// Handler calls made, by this process and (as its commit recorded) earlier ones.
     pub calls: u32,
-    /// Made at the first failure: a message handled at once needs no retry state.
-    pub retrier: Option<Retrier>,
+    /// Made at the first failure: a message handled at once needs no retry state. Boxed,
+    /// so that a job moving between its steps stays small.
+    pub retrier: Option<Box<Retrier>>,
 }
 
 impl Job {
     /// A job for `message` in `lane`, after `calls` earlier calls.
-    pub fn new(message: OwnedMessage, lane: LaneId, calls: u32) -> Self {
+    pub fn new(message: Received, lane: LaneId, calls: u32) -> Self {
         let size = footprint(&message);
         Job {
             event: Event { message },
@@ -162,7 +155,7 @@ impl Job {
     }
 
     /// The message.
-    pub fn message(&self) -> &OwnedMessage {
+    pub fn message(&self) -> &Received {
         &self.event.message
     }
 
@@ -293,47 +286,98 @@ pub fn call(
         let outcome = h.handler.handle(&job.event, job.calls + 1).await;
         meters.in_flight.dec();
         drop(permit);
-        let took = began.elapsed();
-        meters.seconds.observe(took.as_secs_f64());
-        let (error, after) = match outcome {
-            Outcome::Done => {
-                h.gate.record(&admission, 0, outage::Result::Answered);
-                job.calls += 1;
-                meters.done.inc();
-                return (job, Step::Final);
-            }
-            Outcome::DeadLetter(class, error) => {
-                h.gate.record(&admission, 0, outage::Result::Answered);
-                job.calls += 1;
-                return (job, Step::DeadLetter(class, error));
-            }
-            Outcome::Retry(error) => (error, None),
-            Outcome::RetryAfter(error, after) => {
-                (error, Some(after.min(h.policy.borrow().max_delay)))
-            }
-            Outcome::RetryShared(error, after) => {
-                // The batch's failure was recorded once, by the call that carries it.
-                let after = after.map(|a| a.min(h.policy.borrow().max_delay));
-                let verdict = h.gate.shared_failure(&admission, job.spot(), &error);
-                return retry_step(job, verdict, Failed::new(error, took, waited, after));
-            }
-        };
-        let verdict = h.gate.record(
+        let step = conclude(
+            h,
+            meters,
             &admission,
-            job.spot(),
-            outage::Result::Failed(&error, after),
+            &mut job,
+            outcome,
+            began.elapsed(),
+            waited,
         );
-        retry_step(job, verdict, Failed::new(error, took, waited, after))
+        (job, step)
     })
 }
 
+/// Calls `slot`'s handler with `job` on the spot when the handler answers without waiting
+/// (`log`), its gate is up and a `max_in_flight` permit is free: no future, no task
+/// wake-up. `None` when it cannot: [`call`] calls it then.
+pub fn call_now(s: &Shared, local: &Local, job: &mut Job, slot: usize) -> Option<Step> {
+    let h = &s.handlers[slot];
+    if !h.handler.answers_at_once() {
+        return None;
+    }
+    let admission = h.gate.pass_if_up()?;
+    let permit = s.permits.try_acquire().ok()?;
+    let meters = local.meters[slot]
+        .as_ref()
+        .expect("meters are resolved for every routed handler");
+    let began = Instant::now();
+    meters.in_flight.inc();
+    let outcome = h
+        .handler
+        .handle_at_once(&job.event, job.calls + 1)
+        .expect("a handler that answers at once answers");
+    meters.in_flight.dec();
+    drop(permit);
+    let took = began.elapsed();
+    Some(conclude(
+        h,
+        meters,
+        &admission,
+        job,
+        outcome,
+        took,
+        Duration::ZERO,
+    ))
+}
+
+/// The step after `h`'s call of `job` (let through by `admission`, begun after waiting
+/// `waited` at a gate that was not up) ended with `outcome` after `took`.
+fn conclude(
+    h: &NamedHandler,
+    meters: &Meters,
+    admission: &Admission,
+    job: &mut Job,
+    outcome: Outcome,
+    took: Duration,
+    waited: Duration,
+) -> Step {
+    meters.seconds.observe(took.as_secs_f64());
+    let (error, after) = match outcome {
+        Outcome::Done => {
+            h.gate.record(admission, 0, outage::Result::Answered);
+            job.calls += 1;
+            meters.done.inc();
+            return Step::Final;
+        }
+        Outcome::DeadLetter(class, error) => {
+            h.gate.record(admission, 0, outage::Result::Answered);
+            job.calls += 1;
+            return Step::DeadLetter(class, error);
+        }
+        Outcome::Retry(error) => (error, None),
+        Outcome::RetryAfter(error, after) => (error, Some(after.min(h.policy.borrow().max_delay))),
+        Outcome::RetryShared(error, after) => {
+            // The batch's failure was recorded once, by the call that carries it.
+            let after = after.map(|a| a.min(h.policy.borrow().max_delay));
+            let verdict = h.gate.shared_failure(admission, job.spot(), &error);
+            return retry_step(job, verdict, Failed::new(error, took, waited, after));
+        }
+    };
+    let verdict = h
+        .gate
+        .record(admission, job.spot(), outage::Result::Failed(&error, after));
+    retry_step(job, verdict, Failed::new(error, took, waited, after))
+}
+
 /// The step after a retryable failure the gate judged `verdict`.
-fn retry_step(mut job: Job, verdict: Verdict, failed: Failed) -> (Job, Step) {
+fn retry_step(job: &mut Job, verdict: Verdict, failed: Failed) -> Step {
     match verdict {
-        Verdict::Outage => (job, Step::Outage(failed.waited + failed.took)),
+        Verdict::Outage => Step::Outage(failed.waited + failed.took),
         Verdict::Counted => {
             job.calls += 1;
-            (job, Step::Retry(failed))
+            Step::Retry(failed)
         }
     }
 }
@@ -364,7 +408,7 @@ pub fn dead_letter(
 
 async fn produce_dead_letter(
     s: &Shared,
-    m: &OwnedMessage,
+    m: &Received,
     failure: &Failure<'_>,
     stop: &CancellationToken,
 ) -> Step {
@@ -470,7 +514,7 @@ pub fn hold(s: Arc<Shared>, job: Job, stop: CancellationToken) -> Running {
 
 /// Waits for `stop` with the stopped gauge of `m`'s partition at 1 meanwhile. `m`'s
 /// offset does not move: after a restart it is handled again.
-async fn held(s: &Shared, m: &OwnedMessage, stop: &CancellationToken) {
+async fn held(s: &Shared, m: &Received, stop: &CancellationToken) {
     let gauge = s
         .metrics
         .consumer_partition_stopped

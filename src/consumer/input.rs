@@ -7,24 +7,26 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedMessage;
 use tokio::sync::mpsc;
 
 use super::context::PartitionQueue;
+use crate::handlers::Received;
 
 /// A worker's message source.
 pub struct Input {
+    /// The partition's topic, shared by its messages.
+    pub topic: Arc<str>,
     /// The partition's own queue (None if it could not be split off).
     pub queue: Option<Arc<PartitionQueue>>,
     /// Messages of the partition that arrived on the consumer's main queue instead.
-    pub strays: mpsc::Receiver<OwnedMessage>,
+    pub strays: mpsc::Receiver<Received>,
 }
 
 impl Input {
     /// Waits for the next message, then adds it and those already waiting behind it to
     /// `batch`, until it holds `max`. Cancel-safe: a message is taken off a queue only
     /// when it is added.
-    pub async fn next_batch(&mut self, batch: &mut Vec<OwnedMessage>, max: usize) {
+    pub async fn next_batch(&mut self, batch: &mut Vec<Received>, max: usize) {
         batch.push(self.next().await);
         while batch.len() < max {
             match self.strays.try_recv() {
@@ -39,7 +41,7 @@ impl Input {
         let mut stream = queue.stream();
         while batch.len() < max {
             match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m.detach()),
+                Some(Some(Ok(m))) => batch.push(Received::detach(&m, &self.topic)),
                 Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "kafka consumer error on a partition queue");
                     return;
@@ -50,12 +52,12 @@ impl Input {
     }
 
     /// The next message, waiting as long as it takes.
-    async fn next(&mut self) -> OwnedMessage {
+    async fn next(&mut self) -> Received {
         loop {
             let received = tokio::select! {
                 biased;
                 Some(m) = self.strays.recv() => return m,
-                m = recv(self.queue.as_deref()) => m,
+                m = recv(self.queue.as_deref(), &self.topic) => m,
             };
             match received {
                 Ok(m) => return m,
@@ -68,9 +70,9 @@ impl Input {
     }
 }
 
-async fn recv(queue: Option<&PartitionQueue>) -> Result<OwnedMessage, KafkaError> {
+async fn recv(queue: Option<&PartitionQueue>, topic: &Arc<str>) -> Result<Received, KafkaError> {
     match queue {
-        Some(q) => q.recv().await.map(|m| m.detach()),
+        Some(q) => q.recv().await.map(|m| Received::detach(&m, topic)),
         None => std::future::pending().await,
     }
 }

@@ -37,13 +37,13 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OutagePolicy};
-use crate::handlers::{Handler, HandlerDeps, HandlerError};
+use crate::handlers::{Handler, HandlerDeps, HandlerError, Received};
 use crate::services::Services;
 use crate::systemd::{Heartbeat, Liveness};
 use context::{Change, Context};
@@ -245,9 +245,9 @@ fn dead_letter_policy(consumer: &OutagePolicy) -> OutagePolicy {
 }
 
 struct Worker {
-    strays: mpsc::Sender<OwnedMessage>,
+    strays: mpsc::Sender<Received>,
     /// Strays its channel had no room for, in order; its partition is paused meanwhile.
-    overflow: std::collections::VecDeque<OwnedMessage>,
+    overflow: std::collections::VecDeque<Received>,
     stop: CancellationToken,
     /// Resolves once the worker ended (its sender dropped), for a later worker of the same
     /// partition to wait on.
@@ -336,7 +336,7 @@ impl Dispatcher {
                 received = shared.consumer.recv() => {
                     self.apply_changes();
                     match received {
-                        Ok(m) => self.stray(m.detach()),
+                        Ok(m) => self.stray(Received::detach(&m, &Arc::from(m.topic()))),
                         Err(e) => {
                             tracing::warn!(error = %e, "kafka consumer error");
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -406,7 +406,7 @@ impl Dispatcher {
     /// Never waits for the worker: a message its channel has no room for waits in the
     /// worker's overflow, in order, with the partition paused at librdkafka until the
     /// overflow is handed on (at the next commit tick or later).
-    fn stray(&mut self, m: OwnedMessage) {
+    fn stray(&mut self, m: Received) {
         let (topic, partition) = (m.topic().to_owned(), m.partition());
         self.start_worker(&topic, partition);
         let consumer = self.shared.consumer.clone();
@@ -479,6 +479,7 @@ impl Dispatcher {
             .get_mut(topic)
             .and_then(|t| t.remove(&partition));
         let input = input::Input {
+            topic: Arc::from(topic),
             queue: self.shared.consumer.context().queue(topic, partition),
             strays: receiver,
         };

@@ -4,6 +4,7 @@
 //! publishes the offset to commit (the lowest one without a final outcome) with the map of
 //! what is final above it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use prometheus::{IntCounter, IntGauge};
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,7 @@ use super::offsets::{Prior, Tracker};
 use super::outage::Pass;
 use super::retry::{Next, Retrier};
 use crate::config::Unrouted;
-use crate::handlers::ErrorClass;
+use crate::handlers::{ErrorClass, Received};
 
 /// Messages a worker takes from its queue at a time (fewer when fewer are waiting or the
 /// window has less room): one wake-up per batch instead of one per message.
@@ -118,6 +119,9 @@ pub async fn run(
         for m in batch.drain(..) {
             w.admit(m);
         }
+        while let Some((job, step)) = w.ready.pop_front() {
+            w.stepped(job, step);
+        }
         w.publish_if_due();
         turn += 1;
     }
@@ -134,6 +138,10 @@ struct Worker {
     tracker: Tracker,
     lanes: Lanes<Job>,
     running: FuturesUnordered<Running>,
+    /// Steps that ended on the spot (calls of a handler that answers at once), taken in
+    /// turn by the loop: a lane's next message starts from there, not from inside the
+    /// step before it.
+    ready: VecDeque<(Job, Step)>,
     /// Key and value bytes of the messages waiting or in delivery.
     bytes: usize,
     /// Messages in backoff (each holds its lane).
@@ -164,6 +172,7 @@ impl Worker {
             tracker,
             lanes: Lanes::default(),
             running: FuturesUnordered::new(),
+            ready: VecDeque::new(),
             bytes: 0,
             in_retry: 0,
             dirty: false,
@@ -184,7 +193,7 @@ impl Worker {
 
     /// A fetched message: skipped if an earlier owner finished it, else delivered now or
     /// queued behind its lane's message in delivery.
-    fn admit(&mut self, m: OwnedMessage) {
+    fn admit(&mut self, m: Received) {
         self.dirty = true;
         let calls = match self.tracker.fetched(m.offset()) {
             Prior::Final => {
@@ -232,7 +241,12 @@ impl Worker {
         self.call(job, slot, None);
     }
 
-    fn call(&mut self, job: Job, slot: usize, admitted: Option<Admission>) {
+    fn call(&mut self, mut job: Job, slot: usize, admitted: Option<Admission>) {
+        if admitted.is_none() {
+            if let Some(step) = delivery::call_now(&self.s, &self.local, &mut job, slot) {
+                return self.ready.push_back((job, step));
+            }
+        }
         let f = delivery::call(
             self.s.clone(),
             self.local.clone(),
@@ -306,10 +320,11 @@ impl Worker {
                             r
                         }
                         // Its clock starts with this call, after the wait.
-                        None => {
-                            job.retrier
-                                .insert(Retrier::resumed(&policy, failed.took, job.calls))
-                        }
+                        None => job.retrier.insert(Box::new(Retrier::resumed(
+                            &policy,
+                            failed.took,
+                            job.calls,
+                        ))),
                     };
                     retrier.next(job.calls, failed.after)
                 };
@@ -411,7 +426,6 @@ mod tests {
 
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::StreamConsumer;
-    use rdkafka::message::OwnedMessage;
     use rdkafka::mocking::MockCluster;
     use tokio::sync::{watch, Semaphore};
 
@@ -527,14 +541,14 @@ mod tests {
         }
     }
 
-    fn message(offset: i64) -> OwnedMessage {
-        OwnedMessage::new(
-            Some(b"{}".to_vec()),
-            Some(b"k".to_vec()),
+    fn message(offset: i64) -> Received {
+        Received::new(
             TOPIC.into(),
-            rdkafka::Timestamp::NotAvailable,
             0,
             offset,
+            rdkafka::Timestamp::NotAvailable,
+            Some(b"k"),
+            Some(b"{}"),
             None,
         )
     }

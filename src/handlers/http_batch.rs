@@ -114,26 +114,24 @@ where
 
 #[cfg(test)]
 mod tests {
-    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+    use rdkafka::message::Timestamp;
 
     use super::*;
+    use crate::handlers::{Received, ReceivedHeaders};
 
     fn event(value: &[u8], headers: &[(&str, &str)]) -> Event {
-        let mut h = OwnedHeaders::new();
+        let mut h = ReceivedHeaders::default();
         for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
+            h.push(k.as_bytes(), Some(v.as_bytes()));
         }
         Event {
-            message: OwnedMessage::new(
-                Some(value.to_vec()),
-                Some(b"k".to_vec()),
+            message: Received::new(
                 "orders".into(),
-                Timestamp::CreateTime(1_765_000_000_123),
                 0,
                 7,
+                Timestamp::CreateTime(1_765_000_000_123),
+                Some(b"k"),
+                Some(value),
                 Some(h),
             ),
         }

@@ -36,7 +36,7 @@ impl Handle for KafkaHandler {
             record = record.payload(value);
         }
         if let Some(headers) = m.headers() {
-            record = record.headers(headers.clone());
+            record = record.headers(headers.to_owned_headers());
         }
         let producer = self.producer.get();
         let sent = match producer.send_result(record) {

@@ -7,8 +7,9 @@ use super::{Event, Handle, Outcome};
 /// Logs and succeeds.
 pub struct LogHandler;
 
-impl Handle for LogHandler {
-    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+impl LogHandler {
+    /// Logs `event`: nothing to wait for.
+    pub fn log(&self, event: &Event) -> Outcome {
         let m = &event.message;
         tracing::info!(
             topic = m.topic(),
@@ -21,5 +22,11 @@ impl Handle for LogHandler {
             "event"
         );
         Outcome::Done
+    }
+}
+
+impl Handle for LogHandler {
+    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
+        self.log(event)
     }
 }

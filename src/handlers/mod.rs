@@ -7,6 +7,7 @@ mod http;
 mod http_batch;
 mod kafka;
 mod log;
+mod received;
 mod sql;
 mod sql_batch;
 
@@ -14,15 +15,18 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Headers, Message};
 
 use crate::config::HandlerConfig;
 use crate::kafka::ProducerSlot;
+pub use received::Received;
+#[cfg(test)]
+pub use received::ReceivedHeaders;
 
 /// A consumed message as handlers see it.
 pub struct Event {
     /// The message, detached from the consumer.
-    pub message: OwnedMessage,
+    pub message: Received,
 }
 
 impl Event {
@@ -226,6 +230,21 @@ impl Handler {
         }
     }
 
+    /// True for a handler whose every call ends without waiting for anything
+    /// ([`Handler::handle_at_once`] answers).
+    pub fn answers_at_once(&self) -> bool {
+        matches!(self, Handler::Log(_))
+    }
+
+    /// Delivers `event` on the spot if this handler never waits (`log`); `None` for the
+    /// others, which [`Handler::handle`] calls.
+    pub fn handle_at_once(&self, event: &Event, _attempt: u32) -> Option<Outcome> {
+        match self {
+            Handler::Log(h) => Some(h.log(event)),
+            _ => None,
+        }
+    }
+
     /// Delivers `event` with whichever handler this is.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
         match self {
@@ -242,24 +261,21 @@ impl Handler {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+    use rdkafka::message::Timestamp;
 
     fn event(headers: &[(String, Vec<u8>)], value: Option<Vec<u8>>) -> Event {
-        let mut h = OwnedHeaders::new();
+        let mut h = ReceivedHeaders::default();
         for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v),
-            });
+            h.push(k.as_bytes(), Some(v));
         }
         Event {
-            message: OwnedMessage::new(
-                value,
-                None,
+            message: Received::new(
                 "t".into(),
-                Timestamp::NotAvailable,
                 3,
                 42,
+                Timestamp::NotAvailable,
+                None,
+                value.as_deref(),
                 Some(h),
             ),
         }

@@ -284,7 +284,37 @@ async fn malformed_messages_end_as_deliveries_or_dead_letters_never_a_panic() {
             key: "traceparent",
             value: Some(&[0xc3, 0x28][..]),
         });
+    // A header name that is not UTF-8 (rdkafka's own accessor panics on one): added
+    // through librdkafka, which takes any bytes.
+    let bad_name = OwnedHeaders::new();
+    {
+        let name = b"\xffname";
+        let native = bad_name.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+            as *mut rdkafka::bindings::rd_kafka_headers_t;
+        // SAFETY: `native` is the header list `bad_name` owns, alive here; the name and
+        // value are copied by librdkafka.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_header_add(
+                native,
+                name.as_ptr().cast(),
+                name.len() as isize,
+                b"v".as_ptr().cast(),
+                1,
+            )
+        };
+        assert_eq!(
+            err,
+            rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+    }
     let records = vec![
+        (
+            "non-utf8 header name",
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("a")
+                .payload(&b"[1]"[..])
+                .headers(bad_name),
+        ),
         (
             "non-utf8 headers",
             rdkafka::producer::FutureRecord::to(&topic)
@@ -345,7 +375,7 @@ async fn malformed_messages_end_as_deliveries_or_dead_letters_never_a_panic() {
     )
     .await;
     eventually("http deliveries", Duration::from_secs(20), || async {
-        server.count() == 4
+        server.count() == 5
     })
     .await;
     let classes: Vec<&str> = dead
@@ -363,7 +393,7 @@ async fn malformed_messages_end_as_deliveries_or_dead_letters_never_a_panic() {
     // With key order the keyless message has a lane of its own, so where it falls among
     // the messages of key `a` is not fixed.
     sizes.sort_unstable();
-    assert_eq!(sizes, [0, 0, 2, 900_000]);
+    assert_eq!(sizes, [0, 0, 2, 3, 900_000]);
     let non_utf8 = server
         .requests
         .lock()
@@ -376,6 +406,6 @@ async fn malformed_messages_end_as_deliveries_or_dead_letters_never_a_panic() {
         non_utf8.headers["ce-id"].to_str().unwrap().contains('/'),
         "an undecodable event-id falls back to topic/partition/offset"
     );
-    eprintln!("fault bad messages: 4 delivered, 2 dead-lettered as decode");
+    eprintln!("fault bad messages: 5 delivered, 2 dead-lettered as decode");
     daemon.stop().await.unwrap();
 }
