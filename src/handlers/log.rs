@@ -2,7 +2,7 @@
 
 use rdkafka::message::Message;
 
-use super::{Event, Handle, Outcome};
+use super::{Event, Outcome};
 
 /// Logs and succeeds.
 pub struct LogHandler;
@@ -22,11 +22,5 @@ impl LogHandler {
             "event"
         );
         Outcome::Done
-    }
-}
-
-impl Handle for LogHandler {
-    async fn handle(&self, event: &Event, _attempt: u32) -> Outcome {
-        self.log(event)
     }
 }

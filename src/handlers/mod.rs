@@ -245,14 +245,17 @@ impl Handler {
         }
     }
 
-    /// Delivers `event` with whichever handler this is.
+    /// Delivers `event` with whichever handler this is. The call's state is boxed as the
+    /// call begins: a message waiting for its turn then holds a few hundred bytes instead
+    /// of the largest handler's state (about 6 KiB), which a window of messages waiting
+    /// in key order multiplied.
     pub async fn handle(&self, event: &Event, attempt: u32) -> Outcome {
         match self {
-            Handler::Http(h) => h.handle(event, attempt).await,
-            Handler::Command(h) => h.handle(event, attempt).await,
-            Handler::Sql(h) => h.handle(event, attempt).await,
-            Handler::Kafka(h) => h.handle(event, attempt).await,
-            Handler::Log(h) => h.handle(event, attempt).await,
+            Handler::Http(h) => Box::pin(h.handle(event, attempt)).await,
+            Handler::Command(h) => Box::pin(h.handle(event, attempt)).await,
+            Handler::Sql(h) => Box::pin(h.handle(event, attempt)).await,
+            Handler::Kafka(h) => Box::pin(h.handle(event, attempt)).await,
+            Handler::Log(h) => h.log(event),
         }
     }
 }
