@@ -12,6 +12,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::Config;
+use crate::handlers::ReceivedHeaders;
 
 use crate::reserved_headers::is_reserved;
 pub use crate::reserved_headers::REPLAY_COUNT;
@@ -111,8 +112,7 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 
 /// The last header of the first name present: a dead letter's context comes after the
 /// message's own headers, so the last is the dead-letter writer's.
-fn header<'a>(m: &'a BorrowedMessage<'_>, names: &[&str]) -> Option<&'a str> {
-    let headers = m.headers()?;
+fn header<'a>(headers: &'a ReceivedHeaders, names: &[&str]) -> Option<&'a str> {
     names.iter().find_map(|name| {
         headers
             .iter()
@@ -324,14 +324,17 @@ fn replay_one(
         report.filtered += 1;
         return Ok(None);
     }
-    let replays: u32 = header(m, &[REPLAY_COUNT])
+    // Read once, through librdkafka's accessor: rdkafka's own panics on a header name
+    // that is not UTF-8.
+    let original = ReceivedHeaders::of(m).unwrap_or_default();
+    let replays: u32 = header(&original, &[REPLAY_COUNT])
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     if replays >= r.max_replays {
         report.refused += 1;
         return Ok(None);
     }
-    let target = match (&r.to, header(m, ORIGINAL_TOPIC)) {
+    let target = match (&r.to, header(&original, ORIGINAL_TOPIC)) {
         (Some(to), _) => to.clone(),
         (None, Some(original)) if may_return_to(config, &r.topic, original) => original.to_owned(),
         (None, Some(original)) => {
@@ -350,20 +353,18 @@ fn replay_one(
     };
     report.replayed += 1;
     if r.dry_run {
-        let class = header(m, ERROR_CLASS).unwrap_or("-").to_owned();
-        let event_type = header(m, &["event-type"]).unwrap_or("-").to_owned();
+        let class = header(&original, ERROR_CLASS).unwrap_or("-").to_owned();
+        let event_type = header(&original, &["event-type"]).unwrap_or("-").to_owned();
         *report.by_class.entry((class, event_type)).or_default() += 1;
         return Ok(None);
     }
     let mut headers = OwnedHeaders::new();
-    if let Some(original) = m.headers() {
-        for h in original.iter() {
-            if !is_reserved(h.key) {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
+    for h in original.iter() {
+        if !is_reserved(h.key) {
+            headers = headers.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
         }
     }
     let count = (replays + 1).to_string();

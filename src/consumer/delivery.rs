@@ -116,9 +116,10 @@ impl Local {
     }
 }
 
-/// What a message held in the window costs besides its key, value and headers: its
-/// topic, librdkafka's header list and the job's own state, about 0.5 KiB (measured as the
-/// peak RSS a backlog of 120-byte messages added per message held).
+/// What a message held in the window costs besides its key, value and headers: the job
+/// (184 bytes), its allocations and its step's future, counted as 0.5 KiB (the peak RSS a
+/// backlog of 120-byte messages added per message held, measured when each also carried
+/// its topic and librdkafka's header list: an upper bound now).
 const OVERHEAD: usize = 512;
 
 /// The memory a message held in the window takes, as the byte bound counts it.

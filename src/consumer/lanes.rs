@@ -62,7 +62,9 @@ impl Hasher for Spread {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        // The table picks buckets by the low bits, which a product takes from the low bits
+        // alone: rotated, offsets a fixed stride apart spread too.
+        self.0.rotate_left(26)
     }
 }
 

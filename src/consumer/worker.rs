@@ -33,6 +33,10 @@ use crate::handlers::{ErrorClass, Received};
 /// window has less room): one wake-up per batch instead of one per message.
 const BATCH: usize = 64;
 
+/// Calls a worker makes on the spot in one turn of its loop (a handler that answers at
+/// once); further ones that turn run as futures, polled in the turns after it.
+const AT_ONCE_PER_TURN: usize = 256;
+
 /// The offset to commit is published at most this often (and whenever the worker has
 /// nothing else to do); it bounds what a rebalance makes the next owner handle again
 /// beyond the messages in flight, together with the commit interval.
@@ -113,6 +117,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(w.publish_due), if w.dirty => None,
         };
         turns.0.store(2 * turn + 1, AtomicOrdering::Relaxed);
+        w.at_once_left = AT_ONCE_PER_TURN;
         if let Some((job, step)) = woke {
             w.stepped(job, step);
         }
@@ -142,7 +147,10 @@ struct Worker {
     /// turn by the loop: a lane's next message starts from there, not from inside the
     /// step before it.
     ready: VecDeque<(Job, Step)>,
-    /// Key and value bytes of the messages waiting or in delivery.
+    /// Calls the current turn may still make on the spot; the rest go as futures, so that
+    /// one turn stays short whatever the window holds.
+    at_once_left: usize,
+    /// Key, value and header bytes of the messages waiting or in delivery (see `Job::size`).
     bytes: usize,
     /// Messages in backoff (each holds its lane).
     in_retry: usize,
@@ -173,6 +181,7 @@ impl Worker {
             lanes: Lanes::default(),
             running: FuturesUnordered::new(),
             ready: VecDeque::new(),
+            at_once_left: AT_ONCE_PER_TURN,
             bytes: 0,
             in_retry: 0,
             dirty: false,
@@ -218,7 +227,9 @@ impl Worker {
             match self.s.unrouted {
                 Unrouted::Skip => {
                     delivery::skipped(&self.s, &job.event);
-                    self.finished(job);
+                    // Through the loop, not from here: a lane of skipped messages would
+                    // otherwise recurse as deep as it is long.
+                    self.ready.push_back((job, Step::Final));
                 }
                 Unrouted::DeadLetter => {
                     let error = "no route matches this message".to_owned();
@@ -242,8 +253,11 @@ impl Worker {
     }
 
     fn call(&mut self, mut job: Job, slot: usize, admitted: Option<Admission>) {
-        if admitted.is_none() {
+        // On the spot only while the worker goes on (a call that has not begun when stop
+        // comes does not begin: the future checks) and within the turn's share.
+        if admitted.is_none() && self.at_once_left > 0 && !self.stop.is_cancelled() {
             if let Some(step) = delivery::call_now(&self.s, &self.local, &mut job, slot) {
+                self.at_once_left -= 1;
                 return self.ready.push_back((job, step));
             }
         }
@@ -454,6 +468,11 @@ mod tests {
     }
 
     fn parts(max_attempts: u32) -> Parts {
+        parts_with(max_attempts, "kind = \"command\"\nprogram = \"/bin/true\"")
+    }
+
+    /// A worker whose one handler is `handler` (its TOML lines).
+    fn parts_with(max_attempts: u32, handler: &str) -> Parts {
         let cluster = MockCluster::new(1).unwrap();
         cluster.create_topic(TOPIC, 1, 1).unwrap();
         cluster.create_topic(&format!("{TOPIC}.dlq"), 1, 1).unwrap();
@@ -478,8 +497,7 @@ mod tests {
             producer: producer.clone(),
             metrics: metrics.clone(),
         };
-        let config: HandlerConfig =
-            toml::from_str("kind = \"command\"\nprogram = \"/bin/true\"").unwrap();
+        let config: HandlerConfig = toml::from_str(handler).unwrap();
         let meters = |name: &str| Meters::of(&metrics, name);
         let quick = OutagePolicy {
             probe_interval: Duration::from_millis(10),
@@ -612,6 +630,44 @@ mod tests {
             turns.moving(&mut seen),
             "waiting for work is not being stuck"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_that_answers_at_once_is_called_in_the_turn_up_to_its_share() {
+        let Parts {
+            mut worker,
+            _cluster,
+        } = parts_with(3, "kind = \"log\"");
+        let w = &mut worker;
+        // One key: each message starts when the one before it is final, as the loop
+        // takes the steps that ended on the spot.
+        let n = AT_ONCE_PER_TURN as i64 + 10;
+        for offset in 0..n {
+            w.admit(message(offset));
+        }
+        while let Some((job, step)) = w.ready.pop_front() {
+            w.stepped(job, step);
+        }
+        assert_eq!(
+            w.tracker.pending(),
+            10,
+            "the turn's share of calls was made on the spot"
+        );
+        assert_eq!(w.running.len(), 1, "the next call runs as a future");
+        let (job, step) = next_step(w).await;
+        assert!(matches!(step, Step::Final));
+        assert_eq!(job.message().offset(), AT_ONCE_PER_TURN as i64);
+        // Once stop has come, no call begins on the spot: the future sees the stop.
+        w.stop.cancel();
+        w.at_once_left = AT_ONCE_PER_TURN;
+        let job = fetched(w, n, 0);
+        w.call(job, 0, None);
+        assert!(w.ready.is_empty(), "nothing called on the spot");
+        let (_, step) = tokio::time::timeout(Duration::from_secs(30), w.running.next())
+            .await
+            .expect("the step ends")
+            .expect("a step");
+        assert!(matches!(step, Step::Stopped));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

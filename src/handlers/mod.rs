@@ -19,9 +19,7 @@ use rdkafka::message::{Headers, Message};
 
 use crate::config::HandlerConfig;
 use crate::kafka::ProducerSlot;
-pub use received::Received;
-#[cfg(test)]
-pub use received::ReceivedHeaders;
+pub use received::{Received, ReceivedHeaders};
 
 /// A consumed message as handlers see it.
 pub struct Event {

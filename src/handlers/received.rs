@@ -117,7 +117,7 @@ impl Received {
             timestamp: m.timestamp(),
             key: m.key().map(Box::from),
             payload: m.payload().map(Box::from),
-            headers: headers_of(m),
+            headers: ReceivedHeaders::of(m),
         }
     }
 
@@ -129,45 +129,48 @@ impl Received {
     }
 }
 
-/// `m`'s headers, if it has any.
-fn headers_of(m: &BorrowedMessage<'_>) -> Option<ReceivedHeaders> {
-    let mut native = std::ptr::null_mut();
-    // SAFETY: `m.ptr()` is a live message for as long as `m` is borrowed; librdkafka
-    // returns headers owned by the message, read here before `m` can go.
-    let found = unsafe { rdsys::rd_kafka_message_headers(m.ptr(), &mut native) };
-    if found != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
-        return None;
-    }
-    // SAFETY: `native` belongs to `m` (above); each name is a NUL-terminated string and
-    // each value `size` bytes (or null), both owned by the header list, which outlives
-    // the slices (they are copied before `m` can go).
-    let header = |idx| unsafe {
-        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0);
-        let err = rdsys::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size);
-        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+impl ReceivedHeaders {
+    /// `m`'s headers, if it has any.
+    pub fn of(m: &BorrowedMessage<'_>) -> Option<ReceivedHeaders> {
+        let mut native = std::ptr::null_mut();
+        // SAFETY: `m.ptr()` is a live message for as long as `m` is borrowed; librdkafka
+        // returns headers owned by the message, read here before `m` can go.
+        let found = unsafe { rdsys::rd_kafka_message_headers(m.ptr(), &mut native) };
+        if found != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || native.is_null() {
             return None;
         }
-        let name = std::ffi::CStr::from_ptr(name).to_bytes();
-        let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast(), size));
-        Some((name, value))
-    };
-    // SAFETY: as above.
-    let count = unsafe { rdsys::rd_kafka_header_cnt(native) };
-    // Sized first, so that the copies allocate once each.
-    let (mut names, mut values) = (0, 0);
-    for (name, value) in (0..count).map_while(header) {
-        names += name.len();
-        values += value.map_or(0, <[u8]>::len);
+        // SAFETY: `native` belongs to `m` (above); each name is a NUL-terminated string and
+        // each value `size` bytes (or null), both owned by the header list, which outlives
+        // the slices (they are copied before `m` can go).
+        let header = |idx| unsafe {
+            let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0);
+            let err = rdsys::rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size);
+            if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                return None;
+            }
+            let name = std::ffi::CStr::from_ptr(name).to_bytes();
+            let value = (!value.is_null()).then(|| std::slice::from_raw_parts(value.cast(), size));
+            Some((name, value))
+        };
+        // SAFETY: as above.
+        let count = unsafe { rdsys::rd_kafka_header_cnt(native) };
+        // Sized first, so that the copies allocate once each (a name that is not UTF-8 grows
+        // as it is made text, and may allocate again).
+        let (mut names, mut values) = (0, 0);
+        for (name, value) in (0..count).map_while(header) {
+            names += name.len();
+            values += value.map_or(0, <[u8]>::len);
+        }
+        let mut headers = ReceivedHeaders {
+            names: String::with_capacity(names),
+            values: Vec::with_capacity(values),
+            entries: Vec::with_capacity(count),
+        };
+        for (name, value) in (0..count).map_while(header) {
+            headers.push(name, value);
+        }
+        Some(headers)
     }
-    let mut headers = ReceivedHeaders {
-        names: String::with_capacity(names),
-        values: Vec::with_capacity(values),
-        entries: Vec::with_capacity(count),
-    };
-    for (name, value) in (0..count).map_while(header) {
-        headers.push(name, value);
-    }
-    Some(headers)
 }
 
 impl Message for Received {
