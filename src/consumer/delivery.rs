@@ -315,12 +315,11 @@ pub fn call_now(s: &Shared, local: &Local, job: &mut Job, slot: usize) -> Option
         .expect("meters are resolved for every routed handler");
     let began = Instant::now();
     meters.in_flight.inc();
-    let outcome = h
-        .handler
-        .handle_at_once(&job.event, job.calls + 1)
-        .expect("a handler that answers at once answers");
+    let outcome = h.handler.handle_at_once(&job.event, job.calls + 1);
     meters.in_flight.dec();
     drop(permit);
+    // `answers_at_once` said it would; if not, the call is made as a future.
+    let outcome = outcome?;
     let took = began.elapsed();
     Some(conclude(
         h,
