@@ -1,6 +1,7 @@
 //! Database connections and the embedded migrations, for each supported backend:
 //! PostgreSQL, MySQL/MariaDB and SQLite, chosen by the scheme of `database.url`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -21,6 +22,8 @@ pub enum Database {
         opts: PgConnectOptions,
         /// The shared pool.
         pool: PgPool,
+        /// What a replication session (`capture = "wal"`) connects to.
+        replication: Arc<ReplicationTarget>,
     },
     /// MySQL or MariaDB.
     MySql {
@@ -58,6 +61,97 @@ pub enum OpenError {
     },
 }
 
+/// The parts of a PostgreSQL `database.url` a replication session connects with (the
+/// replication protocol has a client of its own, beside sqlx's pool).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReplicationTarget {
+    /// Host name, address, or a Unix socket directory (starting with `/`).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Role.
+    pub user: String,
+    /// Password (empty: none); never shown.
+    pub password: String,
+    /// Database.
+    pub database: String,
+    /// `sslmode` of the URL: `disable`/`allow`/`prefer` (no TLS), `require`,
+    /// `verify-ca` or `verify-full`.
+    pub sslmode: String,
+    /// `sslrootcert` of the URL.
+    pub sslrootcert: Option<String>,
+}
+
+impl std::fmt::Debug for ReplicationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("sslmode", &self.sslmode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationTarget {
+    /// The parts of `url` (which sqlx already accepted), with libpq's defaults for the
+    /// missing ones: localhost, 5432, user `postgres`, database named as the user.
+    pub fn from_url(url: &str) -> Self {
+        let parsed = url::Url::parse(url).ok();
+        let query = |key: &str| {
+            parsed.as_ref().and_then(|u| {
+                u.query_pairs()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.into_owned())
+            })
+        };
+        let decode = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let host = query("host")
+            .or_else(|| {
+                parsed
+                    .as_ref()
+                    .and_then(|u| u.host_str())
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "localhost".to_owned());
+        let user = parsed
+            .as_ref()
+            .map(|u| decode(u.username()))
+            .filter(|u| !u.is_empty())
+            .or_else(|| query("user"))
+            .unwrap_or_else(|| "postgres".to_owned());
+        let database = parsed
+            .as_ref()
+            .map(|u| decode(u.path().trim_start_matches('/')))
+            .filter(|d| !d.is_empty())
+            .or_else(|| query("dbname"))
+            .unwrap_or_else(|| user.clone());
+        ReplicationTarget {
+            host,
+            port: query("port")
+                .and_then(|p| p.parse().ok())
+                .or_else(|| parsed.as_ref().and_then(url::Url::port))
+                .unwrap_or(5432),
+            password: parsed
+                .as_ref()
+                .and_then(|u| u.password().map(decode))
+                .or_else(|| query("password"))
+                .unwrap_or_default(),
+            user,
+            database,
+            sslmode: query("sslmode").unwrap_or_else(|| "prefer".to_owned()),
+            sslrootcert: query("sslrootcert"),
+        }
+    }
+}
+
 /// How long SQLite waits for another writer's lock before failing a statement.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -82,7 +176,12 @@ impl Database {
                     .max_connections(db.max_connections)
                     .acquire_timeout(db.connect_timeout)
                     .connect_lazy_with(opts.clone());
-                Ok(Database::Postgres { opts, pool })
+                let replication = Arc::new(ReplicationTarget::from_url(url));
+                Ok(Database::Postgres {
+                    opts,
+                    pool,
+                    replication,
+                })
             }
             Some(Backend::MySql) => {
                 let url = url.replacen("mariadb:", "mysql:", 1);

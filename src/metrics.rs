@@ -63,6 +63,9 @@ pub struct Metrics {
     /// 1 while this relay sees another relay of the table with a different `lanes` and so
     /// holds no lane.
     pub relay_lanes_conflict: IntGaugeVec,
+    /// WAL capture: bytes of WAL between the server's current position and the slot's
+    /// confirmed one (what the slot keeps PostgreSQL from recycling), by table.
+    pub relay_slot_lag_bytes: IntGaugeVec,
     /// Messages fetched above each partition's committed offset (final or not), as of
     /// the last commit published.
     pub consumer_pending: IntGaugeVec,
@@ -289,6 +292,14 @@ impl Metrics {
                 &["table"],
             )
             .unwrap(),
+            relay_slot_lag_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "relay_slot_lag_bytes",
+                    "WAL bytes between the server's position and the slot's confirmed one",
+                ),
+                &["table"],
+            )
+            .unwrap(),
             consumer_partition_stopped: IntGaugeVec::new(
                 Opts::new(
                     "consumer_partition_stopped",
@@ -341,6 +352,7 @@ impl Metrics {
             Box::new(m.consumer_offset_metadata_overflow_total.clone()),
             Box::new(m.consumer_partition_stopped.clone()),
             Box::new(m.relay_lanes_conflict.clone()),
+            Box::new(m.relay_slot_lag_bytes.clone()),
             Box::new(m.task_panics_total.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.up.clone()),

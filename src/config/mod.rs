@@ -33,7 +33,9 @@ pub use handlers::{
 };
 pub use load::{load, ConfigError};
 pub use redact::{is_secret_name, redact_url, REDACTED};
-pub use relay::{HeaderNames, NullPayload, OnPublished, RelayConfig, TableConfig};
+pub use relay::{
+    Capture, HeaderNames, NullPayload, OnPublished, RelayConfig, Snapshot, TableConfig, WalConfig,
+};
 pub use rules::Problem;
 
 /// The whole configuration file.

@@ -129,6 +129,14 @@ pub struct TableConfig {
     /// the batch as published). Cursor mode needs an integer `order_column` the database
     /// assigns (a sequence, or SQLite's `INTEGER PRIMARY KEY`) and is refused on MySQL.
     pub on_published: OnPublished,
+    /// How rows are read: `"poll"` (claims on the table, as `on_published` says) or
+    /// `"wal"` (PostgreSQL only: inserts are read from the write-ahead log through logical
+    /// replication, in commit order, without scanning or changing the table; see
+    /// `[relay.tables.wal]`). With `"wal"`, `on_published` has no effect and `"mark"` is
+    /// refused.
+    pub capture: Capture,
+    /// `[relay.tables.wal]`: the replication slot and publication of `capture = "wal"`.
+    pub wal: WalConfig,
     /// The column set in `mark` mode: a time column (set to the current time; the row is
     /// pending while it is NULL) or a boolean column (set to true; pending while false or
     /// NULL). Also accepted under its former name `published_at_column`.
@@ -218,6 +226,8 @@ impl Default for TableConfig {
             lanes: 1,
             rebalance_interval: Duration::from_secs(5),
             on_published: OnPublished::Delete,
+            capture: Capture::Poll,
+            wal: WalConfig::default(),
             published_column: known("published_at"),
             retention: Duration::from_secs(7 * 24 * 3600),
             maintenance_interval: Duration::from_secs(10),
@@ -253,6 +263,101 @@ impl TableConfig {
 /// A column name of the defaults.
 fn known(name: &str) -> Column {
     Column::new(name).expect("default column names are not empty")
+}
+
+/// How a table's rows are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Capture {
+    /// Lanes claim rows with SQL (the default).
+    #[default]
+    Poll,
+    /// Inserts are read from PostgreSQL's write-ahead log (logical replication, `pgoutput`).
+    Wal,
+}
+
+/// `[relay.tables.wal]`: where `capture = "wal"` reads from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalConfig {
+    /// The logical replication slot (`pgoutput`). Created when missing, together with the
+    /// initial snapshot `snapshot` asks for; a slot a DBA created is used as it is (no
+    /// snapshot). Lower-case letters, digits and `_`, at most 63. Default:
+    /// `outboxd_<table>` (the table name's schema dot as `_`).
+    pub slot: Option<String>,
+    /// The publication the slot streams. Created `FOR TABLE <table> WITH (publish =
+    /// 'insert')` when missing; an existing one is used as it is (it must include the
+    /// table). Default: the slot's name.
+    pub publication: Option<String>,
+    /// When outboxd creates the slot: `"all"` publishes every row already in the table
+    /// (read in the slot's exported snapshot, so the switch to the stream neither skips
+    /// nor repeats a row), then the stream; `"new"` only rows committed after the slot.
+    pub snapshot: Snapshot,
+    /// Logical decoding messages written with `pg_logical_emit_message(true, '<prefix>',
+    /// content)` under this prefix are relayed too, as rows of this mapping: the content
+    /// is a JSON object whose fields are named like the mapped columns (`aggregate_id`,
+    /// `event_type`, `payload`, ...; a string field is sent as it is, any other value as
+    /// its JSON text). Without an id field the message's WAL position is its id. Unset:
+    /// messages are ignored.
+    pub message_prefix: Option<String>,
+    /// Relay the table's inserts. `false`: only the logical decoding messages of
+    /// `message_prefix` (a table-less outbox): the table need not exist, `table` only
+    /// names this entry (metrics, the default slot name), and the publication is created
+    /// without tables.
+    pub inserts: bool,
+    /// How often the replication connection reports its position to PostgreSQL when
+    /// nothing else made it report (keeps the slot advancing on an idle database).
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            slot: None,
+            publication: None,
+            snapshot: Snapshot::All,
+            message_prefix: None,
+            inserts: true,
+            status_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Which rows a newly created slot starts with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Snapshot {
+    /// Every row already in the table, then the stream (the default).
+    #[default]
+    All,
+    /// Only rows committed after the slot was created.
+    New,
+}
+
+impl TableConfig {
+    /// The replication slot of `capture = "wal"`.
+    pub fn wal_slot(&self) -> String {
+        self.wal.slot.clone().unwrap_or_else(|| {
+            let name: String = format!("outboxd_{}", self.table)
+                .chars()
+                .map(|c| match c {
+                    'a'..='z' | '0'..='9' | '_' => c,
+                    'A'..='Z' => c.to_ascii_lowercase(),
+                    _ => '_',
+                })
+                .collect();
+            name.chars().take(63).collect()
+        })
+    }
+
+    /// The publication of `capture = "wal"`.
+    pub fn wal_publication(&self) -> String {
+        self.wal
+            .publication
+            .clone()
+            .unwrap_or_else(|| self.wal_slot())
+    }
 }
 
 /// What the relay does with a row once Kafka acknowledged it.

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use super::rules::{is_identifier, positive, Problems};
-use super::{Backend, Config, OnPublished, TableConfig};
+use super::{Backend, Capture, Config, OnPublished, TableConfig};
 use crate::reserved_headers::is_reserved;
 use crate::topic::{check_topic, TopicTemplate};
 
@@ -234,12 +234,73 @@ fn validate_table(t: &TableConfig, at: &str, p: &mut Problems) {
         );
     }
 
+    if t.capture == Capture::Wal {
+        validate_wal(t, at, p);
+    }
+
     if let Some(channel) = t.notify_channel.as_deref().filter(|c| !is_identifier(c)) {
         p.add(
             format!("{at}.notify_channel"),
             format!("`{channel}` is not a channel name (letters, digits, _ and $)"),
         );
     }
+}
+
+/// `capture = "wal"`: one reader per slot, rows never changed, names PostgreSQL takes.
+fn validate_wal(t: &TableConfig, at: &str, p: &mut Problems) {
+    if t.lanes != 1 {
+        p.add(
+            format!("{at}.lanes"),
+            format!("{} with capture = \"wal\": a replication slot has one reader, in commit order; set lanes = 1 (other replicas stand by and take over)", t.lanes),
+        );
+    }
+    if t.on_published == OnPublished::Mark {
+        p.add(
+            format!("{at}.on_published"),
+            "\"mark\" with capture = \"wal\", which never changes a row; remove it",
+        );
+    }
+    if t.xid_column.is_some() {
+        p.add(
+            format!("{at}.xid_column"),
+            "orders polling claims; capture = \"wal\" reads in commit order without it, remove it",
+        );
+    }
+    let names = [
+        ("wal.slot", t.wal.slot.as_deref()),
+        ("wal.publication", t.wal.publication.as_deref()),
+    ];
+    for (key, name) in names {
+        let Some(name) = name else { continue };
+        let fits = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !fits {
+            p.add(
+                format!("{at}.{key}"),
+                format!("`{name}` is not a slot or publication name (1 to 63 of a-z, 0-9 and _)"),
+            );
+        }
+    }
+    if !t.wal.inserts && t.wal.message_prefix.is_none() {
+        p.add(
+            format!("{at}.wal.inserts"),
+            "false leaves nothing to relay; set wal.message_prefix for a table-less outbox, or remove it",
+        );
+    }
+    if t.wal.message_prefix.as_deref() == Some("") {
+        p.add(
+            format!("{at}.wal.message_prefix"),
+            "is empty; name the prefix the application writes, or remove it",
+        );
+    }
+    positive(
+        p,
+        &format!("{at}.wal.status_interval"),
+        t.wal.status_interval,
+    );
 }
 
 /// The headers outboxd adds and `header_columns`: named, each name once, none of the
@@ -292,6 +353,15 @@ fn backend_limits(backend: Backend, t: &TableConfig, at: &str, p: &mut Problems)
         p.add(
             format!("{at}.on_published"),
             "\"cursor\" is not available on MySQL/MariaDB: InnoDB hands out AUTO_INCREMENT values to concurrent transactions that commit in another order, and MySQL shows no transaction horizon to wait for, so a position could pass over a row committed late; use \"mark\" or \"delete\"",
+        );
+    }
+    if t.capture == Capture::Wal && backend != Backend::Postgres {
+        p.add(
+            format!("{at}.capture"),
+            format!(
+                "\"wal\" needs PostgreSQL (logical replication); {} tables are polled, remove it",
+                backend.name()
+            ),
         );
     }
     if t.xid_column.is_some() && backend != Backend::Postgres {

@@ -6,7 +6,8 @@
 //!   `phase`: where a batch's time goes (a metric);
 //! - `publish`: rows to messages, the shared idempotent producer;
 //! - `notify`: PostgreSQL LISTEN wake-up; `maintenance`: gauges, purge, cleanup;
-//! - `store`: the SQL per backend.
+//! - `store`: the SQL per backend;
+//! - `wal`: WAL capture, a table's inserts read from PostgreSQL's write-ahead log.
 
 mod cycle;
 mod decide;
@@ -23,6 +24,7 @@ pub use runtime::TableSettings;
 mod paired_lane_tests;
 mod settle;
 pub mod store;
+pub mod wal;
 
 use std::time::Duration;
 
@@ -30,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::config::RelayConfig;
+use crate::config::{Capture, RelayConfig};
 use crate::db::Database;
 use crate::services::Services;
 use publish::MessageShape;
@@ -82,13 +84,13 @@ pub fn start(
                 settings: watched,
                 messages,
             };
-            (
-                tokio::spawn(
-                    lanes::run_table(ctx, services.shutdown.clone())
-                        .instrument(tracing::info_span!("table", table = %table.table)),
-                ),
-                settings,
-            )
+            let span = tracing::info_span!("table", table = %table.table);
+            let shutdown = services.shutdown.clone();
+            let task = match table.capture {
+                Capture::Poll => tokio::spawn(lanes::run_table(ctx, shutdown).instrument(span)),
+                Capture::Wal => tokio::spawn(wal::run_table(ctx, shutdown).instrument(span)),
+            };
+            (task, settings)
         })
         .unzip())
 }

@@ -2,7 +2,7 @@
 //! failed batch settled row by row after its claim was rolled back.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rdkafka::producer::FutureProducer;
@@ -11,6 +11,7 @@ use super::plan::Plan;
 use super::publish::{delay_seconds, RowOutcome};
 use super::runtime::{BatchEnd, TableRuntime};
 use super::store::{ClaimedRow, LaneSession, Settlement, StoreError};
+use crate::metrics::Metrics;
 
 /// Settles a batch that Kafka did not wholly acknowledge, on `session`, whose claim of
 /// `rows` is still open: undoes the claim, then, in a second transaction, deletes what Kafka
@@ -98,9 +99,17 @@ pub(super) fn record_published<'r>(
     rt: &TableRuntime,
     rows: impl Iterator<Item = (&'r ClaimedRow, &'r RowOutcome)>,
 ) {
-    let table = rt.config.table.as_str();
-    let delay = rt
-        .metrics
+    count_published(&rt.metrics, &rt.config.table, &rt.published, rows);
+}
+
+/// Counts the delivered rows among `rows` of `table` in `metrics` and `published`.
+pub(super) fn count_published<'r>(
+    metrics: &Metrics,
+    table: &str,
+    published: &AtomicU64,
+    rows: impl Iterator<Item = (&'r ClaimedRow, &'r RowOutcome)>,
+) {
+    let delay = metrics
         .relay_publish_delay_seconds
         .with_label_values(&[table]);
     let mut per_topic: Vec<(&str, u64)> = Vec::new();
@@ -116,12 +125,12 @@ pub(super) fn record_published<'r>(
             None => per_topic.push((topic, 1)),
         }
     }
-    rt.published.fetch_add(
+    published.fetch_add(
         per_topic.iter().map(|(_, n)| n).sum::<u64>(),
         Ordering::Relaxed,
     );
     for (topic, n) in per_topic {
-        rt.metrics
+        metrics
             .relay_published_total
             .with_label_values(&[table, topic])
             .inc_by(n);

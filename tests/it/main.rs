@@ -38,4 +38,5 @@ mod relay_lane_identity;
 mod relay_pipeline;
 mod relay_shutdown;
 mod relay_tables;
+mod relay_wal;
 mod supervision;

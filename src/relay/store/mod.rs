@@ -291,7 +291,7 @@ pub trait PairedSession: LaneSession {
 /// statements.
 pub async fn open(db: &Database, t: &TableConfig) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match db {
-        Database::Postgres { opts, pool } => {
+        Database::Postgres { opts, pool, .. } => {
             Arc::new(postgres::PgStore::open(opts.clone(), pool.clone(), t).await?)
         }
         Database::MySql { opts, pool } => {
