@@ -4,8 +4,8 @@
 # PostgreSQL: $DATABASE_URL, else postgres://postgres@127.0.0.1:5432/test. If nothing
 # answers there and PostgreSQL server binaries are installed, a throwaway cluster is
 # started on a free port for the run and removed afterwards.
-# PostgreSQL with wal_level = logical (WAL capture tests): $LOGICAL_DATABASE_URL (and
-# $LOGICAL_RESTART, a command that restarts it), else postgres://postgres@127.0.0.1:5433/test
+# PostgreSQL with wal_level = logical (WAL capture tests): $LOGICAL_DATABASE_URL, else
+# postgres://postgres@127.0.0.1:5433/test
 # when that has wal_level = logical, else a throwaway cluster with it started on a free
 # port for the run. Replication slots the tests left behind (outboxd_t_...) are dropped.
 # MySQL/MariaDB: $MYSQL_URL, else mysql://root@127.0.0.1:3306/test; for the default, the
@@ -27,8 +27,7 @@ cleanup=()
 trap 'for c in "${cleanup[@]}"; do eval "$c"; done' EXIT
 
 # Starts a throwaway PostgreSQL with the extra server settings given (after the name of
-# the variable to receive its URL), creates its `test` database, and sets `$restart` to
-# a command that restarts it.
+# the variable to receive its URL) and creates its `test` database.
 throwaway() {
     local into="$1"
     shift
@@ -48,7 +47,6 @@ throwaway() {
     "${as[@]}" "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 $*" start >/dev/null
     cleanup+=("${as[*]} $pgbin/pg_ctl -D $dir/data -m immediate stop >/dev/null; rm -rf $dir")
-    restart="${as[*]} $pgbin/pg_ctl -D $dir/data -l $dir/log -w -m fast restart"
     psql "postgres://postgres@127.0.0.1:$port/postgres" -qc 'CREATE DATABASE test'
     export "$into=postgres://postgres@127.0.0.1:$port/test"
 }
@@ -65,7 +63,6 @@ if [[ -z "${LOGICAL_DATABASE_URL:-}" ]]; then
     export LOGICAL_DATABASE_URL="postgres://postgres@127.0.0.1:5433/test"
     if ! logical; then
         throwaway LOGICAL_DATABASE_URL -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64
-        export LOGICAL_RESTART="$restart"
     fi
 fi
 if ! logical; then

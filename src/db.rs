@@ -80,6 +80,8 @@ pub struct ReplicationTarget {
     pub sslmode: String,
     /// `sslrootcert` of the URL.
     pub sslrootcert: Option<String>,
+    /// `application_name` of the URL, else `outboxd`.
+    pub application_name: String,
 }
 
 impl std::fmt::Debug for ReplicationTarget {
@@ -148,6 +150,7 @@ impl ReplicationTarget {
             database,
             sslmode: query("sslmode").unwrap_or_else(|| "prefer".to_owned()),
             sslrootcert: query("sslrootcert"),
+            application_name: query("application_name").unwrap_or_else(|| "outboxd".to_owned()),
         }
     }
 }
@@ -306,4 +309,43 @@ pub fn migrator(backend: Backend) -> Migrator {
     };
     migrator.set_ignore_missing(true);
     migrator
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReplicationTarget;
+
+    #[test]
+    fn a_replication_session_connects_where_the_url_says_and_never_shows_the_password() {
+        let t = ReplicationTarget::from_url(
+            "postgres://relay:p%40ss@db.example:6432/app?sslmode=verify-full&application_name=a",
+        );
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.user.as_str(),
+                t.password.as_str()
+            ),
+            ("db.example", 6432, "relay", "p@ss")
+        );
+        assert_eq!(
+            (t.database.as_str(), t.sslmode.as_str()),
+            ("app", "verify-full")
+        );
+        assert_eq!(t.application_name, "a");
+        assert!(!format!("{t:?}").contains("p@ss"));
+
+        let d = ReplicationTarget::from_url("postgresql:///events?host=/run/postgresql&user=me");
+        assert_eq!(
+            (
+                d.host.as_str(),
+                d.port,
+                d.user.as_str(),
+                d.database.as_str()
+            ),
+            ("/run/postgresql", 5432, "me", "events")
+        );
+        assert_eq!((d.password.as_str(), d.sslmode.as_str()), ("", "prefer"));
+    }
 }

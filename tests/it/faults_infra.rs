@@ -141,10 +141,10 @@ async fn frozen_broker_loses_nothing_and_the_relay_does_not_spin() {
 }
 
 /// A PostgreSQL cluster of this test's own, so restarting it disturbs nobody else.
-struct ThrowawayPg {
+pub struct ThrowawayPg {
     bin: PathBuf,
     dir: tempfile::TempDir,
-    url: String,
+    pub url: String,
 }
 
 impl ThrowawayPg {
@@ -160,6 +160,11 @@ impl ThrowawayPg {
     }
 
     fn start() -> ThrowawayPg {
+        Self::start_with("")
+    }
+
+    /// A cluster started with `settings` added to its command line (`-c name=value ...`).
+    pub fn start_with(settings: &str) -> ThrowawayPg {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .expect("PostgreSQL server binaries in /usr/lib/postgresql")
             .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
@@ -193,7 +198,7 @@ impl ThrowawayPg {
             .unwrap()
             .success());
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 {settings}",
             pg.dir.path().display()
         );
         assert!(pg
@@ -210,7 +215,7 @@ impl ThrowawayPg {
         pg
     }
 
-    fn restart(&self) {
+    pub fn restart(&self) {
         let data = self.dir.path().join("data");
         assert!(self
             .as_postgres("pg_ctl")

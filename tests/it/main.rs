@@ -39,4 +39,5 @@ mod relay_pipeline;
 mod relay_shutdown;
 mod relay_tables;
 mod relay_wal;
+mod relay_wal_faults;
 mod supervision;

@@ -19,7 +19,7 @@ pub fn logical_url() -> String {
 }
 
 /// A migrated pool on the logical database.
-async fn logical_db() -> PgPool {
+pub(crate) async fn logical_db() -> PgPool {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(&logical_url())
@@ -34,7 +34,7 @@ async fn logical_db() -> PgPool {
 
 /// The seed's event store: id, aggregate_id, event_type, version, timestamp, data,
 /// metadata.
-async fn event_store(pool: &PgPool) -> String {
+pub(crate) async fn event_store(pool: &PgPool) -> String {
     let table = unique("wal_events");
     sqlx::raw_sql(&format!(
         "CREATE TABLE {table} (id bigserial PRIMARY KEY, aggregate_id text NOT NULL, \
@@ -47,7 +47,7 @@ async fn event_store(pool: &PgPool) -> String {
     table
 }
 
-fn insert(table: &str, n: i64) -> String {
+pub(crate) fn insert(table: &str, n: i64) -> String {
     format!(
         "INSERT INTO {table} (aggregate_id, event_type, version, data, metadata) \
          VALUES ('a{}', '{table}', {}, '{{\"n\": {n}}}', '{{\"tenant\": \"t{n}\"}}')",
@@ -56,7 +56,7 @@ fn insert(table: &str, n: i64) -> String {
     )
 }
 
-fn wal_config(table: &str, bootstrap: &str, snapshot: Snapshot) -> Config {
+pub(crate) fn wal_config(table: &str, bootstrap: &str, snapshot: Snapshot) -> Config {
     let mut cfg = config(table, bootstrap);
     cfg.database.url = Some(logical_url());
     let t = &mut cfg.relay.tables[0];
@@ -75,7 +75,7 @@ fn wal_config(table: &str, bootstrap: &str, snapshot: Snapshot) -> Config {
 }
 
 /// Drops the test's slot and publication once the daemon is gone.
-async fn retire(pool: &PgPool, cfg: &Config) {
+pub(crate) async fn retire(pool: &PgPool, cfg: &Config) {
     let t = &cfg.relay.tables[0];
     let slot = t.wal_slot();
     eventually("the slot is released", Duration::from_secs(10), || async {
@@ -105,7 +105,7 @@ async fn retire(pool: &PgPool, cfg: &Config) {
 }
 
 /// Asserts every `n` of `0..count` arrived exactly once.
-fn assert_each_once(received: &[Received], count: i64) {
+pub(crate) fn assert_each_once(received: &[Received], count: i64) {
     let mut seen: HashMap<i64, usize> = HashMap::new();
     for r in received {
         *seen.entry(r.n).or_default() += 1;
@@ -124,7 +124,7 @@ fn assert_each_once(received: &[Received], count: i64) {
 /// Waits until the table's slot exists, its snapshot published, and a session reads it.
 /// Creating a slot waits for every transaction open on the server to end, so this can
 /// take as long as another test holds one open.
-async fn streaming(pool: &PgPool, cfg: &Config) {
+pub(crate) async fn streaming(pool: &PgPool, cfg: &Config) {
     let slot = cfg.relay.tables[0].wal_slot();
     eventually("the slot is streamed", Duration::from_secs(60), || async {
         sqlx::query_scalar::<_, bool>(

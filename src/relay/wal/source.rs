@@ -199,7 +199,7 @@ pub fn replication_config(target: &ReplicationTarget, t: &TableConfig) -> Replic
     .with_status_interval(t.wal.status_interval)
     .with_wakeup_interval(t.wal.status_interval)
     .with_buffer_size(BUFFER_EVENTS)
-    .with_application_name("outboxd")
+    .with_application_name(target.application_name.clone())
     .with_options(SESSION_OPTIONS)
 }
 
