@@ -80,11 +80,34 @@ pub enum Command {
         #[command(subcommand)]
         command: ConsumerCommand,
     },
+    /// Relay tools.
+    Relay {
+        /// What to do.
+        #[command(subcommand)]
+        command: RelayCommand,
+    },
     /// Show relay backlogs, dead rows and lane owners, and consumer offsets and lag.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `outboxd relay ...`
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// Drop the replication slot of a `capture = "wal"` table, so that it no longer keeps
+    /// PostgreSQL from recycling WAL (when retiring outboxd or the table). Refused while a
+    /// session reads the slot: stop every outboxd relaying the table first. The next start
+    /// creates the slot again (with the initial snapshot the table asks for).
+    DropSlot {
+        /// The `[[relay.tables]]` table whose slot to drop.
+        #[arg(long)]
+        table: String,
+        /// Drop the table's publication too.
+        #[arg(long)]
+        publication: bool,
     },
 }
 
@@ -197,6 +220,9 @@ pub enum CliError {
     /// `consumer reset` failed or was refused.
     #[error("consumer reset")]
     Reset(#[source] crate::reset::ResetError),
+    /// `relay drop-slot` failed or was refused.
+    #[error("relay drop-slot")]
+    DropSlot(#[source] crate::relay::wal::WalError),
     /// `status` could not read the database or Kafka.
     #[error("status")]
     Status(#[source] crate::status::StatusError),
@@ -232,6 +258,7 @@ impl CliError {
             | CliError::Emit(_)
             | CliError::Dlq(_)
             | CliError::Reset(_)
+            | CliError::DropSlot(_)
             | CliError::Status(_)
             | CliError::NotReady(_)
             | CliError::Startup(_) => ExitClass::Failure,
@@ -319,6 +346,9 @@ pub fn execute(cli: Cli) -> Result<(), CliError> {
             print!("{report}");
             Ok(())
         }
+        Command::Relay {
+            command: RelayCommand::DropSlot { table, publication },
+        } => runtime()?.block_on(drop_slot(&config, &table, publication)),
         Command::Status { json } => runtime()?.block_on(async {
             let brokers = kafka::Brokers::start(&config.kafka, &config.consumed_topics())
                 .map_err(RunError::from)?;
@@ -390,6 +420,28 @@ async fn emit(config: &Config, args: &EmitArgs) -> Result<(), CliError> {
     database.close().await;
     let id = id.map_err(CliError::Emit)?;
     println!("inserted row {id} into {}", table.table);
+    Ok(())
+}
+
+async fn drop_slot(config: &Config, table: &str, publication: bool) -> Result<(), CliError> {
+    let t = config
+        .relay
+        .tables
+        .iter()
+        .find(|t| t.table == table)
+        .ok_or_else(|| CliError::Usage(format!("no [[relay.tables]] entry named `{table}`")))?;
+    if t.capture != config::Capture::Wal {
+        return Err(CliError::Usage(format!(
+            "relay.tables `{table}` is not relayed with capture = \"wal\": it has no slot"
+        )));
+    }
+    let database = db::Database::open(&config.database).map_err(RunError::from)?;
+    let db::Database::Postgres { pool, .. } = &database else {
+        return Err(CliError::Usage("capture = \"wal\" needs PostgreSQL".into()));
+    };
+    let retired = crate::relay::wal::source::retire(pool, t, publication).await;
+    database.close().await;
+    print!("{}", retired.map_err(CliError::DropSlot)?);
     Ok(())
 }
 

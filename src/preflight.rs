@@ -10,11 +10,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::config::{Config, HandlerConfig, OnPublished, TableConfig};
+use crate::config::{Capture, Config, HandlerConfig, OnPublished, TableConfig};
 use crate::db::Database;
 use crate::error_text::describe;
 use crate::kafka::Brokers;
 use crate::relay::store::{self, preflight::OwnTables};
+use crate::relay::wal;
 
 /// How long the brokers have to answer each request.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,6 +149,10 @@ async fn checked_database(config: &Config, db: &Database, report: &mut Report) {
     };
     for t in &config.relay.tables {
         let place = format!("relay table {}", t.table);
+        if t.capture == Capture::Wal {
+            wal_table(db, t, &place, report).await;
+            continue;
+        }
         let checked = match store::open(db, t).await {
             Ok(store) => store.preflight().await,
             Err(e) => Err(e),
@@ -192,6 +197,33 @@ async fn checked_database(config: &Config, db: &Database, report: &mut Report) {
     }
 }
 
+/// What WAL capture of `t` needs from the server, the table and its slot.
+async fn wal_table(db: &Database, t: &TableConfig, place: &str, report: &mut Report) {
+    let Database::Postgres { pool, .. } = db else {
+        // Validation refuses WAL capture elsewhere.
+        return;
+    };
+    let checked = match pool.acquire().await {
+        Ok(mut conn) => wal::source::preflight(&mut conn, t).await,
+        Err(e) => Err(e.into()),
+    };
+    match checked {
+        Ok(found) => {
+            for text in found.problems {
+                report.add(Level::Problem, place, text);
+            }
+            for text in found.warnings {
+                report.add(Level::Warning, place, text);
+            }
+            if !found.fit.is_empty() {
+                let text = format!("WAL capture: {}", found.fit.join(", "));
+                report.add(Level::Ok, place, text);
+            }
+        }
+        Err(e) => report.add(Level::Problem, place, describe(&e)),
+    }
+}
+
 /// The warning for a cursor-mode table of about `rows` rows without a transaction-id
 /// column, with the remedy spelled out for it.
 fn whole_table_claims(t: &TableConfig, rows: i64) -> String {
@@ -219,6 +251,11 @@ async fn own_tables(config: &Config, db: &Database, report: &mut Report) {
             .tables
             .iter()
             .any(|t| t.on_published == OnPublished::Cursor),
+        slots: config
+            .relay
+            .tables
+            .iter()
+            .any(|t| t.capture == Capture::Wal),
         inbox: config
             .handlers
             .values()

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Capture, Config};
 use crate::db::Database;
 use crate::relay::store::{self, LaneOwner, StoreError};
+use crate::relay::wal;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -25,16 +26,19 @@ pub struct Status {
 pub struct TableStatus {
     /// Table name.
     pub table: String,
-    /// Rows waiting to be published.
-    pub pending: i64,
+    /// Rows waiting to be published (none for a WAL table: see `slot_lag_bytes`).
+    pub pending: Option<i64>,
     /// Age of the oldest waiting row.
     pub oldest_pending_seconds: Option<f64>,
     /// Rows in `outboxd_dead_rows` for this table.
     pub dead_rows: i64,
     /// Configured lanes.
     pub lanes: u32,
-    /// Who holds each owned lane.
+    /// Who holds each owned lane (a WAL table: the session reading its slot, as lane 0).
     pub owners: Vec<LaneOwner>,
+    /// A WAL table: bytes of WAL between the server's position and its slot's confirmed
+    /// one (none while the slot does not exist).
+    pub slot_lag_bytes: Option<i64>,
 }
 
 /// The consumer group.
@@ -87,6 +91,15 @@ pub enum StatusError {
         /// Why.
         #[source]
         source: StoreError,
+    },
+    /// A WAL table's slot could not be read.
+    #[error("relay.tables `{table}`: its replication slot")]
+    Slot {
+        /// The table.
+        table: String,
+        /// Why.
+        #[source]
+        source: crate::relay::wal::WalError,
     },
     /// The dead-row table could not be read.
     #[error("outboxd_dead_rows (run outboxd migrate)")]
@@ -144,17 +157,35 @@ async fn table_status(
         table: t.table.clone(),
         source,
     };
+    if let (Capture::Wal, Database::Postgres { pool, .. }) = (t.capture, db) {
+        let slot = wal::source::status(pool, t)
+            .await
+            .map_err(|e| StatusError::Slot {
+                table: t.table.clone(),
+                source: e,
+            })?;
+        return Ok(TableStatus {
+            table: t.table.clone(),
+            pending: None,
+            oldest_pending_seconds: None,
+            dead_rows: slot.dead_rows,
+            lanes: t.lanes,
+            owners: slot.reader.into_iter().collect(),
+            slot_lag_bytes: slot.lag_bytes,
+        });
+    }
     let table = store::open(db, t).await.map_err(failed)?;
     let (pending, oldest) = table.stats().await.map_err(failed)?;
     let dead_rows = table.dead_rows().await.map_err(StatusError::DeadRows)?;
     let owners = table.lane_owners().await.map_err(failed)?;
     Ok(TableStatus {
         table: t.table.clone(),
-        pending,
+        pending: Some(pending),
         oldest_pending_seconds: oldest,
         dead_rows,
         lanes: t.lanes,
         owners,
+        slot_lag_bytes: None,
     })
 }
 
@@ -280,11 +311,16 @@ impl std::fmt::Display for Status {
                 let oldest = t
                     .oldest_pending_seconds
                     .map_or("-".into(), |s| format!("{s:.1}"));
+                let pending = match (t.pending, t.slot_lag_bytes) {
+                    (Some(rows), _) => rows.to_string(),
+                    (None, Some(lag)) => format!("{lag} B wal"),
+                    (None, None) => "no slot".to_owned(),
+                };
                 writeln!(
                     f,
                     "{:<32} {:>10} {:>12} {:>9} {:>3}/{:<3}  {}",
                     t.table,
-                    t.pending,
+                    pending,
                     oldest,
                     t.dead_rows,
                     t.owners.len(),

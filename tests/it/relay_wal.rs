@@ -414,3 +414,93 @@ async fn logical_decoding_messages_are_an_outbox_without_a_table() {
     daemon.stop().await.unwrap();
     retire(&pool, &cfg).await;
 }
+
+/// `outboxd` on `toml` with `args`: `(exit code, stdout + stderr)`.
+fn outboxd(args: &[&str], toml: &str) -> (i32, String) {
+    let (code, out, err) = crate::cli::run_with(args, toml, &[]);
+    (code, format!("{out}{err}"))
+}
+
+/// A WAL table's TOML on `url`.
+fn wal_toml(url: &str, bootstrap: &str, table: &str) -> String {
+    format!(
+        "[database]\nurl = \"{url}\"\n[kafka]\nbrokers = \"{bootstrap}\"\n\
+         [[relay.tables]]\ntable = \"{table}\"\ntopic = \"orders\"\ncapture = \"wal\"\n\
+         key_column = \"aggregate_id\"\npayload_column = \"data\"\nheaders_column = \"metadata\"\n\
+         created_at_column = \"timestamp\"\nevent_id_column = \"\"\naggregate_type_column = \"\"\n\
+         notify_channel = \"\"\n"
+    )
+}
+
+/// `check-config --connect` names what WAL capture needs: `wal_level = logical` on a
+/// server without it (exit 78), and on one with it the publication and slot it will
+/// create; `status` shows the slot's lag and reader; `relay drop-slot` is refused while
+/// the slot is read and drops it once outboxd stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_commands_know_the_slot() {
+    let cluster = cluster("orders", 1);
+    let bootstrap = cluster.bootstrap_servers();
+    // The machine's main PostgreSQL has wal_level = replica.
+    let replica = db().await;
+    let table = event_store(&replica).await;
+    let (code, out) = outboxd(
+        &["check-config", "--connect"],
+        &wal_toml(&database_url(), &bootstrap, &table),
+    );
+    assert_eq!(code, 78, "{out}");
+    assert!(out.contains("capture = \"wal\" needs `logical`"), "{out}");
+
+    let pool = logical_db().await;
+    let table = event_store(&pool).await;
+    let toml = wal_toml(&logical_url(), &bootstrap, &table);
+    let (code, out) = outboxd(&["check-config", "--connect"], &toml);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("ok       relay table {table}: WAL capture: wal_level = logical, role may replicate, mapped columns, publication `outboxd_{table}` is created at start, slot `outboxd_{table}` is created at start")), "{out}");
+
+    let mut cfg = wal_config(&table, &bootstrap, Snapshot::New);
+    cfg.relay.tables[0].topic = Some("orders".into());
+    let daemon = Daemon::start(cfg.clone()).await;
+    streaming(&pool, &cfg).await;
+    let (code, out) = outboxd(&["status", "--json"], &toml);
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let relay = &status["relay"][0];
+    assert!(relay["pending"].is_null(), "{relay}");
+    assert!(relay["slot_lag_bytes"].as_i64().is_some(), "{relay}");
+    assert_eq!(relay["owners"][0]["application"], "outboxd", "{relay}");
+
+    let (code, out) = outboxd(&["relay", "drop-slot", "--table", &table], &toml);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is in use by the server process"), "{out}");
+    daemon.stop().await.unwrap();
+    let slot = cfg.relay.tables[0].wal_slot();
+    eventually("the slot is released", Duration::from_secs(10), || async {
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&slot)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        active == Some(false)
+    })
+    .await;
+    let (code, out) = outboxd(
+        &["relay", "drop-slot", "--table", &table, "--publication"],
+        &toml,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out,
+        format!("dropped replication slot {slot}\ndropped publication {slot}\n")
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1) \
+              + (SELECT count(*) FROM pg_publication WHERE pubname = $1) \
+              + (SELECT count(*) FROM outboxd_relay_slots WHERE slot_name = $1)",
+    )
+    .bind(&slot)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+}

@@ -126,6 +126,8 @@ pub struct OwnTables {
     pub cursors: bool,
     /// A `sql` handler is configured: its inbox.
     pub inbox: bool,
+    /// A table is relayed from the WAL: the slots outboxd created.
+    pub slots: bool,
 }
 
 impl OwnTables {
@@ -153,6 +155,10 @@ impl OwnTables {
         if self.cursors {
             let upsert = ["SELECT", "INSERT", "UPDATE"];
             add("outboxd_relay_cursors", "source_table", &upsert);
+        }
+        if self.slots {
+            let all = ["SELECT", "INSERT", "UPDATE", "DELETE"];
+            add("outboxd_relay_slots", "slot_name", &all);
         }
         if self.inbox {
             // SELECT: PostgreSQL's batch insert returns the ids it inserted.

@@ -74,6 +74,14 @@ pub enum WalError {
         /// Its database.
         database: String,
     },
+    /// A session reads the slot.
+    #[error("replication slot `{slot}` is in use by the server process {pid}: stop every outboxd relaying the table first")]
+    SlotInUse {
+        /// The slot.
+        slot: String,
+        /// The walsender's pid.
+        pid: i32,
+    },
     /// The table does not exist.
     #[error("table `{0}` does not exist")]
     NoTable(String),
@@ -96,7 +104,7 @@ pub enum WalError {
 
 impl WalError {
     /// A failure on outboxd's own tables: the hint to migrate when they are missing.
-    fn from_state(e: sqlx::Error) -> Self {
+    pub(crate) fn from_state(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => {
                 WalError::NotMigrated
