@@ -30,6 +30,10 @@ pub struct Load {
     pub rows_per_sec: u32,
     pub rows_per_txn: u32,
     pub listen: bool,
+    /// WAL capture instead of polling (the database needs `wal_level = logical`).
+    pub wal: bool,
+    /// The writer's commits wait for their WAL flush (`synchronous_commit = on`).
+    pub synchronous_commit: bool,
     pub secs: u64,
 }
 
@@ -76,7 +80,11 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         "lat_{}_{}_{}",
         load.rows_per_sec,
         load.rows_per_txn,
-        if load.listen { "listen" } else { "poll" }
+        match (load.wal, load.listen) {
+            (true, _) => "wal",
+            (false, true) => "listen",
+            (false, false) => "poll",
+        }
     );
     let table = format!("bench_{run}");
     let topic = format!("bench.{run}.{}", std::process::id());
@@ -89,13 +97,31 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
     .await?;
     broker.create_topic(&topic, PARTITIONS).await?;
     let channel = if load.listen { table.as_str() } else { "" };
+    let slot = format!("outboxd_{table}");
+    let capture = if load.wal {
+        sqlx::raw_sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'; \
+             DELETE FROM outboxd_relay_slots WHERE slot_name = '{slot}'; DROP PUBLICATION IF EXISTS {slot}"
+        ))
+        .execute(pool)
+        .await?;
+        "capture = \"wal\"\n[relay.tables.wal]\nsnapshot = \"new\"\n"
+    } else {
+        ""
+    };
     let outboxd = Outboxd::start(&format!(
-        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"{topic}\"\nnotify_channel = \"{channel}\"\n",
+        "[database]\nurl = \"{url}\"\n{}[[relay.tables]]\ntable = \"{table}\"\ntopic = \"{topic}\"\nnotify_channel = \"{channel}\"\n{capture}",
         kafka_section(&broker.bootstrap(), &[])
     ))?;
-    // Wait until the lane is owned so start-up is not measured.
+    // Wait until the lane is owned (the slot read) so start-up is not measured.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while outboxd.metric("outboxd_relay_lanes_owned").await < 1.0 {
+    let started = |scrape: String| {
+        let owned = scrape
+            .lines()
+            .any(|l| l.starts_with("outboxd_relay_lanes_owned{") && l.ends_with(" 1"));
+        owned && (!load.wal || scrape.contains("outboxd_relay_slot_lag_bytes{"))
+    };
+    while !started(outboxd.scrape().await) {
         if Instant::now() > deadline {
             bail!("outboxd did not take the lane: {}", outboxd.log());
         }
@@ -108,7 +134,9 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
 
     // The application's choice, not the relay's: without `synchronous_commit = off`, one
     // disk flush per commit caps the writer far below 10,000 transactions per second.
-    let writer_options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
+    let synchronous_commit = if load.synchronous_commit { "on" } else { "off" };
+    let writer_options =
+        PgConnectOptions::from_str(url)?.options([("synchronous_commit", synchronous_commit)]);
     let mut writers = Vec::with_capacity(WRITERS);
     for _ in 0..WRITERS {
         writers.push(writer_options.connect().await?);
@@ -137,6 +165,14 @@ pub async fn run(pool: &PgPool, broker: &Broker, url: &str, load: &Load) -> Resu
         })
         .collect();
     outboxd.stop();
+    if load.wal {
+        sqlx::raw_sql(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'; \
+             DELETE FROM outboxd_relay_slots WHERE slot_name = '{slot}'; DROP PUBLICATION IF EXISTS {slot}"
+        ))
+        .execute(pool)
+        .await?;
+    }
     sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}"))
         .execute(pool)
         .await?;

@@ -23,12 +23,16 @@
 //!    cursor mode with a transaction-id column at 100,000 and 2,000,000 rows and without
 //!    it at 100,000, against a delete-mode drain of 100,000 rows of the reference table;
 //!    three rounds, alternated (`store.rs`);
-//! 7. a read model (`sqlbatch`, only when named in `--only`): the account projection
+//! 7. WAL capture (`wal`, only when named in `--only`): the event store read from a
+//!    replication slot at 100,000 and 2,000,000 rows, stream and initial snapshot, against
+//!    a delete-mode drain on the same server, and latency at 1,000 rows/s against LISTEN
+//!    (`wal.rs`; needs $LOGICAL_DATABASE_URL with `wal_level = logical`);
+//! 8. a read model (`sqlbatch`, only when named in `--only`): the account projection
 //!    through the `sql` handler in key order, one transaction per event against batches of
 //!    100, and a bare client writing the same statements 100 per transaction; three rounds,
 //!    alternated (`projection.rs`).
 //!
-//! `--only relay,latency,dispatch,slow,store,sqlbatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
+//! `--only relay,latency,dispatch,slow,store,wal,sqlbatch` runs a subset, `--drains 1,1-noprefetch,4` a subset of
 //! the relay drains, `--handlers log,http,http-batch,sql` a subset of the dispatch handlers
 //! (`http-batch`: the http handler with `batch_size = 100`), `--loads
 //! 1000x1,1000x10-poll` a subset of the latency loads; `--latency-secs N` (default 30) sets the
@@ -53,6 +57,7 @@ mod processes;
 mod projection;
 mod slow;
 mod store;
+mod wal;
 
 use anyhow::{bail, Context, Result};
 use dispatch::{bare_consumer, dispatch, http_sink, produce, OUTBOXD_QUEUES};
@@ -148,7 +153,7 @@ fn args() -> Result<Args> {
             "--only" => {
                 a.only = list(
                     it.next(),
-                    "--only relay,latency,dispatch,slow,store,sqlbatch",
+                    "--only relay,latency,dispatch,slow,store,wal,sqlbatch",
                 )?
             }
             "--handlers" => a.handlers = list(it.next(), "--handlers log,http,http-batch,sql")?,
@@ -286,6 +291,24 @@ async fn main() -> Result<()> {
         }
     }
 
+    // WAL capture (only when asked for: it fills 2,000,000 rows twice a round, on the
+    // server with wal_level = logical).
+    if a.only.iter().any(|s| s == "wal") {
+        let (rates, wal_latencies) = wal::run(&a.broker, 3, a.latency_secs).await?;
+        for (name, rates) in rates {
+            let text: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            lines.push(Line {
+                scenario: format!("event store: {name}"),
+                result: format!("{} rows/s", text.join(" / ")),
+                baseline: "the delete-mode drain above it".into(),
+                ratio: "-".into(),
+            });
+        }
+        for (what, l) in wal_latencies {
+            eprintln!("{}", latency_line(&what, &l));
+        }
+    }
+
     // Event stores in cursor mode (only when asked for: it fills 2,000,000 rows three
     // times).
     if a.only.iter().any(|s| s == "store") {
@@ -322,6 +345,8 @@ async fn main() -> Result<()> {
                 rows_per_sec,
                 rows_per_txn,
                 listen,
+                wal: false,
+                synchronous_commit: false,
                 secs: a.latency_secs,
             };
             let l = latency::run(&pool, &latency_broker, &url, &load).await?;

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use crate::drain::{fill, relay_drain, Drain};
 use crate::processes::{kafka_section, Broker, Outboxd};
 
-const TABLE: &str = "bench_events";
+pub const TABLE: &str = "bench_events";
 
 /// One drain of the scenario.
 #[derive(Clone, Copy, PartialEq)]
@@ -32,7 +32,13 @@ impl Run {
 
 /// The event store with `rows` rows, written 1,000 per transaction, with the column and
 /// its index when `xid`.
-async fn fill_store(pool: &PgPool, rows: i64, xid: bool) -> Result<()> {
+pub async fn fill_store(pool: &PgPool, rows: i64, xid: bool) -> Result<()> {
+    create_store(pool, xid).await?;
+    add_rows(pool, rows).await
+}
+
+/// An empty event store, with the transaction-id column and its index when `xid`.
+pub async fn create_store(pool: &PgPool, xid: bool) -> Result<()> {
     let column = if xid {
         ", txid xid8 NOT NULL DEFAULT pg_current_xact_id()"
     } else {
@@ -52,6 +58,12 @@ async fn fill_store(pool: &PgPool, rows: i64, xid: bool) -> Result<()> {
             .execute(pool)
             .await?;
     }
+    Ok(())
+}
+
+/// Writes `rows` rows into the event store, 1,000 per transaction, then vacuums and
+/// checkpoints.
+pub async fn add_rows(pool: &PgPool, rows: i64) -> Result<()> {
     let insert = format!(
         "INSERT INTO {TABLE} (aggregate_id, event_type, version, timestamp, data, metadata) \
          SELECT 'account-' || (g % 1000), 'BenchEvent', g / 1000, extract(epoch from now()), \

@@ -306,11 +306,16 @@ pub async fn preflight(conn: &mut PgConnection, t: &TableConfig) -> Result<Prefl
         "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1), \
                 EXISTS (SELECT 1 FROM pg_publication_tables \
                         WHERE pubname = $1 AND schemaname = $2 AND tablename = $3), \
-                has_database_privilege(current_database(), 'CREATE')",
+                has_database_privilege(current_database(), 'CREATE') \
+                AND CASE WHEN $5 THEN COALESCE((SELECT pg_has_role(relowner, 'MEMBER') \
+                                                FROM pg_class WHERE oid = to_regclass($4)), false) \
+                    ELSE true END",
     )
     .bind(&publication)
     .bind(split(&t.table).0)
     .bind(split(&t.table).1)
+    .bind(&t.table)
+    .bind(t.wal.inserts)
     .fetch_one(&mut *conn)
     .await?;
     match (exists, includes || !t.wal.inserts, may_create) {
