@@ -439,7 +439,7 @@ async fn drop_slot(config: &Config, table: &str, publication: bool) -> Result<()
     let db::Database::Postgres { pool, .. } = &database else {
         return Err(CliError::Usage("capture = \"wal\" needs PostgreSQL".into()));
     };
-    let retired = crate::relay::wal::source::retire(pool, t, publication).await;
+    let retired = crate::relay::wal::admin::retire(pool, t, publication).await;
     database.close().await;
     print!("{}", retired.map_err(CliError::DropSlot)?);
     Ok(())

@@ -97,8 +97,11 @@ impl std::fmt::Debug for ReplicationTarget {
 }
 
 impl ReplicationTarget {
-    /// The parts of `url` (which sqlx already accepted), with libpq's defaults for the
-    /// missing ones: localhost, 5432, user `postgres`, database named as the user.
+    /// The parts of `url` (which sqlx already accepted); what it leaves out comes from
+    /// libpq's environment variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+    /// `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME`), as for sqlx's
+    /// connections, else libpq's defaults: localhost, 5432, user `postgres`, the database
+    /// named as the user, `sslmode=prefer`.
     pub fn from_url(url: &str) -> Self {
         let parsed = url::Url::parse(url).ok();
         let query = |key: &str| {
@@ -108,6 +111,7 @@ impl ReplicationTarget {
                     .map(|(_, v)| v.into_owned())
             })
         };
+        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
         let decode = |s: &str| {
             url::form_urlencoded::parse(format!("x={s}").as_bytes())
                 .next()
@@ -122,35 +126,44 @@ impl ReplicationTarget {
                     .filter(|h| !h.is_empty())
                     .map(str::to_owned)
             })
+            .or_else(|| env("PGHOST"))
             .unwrap_or_else(|| "localhost".to_owned());
         let user = parsed
             .as_ref()
             .map(|u| decode(u.username()))
             .filter(|u| !u.is_empty())
             .or_else(|| query("user"))
+            .or_else(|| env("PGUSER"))
             .unwrap_or_else(|| "postgres".to_owned());
         let database = parsed
             .as_ref()
             .map(|u| decode(u.path().trim_start_matches('/')))
             .filter(|d| !d.is_empty())
             .or_else(|| query("dbname"))
+            .or_else(|| env("PGDATABASE"))
             .unwrap_or_else(|| user.clone());
         ReplicationTarget {
             host,
             port: query("port")
                 .and_then(|p| p.parse().ok())
                 .or_else(|| parsed.as_ref().and_then(url::Url::port))
+                .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
                 .unwrap_or(5432),
             password: parsed
                 .as_ref()
                 .and_then(|u| u.password().map(decode))
                 .or_else(|| query("password"))
+                .or_else(|| env("PGPASSWORD"))
                 .unwrap_or_default(),
             user,
             database,
-            sslmode: query("sslmode").unwrap_or_else(|| "prefer".to_owned()),
-            sslrootcert: query("sslrootcert"),
-            application_name: query("application_name").unwrap_or_else(|| "outboxd".to_owned()),
+            sslmode: query("sslmode")
+                .or_else(|| env("PGSSLMODE"))
+                .unwrap_or_else(|| "prefer".to_owned()),
+            sslrootcert: query("sslrootcert").or_else(|| env("PGSSLROOTCERT")),
+            application_name: query("application_name")
+                .or_else(|| env("PGAPPNAME"))
+                .unwrap_or_else(|| "outboxd".to_owned()),
         }
     }
 }

@@ -204,7 +204,7 @@ async fn wal_table(db: &Database, t: &TableConfig, place: &str, report: &mut Rep
         return;
     };
     let checked = match pool.acquire().await {
-        Ok(mut conn) => wal::source::preflight(&mut conn, t).await,
+        Ok(mut conn) => wal::admin::preflight(&mut conn, t).await,
         Err(e) => Err(e.into()),
     };
     match checked {

@@ -158,7 +158,7 @@ async fn table_status(
         source,
     };
     if let (Capture::Wal, Database::Postgres { pool, .. }) = (t.capture, db) {
-        let slot = wal::source::status(pool, t)
+        let slot = wal::admin::status(pool, t)
             .await
             .map_err(|e| StatusError::Slot {
                 table: t.table.clone(),

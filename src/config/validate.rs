@@ -52,12 +52,23 @@ pub fn validate(config: &Config, p: &mut Problems) {
     }
     super::validate_consumer::validate(config, p);
     let mut seen = HashSet::new();
+    let mut slots = HashSet::new();
     for (i, table) in tables.iter().enumerate() {
         let at = format!("relay.tables[{i}]");
         if !seen.insert(table.table.as_str()) {
             p.add(
                 format!("{at}.table"),
                 format!("`{}` is configured twice", table.table),
+            );
+        }
+        // Two readers of one slot would confirm each other's rows.
+        if table.capture == Capture::Wal && !slots.insert(table.wal_slot()) {
+            p.add(
+                format!("{at}.wal.slot"),
+                format!(
+                    "`{}` is the slot of another table too; give each table a slot of its own",
+                    table.wal_slot()
+                ),
             );
         }
         validate_table(table, &at, p);

@@ -123,6 +123,36 @@ fn bad_configurations_exit_78_and_name_the_key() {
             "shutdown_timeout",
         ),
         (
+            "WAL capture on MySQL",
+            format!("[database]\nurl = \"mysql://root@127.0.0.1/test\"\n[kafka]\nbrokers = \"embedded\"\n{table}capture = \"wal\"\nnotify_channel = \"\"\n"),
+            "relay.tables[0].capture",
+        ),
+        (
+            "WAL capture with lanes",
+            format!("{base}{table}capture = \"wal\"\nlanes = 2\n"),
+            "relay.tables[0].lanes",
+        ),
+        (
+            "WAL capture that marks",
+            format!("{base}{table}capture = \"wal\"\non_published = \"mark\"\n"),
+            "relay.tables[0].on_published",
+        ),
+        (
+            "two tables on one slot",
+            format!("{base}{table}capture = \"wal\"\n[[relay.tables]]\ntable = \"a.outbox\"\ntopic = \"events.x\"\ncapture = \"wal\"\n[relay.tables.wal]\nslot = \"outboxd_outbox\"\n"),
+            "relay.tables[1].wal.slot",
+        ),
+        (
+            "a slot name PostgreSQL refuses",
+            format!("{base}{table}capture = \"wal\"\n[relay.tables.wal]\nslot = \"Outbox-Slot\"\n"),
+            "relay.tables[0].wal.slot",
+        ),
+        (
+            "a table-less outbox without a prefix",
+            format!("{base}{table}capture = \"wal\"\n[relay.tables.wal]\ninserts = false\n"),
+            "relay.tables[0].wal.inserts",
+        ),
+        (
             "cursor mode on MySQL",
             format!("[database]\nurl = \"mysql://root@127.0.0.1/test\"\n[kafka]\nbrokers = \"embedded\"\n{table}on_published = \"cursor\"\nnotify_channel = \"\"\n"),
             "relay.tables[0].on_published",

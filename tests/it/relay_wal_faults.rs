@@ -199,6 +199,10 @@ async fn kafka_down_for_thirty_seconds_the_slot_waits_and_nothing_is_lost() {
             !passed,
             "the slot confirmed rows Kafka has not acknowledged"
         );
+        // The slot confirms a transaction only after all its rows are published, and
+        // none of the outage's is.
+        let published = daemon.metric("outboxd_relay_published_total", &[("table", &table)]);
+        assert_eq!(published, 500.0, "published during the outage");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     cluster.broker_up(1).unwrap();
@@ -253,8 +257,31 @@ async fn an_initial_snapshot_of_200000_rows_while_writers_go_on_sends_each_row_o
     write_all(&pool, &table, 0, existing).await;
     let mut cfg = wal_config(&table, &cluster.bootstrap_servers(), Snapshot::All);
     cfg.relay.tables[0].batch_size = 1_000;
+    let slot = cfg.relay.tables[0].wal_slot();
     let daemon = Daemon::start(cfg.clone()).await;
+    // Writers go on across the hand-over: from the slot's creation, while its snapshot is
+    // published, and after.
+    let snapshot_done = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT snapshot_done FROM outboxd_relay_slots WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    };
+    eventually(
+        "the slot is being created",
+        Duration::from_secs(60),
+        || async { snapshot_done().await.is_some() },
+    )
+    .await;
     let writer = tokio::spawn(write(pool.clone(), table.clone(), existing, 2_000));
+    eventually("the writer wrote", Duration::from_secs(30), || async {
+        count_rows(&pool, &table).await > existing
+    })
+    .await;
+    let wrote_during_snapshot = snapshot_done().await == Some(false);
     writer.await.unwrap();
     let total = existing + 2_000;
     let received = consume(
@@ -267,6 +294,10 @@ async fn an_initial_snapshot_of_200000_rows_while_writers_go_on_sends_each_row_o
     .await;
     assert_each_once(&received, total);
     assert_first_deliveries_in_key_order(&received);
+    assert!(
+        wrote_during_snapshot,
+        "rows were written while the snapshot was published"
+    );
     daemon.stop().await.unwrap();
     retire(&pool, &cfg).await;
 }
@@ -283,4 +314,69 @@ async fn write_all(pool: &PgPool, table: &str, first: i64, count: i64) {
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// Killed while it publishes the initial snapshot: the next start drops the unfinished
+/// slot, creates it again and publishes the snapshot again; every row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_during_the_initial_snapshot_starts_it_over_and_loses_nothing() {
+    let pool = logical_db().await;
+    let table = event_store(&pool).await;
+    let topic = topic_of(&table);
+    let cluster = cluster(&topic, 4);
+    let existing = scaled(100_000);
+    write_all(&pool, &table, 0, existing).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = toml(&logical_url(), &cluster.bootstrap_servers(), &table, 500)
+        .replace("snapshot = \"new\"", "snapshot = \"all\"")
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+    let slot = format!("outboxd_{table}");
+    let snapshot_done = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT snapshot_done FROM outboxd_relay_slots WHERE slot_name = $1",
+        )
+        .bind(&slot)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+    };
+    let published = || async {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Not listening yet: nothing published.
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return 0.0;
+        }
+        let (_, body) = http_get(addr, "/metrics").await;
+        outboxd::metrics::sum_in(&body, "outboxd_relay_published_total", &[])
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = spawn(dir.path(), "snapshot0", &config);
+    eventually(
+        "the snapshot is under way",
+        Duration::from_secs(60),
+        || async { snapshot_done().await == Some(false) && published().await > 0.0 },
+    )
+    .await;
+    kill9(&mut child);
+    let (mut child, log) = spawn(dir.path(), "snapshot1", &config);
+    eventually(
+        "the snapshot is published",
+        Duration::from_secs(120),
+        || async { snapshot_done().await == Some(true) },
+    )
+    .await;
+    write(pool.clone(), table.clone(), existing, 1_000).await;
+    confirmed_past(&pool, &slot, &wal_now(&pool).await, Duration::from_secs(60)).await;
+    let (code, _) = terminate(&mut child, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", std::fs::read_to_string(log).unwrap());
+    consume_all_in_order(&cluster.bootstrap_servers(), &topic, existing + 1_000).await;
+    let cfg = wal_config(&table, &cluster.bootstrap_servers(), Snapshot::All);
+    retire(&pool, &cfg).await;
 }

@@ -3,6 +3,7 @@
 //! or changing the table.
 //!
 //! - `source`: the server's fitness, the publication, the slot and its session;
+//! - `admin`: what `check-config --connect`, `status` and `relay drop-slot` do;
 //! - `snapshot`: the rows the table held when the slot was created;
 //! - `stream`: transactions to batches, and the slot's confirmed position;
 //! - `deliver`: a batch to Kafka, failed rows again, dead rows recorded;
@@ -13,11 +14,12 @@
 //! transactions whose every row Kafka acknowledged (or that were recorded as dead), so a
 //! crash sends again at most what was read after the last confirmed transaction.
 
+pub mod admin;
 mod deliver;
 mod pgoutput;
 mod rows;
 mod snapshot;
-pub mod source;
+mod source;
 mod stream;
 
 use std::time::Duration;
@@ -48,6 +50,9 @@ pub enum WalError {
     /// The replication session failed.
     #[error("replication session: {}", crate::secrets::scrub(&.0.to_string()))]
     Replication(#[from] PgWireError),
+    /// The server is older than PostgreSQL 14.
+    #[error("the server is PostgreSQL {}.{}; capture = \"wal\" needs 14 or later", .0 / 10_000, .0 % 10_000)]
+    ServerVersion(i32),
     /// The server does not write what logical decoding needs.
     #[error("wal_level is `{0}`; capture = \"wal\" needs `logical` (ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)")]
     WalLevel(String),
@@ -82,6 +87,12 @@ pub enum WalError {
         /// The walsender's pid.
         pid: i32,
     },
+    /// A replica relays the table (it holds the slot's lock).
+    #[error("an outboxd relays the table from slot `{0}` (it holds the slot's lock): stop every outboxd relaying the table first")]
+    Relayed(String),
+    /// The connection holding the slot's lock stopped answering.
+    #[error("the connection holding the slot's lock does not answer")]
+    LockLost,
     /// The table does not exist.
     #[error("table `{0}` does not exist")]
     NoTable(String),
@@ -129,16 +140,8 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
     let heartbeat = ctx
         .liveness
         .register(format!("relay wal of {}", ctx.config.table));
-    let mut deliverer = Deliverer::new(
-        ctx.config.clone(),
-        ctx.messages.clone(),
-        ctx.producer.clone(),
-        ctx.metrics.clone(),
-        pool.clone(),
-        ctx.drain_grace,
-    );
-    let mut retry = crate::backoff::exponential();
-    let mut reported: Option<String> = None;
+    let mut deliverer = Deliverer::new(&ctx, pool.clone(), heartbeat.clone());
+    let mut restart = Restart::new();
     while !shutdown.is_cancelled() {
         let target = Target {
             opts,
@@ -151,21 +154,11 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             heartbeat: &heartbeat,
             stop: &shutdown,
         };
-        match run.lead_and_stream(&mut deliverer).await {
-            Ok(()) => {
-                retry = crate::backoff::exponential();
-                reported = None;
-            }
+        match run.lead_and_stream(&mut deliverer, &mut restart).await {
+            Ok(()) => {}
             Err(WalError::Stopped) => return,
             Err(e) => {
-                let pause = retry.next().unwrap_or_default();
-                let text = e.to_string();
-                if reported.as_deref() == Some(&text) {
-                    tracing::debug!(error = %text, ?pause, "wal capture still failing");
-                } else {
-                    tracing::error!(error = %text, ?pause, "wal capture stopped; restarting");
-                }
-                reported = Some(text);
+                let pause = restart.failed(&e);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
@@ -176,6 +169,41 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             .relay_lanes_owned
             .with_label_values(&[ctx.config.table.as_str()])
             .set(0);
+    }
+}
+
+/// The backoff between two attempts to read the slot, and the error last logged: both
+/// start afresh once a session streams.
+struct Restart {
+    backoff: backon::ExponentialBackoff,
+    reported: Option<String>,
+}
+
+impl Restart {
+    fn new() -> Self {
+        Restart {
+            backoff: crate::backoff::exponential(),
+            reported: None,
+        }
+    }
+
+    /// A session streams.
+    fn started(&mut self) {
+        *self = Restart::new();
+    }
+
+    /// Logs `e` (at debug when it repeats the last one) and returns the pause before the
+    /// next attempt.
+    fn failed(&mut self, e: &WalError) -> Duration {
+        let pause = self.backoff.next().unwrap_or_default();
+        let text = e.to_string();
+        if self.reported.as_deref() == Some(&text) {
+            tracing::debug!(error = %text, ?pause, "wal capture still failing");
+        } else {
+            tracing::error!(error = %text, ?pause, "wal capture stopped; restarting");
+        }
+        self.reported = Some(text);
+        pause
     }
 }
 
@@ -196,7 +224,11 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    async fn lead_and_stream(&self, deliverer: &mut Deliverer) -> Result<(), WalError> {
+    async fn lead_and_stream(
+        &self,
+        deliverer: &mut Deliverer,
+        restart: &mut Restart,
+    ) -> Result<(), WalError> {
         let t = &self.ctx.config;
         let slot = t.wal_slot();
         let mut lock = self.target.opts.connect().await?;
@@ -241,6 +273,7 @@ impl Run<'_> {
             }
         };
         client.wait_started().await?;
+        restart.started();
         tracing::info!(%slot, "streaming from the replication slot");
         let mut watch = Watch {
             lock,
@@ -284,7 +317,19 @@ impl Run<'_> {
         let t = &self.ctx.config;
         source::mark_created(lock, t).await?;
         let export = t.wal.snapshot == Snapshot::All && t.wal.inserts;
-        let created = source::create_slot(config, export).await?;
+        // Creating a slot waits for every transaction open on the server to end.
+        let creating = source::create_slot(config, export);
+        tokio::pin!(creating);
+        let created = loop {
+            tokio::select! {
+                created = &mut creating => break created?,
+                () = self.stop.cancelled() => return Err(WalError::Stopped),
+                () = tokio::time::sleep(Duration::from_secs(10)) => {
+                    self.heartbeat.beat();
+                    tracing::info!("waiting for the transactions open on the server to end, to create the slot");
+                }
+            }
+        };
         let mut client = created.client;
         if let Some(snapshot) = created.snapshot {
             let mut conn = self.target.opts.connect().await?;
@@ -308,19 +353,38 @@ fn lock_keys(slot: &str) -> (i32, i32) {
     (stable_hash("outboxd:wal"), stable_hash(slot))
 }
 
-/// Moves the slot's confirmed position to `at` once no session holds it (best effort).
+/// Moves the slot's confirmed position to `at` once its session released it (best
+/// effort: waits up to 5 s for the walsender to end).
 async fn advance(pool: &PgPool, slot: &str, at: Lsn) {
-    let advanced = sqlx::query(
-        "SELECT pg_replication_slot_advance($1, $2::pg_lsn) \
-         FROM pg_replication_slots WHERE slot_name = $1 AND NOT active \
-         AND confirmed_flush_lsn < $2::pg_lsn",
-    )
-    .bind(slot)
-    .bind(at.to_string())
-    .execute(pool)
-    .await;
-    if let Err(e) = advanced {
-        tracing::debug!(error = %e, "slot not advanced at stop; the next start sends the rows since its last report again");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let advanced = sqlx::query_scalar::<_, bool>(
+            "SELECT count(pg_replication_slot_advance(slot_name, $2::pg_lsn)) > 0 \
+             FROM pg_replication_slots WHERE slot_name = $1 AND NOT active \
+             AND confirmed_flush_lsn < $2::pg_lsn",
+        )
+        .bind(slot)
+        .bind(at.to_string())
+        .fetch_one(pool)
+        .await;
+        let active = sqlx::query_scalar::<_, bool>(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .fetch_optional(pool)
+        .await;
+        match (advanced, active) {
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "slot not advanced at stop; the next start sends the rows since its last report again");
+                return;
+            }
+            (Ok(true), _) | (Ok(false), Ok(None | Some(false))) => return,
+            (Ok(false), Ok(Some(true))) if Instant::now() >= deadline => {
+                tracing::debug!("the slot's session did not end within 5 s; not advanced at stop");
+                return;
+            }
+            (Ok(false), Ok(Some(true))) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 
@@ -351,7 +415,7 @@ impl Watch {
             .fetch_optional(&mut self.lock),
         )
         .await
-        .map_err(|_| WalError::Protocol("the slot's lock connection does not answer".into()))??
+        .map_err(|_| WalError::LockLost)??
         .flatten();
         if let Some(lag) = lag {
             self.metrics

@@ -237,7 +237,7 @@ fn iso_seconds(text: &str) -> Option<f64> {
         }
         sign * offset
     };
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !(1..=9999).contains(&year) {
         return None;
     }
     let days = days_from_civil(year, month, day) as f64;
@@ -412,6 +412,7 @@ mod tests {
         assert_eq!(iso_seconds("2026-12-06 13:07:44.5"), Some(1_796_562_464.5));
         assert_eq!(iso_seconds("1969-12-31 23:00:00-01"), Some(0.0));
         assert_eq!(iso_seconds("infinity"), None);
+        assert_eq!(iso_seconds("9223372036854775807-01-01 00:00:00"), None);
         assert_eq!(created_seconds("1796562464500", 20), Some(1_796_562_464.5));
         assert_eq!(created_seconds("1796562464.5", 1700), Some(1_796_562_464.5));
     }

@@ -78,7 +78,7 @@ pub async fn publish_existing(
             .join("."),
         t.order_column().as_str(),
     );
-    let batch_size = t.batch_size as usize;
+    let batch_size = deliverer.batch_size();
     let mut batch = Batch::default();
     let mut published = 0u64;
     {

@@ -59,10 +59,11 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
     // The end of the last transaction whose rows are all in `batch` or published.
     let mut commit: Option<Lsn> = None;
     let mut confirmed: Option<Lsn> = None;
+    // How many rows of `batch` belong to transactions that committed.
+    let mut committed = 0;
     let mut in_transaction = false;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let batch_size = deliverer.config.batch_size as usize;
     loop {
         let event = if batch.is_empty() || in_transaction {
             tokio::select! {
@@ -82,6 +83,7 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
                 Some(event) => event,
                 None => {
                     deliverer.deliver(&mut batch, stop).await?;
+                    committed = 0;
                     heartbeat.beat();
                     if let Some(end) = commit {
                         confirm(client, &mut confirmed, end);
@@ -124,8 +126,9 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
                             _ => serde_json::Value::Null,
                         })),
                     );
-                    if batch.len() >= batch_size {
+                    if batch.len() >= deliverer.batch_size() {
                         deliverer.deliver(&mut batch, stop).await?;
+                        committed = 0;
                         heartbeat.beat();
                         if let Some(end) = commit {
                             confirm(client, &mut confirmed, end);
@@ -137,12 +140,14 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
             ReplicationEvent::Commit { end_lsn, .. } => {
                 in_transaction = false;
                 commit = Some(end_lsn);
+                committed = batch.len();
                 if batch.is_empty() {
                     confirm(client, &mut confirmed, end_lsn);
                     continue;
                 }
-                if batch.len() >= batch_size {
+                if batch.len() >= deliverer.batch_size() {
                     deliverer.deliver(&mut batch, stop).await?;
+                    committed = 0;
                     heartbeat.beat();
                     confirm(client, &mut confirmed, end_lsn);
                 }
@@ -155,6 +160,15 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
                 }
             }
             ReplicationEvent::Message {
+                transactional: false,
+                prefix: p,
+                lsn,
+                ..
+            } if prefix.as_deref() == Some(p.as_str()) => {
+                // Written whether its transaction commits or not: no outbox event.
+                tracing::warn!(prefix = %p, %lsn, "a logical decoding message under the prefix was emitted with transactional = false; not relayed");
+            }
+            ReplicationEvent::Message {
                 prefix: p,
                 content,
                 lsn,
@@ -162,8 +176,9 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
             } if prefix.as_deref() == Some(p.as_str()) => {
                 let (row, kept) = rows::message_row(&deliverer.config, &content, lsn.as_u64());
                 batch.push(row, Origin::Row(kept));
-                if batch.len() >= batch_size {
+                if batch.len() >= deliverer.batch_size() {
                     deliverer.deliver(&mut batch, stop).await?;
+                    committed = 0;
                     heartbeat.beat();
                     if let Some(end) = commit {
                         confirm(client, &mut confirmed, end);
@@ -173,8 +188,9 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
     }
-    // Stopped: publish what was read, within the grace, and confirm the last whole
-    // transaction.
+    // Stopped: publish the rows of whole transactions, within the grace, and confirm the
+    // last; the rows of one still arriving come again after a restart.
+    batch.truncate(committed);
     if let (false, Some(end)) = (batch.is_empty(), commit) {
         if deliverer.deliver(&mut batch, stop).await.is_ok() {
             confirm(client, &mut confirmed, end);
