@@ -3,7 +3,7 @@
 
 use sqlx::postgres::PgConnection;
 
-use super::source::{check_server, drop_slot, split};
+use super::source::{check_server, describe_table, drop_slot, split};
 use super::WalError;
 use crate::config::TableConfig;
 
@@ -25,51 +25,33 @@ pub async fn preflight(conn: &mut PgConnection, t: &TableConfig) -> Result<Prefl
     let mut p = Preflight::default();
     match check_server(conn).await {
         Ok(()) => p.fit.push("wal_level = logical, role may replicate".into()),
-        Err(e @ (WalError::WalLevel(_) | WalError::NoReplication(_))) => {
-            p.problems.push(e.to_string())
-        }
+        Err(
+            e @ (WalError::ServerVersion(_) | WalError::WalLevel(_) | WalError::NoReplication(_)),
+        ) => p.problems.push(e.to_string()),
         Err(e) => return Err(e),
     }
     if t.wal.inserts {
-        let columns: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT attname::text, atttypid::bigint FROM pg_attribute \
-             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        )
-        .bind(&t.table)
-        .fetch_all(&mut *conn)
-        .await?;
-        if columns.is_empty() {
-            p.problems
-                .push(format!("table `{}` does not exist", t.table));
-        } else {
-            let (schema, name) = split(&t.table);
-            let relation = super::pgoutput::Relation {
-                id: 0,
-                schema: schema.to_owned(),
-                name: name.to_owned(),
-                columns: columns
-                    .into_iter()
-                    .map(|(name, oid)| super::pgoutput::RelationColumn {
-                        name,
-                        type_oid: u32::try_from(oid).unwrap_or_default(),
-                    })
-                    .collect(),
-            };
-            match super::rows::RowReader::new(&relation, t) {
+        match describe_table(conn, &t.table).await? {
+            None => p
+                .problems
+                .push(format!("table `{}` does not exist", t.table)),
+            Some(relation) => match super::rows::RowReader::new(&relation, t) {
                 Ok(_) => p.fit.push("mapped columns".into()),
                 Err(e) => p.problems.push(e.to_string()),
-            }
-            if t.wal.snapshot == crate::config::Snapshot::All {
-                let select: bool = sqlx::query_scalar("SELECT has_table_privilege($1, 'SELECT')")
-                    .bind(&t.table)
-                    .fetch_one(&mut *conn)
-                    .await?;
-                if !select {
-                    p.problems.push(format!(
-                        "may not SELECT from `{}`, which the initial snapshot reads (snapshot = \"all\")",
-                        t.table
-                    ));
-                }
+            },
+        }
+        if t.wal.snapshot == crate::config::Snapshot::All {
+            let select: Option<bool> = sqlx::query_scalar(
+                "SELECT has_table_privilege(to_regclass($1), 'SELECT') WHERE to_regclass($1) IS NOT NULL",
+            )
+            .bind(&t.table)
+            .fetch_optional(&mut *conn)
+            .await?;
+            if select == Some(false) {
+                p.problems.push(format!(
+                    "may not SELECT from `{}`, which the initial snapshot reads (snapshot = \"all\")",
+                    t.table
+                ));
             }
         }
     }

@@ -8,8 +8,9 @@ use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use super::deliver::{Batch, Deliverer, Origin};
-use super::pgoutput::{Relation, RelationColumn, Value};
+use super::pgoutput::Value;
 use super::rows::RowReader;
+use super::source::describe_table;
 use super::WalError;
 
 /// Publishes every row of the table visible in `snapshot` (exported by the slot's
@@ -40,35 +41,16 @@ pub async fn publish_existing(
     ] {
         sqlx::query(set).execute(&mut *conn).await?;
     }
-    let columns: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT attname::text, atttypid::bigint FROM pg_attribute \
-         WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-    )
-    .bind(&t.table)
-    .fetch_all(&mut *conn)
-    .await?;
-    if columns.is_empty() {
-        return Err(WalError::NoTable(t.table.clone()));
-    }
-    let (schema, name) = t.table.split_once('.').unwrap_or(("public", &t.table));
-    let relation = Relation {
-        id: 0,
-        schema: schema.to_owned(),
-        name: name.to_owned(),
-        columns: columns
-            .iter()
-            .map(|(n, oid)| RelationColumn {
-                name: n.clone(),
-                type_oid: u32::try_from(*oid).unwrap_or_default(),
-            })
-            .collect(),
-    };
+    let relation = describe_table(conn, &t.table)
+        .await?
+        .ok_or_else(|| WalError::NoTable(t.table.clone()))?;
     let reader = RowReader::new(&relation, &t)?;
     let select = format!(
         "SELECT {} FROM {} AS s ORDER BY s.\"{}\"",
-        columns
+        relation
+            .columns
             .iter()
-            .map(|(n, _)| format!("s.\"{n}\"::text"))
+            .map(|c| format!("s.\"{}\"::text", c.name))
             .collect::<Vec<_>>()
             .join(", "),
         t.table
@@ -88,7 +70,7 @@ pub async fn publish_existing(
             let next = rows.try_next().await?;
             if let Some(row) = &next {
                 chunk.push(
-                    (0..columns.len())
+                    (0..relation.columns.len())
                         .map(|i| row.try_get::<Option<String>, _>(i))
                         .collect::<Result<_, _>>()?,
                 );

@@ -5,6 +5,7 @@
 use pgwire_replication::{ReplicationClient, ReplicationConfig, SslMode, TlsConfig};
 use sqlx::postgres::PgConnection;
 
+use super::pgoutput::{Relation, RelationColumn};
 use super::WalError;
 use crate::config::TableConfig;
 use crate::db::ReplicationTarget;
@@ -46,6 +47,37 @@ pub async fn check_server(conn: &mut PgConnection) -> Result<(), WalError> {
 /// `schema.table` -> (`schema`, `table`), `public` when unqualified.
 pub(super) fn split(table: &str) -> (&str, &str) {
     table.split_once('.').unwrap_or(("public", table))
+}
+
+/// The table as the catalog describes it, its columns in order (as the stream's relation
+/// message would); `None` when it does not exist.
+pub(super) async fn describe_table(
+    conn: &mut PgConnection,
+    table: &str,
+) -> Result<Option<Relation>, WalError> {
+    let columns: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT attname::text, atttypid::bigint FROM pg_attribute \
+         WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await?;
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let (schema, name) = split(table);
+    Ok(Some(Relation {
+        id: 0,
+        schema: schema.to_owned(),
+        name: name.to_owned(),
+        columns: columns
+            .into_iter()
+            .map(|(name, oid)| RelationColumn {
+                name,
+                type_oid: u32::try_from(oid).unwrap_or_default(),
+            })
+            .collect(),
+    }))
 }
 
 /// Makes sure the publication exists and includes the table (creating it, for inserts
