@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
@@ -61,11 +61,12 @@ pub enum OpenError {
     },
 }
 
-/// The parts of a PostgreSQL `database.url` a replication session connects with (the
-/// replication protocol has a client of its own, beside sqlx's pool).
+/// What a replication session connects with: the pool's connection options, so that it
+/// reaches the same server as the same role (the replication protocol has a client of its
+/// own, beside sqlx's pool).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ReplicationTarget {
-    /// Host name, address, or a Unix socket directory (starting with `/`).
+    /// Host name or address, or a Unix socket directory (starting with `/`).
     pub host: String,
     /// Port.
     pub port: u16,
@@ -75,13 +76,27 @@ pub struct ReplicationTarget {
     pub password: String,
     /// Database.
     pub database: String,
-    /// `sslmode` of the URL: `disable`/`allow`/`prefer` (no TLS), `require`,
-    /// `verify-ca` or `verify-full`.
-    pub sslmode: String,
-    /// `sslrootcert` of the URL.
+    /// Whether and how TLS is used.
+    pub tls: ReplicationTls,
+    /// `sslrootcert` of the URL, else `PGSSLROOTCERT`.
     pub sslrootcert: Option<String>,
-    /// `application_name` of the URL, else `outboxd`.
+    /// The session's `application_name`.
     pub application_name: String,
+}
+
+/// TLS of a replication session, from the connection's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationTls {
+    /// `disable`, `allow`: plain (as sqlx connects for `allow`).
+    Off,
+    /// `prefer` (the default): TLS when the server offers it.
+    Prefer,
+    /// `require`: TLS, the certificate not checked.
+    Require,
+    /// `verify-ca`: TLS, the certificate checked against `sslrootcert`.
+    VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the host name too.
+    VerifyFull,
 }
 
 impl std::fmt::Debug for ReplicationTarget {
@@ -91,18 +106,16 @@ impl std::fmt::Debug for ReplicationTarget {
             .field("port", &self.port)
             .field("user", &self.user)
             .field("database", &self.database)
-            .field("sslmode", &self.sslmode)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
 
 impl ReplicationTarget {
-    /// The parts of `url` (which sqlx already accepted); what it leaves out comes from
-    /// libpq's environment variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
-    /// `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME`), as for sqlx's
-    /// connections, else libpq's defaults: localhost, 5432, user `postgres`, the database
-    /// named as the user, `sslmode=prefer`.
-    pub fn from_url(url: &str) -> Self {
+    /// The target of `opts`, which sqlx parsed from `url` with libpq's environment
+    /// (`PGHOST`, `PGUSER`, `PGSSLMODE`, ...) for what the URL leaves out. The password is
+    /// the URL's, else `PGPASSWORD`; `~/.pgpass` is not read for this session.
+    pub fn new(opts: &PgConnectOptions, url: &str) -> Self {
         let parsed = url::Url::parse(url).ok();
         let query = |key: &str| {
             parsed.as_ref().and_then(|u| {
@@ -112,58 +125,37 @@ impl ReplicationTarget {
             })
         };
         let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
-        let decode = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default()
-        };
-        let host = query("host")
-            .or_else(|| {
-                parsed
-                    .as_ref()
-                    .and_then(|u| u.host_str())
-                    .filter(|h| !h.is_empty())
-                    .map(str::to_owned)
+        let password = parsed
+            .as_ref()
+            .and_then(|u| u.password())
+            .map(|p| {
+                url::form_urlencoded::parse(format!("x={p}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
             })
-            .or_else(|| env("PGHOST"))
-            .unwrap_or_else(|| "localhost".to_owned());
-        let user = parsed
-            .as_ref()
-            .map(|u| decode(u.username()))
-            .filter(|u| !u.is_empty())
-            .or_else(|| query("user"))
-            .or_else(|| env("PGUSER"))
-            .unwrap_or_else(|| "postgres".to_owned());
-        let database = parsed
-            .as_ref()
-            .map(|u| decode(u.path().trim_start_matches('/')))
-            .filter(|d| !d.is_empty())
-            .or_else(|| query("dbname"))
-            .or_else(|| env("PGDATABASE"))
-            .unwrap_or_else(|| user.clone());
+            .or_else(|| query("password"))
+            .or_else(|| env("PGPASSWORD"))
+            .unwrap_or_default();
+        let user = opts.get_username().to_owned();
         ReplicationTarget {
-            host,
-            port: query("port")
-                .and_then(|p| p.parse().ok())
-                .or_else(|| parsed.as_ref().and_then(url::Url::port))
-                .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
-                .unwrap_or(5432),
-            password: parsed
-                .as_ref()
-                .and_then(|u| u.password().map(decode))
-                .or_else(|| query("password"))
-                .or_else(|| env("PGPASSWORD"))
-                .unwrap_or_default(),
+            host: match opts.get_socket() {
+                Some(dir) => dir.display().to_string(),
+                None => opts.get_host().to_owned(),
+            },
+            port: opts.get_port(),
+            database: opts.get_database().unwrap_or(&user).to_owned(),
             user,
-            database,
-            sslmode: query("sslmode")
-                .or_else(|| env("PGSSLMODE"))
-                .unwrap_or_else(|| "prefer".to_owned()),
+            password,
+            tls: match opts.get_ssl_mode() {
+                PgSslMode::Disable | PgSslMode::Allow => ReplicationTls::Off,
+                PgSslMode::Prefer => ReplicationTls::Prefer,
+                PgSslMode::Require => ReplicationTls::Require,
+                PgSslMode::VerifyCa => ReplicationTls::VerifyCa,
+                PgSslMode::VerifyFull => ReplicationTls::VerifyFull,
+            },
             sslrootcert: query("sslrootcert").or_else(|| env("PGSSLROOTCERT")),
-            application_name: query("application_name")
-                .or_else(|| env("PGAPPNAME"))
-                .unwrap_or_else(|| "outboxd".to_owned()),
+            application_name: opts.get_application_name().unwrap_or("outboxd").to_owned(),
         }
     }
 }
@@ -192,7 +184,7 @@ impl Database {
                     .max_connections(db.max_connections)
                     .acquire_timeout(db.connect_timeout)
                     .connect_lazy_with(opts.clone());
-                let replication = Arc::new(ReplicationTarget::from_url(url));
+                let replication = Arc::new(ReplicationTarget::new(&opts, url));
                 Ok(Database::Postgres {
                     opts,
                     pool,
@@ -326,11 +318,16 @@ pub fn migrator(backend: Backend) -> Migrator {
 
 #[cfg(test)]
 mod tests {
-    use super::ReplicationTarget;
+    use super::{PgConnectOptions, ReplicationTarget, ReplicationTls};
+
+    fn target(url: &str) -> ReplicationTarget {
+        let opts: PgConnectOptions = url.parse().unwrap();
+        ReplicationTarget::new(&opts, url)
+    }
 
     #[test]
-    fn a_replication_session_connects_where_the_url_says_and_never_shows_the_password() {
-        let t = ReplicationTarget::from_url(
+    fn a_replication_session_connects_as_the_pool_does_and_never_shows_the_password() {
+        let t = target(
             "postgres://relay:p%40ss@db.example:6432/app?sslmode=verify-full&application_name=a",
         );
         assert_eq!(
@@ -343,22 +340,17 @@ mod tests {
             ("db.example", 6432, "relay", "p@ss")
         );
         assert_eq!(
-            (t.database.as_str(), t.sslmode.as_str()),
-            ("app", "verify-full")
+            (t.database.as_str(), t.tls),
+            ("app", ReplicationTls::VerifyFull)
         );
         assert_eq!(t.application_name, "a");
         assert!(!format!("{t:?}").contains("p@ss"));
 
-        let d = ReplicationTarget::from_url("postgresql:///events?host=/run/postgresql&user=me");
+        let d = target("postgresql://me@localhost/events?host=/run/postgresql&sslmode=allow");
         assert_eq!(
-            (
-                d.host.as_str(),
-                d.port,
-                d.user.as_str(),
-                d.database.as_str()
-            ),
-            ("/run/postgresql", 5432, "me", "events")
+            (d.host.as_str(), d.user.as_str(), d.database.as_str()),
+            ("/run/postgresql", "me", "events")
         );
-        assert_eq!((d.password.as_str(), d.sslmode.as_str()), ("", "prefer"));
+        assert_eq!(d.tls, ReplicationTls::Off);
     }
 }

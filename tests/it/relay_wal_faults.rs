@@ -148,8 +148,30 @@ async fn a_standby_replica_takes_the_slot_over_after_a_sigkill() {
         .await
         .unwrap()
     };
+    // The replica holding the slot's advisory lock is the one reading it.
+    let (class, object) = (
+        outboxd::relay::store::stable_hash("outboxd:wal"),
+        outboxd::relay::store::stable_hash(&slot),
+    );
+    let leader = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT a.application_name::text FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int = $1 \
+             AND l.objid::int = $2 AND l.objsubid = 2",
+        )
+        .bind(class)
+        .bind(object)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
     write(pool.clone(), table.clone(), 0, 1_000).await;
     let first = reader().await.expect("one replica reads the slot");
+    assert_eq!(
+        leader().await,
+        std::slice::from_ref(&first),
+        "the reader holds the lock, alone"
+    );
     let (killed, survivor) = if first == "replica_a" { (0, 1) } else { (1, 0) };
     kill9(&mut children[killed].1);
     let other = children[survivor].0;

@@ -212,8 +212,10 @@ pub async fn retire(
 ) -> Result<Retired, WalError> {
     let slot = t.wal_slot();
     let mut conn = pool.acquire().await?;
-    // A replica that relays the table holds the slot's lock, also while it takes the
-    // snapshot or between two sessions, when no session reads the slot.
+    // Closed, not returned to the pool, in case the lock outlives an error.
+    conn.close_on_drop();
+    // A replica that relays the table holds the slot's lock while it reads the slot and
+    // while it takes the initial snapshot (when no session reads the slot yet).
     let (class, object) = super::lock_keys(&slot);
     let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
         .bind(class)

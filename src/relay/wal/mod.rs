@@ -154,11 +154,12 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
             heartbeat: &heartbeat,
             stop: &shutdown,
         };
-        match run.lead_and_stream(&mut deliverer, &mut restart).await {
+        let mut streamed = None;
+        match run.lead_and_stream(&mut deliverer, &mut streamed).await {
             Ok(()) => {}
             Err(WalError::Stopped) => return,
             Err(e) => {
-                let pause = restart.failed(&e);
+                let pause = restart.failed(&e, streamed.map(|since: Instant| since.elapsed()));
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(pause) => {}
@@ -172,12 +173,17 @@ pub async fn run_table(ctx: TableContext, shutdown: CancellationToken) {
     }
 }
 
-/// The backoff between two attempts to read the slot, and the error last logged: both
-/// start afresh once a session streams.
+/// The backoff between two attempts to read the slot, and the error last logged. The
+/// backoff starts afresh after a session that streamed for a while, so that an error that
+/// comes back at once (a table that no longer fits its mapping, say) keeps its growing pause.
 struct Restart {
     backoff: backon::ExponentialBackoff,
     reported: Option<String>,
 }
+
+/// How long a session must have streamed for the next failure to start a fresh backoff:
+/// longer than the longest pause.
+const STREAMED_A_WHILE: Duration = Duration::from_secs(60);
 
 impl Restart {
     fn new() -> Self {
@@ -187,14 +193,12 @@ impl Restart {
         }
     }
 
-    /// A session streams.
-    fn started(&mut self) {
-        *self = Restart::new();
-    }
-
     /// Logs `e` (at debug when it repeats the last one) and returns the pause before the
-    /// next attempt.
-    fn failed(&mut self, e: &WalError) -> Duration {
+    /// next attempt; `streamed` is how long the failed session streamed.
+    fn failed(&mut self, e: &WalError, streamed: Option<Duration>) -> Duration {
+        if streamed.is_some_and(|d| d >= STREAMED_A_WHILE) {
+            self.backoff = crate::backoff::exponential();
+        }
         let pause = self.backoff.next().unwrap_or_default();
         let text = e.to_string();
         if self.reported.as_deref() == Some(&text) {
@@ -227,7 +231,7 @@ impl Run<'_> {
     async fn lead_and_stream(
         &self,
         deliverer: &mut Deliverer,
-        restart: &mut Restart,
+        streamed: &mut Option<Instant>,
     ) -> Result<(), WalError> {
         let t = &self.ctx.config;
         let slot = t.wal_slot();
@@ -273,7 +277,7 @@ impl Run<'_> {
             }
         };
         client.wait_started().await?;
-        restart.started();
+        *streamed = Some(Instant::now());
         tracing::info!(%slot, "streaming from the replication slot");
         let mut watch = Watch {
             lock,
@@ -353,38 +357,33 @@ fn lock_keys(slot: &str) -> (i32, i32) {
     (stable_hash("outboxd:wal"), stable_hash(slot))
 }
 
-/// Moves the slot's confirmed position to `at` once its session released it (best
-/// effort: waits up to 5 s for the walsender to end).
+/// Moves the slot's confirmed position to `at` once its session released it (best effort,
+/// within 5 s: the next start sends again what was confirmed after the last report).
 async fn advance(pool: &PgPool, slot: &str, at: Lsn) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let advanced = sqlx::query_scalar::<_, bool>(
-            "SELECT count(pg_replication_slot_advance(slot_name, $2::pg_lsn)) > 0 \
-             FROM pg_replication_slots WHERE slot_name = $1 AND NOT active \
-             AND confirmed_flush_lsn < $2::pg_lsn",
-        )
-        .bind(slot)
-        .bind(at.to_string())
-        .fetch_one(pool)
-        .await;
-        let active = sqlx::query_scalar::<_, bool>(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-        )
-        .bind(slot)
-        .fetch_optional(pool)
-        .await;
-        match (advanced, active) {
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!(error = %e, "slot not advanced at stop; the next start sends the rows since its last report again");
-                return;
+    let attempt = async {
+        loop {
+            // One statement: the slot is read and advanced as it is at that moment.
+            let found = sqlx::query_as::<_, (bool, bool)>(
+                "SELECT active, CASE WHEN NOT active AND confirmed_flush_lsn < $2::pg_lsn \
+                 THEN pg_replication_slot_advance(slot_name, $2::pg_lsn) IS NOT NULL \
+                 ELSE false END FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(slot)
+            .bind(at.to_string())
+            .fetch_optional(pool)
+            .await?;
+            match found {
+                Some((true, _)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Some((false, advanced)) => return Ok::<bool, sqlx::Error>(advanced),
+                None => return Ok(false),
             }
-            (Ok(true), _) | (Ok(false), Ok(None | Some(false))) => return,
-            (Ok(false), Ok(Some(true))) if Instant::now() >= deadline => {
-                tracing::debug!("the slot's session did not end within 5 s; not advanced at stop");
-                return;
-            }
-            (Ok(false), Ok(Some(true))) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(true)) => tracing::debug!(%at, "slot advanced to the last confirmed position at stop"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "slot not advanced at stop; the next start sends the rows confirmed since its last report again"),
+        Err(_) => tracing::warn!("the slot's session did not end within 5 s; not advanced at stop, the next start sends the rows confirmed since its last report again"),
     }
 }
 

@@ -8,7 +8,7 @@ use sqlx::postgres::PgConnection;
 use super::pgoutput::{Relation, RelationColumn};
 use super::WalError;
 use crate::config::TableConfig;
-use crate::db::ReplicationTarget;
+use crate::db::{ReplicationTarget, ReplicationTls};
 
 /// Session settings of the replication connection, so that values arrive in the text
 /// forms the row reader parses (ISO times in UTC, bytea as hex, floats exact).
@@ -221,17 +221,15 @@ pub async fn mark_ready(conn: &mut PgConnection, t: &TableConfig) -> Result<(), 
 /// The replication session's settings for table `t`.
 pub fn replication_config(target: &ReplicationTarget, t: &TableConfig) -> ReplicationConfig {
     let root = target.sslrootcert.clone().map(Into::into);
-    let tls = match target.sslmode.as_str() {
-        "disable" => TlsConfig::disabled(),
-        "require" => TlsConfig::require(),
-        "verify-ca" => TlsConfig::verify_ca(root),
-        "verify-full" => TlsConfig::verify_full(root),
-        // `prefer` (libpq's default) and `allow`: TLS when the server offers it, as the
-        // pool's connections do.
-        _ => TlsConfig {
+    let tls = match target.tls {
+        ReplicationTls::Off => TlsConfig::disabled(),
+        ReplicationTls::Prefer => TlsConfig {
             mode: SslMode::Prefer,
             ..TlsConfig::require()
         },
+        ReplicationTls::Require => TlsConfig::require(),
+        ReplicationTls::VerifyCa => TlsConfig::verify_ca(root),
+        ReplicationTls::VerifyFull => TlsConfig::verify_full(root),
     };
     ReplicationConfig::new(
         target.host.clone(),

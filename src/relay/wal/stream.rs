@@ -88,6 +88,7 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
                     if let Some(end) = commit {
                         confirm(client, &mut confirmed, end);
                     }
+                    watch.tick().await?;
                     continue;
                 }
             }
@@ -150,6 +151,7 @@ pub async fn run(client: &mut ReplicationClient, s: Stream<'_>) -> Result<Option
                     committed = 0;
                     heartbeat.beat();
                     confirm(client, &mut confirmed, end_lsn);
+                    watch.tick().await?;
                 }
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
