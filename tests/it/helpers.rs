@@ -470,3 +470,20 @@ pub async fn terminate(child: &mut std::process::Child, limit: Duration) -> (Opt
     }
     (status.code(), stderr)
 }
+
+/// Asserts every `n` of `0..count` arrived exactly once.
+pub fn assert_each_once(received: &[Received], count: i64) {
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for r in received {
+        *seen.entry(r.n).or_default() += 1;
+    }
+    for n in 0..count {
+        assert_eq!(
+            seen.get(&n),
+            Some(&1),
+            "row {n} arrived {:?} times",
+            seen.get(&n)
+        );
+    }
+    assert_eq!(received.len() as i64, count, "nothing else arrived");
+}

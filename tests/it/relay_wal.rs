@@ -4,7 +4,6 @@
 //! and its hand-over to the stream, a slot that keeps up while only other tables change,
 //! and a clear refusal where logical decoding is off.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use outboxd::config::{Capture, Config, Snapshot};
@@ -74,20 +73,25 @@ pub(crate) fn wal_config(table: &str, bootstrap: &str, snapshot: Snapshot) -> Co
     cfg
 }
 
-/// Drops the test's slot and publication once the daemon is gone.
-pub(crate) async fn retire(pool: &PgPool, cfg: &Config) {
-    let t = &cfg.relay.tables[0];
-    let slot = t.wal_slot();
+/// Waits until no session reads `slot` (or it does not exist).
+async fn released(pool: &PgPool, slot: &str) {
     eventually("the slot is released", Duration::from_secs(10), || async {
         let active: Option<bool> =
             sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(&slot)
+                .bind(slot)
                 .fetch_optional(pool)
                 .await
                 .unwrap();
         active != Some(true)
     })
     .await;
+}
+
+/// Drops the test's slot and publication once the daemon is gone.
+pub(crate) async fn retire(pool: &PgPool, cfg: &Config) {
+    let t = &cfg.relay.tables[0];
+    let slot = t.wal_slot();
+    released(pool, &slot).await;
     sqlx::query(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
     )
@@ -102,23 +106,6 @@ pub(crate) async fn retire(pool: &PgPool, cfg: &Config) {
     .execute(pool)
     .await
     .unwrap();
-}
-
-/// Asserts every `n` of `0..count` arrived exactly once.
-pub(crate) fn assert_each_once(received: &[Received], count: i64) {
-    let mut seen: HashMap<i64, usize> = HashMap::new();
-    for r in received {
-        *seen.entry(r.n).or_default() += 1;
-    }
-    for n in 0..count {
-        assert_eq!(
-            seen.get(&n),
-            Some(&1),
-            "row {n} arrived {:?} times",
-            seen.get(&n)
-        );
-    }
-    assert_eq!(received.len() as i64, count, "nothing else arrived");
 }
 
 /// Waits until the table's slot exists, its snapshot published, and a session reads it.
@@ -482,16 +469,7 @@ async fn the_operator_commands_know_the_slot() {
     assert!(out.contains("an outboxd relays the table"), "{out}");
     daemon.stop().await.unwrap();
     let slot = cfg.relay.tables[0].wal_slot();
-    eventually("the slot is released", Duration::from_secs(10), || async {
-        let active: Option<bool> =
-            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(&slot)
-                .fetch_optional(&pool)
-                .await
-                .unwrap();
-        active == Some(false)
-    })
-    .await;
+    released(&pool, &slot).await;
     let (code, out) = outboxd(
         &["relay", "drop-slot", "--table", &table, "--publication"],
         &toml,

@@ -10,9 +10,7 @@ use sqlx::PgPool;
 use crate::faults::{scaled, spawn};
 use crate::faults_infra::ThrowawayPg;
 use crate::helpers::*;
-use crate::relay_wal::{
-    assert_each_once, event_store, logical_db, logical_url, retire, streaming, wal_config,
-};
+use crate::relay_wal::{event_store, logical_db, logical_url, retire, streaming, wal_config};
 
 /// `outboxd run` configuration (TOML) relaying `table` from its slot.
 fn toml(url: &str, bootstrap: &str, table: &str, batch: u32) -> String {
