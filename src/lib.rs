@@ -200,13 +200,7 @@ pub async fn start(
         .map(|t| format!("relay table {}", t.table))
         .zip(relay_tasks)
         .collect();
-    let consumer = consumer::start(
-        &config,
-        &brokers.bootstrap,
-        database,
-        &services,
-        budget.consumer_calls(),
-    )?;
+    let consumer = consumer::start(&config, &brokers.bootstrap, database, &services, budget)?;
     let consumer = consumer.map(|(task, handle)| {
         tasks.push(("consumer".to_owned(), task));
         handle

@@ -82,6 +82,9 @@ pub struct Metrics {
     /// even stripped, or an unrouted message with `unrouted = "fail"`); above 0 is an
     /// alert.
     pub consumer_partition_stopped: IntGaugeVec,
+    /// Partitions assigned to this member, by topic: 0 on every member but one, or
+    /// changing often, points at the group rather than the handlers.
+    pub consumer_assigned_partitions: IntGaugeVec,
     /// Tasks that panicked, by task (`relay lane`, `partition worker`, ...): each was
     /// restarted, or the process stopped with exit code 70.
     pub task_panics_total: IntCounterVec,
@@ -308,6 +311,14 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .unwrap(),
+            consumer_assigned_partitions: IntGaugeVec::new(
+                Opts::new(
+                    "consumer_assigned_partitions",
+                    "Partitions assigned to this member",
+                ),
+                &["topic"],
+            )
+            .unwrap(),
             task_panics_total: IntCounterVec::new(
                 Opts::new(
                     "task_panics_total",
@@ -351,6 +362,7 @@ impl Metrics {
             Box::new(m.consumer_already_final_total.clone()),
             Box::new(m.consumer_offset_metadata_overflow_total.clone()),
             Box::new(m.consumer_partition_stopped.clone()),
+            Box::new(m.consumer_assigned_partitions.clone()),
             Box::new(m.relay_lanes_conflict.clone()),
             Box::new(m.relay_slot_lag_bytes.clone()),
             Box::new(m.task_panics_total.clone()),

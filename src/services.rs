@@ -32,6 +32,18 @@ impl DrainBudget {
     pub fn consumer_calls(self) -> Duration {
         self.total.mul_f32(0.75)
     }
+
+    /// By when, from the stop, the consumer has left its group (or gives up waiting for
+    /// a rebalance in flight to end).
+    pub fn consumer_leave_by(self) -> Duration {
+        self.total.mul_f32(0.8)
+    }
+
+    /// By when, from the stop, the consumer's client has closed (or is left to close
+    /// while the process ends).
+    pub fn consumer_close_by(self) -> Duration {
+        self.total.mul_f32(0.9)
+    }
 }
 
 /// What the relay and the consumer share.

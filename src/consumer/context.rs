@@ -3,6 +3,7 @@
 //! assignment changes for the dispatcher, and turns statistics into the lag gauge.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -47,6 +48,9 @@ pub struct Context {
     /// The group's assignment is incremental (`partition.assignment.strategy` names the
     /// cooperative-sticky assignor), decided from the configuration once.
     cooperative: bool,
+    /// The consumer is leaving the group at shutdown: no worker reads a partition any
+    /// more.
+    leaving: AtomicBool,
 }
 
 impl Context {
@@ -61,7 +65,14 @@ impl Context {
             changed: Notify::new(),
             commits: Commits::default(),
             cooperative: strategy.is_some_and(|s| s.contains("cooperative")),
+            leaving: AtomicBool::new(false),
         }
+    }
+
+    /// From now on partitions assigned get no queue of their own: the consumer is
+    /// leaving the group, and no worker will read them.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
     }
 
     /// Tells the context its consumer; before the first poll.
@@ -146,6 +157,13 @@ impl ConsumerContext for Context {
                 Rebalance::Error(rdkafka::error::KafkaError::Rebalance(err.into()))
             }
         };
+        if consumer.closed() {
+            // A rebalance delivered after the group handle terminated: librdkafka drops
+            // an assignment call or a commit then without an answer, and either would
+            // wait for one forever.
+            tracing::debug!("rebalance after the consumer closed; nothing to assign");
+            return;
+        }
         self.pre_rebalance(consumer, &rebalance);
         let client = rdkafka::consumer::Consumer::client(consumer).native_ptr();
         // SAFETY: the client pointer is the live consumer's, and `tpl` is the list
@@ -187,17 +205,22 @@ impl ConsumerContext for Context {
                         partition = e.partition(),
                         "partition revoked"
                     );
+                    self.metrics
+                        .consumer_assigned_partitions
+                        .with_label_values(&[e.topic()])
+                        .dec();
                     self.record(Change::Revoked, e.topic(), e.partition());
                 }
             }
             // Split before librdkafka starts fetching: a queue split off by the
             // application stays split, so no message of the partition reaches the
             // consumer's main queue.
-            Rebalance::Assign(tpl) => {
+            Rebalance::Assign(tpl) if !self.leaving.load(Ordering::Relaxed) => {
                 for e in tpl.elements() {
                     self.split(e.topic(), e.partition());
                 }
             }
+            Rebalance::Assign(_) => {}
             Rebalance::Error(_) => {}
         }
         self.changed.notify_one();
@@ -218,6 +241,10 @@ impl ConsumerContext for Context {
                     partition = e.partition(),
                     "partition assigned"
                 );
+                self.metrics
+                    .consumer_assigned_partitions
+                    .with_label_values(&[e.topic()])
+                    .inc();
                 self.record(Change::Assigned, e.topic(), e.partition());
             }
             self.changed.notify_one();

@@ -11,13 +11,15 @@
 //!   `gate`: what each call of a handler passes, built on it;
 //! - `lanes`, `offsets` (what is final, and the commit metadata), `commits` (the table of
 //!   offsets to commit), `input`, `routing`, `retry`, `dead_letter`, `context`
-//!   (rebalance, commit and statistics callbacks).
+//!   (rebalance, commit and statistics callbacks), `close` (leaving the group at
+//!   shutdown).
 //!
 //! Offsets: librdkafka's automatic commit is off. Each worker publishes its partition's
 //! lowest offset without a final outcome, with a map of the final ones above it in the
 //! commit's metadata; the dispatcher commits what changed every 200 ms, on revoke and at
 //! shutdown, and a newly assigned partition's worker reads the map back first.
 
+mod close;
 mod commits;
 mod context;
 mod dead_letter;
@@ -44,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError, Received};
-use crate::services::Services;
+use crate::services::{DrainBudget, Services};
 use crate::systemd::{Heartbeat, Liveness};
 use context::{Change, Context};
 use dead_letter::DeadLetters;
@@ -57,15 +59,15 @@ use routing::Router;
 const STRAYS: usize = 1024;
 
 /// Starts the consumer when `[consumer]` is configured, returning its task and a handle
-/// for reloads. The task returns after `shutdown`
-/// once workers finished their message in flight (or `drain` passed) and offsets were
-/// committed.
+/// for reloads. The task returns after `shutdown` once workers finished their message in
+/// flight (or the budget's share for calls passed), offsets were committed, and the
+/// consumer left the group and closed (or the budget's share for that passed).
 pub fn start(
     config: &Config,
     bootstrap: &str,
     database: Option<crate::db::Database>,
     services: &Services,
-    drain: Duration,
+    budget: DrainBudget,
 ) -> Result<Option<(JoinHandle<()>, Handle)>, StartError> {
     let (producer, metrics) = (services.producer.clone(), services.metrics.clone());
     let Some(c) = &config.consumer else {
@@ -128,6 +130,7 @@ pub fn start(
     let strategy = client
         .get("partition.assignment.strategy")
         .map(str::to_owned);
+    let static_member = client.get("group.instance.id").is_some();
     let consumer: StreamConsumer<Context> = client
         .create_with_context(Context::new(metrics.clone(), strategy.as_deref()))
         .map_err(StartError::Client)?;
@@ -163,7 +166,15 @@ pub fn start(
         services.shutdown.clone(),
         services.liveness.clone(),
     );
-    let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), drain, heartbeat));
+    let stop = Stop {
+        calls: budget.consumer_calls(),
+        close: close::Within {
+            leave_by: budget.consumer_leave_by(),
+            close_by: budget.consumer_close_by(),
+            static_member,
+        },
+    };
+    let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), stop, heartbeat));
     Ok(Some((
         task,
         Handle {
@@ -276,6 +287,14 @@ fn pause(consumer: &StreamConsumer<Context>, topic: &str, partition: i32, paused
 /// Per topic, per partition.
 type ByPartition<T> = HashMap<String, HashMap<i32, T>>;
 
+/// How the consumer stops.
+struct Stop {
+    /// How long calls in flight may still run.
+    calls: Duration,
+    /// Leaving the group and closing the client after that.
+    close: close::Within,
+}
+
 struct Dispatcher {
     shared: Arc<Shared>,
     workers: ByPartition<Worker>,
@@ -305,7 +324,7 @@ impl Dispatcher {
         }
     }
 
-    async fn run(mut self, shutdown: CancellationToken, drain: Duration, heartbeat: Heartbeat) {
+    async fn run(mut self, shutdown: CancellationToken, stop: Stop, heartbeat: Heartbeat) {
         let shared = self.shared.clone();
         let mut beat = tokio::time::interval(Duration::from_secs(1));
         let mut commit = tokio::time::interval(commits::INTERVAL);
@@ -345,7 +364,12 @@ impl Dispatcher {
                 }
             }
         }
-        if let Some(panic) = self.drain(drain).await {
+        let stopped = tokio::time::Instant::now();
+        let consumer = shared.consumer.clone();
+        drop(shared);
+        let panic = self.drain(stop.calls).await;
+        close::close(consumer, stopped, &stop.close).await;
+        if let Some(panic) = panic {
             // The consumer's task ends as the worker did: the daemon exits non-zero.
             std::panic::resume_unwind(panic);
         }

@@ -1,5 +1,6 @@
 //! Consumer faults: dead-letter topic unavailable, one partition stuck in retries, restart
-//! during retries, a second member joining, SIGTERM under load.
+//! during retries, a second member joining, a member stopped while its group rebalances,
+//! SIGTERM under load.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -288,6 +289,76 @@ async fn a_second_member_joining_mid_stream_loses_nothing() {
     assert!(handled_by_b > 0.0, "the second member took partitions");
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_while_its_group_rebalances_stops_within_its_budget() {
+    // The second member is stopped inside the rebalance the first one's leave started.
+    // librdkafka's own close, meeting a rebalance, can wait forever for an assignment call
+    // or abort the process; outboxd first leaves the group, once the rebalance completed
+    // (the mock cluster ends it about 5 s after the leave), and only then closes. Giving
+    // up on leaving would show as a stop taking 80 % of `shutdown_timeout`.
+    let (topic, _cluster, bootstrap) = consuming("stoprebalance", 2);
+    let server = TestServer::start(&[], 200).await;
+    // About 50 messages a second per partition: every round finds messages waiting.
+    server.set_delay(Duration::from_millis(20));
+    let mut cfg = web_consumer(&bootstrap, &topic, &server.url);
+    cfg.consumer.as_mut().unwrap().ordering = outboxd::config::Ordering::Partition;
+    cfg.kafka.options.insert(
+        "heartbeat.interval.ms".into(),
+        outboxd::config::OptionValue::Int(300),
+    );
+    cfg.shutdown_timeout = Duration::from_secs(20);
+    let gives_up_after = cfg.shutdown_timeout.mul_f32(0.8);
+    for p in 0..2 {
+        let first = p as i64 * 2000;
+        produce_events(&bootstrap, &topic, p, "e", "E", first..first + 2000).await;
+    }
+    for round in 1..=3 {
+        let a = Daemon::start(cfg.clone()).await;
+        eventually(
+            "the first member handling",
+            Duration::from_secs(30),
+            || async { a.metric("outboxd_consumer_messages_total", &[]) > 0.0 },
+        )
+        .await;
+        let b = Daemon::start(cfg.clone()).await;
+        eventually(
+            "the second member handling its partition",
+            Duration::from_secs(30),
+            || async { b.metric("outboxd_consumer_messages_total", &[]) > 0.0 },
+        )
+        .await;
+        eventually(
+            "the two partitions shared between the members",
+            Duration::from_secs(10),
+            || async {
+                a.metric("outboxd_consumer_assigned_partitions", &[])
+                    + b.metric("outboxd_consumer_assigned_partitions", &[])
+                    == 2.0
+            },
+        )
+        .await;
+        a.stop().await.expect("the first member stops in time");
+        // The eager rebalance the first member's leave started revoked everything from
+        // the second; stopped now, it is stopped inside the rebalance.
+        eventually(
+            "the second member's partitions revoked",
+            Duration::from_secs(30),
+            || async { b.metric("outboxd_consumer_assigned_partitions", &[]) == 0.0 },
+        )
+        .await;
+        let stopping = std::time::Instant::now();
+        b.stop()
+            .await
+            .expect("the member stopped during the rebalance stops in time");
+        let took = stopping.elapsed();
+        println!("round {round}: the second member stopped in {took:?}");
+        assert!(
+            took < gives_up_after,
+            "the member gave up leaving the group ({took:?})"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
