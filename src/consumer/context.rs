@@ -196,7 +196,14 @@ impl ConsumerContext for Context {
                 // final here. (This blocks the dispatcher for one round trip to the group
                 // coordinator, during a rebalance only.)
                 let last = self.commits.close(tpl);
-                if let Err(e) = commit(consumer, &last, CommitMode::Sync) {
+                // Leaving, the drain has committed already: this only repeats it (or
+                // retries one the coordinator refused), and must not block the leave.
+                let mode = if self.leaving.load(Ordering::Relaxed) {
+                    CommitMode::Async
+                } else {
+                    CommitMode::Sync
+                };
+                if let Err(e) = commit(consumer, &last, mode) {
                     tracing::info!(error = %e, "commit on revoke failed; the next owner handles the messages final since the last commit again");
                 }
                 for e in tpl.elements() {

@@ -124,7 +124,10 @@ pub fn start(
     let strategy = client
         .get("partition.assignment.strategy")
         .map(str::to_owned);
-    let static_member = client.get("group.instance.id").is_some();
+    let leave_first = close::Within::leaves_first(
+        client.get("group.instance.id"),
+        client.get("group.protocol"),
+    );
     let consumer: StreamConsumer<Context> = client
         .create_with_context(Context::new(metrics.clone(), strategy.as_deref()))
         .map_err(StartError::Client)?;
@@ -165,7 +168,7 @@ pub fn start(
         close: close::Within {
             leave_by: budget.consumer_leave_by(),
             close_by: budget.consumer_close_by(),
-            static_member,
+            leave_first,
         },
     };
     let task = tokio::spawn(dispatcher.run(services.shutdown.clone(), stop, heartbeat));
