@@ -185,6 +185,44 @@ pub(crate) fn assert_in_order_once(server: &KeyServer, keys: usize, per_key: u64
     }
 }
 
+/// Checks one key's deliveries across crashes: each is the next sequence number after the
+/// one before, or a step back to replay from an earlier point (what a restart does with
+/// messages handled after the last commit), and the numbers reach `per_key - 1`. Returns
+/// the number of steps back; any gap, jump ahead or missing tail is an error.
+pub(crate) fn replays_in_order(seqs: &[u64], per_key: u64) -> Result<usize, String> {
+    let mut rewinds = 0;
+    let mut prev: Option<u64> = None;
+    for (i, &s) in seqs.iter().enumerate() {
+        match prev {
+            None if s != 0 => return Err(format!("starts at {s}, not 0")),
+            None => {}
+            Some(p) if s == p + 1 => {}
+            Some(p) if s <= p => rewinds += 1,
+            Some(p) => return Err(format!("{s} after {p} at delivery {i}: a gap")),
+        }
+        prev = Some(s);
+    }
+    let top = seqs.iter().max().copied();
+    if top != Some(per_key - 1) {
+        return Err(format!("reached {top:?}, not {}", per_key - 1));
+    }
+    Ok(rewinds)
+}
+
+#[test]
+fn replays_in_order_accepts_replays_and_refuses_gaps() {
+    assert_eq!(replays_in_order(&[0, 1, 2], 3), Ok(0));
+    assert_eq!(replays_in_order(&[0, 1, 2, 1, 2], 3), Ok(1));
+    assert_eq!(replays_in_order(&[0, 1, 1, 2, 0, 1, 2], 3), Ok(2));
+    assert!(replays_in_order(&[0, 2, 1], 3).is_err(), "reordered");
+    assert!(
+        replays_in_order(&[0, 1, 0, 2], 3).is_err(),
+        "replay skips 1"
+    );
+    assert!(replays_in_order(&[1, 2], 3).is_err(), "0 lost");
+    assert!(replays_in_order(&[0, 1], 3).is_err(), "tail lost");
+}
+
 pub(crate) fn key_config(bootstrap: &str, topic: &str, url: &str, max_in_flight: usize) -> Config {
     let mut cfg = web_consumer(bootstrap, topic, url);
     let c = cfg.consumer.as_mut().unwrap();
