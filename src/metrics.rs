@@ -29,6 +29,9 @@ pub struct Metrics {
     pub relay_dead_rows_total: IntCounterVec,
     /// Batches claimed and sent while a slow short batch still waited for Kafka, by table.
     pub relay_early_batches_total: IntCounterVec,
+    /// Claims that found no row to publish (an idle lane's polls, and rows held back
+    /// behind an open transaction), by table.
+    pub relay_empty_claims_total: IntCounterVec,
     /// Seconds a batch spends in each phase of its cycle, by table and phase: `claim`
     /// (the claim statements, from the first to the last chunk), `kafka` (from its last
     /// row sent to every delivery report in) and `commit`.
@@ -158,6 +161,14 @@ impl Metrics {
                 Opts::new(
                     "relay_early_batches_total",
                     "Batches sent while a slow short batch still waited for Kafka",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            relay_empty_claims_total: IntCounterVec::new(
+                Opts::new(
+                    "relay_empty_claims_total",
+                    "Claims that found no row to publish",
                 ),
                 &["table"],
             )
@@ -345,6 +356,7 @@ impl Metrics {
             Box::new(m.relay_lanes_owned.clone()),
             Box::new(m.relay_dead_rows_total.clone()),
             Box::new(m.relay_early_batches_total.clone()),
+            Box::new(m.relay_empty_claims_total.clone()),
             Box::new(m.relay_batch_phase_seconds.clone()),
             Box::new(m.consumer_messages_total.clone()),
             Box::new(m.consumer_handler_seconds.clone()),

@@ -219,6 +219,7 @@ async fn single_batch(
     }
     match after_claim(rows.len(), batch_size, false, false, stop.is_cancelled()) {
         AfterClaim::Nothing(end) => {
+            rt.empty_claim();
             session.commit().await?;
             Ok(end)
         }
@@ -276,6 +277,7 @@ async fn paired_batch(cycle: &mut Cycle<'_>, pair: &mut Pair) -> Result<BatchEnd
     }
     let done = match next {
         AfterClaim::Nothing(end) => {
+            rt.empty_claim();
             current.commit().await?;
             return Ok(end);
         }

@@ -112,6 +112,14 @@ impl TableRuntime {
         self.settings.borrow().batch_size
     }
 
+    /// Counts a claim that found no row.
+    pub(super) fn empty_claim(&self) {
+        self.metrics
+            .relay_empty_claims_total
+            .with_label_values(&[self.config.table.as_str()])
+            .inc();
+    }
+
     /// Counts the time since `since` as a batch's time in `phase`.
     pub(super) fn phase(&self, phase: Phase, since: Instant) {
         self.metrics
