@@ -63,8 +63,9 @@ pub async fn produce_range(
     Ok(())
 }
 
-/// The librdkafka properties outboxd's consumer sets for its per-partition queues (see
-/// `src/consumer/mod.rs`), so that a bare consumer can fetch the way outboxd does.
+/// The librdkafka properties outboxd's consumer sets for its per-partition queues when a
+/// route leads to a `log` handler (see `src/consumer/mod.rs`), so that a bare consumer can
+/// fetch the way outboxd does.
 pub const OUTBOXD_QUEUES: &[(&str, &str)] = &[
     ("queued.min.messages", "2000"),
     ("queued.max.messages.kbytes", "1024"),

@@ -42,7 +42,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, OutagePolicy};
+use crate::config::{Config, ConsumerConfig, HandlerConfig, OutagePolicy};
 use crate::handlers::{Handler, HandlerDeps, HandlerError};
 use crate::services::{DrainBudget, Services};
 use context::Context;
@@ -51,6 +51,23 @@ use delivery::{NamedHandler, Shared, Window};
 use dispatcher::{Dispatcher, Stop};
 use gate::Gate;
 use routing::Router;
+
+/// `queued.min.messages` for the handlers the routes lead to. A partition whose queue was
+/// full when its fetch was due is fetched again `fetch.queue.backoff.ms` (10 ms) later, so
+/// its queue must hold what its handler takes in that time. A `log` handler (or a consumer
+/// without routes, which only skips or dead-letters) takes a few hundred thousand messages
+/// a second per partition and gets 2,000. Every other handler waits for a call per message
+/// or per batch (an HTTP answer, a commit, a child process, Kafka's ack), tens of thousands
+/// a second over all partitions at the default `max_in_flight`; 500 serves them, and each
+/// partition then keeps 1,500 fewer messages in librdkafka's queue.
+fn refill_below(config: &Config, c: &ConsumerConfig) -> u32 {
+    let logs = |name: &str| matches!(config.handlers.get(name), Some(HandlerConfig::Log(_)));
+    if c.routes.is_empty() || c.routes.iter().any(|r| logs(&r.handler)) {
+        2000
+    } else {
+        500
+    }
+}
 
 /// Starts the consumer when `[consumer]` is configured, returning its task and a handle
 /// for reloads. The task returns after `shutdown` once workers finished their message in
@@ -104,10 +121,10 @@ pub fn start(
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
         // Every partition has a queue of its own, and these bound each one: a partition
-        // whose handler lags is not fetched beyond 2,000 messages or 1 MiB, plus one fetch
-        // of at most 256 KiB (librdkafka's defaults, 100,000 messages and 64 MiB, are meant
-        // for one queue shared by all partitions).
-        .set("queued.min.messages", "2000")
+        // whose handler lags is not fetched beyond `refill_below` messages or 1 MiB, plus
+        // one fetch of at most 256 KiB (librdkafka's defaults, 100,000 messages and 64 MiB,
+        // are meant for one queue shared by all partitions).
+        .set("queued.min.messages", refill_below(config, c).to_string())
         .set("queued.max.messages.kbytes", "1024")
         .set("max.partition.fetch.bytes", "262144")
         // A full queue postpones its partition's next fetch by this much; librdkafka's 1 s
@@ -249,5 +266,41 @@ fn dead_letter_policy(consumer: &OutagePolicy) -> OutagePolicy {
         failures: 1,
         keys: 1,
         ..consumer.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(handlers: &[(&str, &str)]) -> Config {
+        let mut toml = String::from(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[consumer]\ngroup_id = \"g\"\ntopics = [\"t\"]\n",
+        );
+        for (name, _) in handlers {
+            toml += &format!("[[consumer.routes]]\ntopic = \"t\"\nhandler = \"{name}\"\n");
+        }
+        for (name, kind) in handlers {
+            toml += &format!("[handlers.{name}]\n{kind}\n");
+        }
+        toml::from_str(&toml).unwrap()
+    }
+
+    fn refill(handlers: &[(&str, &str)]) -> u32 {
+        let config = config(handlers);
+        refill_below(&config, config.consumer.as_ref().unwrap())
+    }
+
+    #[test]
+    fn partitions_refill_below_500_unless_a_route_leads_to_a_log_handler() {
+        let http = ("web", "kind = \"http\"\nurl = \"http://127.0.0.1:1/\"");
+        let log = ("trace", "kind = \"log\"");
+        let command = ("run", "kind = \"command\"\nprogram = \"/bin/true\"");
+        let forward = ("fwd", "kind = \"kafka\"\ntopic = \"other\"");
+        assert_eq!(refill(&[http]), 500);
+        assert_eq!(refill(&[http, command, forward]), 500);
+        assert_eq!(refill(&[http, log]), 2000);
+        assert_eq!(refill(&[log]), 2000);
+        assert_eq!(refill(&[]), 2000);
     }
 }
