@@ -29,8 +29,9 @@ pub struct Metrics {
     pub relay_dead_rows_total: IntCounterVec,
     /// Batches claimed and sent while a slow short batch still waited for Kafka, by table.
     pub relay_early_batches_total: IntCounterVec,
-    /// Claims that found no row to publish (an idle lane's polls, and rows held back
-    /// behind an open transaction), by table.
+    /// Claims that found no row to publish, by table: an idle lane's polls and wake-ups,
+    /// claims that came back empty while a batch was in flight, and rows held back behind
+    /// an open transaction.
     pub relay_empty_claims_total: IntCounterVec,
     /// Seconds a batch spends in each phase of its cycle, by table and phase: `claim`
     /// (the claim statements, from the first to the last chunk), `kafka` (from its last

@@ -262,6 +262,7 @@ async fn claim_around<'p>(
     let claiming = Instant::now();
     let rows = session.claim_around(limit, keys).await?;
     if rows.is_empty() {
+        rt.empty_claim();
         session.rollback().await?;
         return Ok(None);
     }
