@@ -176,6 +176,10 @@ impl DeadLetters {
 /// replayed message that failed again) is kept as a number, so the loop guard goes on
 /// counting.
 fn original_headers(m: &Received) -> OwnedHeaders {
+    debug_assert!(
+        m.headers_read(),
+        "a message that may be dead-lettered is taken with its headers"
+    );
     let mut headers = OwnedHeaders::new();
     let mut replays = None;
     for h in m.headers().iter().flat_map(|h| h.iter()) {

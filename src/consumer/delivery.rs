@@ -114,6 +114,15 @@ impl Local {
             .collect();
         Local { routes, meters }
     }
+
+    /// True when something may read the headers of this topic's messages: a route that
+    /// picks by event type, a handler that reads them (every kind but `log` with its
+    /// line off), or the handling of a message no route takes.
+    pub fn reads_headers(&self, s: &Shared) -> bool {
+        self.routes
+            .catch_all()
+            .is_none_or(|slot| s.handlers[slot].handler.reads_headers())
+    }
 }
 
 /// What a message held in the window costs besides its key, value and headers: the job

@@ -123,7 +123,7 @@ impl Dispatcher {
                 received = shared.consumer.recv() => {
                     self.apply_changes();
                     match received {
-                        Ok(m) => self.stray(Received::detach(&m, &Arc::from(m.topic()))),
+                        Ok(m) => self.stray(Received::detach(&m, &Arc::from(m.topic()), true)),
                         Err(e) => {
                             tracing::warn!(error = %e, "kafka consumer error");
                             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -24,10 +24,16 @@ pub struct Input {
 
 impl Input {
     /// Waits for the next message, then adds it and those already waiting behind it to
-    /// `batch`, until it holds `max`. Cancel-safe: a message is taken off a queue only
-    /// when it is added.
-    pub async fn next_batch(&mut self, batch: &mut Vec<Received>, max: usize) {
-        batch.push(self.next().await);
+    /// `batch`, until it holds `max`; each with its headers if `headers()` says so as it
+    /// is taken (see [`Received::detach`]). Cancel-safe: a message is taken off a queue
+    /// only when it is added.
+    pub async fn next_batch(
+        &mut self,
+        batch: &mut Vec<Received>,
+        max: usize,
+        headers: &impl Fn() -> bool,
+    ) {
+        batch.push(self.next(headers).await);
         while batch.len() < max {
             match self.strays.try_recv() {
                 Ok(m) => batch.push(m),
@@ -41,7 +47,7 @@ impl Input {
         let mut stream = queue.stream();
         while batch.len() < max {
             match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(Received::detach(&m, &self.topic)),
+                Some(Some(Ok(m))) => batch.push(Received::detach(&m, &self.topic, headers())),
                 Some(Some(Err(e))) => {
                     tracing::warn!(error = %e, "kafka consumer error on a partition queue");
                     return;
@@ -52,12 +58,12 @@ impl Input {
     }
 
     /// The next message, waiting as long as it takes.
-    async fn next(&mut self) -> Received {
+    async fn next(&mut self, headers: &impl Fn() -> bool) -> Received {
         loop {
             let received = tokio::select! {
                 biased;
                 Some(m) = self.strays.recv() => return m,
-                m = recv(self.queue.as_deref(), &self.topic) => m,
+                m = recv(self.queue.as_deref(), &self.topic, headers) => m,
             };
             match received {
                 Ok(m) => return m,
@@ -70,9 +76,16 @@ impl Input {
     }
 }
 
-async fn recv(queue: Option<&PartitionQueue>, topic: &Arc<str>) -> Result<Received, KafkaError> {
+async fn recv(
+    queue: Option<&PartitionQueue>,
+    topic: &Arc<str>,
+    headers: &impl Fn() -> bool,
+) -> Result<Received, KafkaError> {
     match queue {
-        Some(q) => q.recv().await.map(|m| Received::detach(&m, topic)),
+        Some(q) => q
+            .recv()
+            .await
+            .map(|m| Received::detach(&m, topic, headers())),
         None => std::future::pending().await,
     }
 }

@@ -186,6 +186,12 @@ impl Tracker {
         }
     }
 
+    /// True while the commit the tracker continues names messages in retry not fetched
+    /// yet.
+    pub fn restores_calls(&self) -> bool {
+        !self.restored.calls.is_empty()
+    }
+
     /// Messages fetched above the offset to commit (final or not).
     pub fn pending(&self) -> usize {
         self.entries.len()

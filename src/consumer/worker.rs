@@ -109,11 +109,13 @@ pub async fn run(
             break;
         }
         let room = if stopping { 0 } else { w.room() };
+        // Asked as each message is taken: a reload may turn a `log` line on meanwhile.
+        let headers = || reads_headers(&w.local, &w.s, &w.tracker);
         let woke = tokio::select! {
             biased;
             _ = stop.cancelled(), if !stopping => None,
             Some(stepped) = w.running.next(), if !w.running.is_empty() => Some(stepped),
-            _ = input.next_batch(&mut batch, room), if room > 0 => None,
+            _ = input.next_batch(&mut batch, room, &headers), if room > 0 => None,
             _ = tokio::time::sleep_until(w.publish_due), if w.dirty => None,
         };
         turns.0.store(2 * turn + 1, AtomicOrdering::Relaxed);
@@ -131,6 +133,13 @@ pub async fn run(
         turn += 1;
     }
     w.publish();
+}
+
+/// True when the message taken next must bring its headers: something of the partition
+/// may read them ([`Local::reads_headers`]), or the assignment's commit names messages in
+/// retry (one of them may be dead-lettered at once, and a dead letter carries them).
+fn reads_headers(local: &Local, s: &Shared, tracker: &Tracker) -> bool {
+    tracker.restores_calls() || local.reads_headers(s)
 }
 
 /// One partition's state.
@@ -223,7 +232,7 @@ impl Worker {
     /// Starts a job's delivery: its handler call, or what its route (or its lack of one)
     /// says.
     fn start(&mut self, job: Job) {
-        let Some(slot) = self.local.routes.route(job.event.event_type()) else {
+        let Some(slot) = self.local.routes.route(|| job.event.event_type()) else {
             match self.s.unrouted {
                 Unrouted::Skip => {
                     delivery::skipped(&self.s, &job.event);
@@ -285,7 +294,7 @@ impl Worker {
 
     /// A step ended: decides the job's next step.
     fn stepped(&mut self, mut job: Job, step: Step) {
-        let slot = self.local.routes.route(job.event.event_type());
+        let slot = self.local.routes.route(|| job.event.event_type());
         match step {
             Step::Final => self.finished(job),
             Step::Stopped => self.stopped(job),
@@ -611,6 +620,38 @@ mod tests {
             .await
             .expect("the step ends")
             .expect("a step")
+    }
+
+    #[tokio::test]
+    async fn a_log_partition_reads_headers_only_while_its_line_is_on_or_a_retry_is_restored() {
+        use tracing::level_filters::LevelFilter;
+        let at = |level: LevelFilter, w: &Worker| {
+            let subscriber = tracing_subscriber::fmt().with_max_level(level).finish();
+            tracing::subscriber::with_default(subscriber, || {
+                reads_headers(&w.local, &w.s, &w.tracker)
+            })
+        };
+        let commanded = parts(3);
+        assert!(
+            at(LevelFilter::WARN, &commanded.worker),
+            "a command reads them"
+        );
+        let mut logged = parts_with(3, "kind = \"log\"");
+        let w = &mut logged.worker;
+        assert!(!at(LevelFilter::WARN, w), "nothing reads them");
+        assert!(at(LevelFilter::INFO, w), "the log line names type and id");
+        // A commit that names a message in retry: it may be dead-lettered as it arrives.
+        w.tracker.fetched(7);
+        w.tracker.retrying(7, 2);
+        let commit = w.tracker.commit(4096).unwrap();
+        w.tracker = Tracker::new(Restored::decode(commit.offset, &commit.metadata).unwrap());
+        assert!(
+            at(LevelFilter::WARN, w),
+            "a restored retry may be dead-lettered"
+        );
+        w.tracker.fetched(7);
+        w.tracker.fetched(8);
+        assert!(!at(LevelFilter::WARN, w), "past the restored retry");
     }
 
     #[test]

@@ -8,9 +8,26 @@ use super::{Event, Outcome};
 pub struct LogHandler;
 
 impl LogHandler {
+    /// True while the log filter lets this handler's line through.
+    pub fn logs(&self) -> bool {
+        tracing::enabled!(tracing::Level::INFO)
+    }
+
     /// Logs `event`: nothing to wait for.
     pub fn log(&self, event: &Event) -> Outcome {
         let m = &event.message;
+        if !m.headers_read() {
+            // Fetched while the line was off (see `logs`): its type and id were not read.
+            tracing::info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset = m.offset(),
+                key = %event.key(),
+                bytes = event.value().len(),
+                "event (fetched while this line was off: type and id not read)"
+            );
+            return Outcome::Done;
+        }
         tracing::info!(
             topic = m.topic(),
             partition = m.partition(),

@@ -228,6 +228,15 @@ impl Handler {
         }
     }
 
+    /// False for a handler that reads no header of the messages it gets and never
+    /// dead-letters one (a dead letter carries them): `log` while its line is off.
+    pub fn reads_headers(&self) -> bool {
+        match self {
+            Handler::Log(h) => h.logs(),
+            _ => true,
+        }
+    }
+
     /// True for a handler whose every call ends without waiting for anything
     /// ([`Handler::handle_at_once`] answers).
     pub fn answers_at_once(&self) -> bool {

@@ -1,7 +1,8 @@
 //! A consumed message detached from librdkafka: its topic shared with the partition's other
 //! messages, its key and value copied once, its headers read once into names that are
-//! text and values, so that looking one up is a slice comparison. Implements rdkafka's
-//! [`Message`] and [`Headers`], so code reads it as it would any message.
+//! text and values, so that looking one up is a slice comparison (or not read at all
+//! when nothing of its partition reads them). Implements rdkafka's [`Message`] and
+//! [`Headers`], so code reads it as it would any message.
 
 use std::sync::Arc;
 
@@ -18,6 +19,9 @@ pub struct Received {
     key: Option<Box<[u8]>>,
     payload: Option<Box<[u8]>>,
     headers: Option<ReceivedHeaders>,
+    /// False when the headers were left in librdkafka: `headers` is then None whatever
+    /// the message carried.
+    headers_read: bool,
 }
 
 /// A received message's headers, in order.
@@ -102,13 +106,17 @@ impl Received {
             key: key.map(Box::from),
             payload: payload.map(Box::from),
             headers,
+            headers_read: true,
         }
     }
 
-    /// Copies `m`, a message of `topic`, out of librdkafka. Its headers are read with
-    /// librdkafka's own accessor, so that a header name that is not UTF-8 becomes text
-    /// with replacement characters instead of failing.
-    pub fn detach(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Self {
+    /// Copies `m`, a message of `topic`, out of librdkafka, with its headers if
+    /// `with_headers`. They are read with librdkafka's own accessor, so that a header
+    /// name that is not UTF-8 becomes text with replacement characters instead of
+    /// failing. Reading them is librdkafka parsing them (for the first time: it parses a
+    /// message's headers only when asked), which costs more than the rest of a fast
+    /// handler's call: a partition that nothing reads headers of leaves them.
+    pub fn detach(m: &BorrowedMessage<'_>, topic: &Arc<str>, with_headers: bool) -> Self {
         debug_assert_eq!(m.topic(), &**topic);
         Received {
             topic: topic.clone(),
@@ -117,8 +125,19 @@ impl Received {
             timestamp: m.timestamp(),
             key: m.key().map(Box::from),
             payload: m.payload().map(Box::from),
-            headers: ReceivedHeaders::of(m),
+            headers: if with_headers {
+                ReceivedHeaders::of(m)
+            } else {
+                None
+            },
+            headers_read: with_headers,
         }
+    }
+
+    /// False when the headers were left unread ([`Received::detach`]): the message may
+    /// carry headers that [`Message::headers`] does not show.
+    pub fn headers_read(&self) -> bool {
+        self.headers_read
     }
 
     /// The headers' bytes, key and value: what the message holds besides its fixed part.

@@ -314,6 +314,72 @@ async fn reload_changes_http_handler_headers_and_retry_policy_in_place() {
     daemon.stop().await.unwrap();
 }
 
+/// A `log` handler whose line is off leaves each message's headers unread; once a reload
+/// turns the line on, the messages fetched after it are logged with their type and id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_a_reload_turns_on_names_each_event_type_and_id() {
+    use crate::consumer_helpers::{committed, consuming, produce};
+    let (topic, _cluster, bootstrap) = consuming("loglevel", 1);
+    let group = unique("group");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outboxd.toml");
+    let config = |level: &str| {
+        format!(
+            "[log]\nlevel = \"{level}\"\n\
+             [kafka]\nbrokers = \"{bootstrap}\"\n[kafka.consumer_options]\n\"session.timeout.ms\" = 6000\n\
+             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [consumer]\ngroup_id = \"{group}\"\ntopics = [\"{topic}\"]\n\
+             [[consumer.routes]]\ntopic = \"{topic}\"\nhandler = \"log\"\n[handlers.log]\nkind = \"log\"\n"
+        )
+    };
+    std::fs::write(&path, config("warn")).unwrap();
+    let event = |id| [("event-id", id), ("event-type", "AccountOpened")];
+    produce(&bootstrap, &topic, &[(0, "k", b"{}", &event("e-quiet"))]).await;
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let logged = || std::fs::read_to_string(&log).unwrap();
+    eventually(
+        "the first message is handled and committed",
+        Duration::from_secs(30),
+        || async { committed(&bootstrap, &group, &topic, 0) == Some(1) },
+    )
+    .await;
+    std::fs::write(&path, config("info")).unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the reload is applied", Duration::from_secs(15), || async {
+        logged().contains("configuration reloaded")
+    })
+    .await;
+    produce(&bootstrap, &topic, &[(0, "k", b"{}", &event("e-loud"))]).await;
+    eventually(
+        "the second message is logged",
+        Duration::from_secs(30),
+        || async { logged().contains("e-loud") },
+    )
+    .await;
+    let (code, _) = terminate(&mut child, Duration::from_secs(15)).await;
+    let text = logged();
+    assert_eq!(code, Some(0), "{text}");
+    let line = text.lines().find(|l| l.contains("e-loud")).unwrap();
+    assert!(
+        line.contains("event_type=\"AccountOpened\"") && line.contains("event_id=e-loud"),
+        "the line names the event's type and id: {line}"
+    );
+    assert!(
+        !text.contains("e-quiet"),
+        "the line was off for the first message:\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reasons_are_short_and_hold_no_secret() {
     use crate::consumer_helpers::*;
