@@ -176,10 +176,19 @@ impl DeadLetters {
 /// replayed message that failed again) is kept as a number, so the loop guard goes on
 /// counting.
 fn original_headers(m: &Received) -> OwnedHeaders {
-    debug_assert!(
-        m.headers_read(),
-        "a message that may be dead-lettered is taken with its headers"
-    );
+    if !m.headers_read() {
+        // Never by design (`Local::reads_headers`): said aloud if it ever happens.
+        debug_assert!(
+            false,
+            "a message that may be dead-lettered is taken with its headers"
+        );
+        tracing::error!(
+            topic = m.topic(),
+            partition = m.partition(),
+            offset = m.offset(),
+            "this dead letter carries none of the message's original headers: they were not read"
+        );
+    }
     let mut headers = OwnedHeaders::new();
     let mut replays = None;
     for h in m.headers().iter().flat_map(|h| h.iter()) {

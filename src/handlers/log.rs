@@ -8,7 +8,9 @@ use super::{Event, Outcome};
 pub struct LogHandler;
 
 impl LogHandler {
-    /// True while the log filter lets this handler's line through.
+    /// True while the log filter lets this handler's line through. The filter is asked
+    /// for this module at info, as for the line itself; the line is logged outside any
+    /// span, so a filter directive that names a span cannot tell the two apart.
     pub fn logs(&self) -> bool {
         tracing::enabled!(tracing::Level::INFO)
     }
@@ -17,14 +19,15 @@ impl LogHandler {
     pub fn log(&self, event: &Event) -> Outcome {
         let m = &event.message;
         if !m.headers_read() {
-            // Fetched while the line was off (see `logs`): its type and id were not read.
+            // Taken while the line was off (see `logs`): its type and id were not read.
             tracing::info!(
                 topic = m.topic(),
                 partition = m.partition(),
                 offset = m.offset(),
                 key = %event.key(),
+                headers_read = false,
                 bytes = event.value().len(),
-                "event (fetched while this line was off: type and id not read)"
+                "event"
             );
             return Outcome::Done;
         }

@@ -231,6 +231,69 @@ async fn a_consumer_stopped_during_retries_handles_the_message_again_after_resta
     second.stop().await.unwrap();
 }
 
+/// A message an earlier process left in retry comes back with its calls: when they use up
+/// the new handler's attempts it is dead-lettered at once, with its original headers, even
+/// though that handler (a `log` whose line is off: this process installs no log filter)
+/// reads none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_left_by_an_earlier_process_is_dead_lettered_with_its_headers() {
+    let (topic, _cluster, bootstrap) = consuming("leftretry", 1);
+    let server = TestServer::start(&[], 503).await;
+    let mut cfg = consumer_config(
+        &bootstrap,
+        &[&topic],
+        &[(&topic, None, "h")],
+        vec![(
+            "h",
+            http_to(
+                &server.url,
+                "[retry]\nmax_attempts = 1000\nmax_elapsed = \"1h\"",
+            ),
+        )],
+    );
+    let group = group_of(&cfg);
+    produce(
+        &bootstrap,
+        &topic,
+        &[(0, "k", b"{}", &[("event-id", "e-left"), ("app", "kept")])],
+    )
+    .await;
+    let first = Daemon::start(cfg.clone()).await;
+    eventually("two calls made", Duration::from_secs(30), || async {
+        server.count() >= 2
+    })
+    .await;
+    first.stop().await.unwrap();
+    assert_eq!(committed(&bootstrap, &group, &topic, 0), Some(0));
+
+    // The same group, its handler now a `log` allowed two calls: those made are all.
+    cfg.handlers.insert(
+        "h".into(),
+        handler("kind = \"log\"\n[retry]\nmax_attempts = 2"),
+    );
+    let second = Daemon::start(cfg).await;
+    let dead = consume(
+        &bootstrap,
+        &format!("{topic}.dlq"),
+        1,
+        Duration::ZERO,
+        Duration::from_secs(30),
+    )
+    .await;
+    eventually(
+        "committed past the dead letter",
+        Duration::from_secs(10),
+        || async { committed(&bootstrap, &group, &topic, 0) == Some(1) },
+    )
+    .await;
+    second.stop().await.unwrap();
+    let h = &dead[0].headers;
+    assert_eq!(h["event-id"], "e-left", "original headers kept: {h:?}");
+    assert_eq!(h["app"], "kept");
+    assert_eq!(h["outboxd-dlt-error-class"], "retryable_exhausted");
+    assert!(h["outboxd-dlt-attempts"].parse::<u32>().unwrap() >= 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_member_joining_mid_stream_loses_nothing() {
     let (topic, _cluster, bootstrap) = consuming("join", 4);
