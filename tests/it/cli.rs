@@ -174,7 +174,7 @@ async fn healthcheck_follows_readiness() {
 
 /// Starts `outboxd run --config config` with its stderr in the file `stderr` beside the
 /// config: the process and that file.
-fn run_logged(config: &std::path::Path) -> (std::process::Child, std::path::PathBuf) {
+pub fn run_logged(config: &std::path::Path) -> (std::process::Child, std::path::PathBuf) {
     let log = config.with_file_name("stderr");
     let child = Command::new(BIN)
         .args(["run", "--config"])

@@ -6,7 +6,17 @@ use std::time::Duration;
 
 use tokio::net::UnixDatagram;
 
+use crate::cli::run_logged;
 use crate::helpers::*;
+
+/// Sends SIGHUP to process `pid`.
+fn hup(pid: u32) {
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
 
 async fn next_datagram(socket: &UnixDatagram) -> String {
     let mut buf = vec![0u8; 4096];
@@ -178,21 +188,8 @@ async fn sighup_applies_safe_changes_names_restart_keys_and_survives_a_bad_file(
     };
     write("warn", "1h", "127.0.0.1:0");
     // The log goes to a file the test reads as it goes.
-    let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = run_logged(&path);
     let logged = |needle: &str| std::fs::read_to_string(&log).unwrap().contains(needle);
-    let hup = |pid: u32| {
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    };
     let lane_locked = format!(
         "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND a.application_name = '{table}'"
     );
@@ -335,13 +332,7 @@ async fn a_log_line_a_reload_turns_on_names_each_event_type_and_id() {
     std::fs::write(&path, config("warn")).unwrap();
     let event = |id| [("event-id", id), ("event-type", "AccountOpened")];
     produce(&bootstrap, &topic, &[(0, "k", b"{}", &event("e-quiet"))]).await;
-    let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = run_logged(&path);
     let logged = || std::fs::read_to_string(&log).unwrap();
     eventually(
         "the first message is handled and committed",
@@ -350,11 +341,7 @@ async fn a_log_line_a_reload_turns_on_names_each_event_type_and_id() {
     )
     .await;
     std::fs::write(&path, config("info")).unwrap();
-    assert!(Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    hup(child.id());
     eventually("the reload is applied", Duration::from_secs(15), || async {
         logged().contains("configuration reloaded")
     })
